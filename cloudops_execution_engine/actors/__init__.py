@@ -1,0 +1,1 @@
+"""The actor half of the engine: supervisor, worker pool, worker, process-tree control."""

@@ -1,0 +1,61 @@
+"""Starting a worker as a `spawn` multiprocessing child that does not re-run `__main__`.
+
+Plain `spawn` makes every child import the host's main module again. For a
+library that is wrong twice over: a host script without the
+`if __name__ == "__main__":` guard would start the engine again inside each
+worker (multiprocessing then refuses to start it at all), and a heavy host
+(a web service, say) would be loaded into every worker. A worker needs only
+this package, so the launch below is CPython's `popen_spawn_posix` launch with
+the main-module entries taken out of the preparation data. It also passes no
+resource-tracker fd: workers share no semaphores, so none is started for them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from multiprocessing import context, popen_spawn_posix, spawn, util
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+__all__ = ["WorkerProcess"]
+
+
+class _WorkerPopen(popen_spawn_posix.Popen):
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_name", None)
+        prep_data.pop("init_main_from_path", None)
+        buffer = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            context.reduction.dump(prep_data, buffer)
+            context.reduction.dump(process_obj, buffer)
+        finally:
+            context.set_spawning_popen(None)
+
+        parent_r = child_w = child_r = parent_w = None
+        try:
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            cmd = spawn.get_command_line(pipe_handle=child_r)
+            self._fds.extend([child_r, child_w])
+            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            self.sentinel = parent_r
+            with open(parent_w, "wb", closefd=False) as handle:
+                handle.write(buffer.getbuffer())
+        finally:
+            self.finalizer = util.Finalize(
+                self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+            )
+            for fd in (child_r, child_w):
+                if fd is not None:
+                    os.close(fd)
+
+
+class WorkerProcess(context.SpawnProcess):
+    _start_method = "spawn"
+
+    @staticmethod
+    def _Popen(process_obj: BaseProcess) -> _WorkerPopen:
+        return _WorkerPopen(process_obj)

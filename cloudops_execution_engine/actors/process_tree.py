@@ -1,0 +1,205 @@
+"""Finding and killing the whole process tree of a command.
+
+A command runs in its own session, with `CLOUDOPS_EXECUTION_ID` in its
+environment. Its tree is: the main process and its descendants, plus any
+process that escaped by double-forking or `setsid` and was reparented to the
+worker (the worker is the child subreaper, so every orphan lands there rather
+than on init), recognised by its session id or the inherited marker, plus
+that process's own descendants.
+
+Kills go deepest first so that a parent cannot respawn a child it just lost.
+Only `NoSuchProcess` and `ProcessLookupError` are ignored: a process that
+vanished while we looked at it is exactly what we wanted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from collections.abc import Iterable
+
+import psutil
+
+__all__ = [
+    "MARKER_ENV",
+    "become_subreaper",
+    "describe_exit",
+    "find_abandoned",
+    "kill_abandoned",
+    "live",
+    "signal_processes",
+    "tree_of",
+]
+
+MARKER_ENV = "CLOUDOPS_EXECUTION_ID"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux); return whether the kernel agreed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def describe_exit(code: int | None) -> str:
+    """`exit code 3`, or `signal SIGKILL(-9)` for a negative multiprocessing exit code."""
+    if code is None:
+        return "an unknown cause"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"signal {name}({code})"
+    return f"exit code {code}"
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _marker_of(proc: psutil.Process) -> str | None:
+    try:
+        return proc.environ().get(MARKER_ENV)
+    except (psutil.Error, OSError):
+        return None
+
+
+def _with_descendants(proc: psutil.Process, into: dict[int, psutil.Process]) -> None:
+    into[proc.pid] = proc
+    try:
+        for child in proc.children(recursive=True):
+            into[child.pid] = child
+    except psutil.NoSuchProcess:
+        pass
+
+
+def tree_of(
+    main_pid: int,
+    session_id: int,
+    marker: str,
+    adopter_pid: int,
+    other_mains: Iterable[int] = (),
+) -> list[psutil.Process]:
+    """Every process of one command's tree, deepest first.
+
+    `main_pid` is 0 once the main process has been reaped (its pid may since
+    belong to someone else). `adopter_pid` is the subreaper that orphans of the
+    command were reparented to; `other_mains` are the main processes of other
+    commands under it, never taken. An adopted process belongs to the command
+    if it carries the command's marker, or carries none and is in its session.
+    """
+    found: dict[int, psutil.Process] = {}
+    if main_pid:
+        try:
+            _with_descendants(psutil.Process(main_pid), found)
+        except psutil.NoSuchProcess:
+            pass
+    skip = set(other_mains)
+    try:
+        adopted = psutil.Process(adopter_pid).children()
+    except psutil.NoSuchProcess:
+        adopted = []
+    for proc in adopted:
+        if proc.pid in found or proc.pid in skip or proc.pid == main_pid:
+            continue
+        if _belongs(proc, session_id, marker):
+            _with_descendants(proc, found)
+    return _deepest_first(found)
+
+
+def _belongs(proc: psutil.Process, session_id: int, marker: str) -> bool:
+    theirs = _marker_of(proc)
+    if theirs is not None:
+        return theirs == marker
+    return bool(session_id) and _session_of(proc.pid) == session_id
+
+
+def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process]:
+    """Every process on the machine of the given commands, with descendants.
+
+    For when the worker that adopted them died and they were reparented elsewhere.
+    """
+    found: dict[int, psutil.Process] = {}
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid in found or proc.pid == me:
+            continue
+        theirs = _marker_of(proc)
+        if (theirs is not None and theirs in markers) or (
+            theirs is None and _session_of(proc.pid) in sessions
+        ):
+            _with_descendants(proc, found)
+    return _deepest_first(found)
+
+
+def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> None:
+    """SIGKILL every process of the given commands until none is left (blocking; run in a thread)."""
+    for _ in range(rounds):
+        procs = live(find_abandoned(markers, sessions))
+        if not procs:
+            return
+        signal_processes(procs, signal.SIGSTOP)
+        signal_processes(procs, signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=0.5)
+
+
+def _deepest_first(found: dict[int, psutil.Process]) -> list[psutil.Process]:
+    depth: dict[int, int] = {}
+
+    def depth_of(pid: int) -> int:
+        # Iterative walk up the parent chain within the set.
+        chain: list[int] = []
+        current: int | None = pid
+        while current is not None and current in found and current not in depth:
+            chain.append(current)
+            try:
+                parent = found[current].ppid()
+            except psutil.Error:
+                parent = 0
+            current = parent if parent in found and parent not in chain else None
+        base = depth.get(current, -1) if current is not None else -1
+        for offset, item in enumerate(reversed(chain)):
+            depth[item] = base + 1 + offset
+        return depth[pid]
+
+    return sorted(found.values(), key=lambda p: -depth_of(p.pid))
+
+
+def live(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running: neither gone nor a zombie awaiting its reaper."""
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def signal_processes(procs: Iterable[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            # psutil checks the creation time first, so a recycled pid is never hit.
+            proc.send_signal(sig)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+        except psutil.AccessDenied:
+            continue
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a command's process group, reaching children forked since the last look."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

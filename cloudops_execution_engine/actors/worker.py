@@ -1,0 +1,633 @@
+"""The worker process: runs commands for the supervisor.
+
+One single-threaded asyncio loop per worker. It reads `Run`/`Cancel` frames
+from the supervisor's pipe; for each run it opens the log file, spawns the
+command in a new session with `posix_spawn`, reads its stdout and stderr as
+they arrive, and sends back batched `Output` frames and one `Finished` frame.
+SIGCHLD drives reaping (`wait4`, which also yields resource usage); being the
+child subreaper, it also reaps orphaned descendants of its commands.
+
+An execution is finished when its main process has been reaped, both of its
+pipes are closed, and, if it was cancelled or timed out, its tree is gone.
+When it ends, whatever is left of its tree is terminated too, so a command
+cannot leave processes behind in a long-lived host.
+
+End of input from the supervisor means the host died: every tree is killed at
+once and the worker exits. Nothing here imports pydantic, to keep workers small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+
+from ..protocol import (
+    Cancel,
+    FrameDecoder,
+    Hello,
+    Output,
+    ProtocolError,
+    Run,
+    SetEnv,
+    Shutdown,
+    Started,
+    Stream,
+    decode_message,
+    encode_frame,
+)
+from ..protocol.messages import Finished
+from . import process_tree
+
+__all__ = ["worker_main"]
+
+READ_SIZE = 256 * 1024
+# A line without a newline is cut into pieces of this size, so one endless line
+# cannot grow a buffer without bound here or in the host.
+LINE_PIECE = 1024 * 1024
+# Past this many unsent bytes the worker stops reading command output until
+# the supervisor catches up: the commands block on their pipes instead of the
+# worker growing without bound.
+OUT_HIGH_WATER = 8 * 1024 * 1024
+OUT_LOW_WATER = 1024 * 1024
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.05
+_DEFAULT_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGQUIT") if hasattr(signal, name)
+)
+_STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
+
+
+def _stamp(ts: float) -> str:
+    whole = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((ts - whole) * 1e6):06d}Z"
+
+
+class _StreamState:
+    __slots__ = ("fd", "kept", "name", "open", "partial", "stream", "truncated")
+
+    def __init__(self, fd: int, stream: Stream) -> None:
+        self.fd = fd
+        self.stream = stream
+        self.name = _STREAM_NAMES[stream]
+        self.partial = b""
+        self.kept = bytearray()
+        self.truncated = False
+        self.open = True
+
+
+class _Execution:
+    __slots__ = (
+        "display",
+        "exit_code",
+        "finished",
+        "id",
+        "kill_grace",
+        "linger_timer",
+        "log_fd",
+        "marker",
+        "max_output",
+        "pid",
+        "reason",
+        "reaped",
+        "rusage",
+        "spawn_error",
+        "started_at",
+        "streams",
+        "stream_output",
+        "timeout_ms",
+        "timeout_timer",
+        "tree_gone",
+    )
+
+    def __init__(self, run: Run, marker: str) -> None:
+        self.id = run.execution_id
+        self.marker = marker
+        self.display = run.display
+        self.stream_output = run.stream_output
+        self.max_output = run.max_output_bytes
+        self.kill_grace = run.kill_grace_ms / 1000
+        self.timeout_ms = run.timeout_ms
+        self.pid = 0
+        self.log_fd = -1
+        self.streams: list[_StreamState] = []
+        self.reaped = False
+        self.exit_code = -1
+        self.rusage: list[float] | None = None
+        self.reason: str | None = None  # "cancelled" or "timeout" once a kill began
+        self.tree_gone = True
+        self.spawn_error: str | None = None
+        self.started_at = time.time()
+        self.finished = False
+        self.timeout_timer: asyncio.TimerHandle | None = None
+        self.linger_timer: asyncio.TimerHandle | None = None
+
+
+class Worker:
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._rfd = read_fd
+        self._wfd = write_fd
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._writer_added = False
+        self._paused = False
+        self._executions: dict[bytes, _Execution] = {}
+        self._by_pid: dict[int, _Execution] = {}
+        self._base_env = dict(os.environ)
+        self._pid = os.getpid()
+        self._closing = False
+        self._done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeps: set[asyncio.Task[None]] = set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = self.loop.create_future()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
+        self.loop.add_reader(self._rfd, self._on_control)
+        self._send(Hello(self._pid).to_wire())
+        await self._done
+
+    # -- supervisor side -------------------------------------------------
+
+    def _send(self, wire: list[Any]) -> None:
+        self._out += encode_frame(wire)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        try:
+            written = os.write(self._wfd, self._out)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            # The supervisor is gone; nobody is left to report to.
+            self._abandon()
+            return
+        del self._out[:written]
+        if self._out and not self._writer_added:
+            self.loop.add_writer(self._wfd, self._flush)
+            self._writer_added = True
+        elif not self._out and self._writer_added:
+            self.loop.remove_writer(self._wfd)
+            self._writer_added = False
+        self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        backlog = len(self._out)
+        if not self._paused and backlog > OUT_HIGH_WATER:
+            self._paused = True
+            for ex in self._executions.values():
+                for st in ex.streams:
+                    if st.open:
+                        self.loop.remove_reader(st.fd)
+        elif self._paused and backlog < OUT_LOW_WATER:
+            self._paused = False
+            for ex in self._executions.values():
+                for st in ex.streams:
+                    if st.open:
+                        self.loop.add_reader(st.fd, self._on_output, ex, st)
+        if self._closing and not self._out and not self._executions:
+            self._finish_serving()
+
+    def _on_control(self) -> None:
+        try:
+            data = os.read(self._rfd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._abandon()
+            return
+        try:
+            for frame in self._decoder.feed(data):
+                self._handle(decode_message(frame))
+        except ProtocolError:
+            # A supervisor that sends garbage cannot be trusted to send a
+            # shutdown either: behave as if it died.
+            self._abandon()
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, Run):
+            self._start(message)
+        elif isinstance(message, Cancel):
+            ex = self._executions.get(message.execution_id)
+            if ex is not None and not ex.finished:
+                self._terminate(ex, "cancelled")
+        elif isinstance(message, SetEnv):
+            self._base_env = message.env
+        elif isinstance(message, Shutdown):
+            self._closing = True
+            for ex in list(self._executions.values()):
+                self._terminate(ex, "cancelled")
+            self._apply_backpressure()
+
+    def _abandon(self) -> None:
+        """The host is gone (or told us to die): kill every tree now and exit."""
+        if self._done is None or self._done.done():
+            return
+        self.loop.remove_reader(self._rfd)
+        for ex in list(self._executions.values()):
+            ex.reason = ex.reason or "cancelled"
+            process_tree.signal_processes(self._tree(ex), signal.SIGKILL)
+        self._kill_orphans(signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and self._remaining_children():
+            self._reap()
+            time.sleep(0.005)
+        self._reap()
+        self._done.set_result(None)
+
+    def _finish_serving(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    # -- running a command ----------------------------------------------
+
+    def _start(self, run: Run) -> None:
+        marker = _uuid_text(run.execution_id)
+        ex = _Execution(run, marker)
+        self._executions[ex.id] = ex
+        try:
+            ex.log_fd = _open_log(run.log_path)
+        except OSError as exc:
+            ex.spawn_error = f"IO error: cannot open log file: {_describe(exc)}"
+            self._send(Started(ex.id, 0, ex.started_at).to_wire())
+            self._complete(ex)
+            return
+        self._log(
+            ex,
+            f"# execution {marker}\n# command: {run.display}\n# cwd: {run.cwd}\n"
+            f"# started: {_stamp(ex.started_at)}\n",
+        )
+        env = dict(self._base_env)
+        env.update(run.env)
+        env[process_tree.MARKER_ENV] = marker
+        try:
+            pid, out_fd, err_fd = _spawn(run.argv, env, run.cwd)
+        except (OSError, ValueError) as exc:
+            reason = _describe(exc) if isinstance(exc, OSError) else str(exc)
+            ex.spawn_error = f"Process spawn failed: {reason}"
+            self._send(Started(ex.id, 0, ex.started_at).to_wire())
+            self._complete(ex)
+            return
+        ex.pid = pid
+        self._by_pid[pid] = ex
+        ex.streams = [_StreamState(out_fd, Stream.STDOUT), _StreamState(err_fd, Stream.STDERR)]
+        for st in ex.streams:
+            if not self._paused:
+                self.loop.add_reader(st.fd, self._on_output, ex, st)
+        ex.timeout_timer = self.loop.call_later(run.timeout_ms / 1000, self._on_timeout, ex)
+        self._send(Started(ex.id, pid, ex.started_at).to_wire())
+
+    def _on_output(self, ex: _Execution, st: _StreamState) -> None:
+        try:
+            data = os.read(st.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        ts = time.time()
+        if not data:
+            self._close_stream(ex, st, ts)
+            return
+        if len(st.kept) < ex.max_output:
+            room = ex.max_output - len(st.kept)
+            st.kept += data[:room]
+            if len(data) > room:
+                st.truncated = True
+        else:
+            st.truncated = True
+        buffer = st.partial + data if st.partial else data
+        cut = buffer.rfind(b"\n") + 1
+        lines: list[str] = []
+        if cut:
+            text = buffer[:cut].decode("utf-8", "replace")
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            lines = text.split("\n")
+            lines.pop()  # the empty string after the last newline
+        rest = buffer[cut:]
+        while len(rest) >= LINE_PIECE:
+            piece = _utf8_boundary(rest, LINE_PIECE)
+            lines.append(rest[:piece].decode("utf-8", "replace"))
+            rest = rest[piece:]
+        st.partial = rest
+        if lines:
+            self._emit_lines(ex, st, ts, lines)
+
+    def _emit_lines(self, ex: _Execution, st: _StreamState, ts: float, lines: list[str]) -> None:
+        prefix = f"{_stamp(ts)} {st.name} "
+        self._log(ex, prefix + f"\n{prefix}".join(lines) + "\n")
+        if ex.stream_output:
+            self._send(Output(ex.id, st.stream, ts, lines).to_wire())
+
+    def _close_stream(self, ex: _Execution, st: _StreamState, ts: float) -> None:
+        if not st.open:
+            return
+        st.open = False
+        self.loop.remove_reader(st.fd)
+        os.close(st.fd)
+        if st.partial:
+            self._emit_lines(ex, st, ts, [st.partial.decode("utf-8", "replace")])
+            st.partial = b""
+        self._maybe_complete(ex)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            ex = self._by_pid.pop(pid, None)
+            if ex is None:
+                continue  # an adopted orphan; reaping it is all it needed
+            ex.reaped = True
+            ex.exit_code = os.waitstatus_to_exitcode(status)
+            rss_unit = 1 if sys.platform == "darwin" else 1024
+            ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * rss_unit]
+            if any(st.open for st in ex.streams) and ex.linger_timer is None and ex.reason is None:
+                # The main process is gone but something it started still holds
+                # the pipes: give it the grace period to finish, then end it.
+                ex.linger_timer = self.loop.call_later(ex.kill_grace, self._terminate, ex, None)
+            self._maybe_complete(ex)
+
+    def _on_timeout(self, ex: _Execution) -> None:
+        ex.timeout_timer = None
+        if not ex.finished and ex.reason is None:
+            self._terminate(ex, "timeout")
+
+    def _terminate(self, ex: _Execution, reason: str | None) -> None:
+        """SIGTERM the tree, SIGKILL what is left after the grace period, then report."""
+        if ex.finished:
+            return
+        if reason is not None:
+            if ex.reason is not None:
+                return
+            ex.reason = reason
+        if not ex.pid:
+            return
+        ex.tree_gone = False
+        process_tree.signal_processes(self._tree(ex), signal.SIGTERM)
+        if not ex.reaped:
+            process_tree.signal_group(ex.pid, signal.SIGTERM)
+        deadline = time.monotonic() + ex.kill_grace
+        self.loop.call_later(_POLL_FIRST, self._watch_kill, ex, deadline, _POLL_FIRST, False)
+
+    def _watch_kill(self, ex: _Execution, deadline: float, delay: float, killing: bool) -> None:
+        self._reap()
+        procs = process_tree.live(self._tree(ex))
+        if not procs:
+            ex.tree_gone = True
+            self._reap()
+            self._maybe_complete(ex)
+            return
+        if time.monotonic() >= deadline:
+            # Stop them first so that none can fork while its siblings die.
+            process_tree.signal_processes(procs, signal.SIGSTOP)
+            process_tree.signal_processes(procs, signal.SIGKILL)
+            if not ex.reaped:
+                process_tree.signal_group(ex.pid, signal.SIGKILL)
+            killing = True
+        delay = min(delay * 2, _POLL_MAX)
+        self.loop.call_later(delay, self._watch_kill, ex, deadline, delay, killing)
+
+    def _maybe_complete(self, ex: _Execution) -> None:
+        if ex.finished or not ex.reaped or not ex.tree_gone:
+            return
+        if any(st.open for st in ex.streams):
+            return
+        self._complete(ex)
+
+    def _complete(self, ex: _Execution) -> None:
+        ex.finished = True
+        for timer in (ex.timeout_timer, ex.linger_timer):
+            if timer is not None:
+                timer.cancel()
+        for st in ex.streams:
+            if st.open:
+                st.open = False
+                self.loop.remove_reader(st.fd)
+                os.close(st.fd)
+        completed_at = time.time()
+        if ex.spawn_error is not None:
+            status, error, exit_code = "failed", ex.spawn_error, -1
+        elif ex.reason == "timeout":
+            status, error, exit_code = "timeout", f"Execution timeout after {ex.timeout_ms}ms", ex.exit_code
+        elif ex.reason == "cancelled":
+            status, error, exit_code = "cancelled", "Execution cancelled", ex.exit_code
+        elif ex.exit_code == 0:
+            status, error, exit_code = "completed", None, 0
+        else:
+            status, error, exit_code = "failed", f"Command failed with exit code {ex.exit_code}", ex.exit_code
+        self._log(
+            ex,
+            f"# finished: {_stamp(completed_at)} status={status} exit_code={exit_code} "
+            f"duration_ms={(completed_at - ex.started_at) * 1000:.1f}\n"
+            + (f"# error: {error}\n" if error else ""),
+        )
+        if ex.log_fd >= 0:
+            os.close(ex.log_fd)
+            ex.log_fd = -1
+        out, err = ex.streams if ex.streams else (None, None)
+        self._send(
+            Finished(
+                ex.id,
+                status,
+                exit_code,
+                out.kept.decode("utf-8", "replace") if out else "",
+                err.kept.decode("utf-8", "replace") if err else "",
+                out.truncated if out else False,
+                err.truncated if err else False,
+                ex.started_at,
+                completed_at,
+                error,
+                ex.rusage,
+            ).to_wire()
+        )
+        del self._executions[ex.id]
+        if ex.pid:
+            self._sweep(ex)
+        if self._closing:
+            self._apply_backpressure()
+
+    def _sweep(self, ex: _Execution) -> None:
+        """End whatever the finished command left running, without holding up its result."""
+        procs = process_tree.live(self._tree(ex))
+        if not procs:
+            return
+        process_tree.signal_processes(procs, signal.SIGTERM)
+
+        async def finish_off() -> None:
+            deadline = time.monotonic() + ex.kill_grace
+            delay = _POLL_FIRST
+            while True:
+                await asyncio.sleep(delay)
+                self._reap()
+                left = process_tree.live(self._tree(ex))
+                if not left:
+                    return
+                if time.monotonic() >= deadline:
+                    process_tree.signal_processes(left, signal.SIGKILL)
+                delay = min(delay * 2, _POLL_MAX)
+
+        task = self.loop.create_task(finish_off())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    # -- helpers --------------------------------------------------------
+
+    def _log(self, ex: _Execution, text: str) -> None:
+        if ex.log_fd < 0:
+            return
+        data = text.encode("utf-8", "replace")
+        try:
+            while data:
+                written = os.write(ex.log_fd, data)
+                data = data[written:]
+        except OSError:
+            # A full disk must not stop the command or its result; the log stays short.
+            os.close(ex.log_fd)
+            ex.log_fd = -1
+
+    def _tree(self, ex: _Execution) -> list[psutil.Process]:
+        others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
+        return process_tree.tree_of(
+            0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others
+        )
+
+    def _kill_orphans(self, sig: int) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for proc in psutil.Process(self._pid).children(recursive=True):
+                process_tree.signal_processes([proc], sig)
+
+    def _remaining_children(self) -> bool:
+        try:
+            return bool(process_tree.live(psutil.Process(self._pid).children(recursive=True)))
+        except psutil.NoSuchProcess:
+            return False
+
+
+def _uuid_text(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _describe(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{text}: {os.fsdecode(exc.filename)}"
+    return text
+
+
+def _utf8_boundary(data: bytes, limit: int) -> int:
+    """The largest cut at or below `limit` that does not split a UTF-8 sequence."""
+    cut = limit
+    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > limit - 4 else limit
+
+
+def _open_log(path: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
+    flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _resolve_program(program: str, env: dict[str, str]) -> str:
+    if "/" in program:
+        return program
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(2, "No such file or directory", program)
+    return found
+
+
+def _spawn(argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, int, int]:
+    """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
+    program = _resolve_program(argv[0], env)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        here = os.getcwd()
+        # posix_spawn has no chdir action; this worker is single-threaded, so a
+        # chdir around the spawn affects nothing else.
+        os.chdir(cwd)
+        try:
+            pid = os.posix_spawn(
+                program,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setsid=True,
+                # Python ignores SIGPIPE and this worker ignores SIGINT; ignored
+                # dispositions survive exec, so give the command the defaults.
+                setsigdef=_DEFAULT_SIGNALS,
+            )
+        finally:
+            os.chdir(here)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    os.set_blocking(out_r, False)
+    os.set_blocking(err_r, False)
+    return pid, out_r, err_r
+
+
+def worker_main(read_conn: Connection, write_conn: Connection) -> None:
+    """Entry point of a worker process (the target of its `multiprocessing.Process`)."""
+    # Duplicates are close-on-exec: a command holding these pipes would keep
+    # them open after the host died and hide that death from us.
+    read_fd = os.dup(read_conn.fileno())
+    write_fd = os.dup(write_conn.fileno())
+    read_conn.close()
+    write_conn.close()
+    # Ctrl-C in a terminal goes to the whole foreground group; the supervisor
+    # decides what a host's interrupt means for running commands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _quiet_stdio()
+    process_tree.become_subreaper()
+    worker = Worker(read_fd, write_fd)
+    asyncio.run(worker.serve())
+    os._exit(0)
+
+
+def _quiet_stdio() -> None:
+    """Keep the worker's own fds 0-2 off the host's terminal and pipes."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)

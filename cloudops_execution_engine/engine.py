@@ -1,0 +1,173 @@
+"""`ExecutionEngine`: the public face of the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+from uuid import UUID
+
+import pydantic
+
+from .actors.handlers import STOP, EventBus
+from .actors.supervisor import Supervisor
+from .config import ExecutionConfig
+from .errors import InvalidCommand, InvalidPlan, MissingField, NotFound, SerializationError
+from .events import EventHandler, ExecutionEvent
+from .logfiles import log_path_for, read_log
+from .requests import ExecutionPlan, ExecutionRequest
+from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
+
+__all__ = ["ExecutionEngine"]
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+
+
+def _coerce_id(value: UUID | str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise NotFound(str(value)) from None
+
+
+def _coerce_model(value: Any, model: type[_M], invalid: type[InvalidCommand | InvalidPlan]) -> _M:
+    """Accept the model itself, a dict or JSON text; map pydantic's complaint to ours."""
+    if isinstance(value, model):
+        return value
+    try:
+        if isinstance(value, str | bytes):
+            return model.model_validate_json(value)
+        return model.model_validate(value)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "missing":
+            raise MissingField(where) from exc
+        if first["type"] == "json_invalid":
+            raise SerializationError(first["msg"]) from exc
+        raise invalid(f"{where}: {first['msg']}") from exc
+
+
+class ExecutionEngine:
+    """Runs commands and plans on a pool of worker processes.
+
+    Use it as an async context manager, or call `shutdown()` when done; the pool
+    starts on first use. All methods must be called from the same event loop.
+    """
+
+    def __init__(self, config: ExecutionConfig | None = None) -> None:
+        self.config = config if config is not None else ExecutionConfig()
+        self._bus = EventBus()
+        self._supervisor = Supervisor(self.config, self._bus)
+
+    def with_event_handler(self, handler: EventHandler) -> ExecutionEngine:
+        """Add a handler that receives every event; returns the engine for chaining."""
+        self._bus.add_handler(handler)
+        return self
+
+    async def __aenter__(self) -> ExecutionEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Start the worker pool now rather than on first use."""
+        await self._supervisor.start()
+
+    async def shutdown(self, cancel: bool = True) -> None:
+        """Stop the engine; leaves no worker or command process behind.
+
+        With `cancel` (the default) pending and running executions are cancelled
+        and their trees killed; otherwise they are let finish first.
+        """
+        await self._supervisor.shutdown(cancel)
+
+    async def execute(self, request: ExecutionRequest) -> UUID:
+        """Validate and queue one command; returns its id at once."""
+        self._supervisor.check_open()
+        request = _coerce_model(request, ExecutionRequest, InvalidCommand)
+        request.validate(self.config)
+        await self._supervisor.start()
+        return self._supervisor.submit(request)
+
+    async def execute_plan(self, plan: ExecutionPlan) -> UUID:
+        """Validate and start a plan; returns its id at once."""
+        self._supervisor.check_open()
+        plan = _coerce_model(plan, ExecutionPlan, InvalidPlan)
+        await self._supervisor.start()
+        return self._supervisor.submit_plan(plan)
+
+    async def get_status(self, execution_id: UUID | str) -> ExecutionStatus:
+        self._supervisor_usable()
+        return self._supervisor.status(_coerce_id(execution_id))
+
+    async def get_result(self, execution_id: UUID | str) -> ExecutionResult:
+        self._supervisor_usable()
+        return self._supervisor.result(_coerce_id(execution_id))
+
+    async def get_plan_result(self, plan_id: UUID | str) -> PlanExecutionResult:
+        self._supervisor_usable()
+        return self._supervisor.plan_result(_coerce_id(plan_id))
+
+    async def wait(
+        self, execution_id: UUID | str, timeout: float | None = None
+    ) -> ExecutionResult | PlanExecutionResult:
+        """Wait for an execution or plan to end; `TimeoutError` if `timeout` seconds pass first."""
+        self._supervisor_usable()
+        return await self._supervisor.wait(_coerce_id(execution_id), timeout)
+
+    async def list_executions(self) -> list[ExecutionSummary]:
+        self._supervisor_usable()
+        return self._supervisor.summaries()
+
+    async def cancel(self, execution_id: UUID | str) -> None:
+        """Cancel an execution or every unfinished command of a plan."""
+        self._supervisor.cancel(_coerce_id(execution_id))
+
+    async def read_logs(self, execution_id: UUID | str) -> str:
+        """The log file's contents; for a plan, its commands' logs one after another."""
+        self._supervisor_usable()
+        paths = self._supervisor.log_files(_coerce_id(execution_id))
+        if len(paths) == 1:
+            return await asyncio.to_thread(read_log, paths[0])
+        texts = await asyncio.gather(*(asyncio.to_thread(_read_if_present, p) for p in paths))
+        return "".join(texts)
+
+    def get_log_path(self, execution_id: UUID | str) -> Path:
+        """Where the execution's log file is (or will be); does not check that it exists."""
+        return log_path_for(self.config.resolved_log_dir(), _coerce_id(execution_id))
+
+    async def events(self, execution_id: UUID | str) -> AsyncIterator[ExecutionEvent]:
+        """Yield the events of one execution or plan from now on, ending after its last one."""
+        key = _coerce_id(execution_id)
+        entry = self._supervisor.entry(key)
+        if entry.status.is_final:
+            return
+        queue = self._bus.subscribe(key)
+        try:
+            while True:
+                event = await queue.get()
+                if event is STOP:
+                    return
+                yield event
+        finally:
+            self._bus.unsubscribe(key, queue)
+
+    def _supervisor_usable(self) -> None:
+        if self._supervisor.closed:
+            self._supervisor.check_open()
+
+
+def _read_if_present(path: Path) -> str:
+    return read_log(path) if path.exists() else ""

@@ -1,0 +1,263 @@
+"""The messages between the supervisor and a worker.
+
+Each is a small slotted class that travels as a msgpack array whose first item
+is its `Kind`. `decode_message` checks the shape and type of every field, so a
+frame that decodes as msgpack but does not match a message is a `ProtocolError`
+rather than an `IndexError` or `TypeError` deep in the supervisor.
+
+    supervisor -> worker:  SetEnv, Run, Cancel, Shutdown
+    worker -> supervisor:  Hello, Started, Output, Finished
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from .framing import ProtocolError
+
+__all__ = [
+    "Cancel",
+    "Finished",
+    "Hello",
+    "Kind",
+    "Message",
+    "Output",
+    "Run",
+    "SetEnv",
+    "Shutdown",
+    "Started",
+    "Stream",
+    "decode_message",
+]
+
+
+class Kind(IntEnum):
+    SET_ENV = 1
+    RUN = 2
+    CANCEL = 3
+    SHUTDOWN = 4
+    HELLO = 10
+    STARTED = 11
+    OUTPUT = 12
+    FINISHED = 13
+
+
+class Stream(IntEnum):
+    STDOUT = 1
+    STDERR = 2
+
+
+@dataclass(slots=True)
+class SetEnv:
+    """The host's environment; each later `Run` overlays its own variables on it."""
+
+    env: dict[str, str]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.SET_ENV, self.env]
+
+
+@dataclass(slots=True)
+class Run:
+    execution_id: bytes
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    timeout_ms: int
+    log_path: str
+    stream_output: bool
+    max_output_bytes: int
+    kill_grace_ms: int
+    display: str
+
+    def to_wire(self) -> list[Any]:
+        return [
+            Kind.RUN,
+            self.execution_id,
+            self.argv,
+            self.env,
+            self.cwd,
+            self.timeout_ms,
+            self.log_path,
+            self.stream_output,
+            self.max_output_bytes,
+            self.kill_grace_ms,
+            self.display,
+        ]
+
+
+@dataclass(slots=True)
+class Cancel:
+    execution_id: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.CANCEL, self.execution_id]
+
+
+@dataclass(slots=True)
+class Shutdown:
+    def to_wire(self) -> list[Any]:
+        return [Kind.SHUTDOWN]
+
+
+@dataclass(slots=True)
+class Hello:
+    pid: int
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.HELLO, self.pid]
+
+
+@dataclass(slots=True)
+class Started:
+    execution_id: bytes
+    pid: int  # 0 when the program could not be started
+    timestamp: float
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.STARTED, self.execution_id, self.pid, self.timestamp]
+
+
+@dataclass(slots=True)
+class Output:
+    """Whole lines of one stream, read together at `timestamp`."""
+
+    execution_id: bytes
+    stream: int
+    timestamp: float
+    lines: list[str]
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.OUTPUT, self.execution_id, self.stream, self.timestamp, self.lines]
+
+
+@dataclass(slots=True)
+class Finished:
+    execution_id: bytes
+    status: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    started_at: float
+    completed_at: float
+    error: str | None
+    rusage: list[float] | None  # user seconds, system seconds, max RSS bytes
+
+    def to_wire(self) -> list[Any]:
+        return [
+            Kind.FINISHED,
+            self.execution_id,
+            self.status,
+            self.exit_code,
+            self.stdout,
+            self.stderr,
+            self.stdout_truncated,
+            self.stderr_truncated,
+            self.started_at,
+            self.completed_at,
+            self.error,
+            self.rusage,
+        ]
+
+
+Message = SetEnv | Run | Cancel | Shutdown | Hello | Started | Output | Finished
+
+_ID = bytes
+_NUMBER = (int, float)
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, _ID) and len(value) == 16
+
+
+# Per kind: the number of fields after the kind and a check for each.
+_SHAPES: dict[int, tuple[Any, ...]] = {
+    Kind.SET_ENV: (_is_str_map,),
+    Kind.RUN: (
+        _is_id,
+        _is_str_list,
+        _is_str_map,
+        lambda v: isinstance(v, str),
+        _is_int,
+        lambda v: isinstance(v, str),
+        lambda v: isinstance(v, bool),
+        _is_int,
+        _is_int,
+        lambda v: isinstance(v, str),
+    ),
+    Kind.CANCEL: (_is_id,),
+    Kind.SHUTDOWN: (),
+    Kind.HELLO: (_is_int,),
+    Kind.STARTED: (_is_id, _is_int, _is_number),
+    Kind.OUTPUT: (_is_id, lambda v: v in (Stream.STDOUT, Stream.STDERR), _is_number, _is_str_list),
+    Kind.FINISHED: (
+        _is_id,
+        lambda v: isinstance(v, str),
+        _is_int,
+        lambda v: isinstance(v, str),
+        lambda v: isinstance(v, str),
+        lambda v: isinstance(v, bool),
+        lambda v: isinstance(v, bool),
+        _is_number,
+        _is_number,
+        lambda v: v is None or isinstance(v, str),
+        lambda v: v is None
+        or (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)),
+    ),
+}
+
+_BUILDERS: dict[int, Any] = {
+    Kind.SET_ENV: SetEnv,
+    Kind.RUN: Run,
+    Kind.CANCEL: Cancel,
+    Kind.SHUTDOWN: Shutdown,
+    Kind.HELLO: Hello,
+    Kind.STARTED: Started,
+    Kind.OUTPUT: Output,
+    Kind.FINISHED: Finished,
+}
+
+
+def decode_message(frame: Any) -> Message:
+    """Turn one decoded frame into its message, or raise `ProtocolError` naming what is wrong."""
+    if not isinstance(frame, list) or not frame or not _is_int(frame[0]):
+        raise ProtocolError(f"a message is an array starting with its kind, got {type(frame).__name__}")
+    kind = frame[0]
+    shape = _SHAPES.get(kind)
+    if shape is None:
+        raise ProtocolError(f"unknown message kind {kind}")
+    fields = frame[1:]
+    if len(fields) != len(shape):
+        raise ProtocolError(
+            f"{Kind(kind).name} message has {len(fields)} fields, expected {len(shape)}"
+        )
+    for index, (check, value) in enumerate(zip(shape, fields, strict=True)):
+        if not check(value):
+            raise ProtocolError(
+                f"{Kind(kind).name} message field {index + 1} has a bad value of type "
+                f"{type(value).__name__}"
+            )
+    message: Message = _BUILDERS[kind](*fields)
+    return message

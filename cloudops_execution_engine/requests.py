@@ -1,0 +1,99 @@
+"""What callers submit: single requests, plans and their strategies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+from uuid import UUID, uuid4
+
+from pydantic import Field
+
+from ._model import Model
+from .commands import Command
+from .config import ExecutionConfig
+from .errors import InvalidCommand, InvalidWorkingDir, TimeoutTooLarge
+
+__all__ = [
+    "DependencyGraphStrategy",
+    "ExecutionMetadata",
+    "ExecutionPlan",
+    "ExecutionRequest",
+    "ExecutionStrategy",
+    "ParallelStrategy",
+    "SerialStrategy",
+]
+
+
+class ExecutionMetadata(Model):
+    source: str | None = None
+    conversation_id: UUID | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class ExecutionRequest(Model):
+    id: UUID = Field(default_factory=uuid4)
+    command: Command
+    env: dict[str, str] = Field(default_factory=dict)
+    working_dir: Path | None = None
+    timeout_ms: int | None = None
+    metadata: ExecutionMetadata = Field(default_factory=ExecutionMetadata)
+    _positional: ClassVar[tuple[str, ...]] = ("command",)
+
+    def validate(self, config: ExecutionConfig) -> None:  # type: ignore[override]
+        """Raise the `ValidationError` that says why this request cannot run under `config`."""
+        if self.working_dir is not None and not self.working_dir.is_dir():
+            raise InvalidWorkingDir(self.working_dir)
+        self.command.validate(self.working_dir)
+        if self.timeout_ms is not None:
+            if self.timeout_ms <= 0:
+                raise InvalidCommand(f"timeout_ms must be positive, got {self.timeout_ms}")
+            if self.timeout_ms > config.max_timeout_ms:
+                raise TimeoutTooLarge(self.timeout_ms, config.max_timeout_ms)
+        for key, value in self.env.items():
+            if not key or "=" in key or "\x00" in key:
+                raise InvalidCommand(f"environment variable name {key!r} is not valid")
+            if "\x00" in value:
+                raise InvalidCommand(f"environment variable {key} contains a NUL byte")
+
+    def effective_timeout_ms(self, config: ExecutionConfig) -> int:
+        return self.timeout_ms if self.timeout_ms is not None else config.default_timeout_ms
+
+    def argv(self) -> list[str]:
+        return self.command.argv(self.working_dir)
+
+    def cwd(self) -> str:
+        return os.fspath(self.working_dir) if self.working_dir is not None else os.getcwd()
+
+
+class SerialStrategy(Model):
+    type: Literal["serial"] = "serial"
+    stop_on_error: bool = True
+    _positional: ClassVar[tuple[str, ...]] = ("stop_on_error",)
+
+
+class ParallelStrategy(Model):
+    type: Literal["parallel"] = "parallel"
+    max_concurrency: int | None = None
+    _positional: ClassVar[tuple[str, ...]] = ("max_concurrency",)
+
+
+class DependencyGraphStrategy(Model):
+    type: Literal["dependency_graph"] = "dependency_graph"
+    dependencies: dict[int, list[int]] = Field(default_factory=dict)
+    _positional: ClassVar[tuple[str, ...]] = ("dependencies",)
+
+
+ExecutionStrategy = Annotated[
+    SerialStrategy | ParallelStrategy | DependencyGraphStrategy,
+    Field(discriminator="type"),
+]
+
+
+class ExecutionPlan(Model):
+    id: UUID = Field(default_factory=uuid4)
+    description: str = ""
+    strategy: ExecutionStrategy
+    commands: list[ExecutionRequest]
+    metadata: ExecutionMetadata = Field(default_factory=ExecutionMetadata)
+    _positional: ClassVar[tuple[str, ...]] = ("commands", "strategy")
