@@ -74,9 +74,7 @@ class ScriptNotFound(ValidationError):
 
 class TimeoutTooLarge(ValidationError):
     def __init__(self, timeout_ms: int, max_timeout_ms: int) -> None:
-        super().__init__(
-            f"Timeout exceeds maximum allowed: {timeout_ms}ms > {max_timeout_ms}ms"
-        )
+        super().__init__(f"Timeout exceeds maximum allowed: {timeout_ms}ms > {max_timeout_ms}ms")
         self.timeout_ms = timeout_ms
         self.max_timeout_ms = max_timeout_ms
 

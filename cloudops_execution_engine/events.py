@@ -74,13 +74,7 @@ class ProgressEvent(Model):
 
 
 ExecutionEvent = Annotated[
-    StartedEvent
-    | StdoutEvent
-    | StderrEvent
-    | CompletedEvent
-    | FailedEvent
-    | CancelledEvent
-    | ProgressEvent,
+    StartedEvent | StdoutEvent | StderrEvent | CompletedEvent | FailedEvent | CancelledEvent | ProgressEvent,
     Field(discriminator="event_type"),
 ]
 

@@ -43,14 +43,11 @@ def check_plan(plan: ExecutionPlan) -> None:
 def _check_graph(dependencies: dict[int, list[int]], total: int) -> None:
     for node, deps in dependencies.items():
         if not 0 <= node < total:
-            raise InvalidPlan(
-                f"dependencies name command {node}, but the plan has commands 0..{total - 1}"
-            )
+            raise InvalidPlan(f"dependencies name command {node}, but the plan has commands 0..{total - 1}")
         for dep in deps:
             if not 0 <= dep < total:
                 raise InvalidPlan(
-                    f"command {node} depends on command {dep}, "
-                    f"but the plan has commands 0..{total - 1}"
+                    f"command {node} depends on command {dep}, but the plan has commands 0..{total - 1}"
                 )
             if dep == node:
                 raise InvalidPlan(f"command {node} depends on itself")

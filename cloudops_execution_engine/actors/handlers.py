@@ -46,8 +46,11 @@ class _Channel:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("event handler %r raised on %s; it keeps receiving events",
-                                 self.handler, type(event).__name__)
+                logger.exception(
+                    "event handler %r raised on %s; it keeps receiving events",
+                    self.handler,
+                    type(event).__name__,
+                )
 
 
 def _deliverer(handler: Any) -> Callable[[Any], Any]:
@@ -114,7 +117,7 @@ class EventBus:
             channel.queue.put_nowait(_STOP)
         tasks = [c.task for c in self._channels]
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
                 logger.warning("event handler %r still busy at shutdown; cancelled", task)
                 task.cancel()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from multiprocessing import context, popen_spawn_posix, spawn, util
+from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -29,8 +29,8 @@ class _WorkerPopen(popen_spawn_posix.Popen):
         buffer = io.BytesIO()
         context.set_spawning_popen(self)
         try:
-            context.reduction.dump(prep_data, buffer)
-            context.reduction.dump(process_obj, buffer)
+            reduction.dump(prep_data, buffer)
+            reduction.dump(process_obj, buffer)
         finally:
             context.set_spawning_popen(None)
 
@@ -39,18 +39,24 @@ class _WorkerPopen(popen_spawn_posix.Popen):
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
             cmd = spawn.get_command_line(pipe_handle=child_r)
-            self._fds.extend([child_r, child_w])
-            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            fds: list[int] = self._fds  # type: ignore[attr-defined]  # set by Popen.__init__
+            fds.extend([child_r, child_w])
+            self.pid = util.spawnv_passfds(os.fsencode(spawn.get_executable()), cmd, fds)
             self.sentinel = parent_r
             with open(parent_w, "wb", closefd=False) as handle:
                 handle.write(buffer.getbuffer())
         finally:
             self.finalizer = util.Finalize(
-                self, util.close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+                self, _close_fds, ([fd for fd in (parent_r, parent_w) if fd is not None],)
             )
             for fd in (child_r, child_w):
                 if fd is not None:
                     os.close(fd)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class WorkerProcess(context.SpawnProcess):

@@ -30,8 +30,8 @@ from ..protocol import (
     decode_message,
     encode_frame,
 )
-from .process_tree import describe_exit
 from .launcher import WorkerProcess
+from .process_tree import describe_exit
 from .worker import READ_SIZE, worker_main
 
 __all__ = ["WorkerHandle", "WorkerPool", "WorkerStartError"]
@@ -212,13 +212,16 @@ class WorkerHandle:
             return True
         done = self._loop.create_future()
         sentinel = self.process.sentinel
-        self._loop.add_reader(sentinel, lambda: done.done() or done.set_result(None))
+        self._loop.add_reader(sentinel, _resolve, done)
         try:
             await asyncio.wait_for(done, timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
             self._loop.remove_reader(sentinel)
+        # The sentinel fires when the child closes its files on the way out, a
+        # moment before it can be reaped: a short blocking join bridges that gap.
+        self.process.join(1.0)
         return self.process.exitcode is not None
 
     async def stop(self) -> None:
@@ -228,6 +231,11 @@ class WorkerHandle:
             await self._await_exit(EXIT_TIMEOUT)
             self.die("was shut down")
         await self._reported
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _take_fd(conn: Connection) -> int:

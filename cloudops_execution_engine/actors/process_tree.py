@@ -14,6 +14,7 @@ vanished while we looked at it is exactly what we wanted.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -99,10 +100,8 @@ def tree_of(
     """
     found: dict[int, psutil.Process] = {}
     if main_pid:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             _with_descendants(psutil.Process(main_pid), found)
-        except psutil.NoSuchProcess:
-            pass
     skip = set(other_mains)
     try:
         adopted = psutil.Process(adopter_pid).children()
@@ -199,7 +198,5 @@ def signal_processes(procs: Iterable[psutil.Process], sig: int) -> None:
 
 def signal_group(pgid: int, sig: int) -> None:
     """Signal a command's process group, reaching children forked since the last look."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

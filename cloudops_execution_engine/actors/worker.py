@@ -96,13 +96,13 @@ class _Execution:
         "marker",
         "max_output",
         "pid",
-        "reason",
         "reaped",
+        "reason",
         "rusage",
         "spawn_error",
         "started_at",
-        "streams",
         "stream_output",
+        "streams",
         "timeout_ms",
         "timeout_timer",
         "tree_gone",
@@ -516,9 +516,7 @@ class Worker:
 
     def _tree(self, ex: _Execution) -> list[psutil.Process]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
-        return process_tree.tree_of(
-            0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others
-        )
+        return process_tree.tree_of(0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others)
 
     def _kill_orphans(self, sig: int) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -30,7 +30,7 @@ def encode_frame(payload: Any) -> bytes:
 
 
 class FrameDecoder:
-    __slots__ = ("_buffer", "_broken", "_max_frame")
+    __slots__ = ("_broken", "_buffer", "_max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buffer = bytearray()
@@ -54,9 +54,7 @@ class FrameDecoder:
             while size - offset >= 4:
                 (length,) = _HEADER.unpack_from(buffer, offset)
                 if length > self._max_frame:
-                    raise ProtocolError(
-                        f"frame of {length} bytes exceeds the {self._max_frame}-byte limit"
-                    )
+                    raise ProtocolError(f"frame of {length} bytes exceeds the {self._max_frame}-byte limit")
                 end = offset + 4 + length
                 if end > size:
                     break

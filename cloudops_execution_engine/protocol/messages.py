@@ -223,8 +223,7 @@ _SHAPES: dict[int, tuple[Any, ...]] = {
         _is_number,
         _is_number,
         lambda v: v is None or isinstance(v, str),
-        lambda v: v is None
-        or (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)),
+        lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)),
     ),
 }
 
@@ -250,14 +249,11 @@ def decode_message(frame: Any) -> Message:
         raise ProtocolError(f"unknown message kind {kind}")
     fields = frame[1:]
     if len(fields) != len(shape):
-        raise ProtocolError(
-            f"{Kind(kind).name} message has {len(fields)} fields, expected {len(shape)}"
-        )
+        raise ProtocolError(f"{Kind(kind).name} message has {len(fields)} fields, expected {len(shape)}")
     for index, (check, value) in enumerate(zip(shape, fields, strict=True)):
         if not check(value):
             raise ProtocolError(
-                f"{Kind(kind).name} message field {index + 1} has a bad value of type "
-                f"{type(value).__name__}"
+                f"{Kind(kind).name} message field {index + 1} has a bad value of type {type(value).__name__}"
             )
     message: Message = _BUILDERS[kind](*fields)
     return message

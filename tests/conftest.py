@@ -1,0 +1,166 @@
+"""Shared fixtures: an engine per test, an event recorder, leak checks and a local AWS emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+
+from cloudops_execution_engine import (
+    ExecCommand,
+    ExecutionConfig,
+    ExecutionEngine,
+    ExecutionRequest,
+    ShellCommand,
+)
+
+HELPERS = Path(__file__).parent / "helpers"
+PYTHON = sys.executable
+
+# The test environment's tools (the AWS CLI among them) live beside its interpreter.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+class Recorder:
+    """An event handler that keeps every event and lets a test await a condition on them."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self._changed = asyncio.Event()
+
+    async def on_event(self, event: Any) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, execution_id: UUID) -> list[Any]:
+        return [e for e in self.events if getattr(e, "execution_id", None) == execution_id]
+
+    def types_of(self, execution_id: UUID) -> list[str]:
+        return [e.event_type for e in self.of(execution_id)]
+
+    async def until(self, predicate: Callable[[list[Any]], bool], timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.events):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def until_final(self, execution_id: UUID, timeout: float = 20) -> None:
+        final = {"completed", "failed", "cancelled"}
+        await self.until(lambda _: any(t in final for t in self.types_of(execution_id)), timeout)
+
+
+def config(tmp_path: Path, **overrides: Any) -> ExecutionConfig:
+    values: dict[str, Any] = {"log_dir": tmp_path / "logs", "kill_grace_ms": 500, "workers": 2}
+    values.update(overrides)
+    return ExecutionConfig(**values)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, recorder: Recorder) -> AsyncIterator[ExecutionEngine]:
+    eng = ExecutionEngine(config(tmp_path)).with_event_handler(recorder)
+    async with eng:
+        yield eng
+
+
+def shell(command: str, **kwargs: Any) -> ExecutionRequest:
+    return ExecutionRequest(command=ShellCommand(command=command), **kwargs)
+
+
+def run(program: str, *args: str, **kwargs: Any) -> ExecutionRequest:
+    return ExecutionRequest(command=ExecCommand(program=program, args=list(args)), **kwargs)
+
+
+def gone(pid: int) -> bool:
+    """True when `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a real condition with a deadline; fail naming it if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def host_children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if not gone(p.pid)}
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """The test leaves no process of its own behind and no file descriptor open."""
+    children_before = host_children()
+    fds_before = open_fds()
+    yield
+    wait_until(lambda: host_children() <= children_before, 10, "the test's processes to end")
+    leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
+    assert not leaked, f"file descriptors left open: {leaked}"
+
+
+def open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return fds
+
+
+@pytest.fixture(scope="session")
+def aws_endpoint() -> Iterator[str]:
+    """A moto server on loopback, standing in for AWS."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def accepting() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"moto server exited with {server.returncode}")
+            return False
+
+    try:
+        wait_until(accepting, 30, "the moto server to accept connections")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_PAGER": "",
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+}

@@ -1,0 +1,393 @@
+"""ExecutionEngine: every public method, status and error, against real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from conftest import Recorder, config, run, shell
+
+from cloudops_execution_engine import (
+    EngineClosed,
+    ExecCommand,
+    ExecutionEngine,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    InvalidCommand,
+    InvalidWorkingDir,
+    IoError,
+    MissingField,
+    NotCompleted,
+    NotFound,
+    NotRunning,
+    ScriptCommand,
+    ScriptNotFound,
+    TimeoutTooLarge,
+)
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+
+async def test_completed_command_result(engine: ExecutionEngine) -> None:
+    """A command that exits 0 ends completed with its output, timings and resource usage."""
+    eid = await engine.execute(shell("echo out; echo err >&2"))
+    result = await engine.wait(eid, timeout=20)
+    assert isinstance(result, ExecutionResult)
+    assert result.id == eid
+    assert result.status is ExecutionStatus.COMPLETED
+    assert (result.exit_code, result.stdout, result.stderr, result.error) == (0, "out\n", "err\n", None)
+    assert result.completed_at is not None and result.completed_at >= result.started_at
+    assert result.duration.total_seconds() >= 0
+    assert result.resource_usage is not None and result.resource_usage.max_rss_bytes > 0
+    assert await engine.get_status(eid) is ExecutionStatus.COMPLETED
+    assert await engine.get_result(eid) == result
+
+
+async def test_failed_command_reports_exit_code(engine: ExecutionEngine) -> None:
+    result = await engine.wait(await engine.execute(shell("exit 7")), timeout=20)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.exit_code == 7
+    assert result.error == "Command failed with exit code 7"
+
+
+async def test_command_killed_by_signal_has_negative_exit_code(engine: ExecutionEngine) -> None:
+    """A command that dies of signal N has exit_code -N."""
+    result = await engine.wait(await engine.execute(shell("kill -SEGV $$")), timeout=20)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.exit_code == -11
+
+
+async def test_missing_program_fails_with_spawn_message(engine: ExecutionEngine) -> None:
+    result = await engine.wait(await engine.execute(run("no-such-program-here")), timeout=20)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.exit_code == -1
+    assert result.error == "Process spawn failed: No such file or directory: no-such-program-here"
+
+
+async def test_timeout_status_and_message(engine: ExecutionEngine, recorder: Recorder) -> None:
+    eid = await engine.execute(run("sleep", "30", timeout_ms=300))
+    result = await engine.wait(eid, timeout=20)
+    assert result.status is ExecutionStatus.TIMEOUT
+    assert result.error == "Execution timeout after 300ms"
+    assert result.exit_code == -15
+    assert 0.25 < result.duration.total_seconds() < 5
+    await recorder.until_final(eid)
+    assert recorder.types_of(eid) == ["started", "failed"]
+    assert recorder.of(eid)[-1].error == "Execution timeout after 300ms"
+
+
+async def test_cancel_running(engine: ExecutionEngine, recorder: Recorder) -> None:
+    eid = await engine.execute(shell("echo up; exec sleep 30"))
+    await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
+    assert await engine.get_status(eid) is ExecutionStatus.RUNNING
+    await engine.cancel(eid)
+    result = await engine.wait(eid, timeout=20)
+    assert result.status is ExecutionStatus.CANCELLED
+    assert result.error == "Execution cancelled"
+    await recorder.until_final(eid)
+    assert recorder.types_of(eid) == ["started", "stdout", "cancelled"]
+    with pytest.raises(NotRunning, match=str(eid)):
+        await engine.cancel(eid)
+
+
+async def test_queue_holds_excess_work_pending_in_arrival_order(tmp_path: Path, recorder: Recorder) -> None:
+    """With one slot, later requests wait as pending and start in the order they came."""
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)).with_event_handler(
+        recorder
+    ) as engine:
+        blocker = await engine.execute(shell("echo go; exec sleep 30"))
+        await recorder.until(lambda _: "stdout" in recorder.types_of(blocker))
+        queued = [await engine.execute(run("true")) for _ in range(3)]
+        for eid in queued:
+            assert await engine.get_status(eid) is ExecutionStatus.PENDING
+        with pytest.raises(NotCompleted):
+            await engine.get_result(queued[0])
+        await engine.cancel(queued[1])
+        assert await engine.get_status(queued[1]) is ExecutionStatus.CANCELLED
+        assert recorder.types_of(queued[1]) == [] or recorder.types_of(queued[1]) == ["cancelled"]
+        await engine.cancel(blocker)
+        for eid in (queued[0], queued[2]):
+            assert (await engine.wait(eid, timeout=20)).status is ExecutionStatus.COMPLETED
+        starts = [e.execution_id for e in recorder.events if e.event_type == "started"]
+        assert starts == [blocker, queued[0], queued[2]]
+        result = await engine.get_result(queued[1])
+        assert result.status is ExecutionStatus.CANCELLED
+        assert not result.log_path.exists(), "a command cancelled before starting never ran"
+
+
+async def test_concurrency_limit_is_never_exceeded(tmp_path: Path, recorder: Recorder) -> None:
+    """At most max_concurrent_executions commands run at once across the engine."""
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=3)).with_event_handler(
+        recorder
+    ) as engine:
+        ids = [await engine.execute(run("sleep", "0.2")) for _ in range(9)]
+        for eid in ids:
+            await engine.wait(eid, timeout=30)
+        await asyncio.gather(*(recorder.until_final(eid) for eid in ids))
+        running = peak = 0
+        for event in recorder.events:
+            if event.event_type == "started":
+                running += 1
+                peak = max(peak, running)
+            elif event.event_type in ("completed", "failed", "cancelled"):
+                running -= 1
+        assert peak == 3
+
+
+async def test_events_in_order_for_each_of_several_handlers(tmp_path: Path) -> None:
+    """Every handler sees started, each line in order, then exactly one final event."""
+    first, second = Recorder(), Recorder()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(first).with_event_handler(
+        second
+    ) as engine:
+        eid = await engine.execute(shell("for i in $(seq 1 200); do echo line$i; done; echo bad >&2"))
+        await engine.wait(eid, timeout=20)
+        for recorder in (first, second):
+            await recorder.until_final(eid)
+            events = recorder.of(eid)
+            assert events[0].event_type == "started"
+            assert events[0].command == "for i in $(seq 1 200); do echo line$i; done; echo bad >&2"
+            assert events[-1].event_type == "completed"
+            assert events[-1].result.exit_code == 0
+            lines = [e.line for e in events if e.event_type == "stdout"]
+            assert lines == [f"line{i}" for i in range(1, 201)]
+            assert [e.line for e in events if e.event_type == "stderr"] == ["bad"]
+            assert sum(e.event_type in ("completed", "failed", "cancelled") for e in events) == 1
+
+
+async def test_a_raising_handler_does_not_stop_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that raises is logged and ignored; the engine and other handlers go on."""
+
+    class Broken:
+        calls = 0
+
+        async def on_event(self, event: object) -> None:
+            Broken.calls += 1
+            raise RuntimeError("handler bug")
+
+    good = Recorder()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(Broken()).with_event_handler(
+        good
+    ) as engine:
+        eid = await engine.execute(shell("echo a; echo b"))
+        await engine.wait(eid, timeout=20)
+        await good.until_final(eid)
+        assert good.types_of(eid) == ["started", "stdout", "stdout", "completed"]
+        second = await engine.execute(run("true"))
+        assert (await engine.wait(second, timeout=20)).status is ExecutionStatus.COMPLETED
+    assert Broken.calls >= 4
+    assert "handler bug" in caplog.text
+
+
+async def test_a_slow_handler_delays_only_itself(tmp_path: Path) -> None:
+    """A handler blocked on an event does not hold back another handler."""
+    release = asyncio.Event()
+
+    class Stuck:
+        async def on_event(self, event: object) -> None:
+            await release.wait()
+
+    fast = Recorder()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(Stuck()).with_event_handler(
+        fast
+    ) as engine:
+        eid = await engine.execute(shell("echo x"))
+        await fast.until_final(eid)
+        assert fast.types_of(eid) == ["started", "stdout", "completed"]
+        release.set()
+
+
+async def test_stream_output_off_sends_no_line_events(tmp_path: Path, recorder: Recorder) -> None:
+    async with ExecutionEngine(config(tmp_path, stream_output=False)).with_event_handler(recorder) as engine:
+        eid = await engine.execute(shell("echo hidden"))
+        result = await engine.wait(eid, timeout=20)
+        await recorder.until_final(eid)
+        assert recorder.types_of(eid) == ["started", "completed"]
+        assert result.stdout == "hidden\n"
+        assert "stdout hidden" in await engine.read_logs(eid)
+
+
+async def test_log_file_content_permissions_and_path(engine: ExecutionEngine) -> None:
+    """The log holds the command, tagged lines and the outcome; it is 0600 in a 0700 directory."""
+    secret = "s3cr3t-value-" + uuid4().hex
+    eid = await engine.execute(shell("echo to-out; echo to-err >&2; exit 4", env={"TOKEN": secret}))
+    result = await engine.wait(eid, timeout=20)
+    path = engine.get_log_path(eid)
+    assert path == result.log_path == engine.config.log_dir / f"{eid}.log"  # type: ignore[operator]
+    text = await engine.read_logs(eid)
+    assert "# command: echo to-out; echo to-err >&2; exit 4" in text
+    assert " stdout to-out\n" in text and " stderr to-err\n" in text
+    assert "status=failed exit_code=4" in text
+    assert secret not in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+async def test_log_is_written_while_the_command_runs(engine: ExecutionEngine, recorder: Recorder) -> None:
+    """The log file exists from the start and receives lines as they are produced."""
+    eid = await engine.execute(shell("echo early; exec sleep 30"))
+    await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
+    assert " stdout early\n" in engine.get_log_path(eid).read_text()
+    await engine.cancel(eid)
+    await engine.wait(eid, timeout=20)
+
+
+async def test_log_stays_after_shutdown(tmp_path: Path) -> None:
+    engine = ExecutionEngine(config(tmp_path))
+    async with engine:
+        eid = await engine.execute(run("echo", "kept"))
+        await engine.wait(eid, timeout=20)
+    assert " stdout kept\n" in engine.get_log_path(eid).read_text()
+
+
+async def test_output_beyond_the_limit_is_truncated_in_the_result_only(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path, max_output_bytes=1000)) as engine:
+        eid = await engine.execute(shell("head -c 5000 /dev/zero | tr '\\0' 'a'; echo; echo e >&2"))
+        result = await engine.wait(eid, timeout=20)
+        assert isinstance(result, ExecutionResult)
+        assert result.stdout == "a" * 1000
+        assert result.stdout_truncated is True
+        assert (result.stderr, result.stderr_truncated) == ("e\n", False)
+        assert "a" * 5000 in await engine.read_logs(eid)
+
+
+async def test_validation_errors_register_nothing(engine: ExecutionEngine, tmp_path: Path) -> None:
+    """Each validation failure raises its contract error and leaves the registry untouched."""
+    bad = [
+        (run("x", timeout_ms=700_000), TimeoutTooLarge, "700000ms > 600000ms"),
+        (run("x", timeout_ms=0), InvalidCommand, "timeout_ms must be positive"),
+        (run("x", timeout_ms=-5), InvalidCommand, "timeout_ms must be positive"),
+        (run("x", working_dir=tmp_path / "missing"), InvalidWorkingDir, "missing"),
+        (ExecutionRequest(command=ScriptCommand(path=tmp_path / "none.sh")), ScriptNotFound, "none.sh"),
+        (run(""), InvalidCommand, "program must not be empty"),
+        (shell("   "), InvalidCommand, "shell command must not be empty"),
+        (run("echo", "a\x00b"), InvalidCommand, "NUL"),
+        (run("true", env={"A=B": "1"}), InvalidCommand, "not valid"),
+    ]
+    for request, error, text in bad:
+        with pytest.raises(error, match=text):
+            await engine.execute(request)
+        with pytest.raises(NotFound):
+            await engine.get_status(request.id)
+    assert await engine.list_executions() == []
+
+
+async def test_request_as_dict_or_json_is_accepted_and_bad_shapes_are_contract_errors(
+    engine: ExecutionEngine,
+) -> None:
+    eid = await engine.execute({"command": {"type": "exec", "program": "true", "args": []}})  # type: ignore[arg-type]
+    assert (await engine.wait(eid, timeout=20)).status is ExecutionStatus.COMPLETED
+    with pytest.raises(MissingField, match="command"):
+        await engine.execute({"env": {}})  # type: ignore[arg-type]
+    with pytest.raises(InvalidCommand):
+        await engine.execute({"command": {"type": "exec", "program": "x", "args": [1]}})  # type: ignore[arg-type]
+
+
+async def test_duplicate_id_is_rejected(engine: ExecutionEngine) -> None:
+    request = run("true")
+    await engine.execute(request)
+    with pytest.raises(InvalidCommand, match="already exists"):
+        await engine.execute(request)
+    await engine.wait(request.id, timeout=20)
+
+
+async def test_unknown_ids(engine: ExecutionEngine) -> None:
+    unknown = uuid4()
+    for call in (engine.get_status, engine.get_result, engine.cancel, engine.read_logs, engine.wait,
+                 engine.get_plan_result):
+        with pytest.raises(NotFound, match=str(unknown)):
+            await call(unknown)
+    with pytest.raises(NotFound):
+        await engine.get_status("not-a-uuid")
+    assert engine.get_log_path(unknown).name == f"{unknown}.log"
+
+
+async def test_wait_timeout_raises_builtin_timeout_and_execution_goes_on(
+    engine: ExecutionEngine, recorder: Recorder
+) -> None:
+    eid = await engine.execute(shell("echo started; exec sleep 30"))
+    await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
+    with pytest.raises(TimeoutError):
+        await engine.wait(eid, timeout=0.05)
+    assert await engine.get_status(eid) is ExecutionStatus.RUNNING
+    await engine.cancel(eid)
+    await engine.wait(eid, timeout=20)
+
+
+async def test_list_executions_summarises_everything(engine: ExecutionEngine) -> None:
+    first = await engine.execute(run("true"))
+    second = await engine.execute(shell("exit 1"))
+    await engine.wait(first, timeout=20)
+    await engine.wait(second, timeout=20)
+    summaries = {s.id: s for s in await engine.list_executions()}
+    assert summaries[first].status is ExecutionStatus.COMPLETED
+    assert summaries[second].status is ExecutionStatus.FAILED
+    assert summaries[first].duration is not None
+
+
+async def test_read_logs_of_a_pending_execution_is_an_io_error(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)) as engine:
+        blocker = await engine.execute(run("sleep", "30"))
+        waiting = await engine.execute(run("true"))
+        with pytest.raises(IoError, match="cannot read log file"):
+            await engine.read_logs(waiting)
+        await engine.cancel(blocker)
+
+
+async def test_env_overlay_and_working_dir(engine: ExecutionEngine, tmp_path: Path) -> None:
+    """The host's environment with the request's laid over it; the command runs in working_dir."""
+    os.environ["CEE_FROM_HOST"] = "host"
+    try:
+        eid = await engine.execute(
+            shell('echo "$CEE_FROM_HOST $CEE_FROM_REQUEST"; pwd', env={"CEE_FROM_REQUEST": "req"},
+                  working_dir=tmp_path)
+        )
+        result = await engine.wait(eid, timeout=20)
+    finally:
+        del os.environ["CEE_FROM_HOST"]
+    assert result.stdout == f"host req\n{tmp_path}\n"
+
+
+async def test_shutdown_cancels_everything_and_is_idempotent(tmp_path: Path, recorder: Recorder) -> None:
+    engine = ExecutionEngine(config(tmp_path, max_concurrent_executions=1)).with_event_handler(recorder)
+    await engine.start()
+    running = await engine.execute(shell("echo go; exec sleep 30"))
+    pending = await engine.execute(run("true"))
+    await recorder.until(lambda _: "stdout" in recorder.types_of(running))
+    await engine.shutdown()
+    await engine.shutdown()
+    assert recorder.types_of(running)[-1] == "cancelled"
+    assert recorder.types_of(pending) == ["cancelled"]
+    for call in (engine.execute(run("true")), engine.get_status(running), engine.list_executions()):
+        with pytest.raises(EngineClosed, match="Engine is shut down"):
+            await call
+
+
+async def test_shutdown_without_cancel_lets_work_finish(tmp_path: Path) -> None:
+    engine = ExecutionEngine(config(tmp_path))
+    await engine.start()
+    eid = await engine.execute(shell("sleep 0.3; echo finished"))
+    await engine.shutdown(cancel=False)
+    assert "stdout finished" in engine.get_log_path(eid).read_text()
+    assert "status=completed" in engine.get_log_path(eid).read_text()
+
+
+async def test_engine_starts_lazily_without_a_context_manager(tmp_path: Path) -> None:
+    engine = ExecutionEngine(config(tmp_path))
+    try:
+        eid = await engine.execute(ExecutionRequest(command=ExecCommand(program="true")))
+        assert (await engine.wait(eid, timeout=20)).status is ExecutionStatus.COMPLETED
+    finally:
+        await engine.shutdown()
+
+
+async def test_events_iterator_ends_after_the_last_event(engine: ExecutionEngine) -> None:
+    eid = await engine.execute(shell("echo one; sleep 0.2; echo two"))
+    seen = [event.event_type async for event in engine.events(eid)]
+    assert seen[-1] == "completed"
+    assert seen.count("stdout") == 2

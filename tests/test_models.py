@@ -1,0 +1,205 @@
+"""The public models speak the seed's serde JSON, both ways."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import pydantic
+import pytest
+
+import cloudops_execution_engine as cee
+from cloudops_execution_engine import (
+    AwsCliCommand,
+    DependencyGraphStrategy,
+    ExecCommand,
+    ExecutionConfig,
+    ExecutionPlan,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ParallelStrategy,
+    PlanExecutionResult,
+    ProgressEvent,
+    ScriptCommand,
+    SerialStrategy,
+    ShellCommand,
+    StdoutEvent,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+SEED_COMMANDS = [
+    '{"type": "script", "path": "/tmp/deploy.sh", "interpreter": null}',
+    '{"type": "exec", "program": "python3", "args": ["script.py", "--input", "data.json"]}',
+    '{"type": "shell", "command": "aws ec2 describe-instances | jq \'.Reservations[]\'", "shell": "bash"}',
+    '{"type": "aws_cli", "service": "ec2", "operation": "describe-instances",'
+    ' "args": ["--region", "us-west-2"], "profile": "production", "region": "us-west-2"}',
+]
+
+RUST_REQUEST = """{
+  "id": "6f1c0f7e-9d5e-4b8a-8f0e-2b2b1b7d9a10",
+  "command": {"type": "aws_cli", "service": "ec2", "operation": "describe-instances",
+              "args": [], "profile": "prod", "region": "us-west-2"},
+  "env": {"A": "1"},
+  "working_dir": null,
+  "timeout_ms": null,
+  "metadata": {"source": "server", "conversation_id": null, "tags": {"team": "ops"}}
+}"""
+
+RUST_RESULT = """{
+  "id": "6f1c0f7e-9d5e-4b8a-8f0e-2b2b1b7d9a10",
+  "status": "completed",
+  "exit_code": 0,
+  "stdout": "ok\\n",
+  "stderr": "",
+  "duration": {"secs": 1, "nanos": 500000000},
+  "started_at": "2024-05-01T12:00:00.123456789Z",
+  "completed_at": "2024-05-01T12:00:01.623456789Z",
+  "log_path": "/tmp/x.log",
+  "error": null
+}"""
+
+
+class _Command(pydantic.RootModel[cee.Command]):
+    pass
+
+
+@pytest.mark.parametrize("text", SEED_COMMANDS)
+def test_seed_command_examples_parse_and_round_trip(text: str) -> None:
+    """Every command JSON example of the seed parses and serialises back to the same JSON."""
+    command = _Command.model_validate_json(text).root
+    assert json.loads(command.model_dump_json()) == json.loads(text)
+
+
+def test_rust_request_parses_and_round_trips() -> None:
+    """A request written by serde parses, and our JSON of it is serde's JSON again."""
+    request = ExecutionRequest.model_validate_json(RUST_REQUEST)
+    assert isinstance(request.command, AwsCliCommand)
+    assert request.command.profile == "prod"
+    assert request.metadata.tags == {"team": "ops"}
+    assert json.loads(request.model_dump_json()) == json.loads(RUST_REQUEST)
+
+
+def test_rust_result_with_nanoseconds_parses() -> None:
+    """chrono's nine fractional digits round to microseconds; Duration is {secs, nanos}."""
+    result = ExecutionResult.model_validate_json(RUST_RESULT)
+    assert result.duration == timedelta(seconds=1, microseconds=500000)
+    assert result.started_at == datetime(2024, 5, 1, 12, 0, 0, 123457, tzinfo=UTC)
+    assert result.started_at.tzinfo is not None
+    dumped = json.loads(result.model_dump_json())
+    assert dumped["duration"] == {"secs": 1, "nanos": 500000000}
+    assert dumped["started_at"] == "2024-05-01T12:00:00.123457Z"
+    assert dumped["resource_usage"] is None
+    assert ExecutionResult.model_validate_json(result.model_dump_json()) == result
+
+
+def test_duration_keeps_sub_second_parts_exactly() -> None:
+    """A Python result's duration survives a JSON round trip to the microsecond."""
+    duration = timedelta(seconds=3, microseconds=7)
+    result = ExecutionResult(
+        id=UUID(int=1),
+        status=ExecutionStatus.FAILED,
+        exit_code=2,
+        duration=duration,
+        started_at=datetime(2024, 1, 1, tzinfo=UTC),
+        log_path=Path("/tmp/a.log"),
+    )
+    data = json.loads(result.model_dump_json())
+    assert data["duration"] == {"secs": 3, "nanos": 7000}
+    assert ExecutionResult.model_validate_json(result.model_dump_json()).duration == duration
+
+
+def test_naive_datetimes_are_taken_as_utc() -> None:
+    """Every datetime the models hold is timezone-aware."""
+    event = StdoutEvent(execution_id=UUID(int=1), line="x", timestamp="2024-01-01T00:00:00")
+    assert event.timestamp.tzinfo is not None
+    assert event.timestamp.utcoffset() == timedelta(0)
+
+
+def test_dependency_keys_are_decimal_strings_in_json() -> None:
+    """serde writes HashMap<usize, _> keys as strings; we write and read the same."""
+    strategy = DependencyGraphStrategy(dependencies={2: [0, 1]})
+    data = json.loads(strategy.model_dump_json())
+    assert data == {"type": "dependency_graph", "dependencies": {"2": [0, 1]}}
+    assert DependencyGraphStrategy.model_validate_json('{"dependencies": {"2": [0, 1]}}') == strategy
+
+
+def test_plan_json_round_trip_with_every_strategy() -> None:
+    """Plans with each strategy survive JSON both ways."""
+    commands = [ExecutionRequest(command=ExecCommand(program="true"))]
+    for strategy in (SerialStrategy(), ParallelStrategy(max_concurrency=3), DependencyGraphStrategy()):
+        plan = ExecutionPlan(commands=commands, strategy=strategy, description="d")
+        again = ExecutionPlan.model_validate_json(plan.model_dump_json())
+        assert again == plan
+    data = json.loads(ExecutionPlan(commands=commands, strategy=SerialStrategy()).model_dump_json())
+    assert data["strategy"] == {"type": "serial", "stop_on_error": True}
+
+
+def test_event_union_discriminates_on_event_type() -> None:
+    """`ExecutionEvent` parses each variant by its `event_type` tag."""
+    adapter: pydantic.TypeAdapter[cee.ExecutionEvent] = pydantic.TypeAdapter(cee.ExecutionEvent)
+    progress = adapter.validate_json(
+        '{"event_type": "progress", "plan_id": "6f1c0f7e-9d5e-4b8a-8f0e-2b2b1b7d9a10",'
+        ' "completed": 1, "total": 3, "current_command": null,'
+        ' "timestamp": "2024-05-01T12:00:00.123456789Z"}'
+    )
+    assert isinstance(progress, ProgressEvent)
+    assert progress.total == 3
+
+
+def test_status_values_are_the_seeds() -> None:
+    assert [s.value for s in ExecutionStatus] == [
+        "pending",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+        "timeout",
+    ]
+    assert ExecutionStatus.COMPLETED == "completed"
+
+
+def test_positional_construction_matches_the_contract_signatures() -> None:
+    """`ExecCommand("ls", ["-l"])` and friends read like the SPEC's signatures."""
+    assert ExecCommand("ls", ["-l"]) == ExecCommand(program="ls", args=["-l"])
+    assert ShellCommand("echo hi").shell == "bash"
+    assert ScriptCommand("/x.sh", "sh").interpreter == "sh"
+    request = ExecutionRequest(ExecCommand("ls"))
+    assert isinstance(request.id, UUID)
+    plan = ExecutionPlan([request], SerialStrategy(False))
+    assert plan.strategy.stop_on_error is False  # type: ignore[union-attr]
+    with pytest.raises(TypeError):
+        ExecCommand("ls", [], "extra")
+
+
+def test_config_defaults_are_the_seeds() -> None:
+    config = ExecutionConfig()
+    assert config.default_timeout_ms == 120_000
+    assert config.max_timeout_ms == 600_000
+    assert config.stream_output is True
+    assert config.log_dir is None
+    assert config.max_concurrent_executions == 10
+    assert config.kill_grace_ms == 2000
+    assert config.max_output_bytes == 16 * 1024 * 1024
+    assert config.workers is None
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        ExecutionConfig(max_concurrent_executions=0)
+    with pytest.raises(pydantic.ValidationError):
+        ExecutionConfig(default_timeout_ms=700_000)
+
+
+def test_public_names_are_exactly_all_and_sorted() -> None:
+    """The package exports what `__all__` lists, sorted, and nothing is missing from it."""
+    assert cee.__all__ == sorted(cee.__all__)
+    public = {n for n in dir(cee) if not n.startswith("_")}
+    modules = {"actors", "commands", "config", "engine", "errors", "events", "logfiles", "plans",
+               "protocol", "requests", "results"}
+    assert public - modules == set(cee.__all__)
+    for name in cee.__all__:
+        assert getattr(cee, name) is not None
