@@ -41,9 +41,11 @@ async def test_completed_command_result(engine: ExecutionEngine) -> None:
     assert result.id == eid
     assert result.status is ExecutionStatus.COMPLETED
     assert (result.exit_code, result.stdout, result.stderr, result.error) == (0, "out\n", "err\n", None)
-    assert result.completed_at is not None and result.completed_at >= result.started_at
+    assert result.completed_at is not None
+    assert result.completed_at >= result.started_at
     assert result.duration.total_seconds() >= 0
-    assert result.resource_usage is not None and result.resource_usage.max_rss_bytes > 0
+    assert result.resource_usage is not None
+    assert result.resource_usage.max_rss_bytes > 0
     assert await engine.get_status(eid) is ExecutionStatus.COMPLETED
     assert await engine.get_result(eid) == result
 
@@ -142,9 +144,9 @@ async def test_concurrency_limit_is_never_exceeded(tmp_path: Path, recorder: Rec
 async def test_events_in_order_for_each_of_several_handlers(tmp_path: Path) -> None:
     """Every handler sees started, each line in order, then exactly one final event."""
     first, second = Recorder(), Recorder()
-    async with ExecutionEngine(config(tmp_path)).with_event_handler(first).with_event_handler(
-        second
-    ) as engine:
+    async with (
+        ExecutionEngine(config(tmp_path)).with_event_handler(first).with_event_handler(second) as engine
+    ):
         eid = await engine.execute(shell("for i in $(seq 1 200); do echo line$i; done; echo bad >&2"))
         await engine.wait(eid, timeout=20)
         for recorder in (first, second):
@@ -160,7 +162,9 @@ async def test_events_in_order_for_each_of_several_handlers(tmp_path: Path) -> N
             assert sum(e.event_type in ("completed", "failed", "cancelled") for e in events) == 1
 
 
-async def test_a_raising_handler_does_not_stop_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_raising_handler_does_not_stop_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A handler that raises is logged and ignored; the engine and other handlers go on."""
 
     class Broken:
@@ -171,9 +175,9 @@ async def test_a_raising_handler_does_not_stop_others(tmp_path: Path, caplog: py
             raise RuntimeError("handler bug")
 
     good = Recorder()
-    async with ExecutionEngine(config(tmp_path)).with_event_handler(Broken()).with_event_handler(
-        good
-    ) as engine:
+    async with (
+        ExecutionEngine(config(tmp_path)).with_event_handler(Broken()).with_event_handler(good) as engine
+    ):
         eid = await engine.execute(shell("echo a; echo b"))
         await engine.wait(eid, timeout=20)
         await good.until_final(eid)
@@ -193,9 +197,9 @@ async def test_a_slow_handler_delays_only_itself(tmp_path: Path) -> None:
             await release.wait()
 
     fast = Recorder()
-    async with ExecutionEngine(config(tmp_path)).with_event_handler(Stuck()).with_event_handler(
-        fast
-    ) as engine:
+    async with (
+        ExecutionEngine(config(tmp_path)).with_event_handler(Stuck()).with_event_handler(fast) as engine
+    ):
         eid = await engine.execute(shell("echo x"))
         await fast.until_final(eid)
         assert fast.types_of(eid) == ["started", "stdout", "completed"]
@@ -221,7 +225,8 @@ async def test_log_file_content_permissions_and_path(engine: ExecutionEngine) ->
     assert path == result.log_path == engine.config.log_dir / f"{eid}.log"  # type: ignore[operator]
     text = await engine.read_logs(eid)
     assert "# command: echo to-out; echo to-err >&2; exit 4" in text
-    assert " stdout to-out\n" in text and " stderr to-err\n" in text
+    assert " stdout to-out\n" in text
+    assert " stderr to-err\n" in text
     assert "status=failed exit_code=4" in text
     assert secret not in text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -298,8 +303,14 @@ async def test_duplicate_id_is_rejected(engine: ExecutionEngine) -> None:
 
 async def test_unknown_ids(engine: ExecutionEngine) -> None:
     unknown = uuid4()
-    for call in (engine.get_status, engine.get_result, engine.cancel, engine.read_logs, engine.wait,
-                 engine.get_plan_result):
+    for call in (
+        engine.get_status,
+        engine.get_result,
+        engine.cancel,
+        engine.read_logs,
+        engine.wait,
+        engine.get_plan_result,
+    ):
         with pytest.raises(NotFound, match=str(unknown)):
             await call(unknown)
     with pytest.raises(NotFound):
@@ -344,8 +355,11 @@ async def test_env_overlay_and_working_dir(engine: ExecutionEngine, tmp_path: Pa
     os.environ["CEE_FROM_HOST"] = "host"
     try:
         eid = await engine.execute(
-            shell('echo "$CEE_FROM_HOST $CEE_FROM_REQUEST"; pwd', env={"CEE_FROM_REQUEST": "req"},
-                  working_dir=tmp_path)
+            shell(
+                'echo "$CEE_FROM_HOST $CEE_FROM_REQUEST"; pwd',
+                env={"CEE_FROM_REQUEST": "req"},
+                working_dir=tmp_path,
+            )
         )
         result = await engine.wait(eid, timeout=20)
     finally:

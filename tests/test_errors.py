@@ -16,8 +16,11 @@ ID = UUID("6f1c0f7e-9d5e-4b8a-8f0e-2b2b1b7d9a10")
 CASES = [
     (cee.InvalidCommand("bad"), "Invalid command format: bad", cee.ValidationError),
     (cee.ScriptNotFound(Path("/x.sh")), "Script file not found: /x.sh", cee.ValidationError),
-    (cee.TimeoutTooLarge(700_000, 600_000), "Timeout exceeds maximum allowed: 700000ms > 600000ms",
-     cee.ValidationError),
+    (
+        cee.TimeoutTooLarge(700_000, 600_000),
+        "Timeout exceeds maximum allowed: 700000ms > 600000ms",
+        cee.ValidationError,
+    ),
     (cee.InvalidWorkingDir(Path("/nope")), "Invalid working directory: /nope", cee.ValidationError),
     (cee.MissingField("command"), "Missing required field: command", cee.ValidationError),
     (cee.InvalidPlan("cycle"), "Invalid execution plan: cycle", cee.ValidationError),
@@ -45,7 +48,8 @@ def test_message_and_base(error: cee.ExecutionError, message: str, base: type) -
 def test_every_error_type_is_covered() -> None:
     """The table above names every public error class."""
     public = {
-        obj for name in cee.__all__
+        obj
+        for name in cee.__all__
         if isinstance(obj := getattr(cee, name), type) and issubclass(obj, cee.ExecutionError)
     }
     covered = {type(case[0]) for case in CASES} | {cee.ExecutionError, cee.ValidationError}

@@ -21,7 +21,6 @@ from cloudops_execution_engine import (
     ExecutionResult,
     ExecutionStatus,
     ParallelStrategy,
-    PlanExecutionResult,
     ProgressEvent,
     ScriptCommand,
     SerialStrategy,
@@ -198,8 +197,19 @@ def test_public_names_are_exactly_all_and_sorted() -> None:
     """The package exports what `__all__` lists, sorted, and nothing is missing from it."""
     assert cee.__all__ == sorted(cee.__all__)
     public = {n for n in dir(cee) if not n.startswith("_")}
-    modules = {"actors", "commands", "config", "engine", "errors", "events", "logfiles", "plans",
-               "protocol", "requests", "results"}
+    modules = {
+        "actors",
+        "commands",
+        "config",
+        "engine",
+        "errors",
+        "events",
+        "logfiles",
+        "plans",
+        "protocol",
+        "requests",
+        "results",
+    }
     assert public - modules == set(cee.__all__)
     for name in cee.__all__:
         assert getattr(cee, name) is not None

@@ -1,0 +1,88 @@
+"""Cancel and timeout end a command's whole tree, including escaped descendants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import HELPERS, PYTHON, Recorder, config, gone, run, wait_until
+
+from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+
+def tree(*flags: str, **kwargs: object) -> object:
+    return run(PYTHON, str(HELPERS / "tree.py"), *flags, **kwargs)  # type: ignore[arg-type]
+
+
+async def started_tree(
+    engine: ExecutionEngine, recorder: Recorder, request: object
+) -> tuple[object, list[int]]:
+    eid = await engine.execute(request)  # type: ignore[arg-type]
+
+    def pids() -> list[int]:
+        return [int(e.line.split()[1]) for e in recorder.of(eid) if e.event_type == "stdout"]
+
+    await recorder.until(lambda _: len(pids()) == 3)
+    return eid, pids()
+
+
+@pytest.mark.parametrize("flags", [(), ("--close-stdio",)], ids=["holding-pipes", "detached-stdio"])
+async def test_cancel_kills_three_levels_including_a_double_forked_setsid_grandchild(
+    engine: ExecutionEngine, recorder: Recorder, flags: tuple[str, ...]
+) -> None:
+    eid, pids = await started_tree(engine, recorder, tree(*flags))
+    assert not any(gone(pid) for pid in pids)
+    await engine.cancel(eid)  # type: ignore[arg-type]
+    result = await engine.wait(eid, timeout=20)  # type: ignore[arg-type]
+    assert result.status is ExecutionStatus.CANCELLED
+    survivors = [pid for pid in pids if not gone(pid)]
+    assert survivors == [], "cancel left processes of the tree running"
+
+
+async def test_timeout_kills_the_whole_tree(engine: ExecutionEngine, recorder: Recorder) -> None:
+    eid, pids = await started_tree(engine, recorder, tree("--close-stdio", timeout_ms=1500))
+    result = await engine.wait(eid, timeout=20)  # type: ignore[arg-type]
+    assert result.status is ExecutionStatus.TIMEOUT
+    assert [pid for pid in pids if not gone(pid)] == []
+
+
+async def test_sigterm_ignoring_tree_is_killed_after_the_grace_period(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """Processes that ignore SIGTERM get SIGKILL once kill_grace_ms has passed."""
+    async with ExecutionEngine(config(tmp_path, kill_grace_ms=400)).with_event_handler(recorder) as engine:
+        eid, pids = await started_tree(engine, recorder, tree("--ignore-term"))
+        await engine.cancel(eid)  # type: ignore[arg-type]
+        result = await engine.wait(eid, timeout=20)  # type: ignore[arg-type]
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.CANCELLED
+        assert result.exit_code == -9, "the main process only dies of SIGKILL"
+        assert result.duration.total_seconds() >= 0.4
+        assert [pid for pid in pids if not gone(pid)] == []
+
+
+async def test_processes_left_behind_by_a_finished_command_are_ended(
+    engine: ExecutionEngine, tmp_path: Path
+) -> None:
+    """A command that exits leaving a daemon behind does not leak it into the host."""
+    pidfile = tmp_path / "daemon.pid"
+    eid = await engine.execute(
+        run("bash", "-c", f"(setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {pidfile}); exit 0")
+    )
+    result = await engine.wait(eid, timeout=20)
+    assert result.status is ExecutionStatus.COMPLETED
+    daemon = int(pidfile.read_text())
+    wait_until(lambda: gone(daemon), 10, "the left-behind daemon to be ended")
+
+
+async def test_output_of_a_grandchild_after_the_main_process_exits_is_kept(
+    engine: ExecutionEngine,
+) -> None:
+    """A descendant still holding the pipe after the main process exits is read to the end."""
+    eid = await engine.execute(run("bash", "-c", "(sleep 0.3; echo from-grandchild) & echo from-main"))
+    result = await engine.wait(eid, timeout=20)
+    assert isinstance(result, ExecutionResult)
+    assert result.status is ExecutionStatus.COMPLETED
+    assert result.stdout == "from-main\nfrom-grandchild\n"

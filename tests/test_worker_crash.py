@@ -1,0 +1,68 @@
+"""A worker killed with SIGKILL costs only the executions it held."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import HELPERS, PYTHON, Recorder, config, gone, run, shell
+
+from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+
+async def worker_of(engine: ExecutionEngine, recorder: Recorder) -> int:
+    """The pid of a worker, as a command sees it: its parent."""
+    eid = await engine.execute(shell("echo $PPID"))
+    result = await engine.wait(eid, timeout=20)
+    assert isinstance(result, ExecutionResult)
+    return int(result.stdout)
+
+
+async def test_sigkilled_worker_fails_its_executions_and_the_engine_keeps_serving(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    async with ExecutionEngine(config(tmp_path, workers=1)).with_event_handler(recorder) as engine:
+        eid = await engine.execute(run(PYTHON, str(HELPERS / "tree.py")))
+        await recorder.until(lambda _: sum(e.event_type == "stdout" for e in recorder.of(eid)) == 3)
+        pids = [int(e.line.split()[1]) for e in recorder.of(eid) if e.event_type == "stdout"]
+        worker = psutil.Process(pids[0]).ppid()
+        os.kill(worker, signal.SIGKILL)
+        result = await engine.wait(eid, timeout=30)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error == (
+            f"Worker process {worker} died (killed by signal SIGKILL(-9)) while running this execution"
+        )
+        await recorder.until_final(eid)
+        assert recorder.types_of(eid)[-1] == "failed"
+        assert [pid for pid in pids if not gone(pid)] == [], "the dead worker's command tree survived"
+        after = await engine.execute(run("echo", "still serving"))
+        assert (await engine.wait(after, timeout=30)).stdout == "still serving\n"  # type: ignore[union-attr]
+
+
+async def test_repeated_worker_kills_never_break_the_engine(tmp_path: Path, recorder: Recorder) -> None:
+    """Unlike a broken process pool, the engine recovers every time."""
+    async with ExecutionEngine(config(tmp_path, workers=2)).with_event_handler(recorder) as engine:
+        for _ in range(5):
+            held = [await engine.execute(shell("echo up; exec sleep 30")) for _ in range(4)]
+            await recorder.until(
+                lambda _: all("stdout" in recorder.types_of(eid) for eid in held)  # noqa: B023
+            )
+            victim = await worker_of(engine, recorder)
+            os.kill(victim, signal.SIGKILL)
+            # Those on the surviving worker are still running: cancel them.
+            for eid in held:
+                if await engine.get_status(eid) is ExecutionStatus.RUNNING:
+                    await engine.cancel(eid)
+            results = [await engine.wait(eid, timeout=30) for eid in held]
+            statuses = {r.status for r in results}
+            assert statuses <= {ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+            ok = await engine.execute(run("true"))
+            assert (await engine.wait(ok, timeout=30)).status is ExecutionStatus.COMPLETED
+        summaries = await engine.list_executions()
+        assert all(s.status.is_final for s in summaries)
