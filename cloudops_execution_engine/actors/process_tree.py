@@ -27,6 +27,7 @@ import psutil
 __all__ = [
     "MARKER_ENV",
     "become_subreaper",
+    "children_of",
     "describe_exit",
     "find_abandoned",
     "kill_abandoned",
@@ -74,13 +75,52 @@ def _marker_of(proc: psutil.Process) -> str | None:
         return None
 
 
-def _with_descendants(proc: psutil.Process, into: dict[int, psutil.Process]) -> None:
-    into[proc.pid] = proc
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`.
+
+    Linux lists them per thread in /proc; that is one small read, where
+    psutil's portable way reads the stat file of every process on the machine.
+    """
+    if not _PROC_CHILDREN:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+    found: list[int] = []
     try:
-        for child in proc.children(recursive=True):
-            into[child.pid] = child
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:
+                found.extend(int(x) for x in handle.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
     except psutil.NoSuchProcess:
-        pass
+        return None
+
+
+def _with_descendants(proc: psutil.Process, into: dict[int, psutil.Process]) -> None:
+    pending = [proc]
+    while pending:
+        current = pending.pop()
+        if current.pid in into:
+            continue
+        into[current.pid] = current
+        for pid in children_of(current.pid):
+            child = _process(pid)
+            if child is not None:
+                pending.append(child)
 
 
 def tree_of(
@@ -103,14 +143,11 @@ def tree_of(
         with contextlib.suppress(psutil.NoSuchProcess):
             _with_descendants(psutil.Process(main_pid), found)
     skip = set(other_mains)
-    try:
-        adopted = psutil.Process(adopter_pid).children()
-    except psutil.NoSuchProcess:
-        adopted = []
-    for proc in adopted:
-        if proc.pid in found or proc.pid in skip or proc.pid == main_pid:
+    for pid in children_of(adopter_pid):
+        if pid in found or pid in skip or pid == main_pid:
             continue
-        if _belongs(proc, session_id, marker):
+        proc = _process(pid)
+        if proc is not None and _belongs(proc, session_id, marker):
             _with_descendants(proc, found)
     return _deepest_first(found)
 

@@ -520,14 +520,10 @@ class Worker:
 
     def _kill_orphans(self, sig: int) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
-            for proc in psutil.Process(self._pid).children(recursive=True):
-                process_tree.signal_processes([proc], sig)
+            process_tree.signal_processes(psutil.Process(self._pid).children(recursive=True), sig)
 
     def _remaining_children(self) -> bool:
-        try:
-            return bool(process_tree.live(psutil.Process(self._pid).children(recursive=True)))
-        except psutil.NoSuchProcess:
-            return False
+        return bool(process_tree.children_of(self._pid))
 
 
 def _uuid_text(raw: bytes) -> str:
@@ -558,18 +554,37 @@ def _open_log(path: str) -> int:
     return fd
 
 
+_resolved: dict[tuple[str, str], str] = {}
+
+
 def _resolve_program(program: str, env: dict[str, str]) -> str:
+    """Look `program` up in the command's own PATH, as execvpe would, remembering hits."""
     if "/" in program:
         return program
-    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    search = env.get("PATH", os.defpath)
+    key = (program, search)
+    found = _resolved.get(key)
     if found is None:
-        raise FileNotFoundError(2, "No such file or directory", program)
+        found = shutil.which(program, path=search)
+        if found is None:
+            raise FileNotFoundError(2, "No such file or directory", program)
+        _resolved[key] = found
     return found
 
 
 def _spawn(argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, int, int]:
     """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
-    program = _resolve_program(argv[0], env)
+    try:
+        program = _resolve_program(argv[0], env)
+        return _spawn_resolved(program, argv, env, cwd)
+    except FileNotFoundError:
+        # A remembered program may have moved since; look again once.
+        if _resolved.pop((argv[0], env.get("PATH", os.defpath)), None) is None:
+            raise
+        return _spawn_resolved(_resolve_program(argv[0], env), argv, env, cwd)
+
+
+def _spawn_resolved(program: str, argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, int, int]:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:

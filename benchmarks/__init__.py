@@ -1,0 +1,1 @@
+"""Benchmarks comparing the engine with the tools users would pick instead."""

@@ -1,0 +1,331 @@
+"""The workloads: each returns rows for the engine and its peers, measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cloudops_execution_engine import (
+    DependencyGraphStrategy,
+    ExecCommand,
+    ExecutionConfig,
+    ExecutionEngine,
+    ExecutionPlan,
+    ExecutionRequest,
+)
+from cloudops_execution_engine.plans import PlanSchedule, check_plan
+
+from .harness import Row, median, percentile
+
+TRUE = shutil.which("true") or "/bin/true"
+
+
+def _config(**extra: Any) -> ExecutionConfig:
+    return ExecutionConfig(log_dir=Path(tempfile.gettempdir()) / "cee-bench-logs", **extra)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def on_event(self, event: object) -> None:
+        self.count += 1
+
+
+# -- throughput -----------------------------------------------------------------
+
+
+async def _engine_throughput(n: int, concurrency: int) -> float:
+    counter = _Counter()
+    engine = ExecutionEngine(_config(max_concurrent_executions=concurrency)).with_event_handler(counter)
+    async with engine:
+        start = time.perf_counter()
+        ids = [await engine.execute(ExecutionRequest(command=ExecCommand(program=TRUE))) for _ in range(n)]
+        for eid in ids:
+            await engine.wait(eid)
+        elapsed = time.perf_counter() - start
+    return n / elapsed
+
+
+async def _asyncio_throughput(n: int, concurrency: int) -> float:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            proc = await asyncio.create_subprocess_exec(
+                TRUE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            await proc.communicate()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return n / (time.perf_counter() - start)
+
+
+def _run_true(_: int = 0) -> int:
+    return subprocess.run([TRUE], capture_output=True, check=False).returncode
+
+
+def _loop_throughput(n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        _run_true()
+    return n / (time.perf_counter() - start)
+
+
+def _pool_throughput(n: int, pool: Any) -> float:
+    with pool:
+        list(pool.map(_run_true, range(min(n, 20))))  # warm the pool up
+        start = time.perf_counter()
+        list(pool.map(_run_true, range(n), chunksize=1))
+        return n / (time.perf_counter() - start)
+
+
+def _xargs_throughput(n: int, concurrency: int) -> float:
+    data = "\n".join("x" for _ in range(n)) + "\n"
+    start = time.perf_counter()
+    subprocess.run(["xargs", "-P", str(concurrency), "-n", "1", TRUE], input=data, text=True, check=True)
+    return n / (time.perf_counter() - start)
+
+
+def _parallel_throughput(n: int, concurrency: int) -> float | None:
+    if shutil.which("parallel") is None:
+        return None
+    data = "\n".join("x" for _ in range(n)) + "\n"
+    start = time.perf_counter()
+    subprocess.run(
+        ["parallel", "-j", str(concurrency), TRUE],
+        input=data,
+        text=True,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return n / (time.perf_counter() - start)
+
+
+def _posix_spawn_limit(n: int) -> float:
+    """The machine's limit: a tight posix_spawn + waitpid loop in one process per core."""
+    cores = os.cpu_count() or 1
+    per = n // cores
+    code = (
+        "import os,time\n"
+        f"t=time.perf_counter()\nfor _ in range({per}):\n"
+        f"    os.waitpid(os.posix_spawn({TRUE!r},[{TRUE!r}],{{}}),0)\n"
+        "print(time.perf_counter()-t)"
+    )
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["python3", "-c", code], stdout=subprocess.PIPE) for _ in range(cores)]
+    for p in procs:
+        p.communicate()
+    return per * cores / (time.perf_counter() - start)
+
+
+def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 3) -> list[Row]:
+    """Executions per second of /bin/true; every subject once per round, alternating."""
+    subjects: dict[str, Any] = {
+        "engine": lambda: asyncio.run(_engine_throughput(n, concurrency)),
+        "asyncio+semaphore": lambda: asyncio.run(_asyncio_throughput(n, concurrency)),
+        "subprocess.run loop": lambda: _loop_throughput(n),
+        "ThreadPoolExecutor(10)": lambda: _pool_throughput(n, ThreadPoolExecutor(concurrency)),
+        "ProcessPoolExecutor": lambda: _pool_throughput(n, ProcessPoolExecutor()),
+        "xargs -P 10": lambda: _xargs_throughput(n, concurrency),
+        "GNU parallel -j 10": lambda: _parallel_throughput(n, concurrency),
+        "posix_spawn loop per core (limit)": lambda: _posix_spawn_limit(n),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in subjects}
+    for _ in range(rounds):
+        for name, fn in subjects.items():
+            value = fn()
+            if value is not None:
+                samples[name].append(value)
+    rows = []
+    engine_rate = median(samples["engine"])
+    for name, values in samples.items():
+        if not values:
+            continue
+        rate = median(values)
+        rows.append(
+            Row(
+                "throughput /bin/true x2000 @10",
+                name,
+                rate,
+                "exec/s",
+                {"engine_vs": round(engine_rate / rate, 2)},
+            )
+        )
+    return rows
+
+
+# -- latency ----------------------------------------------------------------------
+
+
+async def _engine_latency(n: int) -> dict[str, list[float]]:
+    started_at: dict[object, float] = {}
+    got_started: dict[object, float] = {}
+
+    class Stamp:
+        async def on_event(self, event: Any) -> None:
+            if event.event_type == "started":
+                got_started[event.execution_id] = time.perf_counter()
+
+    out: dict[str, list[float]] = {"execute() call": [], "execute -> started": [], "execute -> completed": []}
+    async with ExecutionEngine(_config()).with_event_handler(Stamp()) as engine:
+        for i in range(n + 50):
+            request = ExecutionRequest(command=ExecCommand(program=TRUE))
+            t0 = time.perf_counter()
+            eid = await engine.execute(request)
+            t1 = time.perf_counter()
+            await engine.wait(eid)
+            t2 = time.perf_counter()
+            started_at[eid] = t0
+            if i >= 50:  # warm-up
+                out["execute() call"].append(t1 - t0)
+                out["execute -> completed"].append(t2 - t0)
+        await asyncio.sleep(0.2)
+        for eid, t0 in list(started_at.items())[50:]:
+            if eid in got_started:
+                out["execute -> started"].append(got_started[eid] - t0)
+    return out
+
+
+async def _asyncio_latency(n: int) -> list[float]:
+    out = []
+    for i in range(n + 50):
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            TRUE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        await proc.communicate()
+        if i >= 50:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency(n: int = 1000) -> list[Row]:
+    engine = asyncio.run(_engine_latency(n))
+    peer = asyncio.run(_asyncio_latency(n))
+    rows = []
+    for name, values in engine.items():
+        rows.append(Row("latency /bin/true", f"engine {name} p50", median(values) * 1e6, "us"))
+        rows.append(Row("latency /bin/true", f"engine {name} p99", percentile(values, 0.99) * 1e6, "us"))
+    rows.append(Row("latency /bin/true", "asyncio spawn+wait p50", median(peer) * 1e6, "us"))
+    rows.append(Row("latency /bin/true", "asyncio spawn+wait p99", percentile(peer, 0.99) * 1e6, "us"))
+    return rows
+
+
+# -- plans ------------------------------------------------------------------------------
+
+
+def _graph_plan(n: int, edges_per_node: int) -> ExecutionPlan:
+    deps: dict[int, list[int]] = {}
+    for i in range(1, n):
+        deps[i] = sorted({max(0, i - 1 - k * 7) for k in range(edges_per_node)})
+    commands = [ExecutionRequest(command=ExecCommand(program=TRUE)) for _ in range(n)]
+    return ExecutionPlan(commands=commands, strategy=DependencyGraphStrategy(dependencies=deps))
+
+
+def _schedule_all(plan: ExecutionPlan) -> int:
+    schedule = PlanSchedule(plan)
+    ready = list(schedule.initial())
+    done = 0
+    while ready:
+        index = ready.pop()
+        done += 1
+        newly, _ = schedule.ended(index, True)
+        ready.extend(newly)
+    return done
+
+
+def plans() -> list[Row]:
+    rows = []
+    for n in (10_000, 20_000):
+        plan = _graph_plan(n, 2)
+        edges = sum(len(v) for v in plan.strategy.dependencies.values())  # type: ignore[union-attr]
+        validate = min(_time(lambda: check_plan(plan)) for _ in range(5))  # noqa: B023
+        schedule = min(_time(lambda: _schedule_all(plan)) for _ in range(5))  # noqa: B023
+        label = f"plan graph {n} cmds/{edges} edges"
+        rows.append(Row(label, "validation (check_plan)", validate * 1e3, "ms"))
+        rows.append(Row(label, "scheduling, per command", schedule / n * 1e6, "us"))
+    rows.append(_plan_end_to_end())
+    return rows
+
+
+def _plan_end_to_end(n: int = 2000) -> Row:
+    """Supervisor overhead per command of a real graph plan, beyond running the commands."""
+    plan = _graph_plan(n, 2)
+
+    async def go() -> tuple[float, float]:
+        async with ExecutionEngine(_config()) as engine:
+            t0 = time.perf_counter()
+            await engine.wait(await engine.execute_plan(plan))
+            graph_time = time.perf_counter() - t0
+            flat = ExecutionPlan(
+                commands=[ExecutionRequest(command=ExecCommand(program=TRUE)) for _ in range(n)],
+                strategy=DependencyGraphStrategy(dependencies={i: [i - 1] for i in range(1, n)}),
+            )
+            t0 = time.perf_counter()
+            await engine.wait(await engine.execute_plan(flat))
+            return graph_time, time.perf_counter() - t0
+
+    graph_time, chain_time = asyncio.run(go())
+    return Row(
+        f"plan graph {n} cmds end to end",
+        "engine wall time per command",
+        graph_time / n * 1e6,
+        "us",
+        {"chain_per_cmd_us": round(chain_time / n * 1e6, 1)},
+    )
+
+
+def _time(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+def memory(retained: int = 20_000) -> list[Row]:
+    async def go() -> list[Row]:
+        me = psutil.Process()
+        base = me.memory_info().rss
+        async with ExecutionEngine(_config(stream_output=False)) as engine:
+            workers = [c for c in me.children() if c.is_running()]
+            idle_workers = [w.memory_full_info().uss for w in workers]
+            started = me.memory_info().rss
+            ids = []
+            for _ in range(retained):
+                ids.append(await engine.execute(ExecutionRequest(command=ExecCommand(program=TRUE))))
+                if len(ids) >= 200:
+                    for eid in ids:
+                        await engine.wait(eid)
+                    ids.clear()
+            for eid in ids:
+                await engine.wait(eid)
+            after = me.memory_info().rss
+            busy_workers = [w.memory_full_info().uss for w in workers]
+        return [
+            Row("memory", "supervisor RSS growth at start", (started - base) / 2**20, "MiB"),
+            Row(
+                "memory",
+                "per-worker USS idle",
+                median(idle_workers) / 2**20,
+                "MiB",
+                {"workers": len(workers)},
+            ),
+            Row("memory", f"per-worker USS after {retained} runs", median(busy_workers) / 2**20, "MiB"),
+            Row("memory", "bytes per retained execution", (after - started) / retained, "B"),
+        ]
+
+    return asyncio.run(go())
