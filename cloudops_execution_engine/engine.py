@@ -69,6 +69,10 @@ class ExecutionEngine:
         self._bus.add_handler(handler)
         return self
 
+    def remove_event_handler(self, handler: EventHandler) -> None:
+        """Stop delivering events to `handler`; events already queued for it are dropped."""
+        self._bus.remove_handler(handler)
+
     async def __aenter__(self) -> ExecutionEngine:
         await self.start()
         return self

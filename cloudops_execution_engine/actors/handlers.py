@@ -74,6 +74,14 @@ class EventBus:
         if self._channels or _loop_running():
             self._channels.append(_Channel(handler))
 
+    def remove_handler(self, handler: Any) -> None:
+        if handler not in self._handlers:
+            raise ValueError(f"{handler!r} is not an event handler of this engine")
+        self._handlers.remove(handler)
+        for channel in [c for c in self._channels if c.handler is handler]:
+            self._channels.remove(channel)
+            channel.task.cancel()
+
     def start(self) -> None:
         """Open a channel for each handler added before the loop was known."""
         have = {id(c.handler) for c in self._channels}

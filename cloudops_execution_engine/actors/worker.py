@@ -539,7 +539,13 @@ def _describe(exc: OSError) -> str:
 
 
 def _utf8_boundary(data: bytes, limit: int) -> int:
-    """The largest cut at or below `limit` that does not split a UTF-8 sequence."""
+    """The largest cut at or below `limit` that does not split a UTF-8 sequence.
+
+    A cut lands before a continuation byte only inside a sequence; sequences are
+    at most four bytes, so at most three steps back. Invalid input gets `limit`.
+    """
+    if len(data) <= limit:
+        return len(data)
     cut = limit
     while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
         cut -= 1
