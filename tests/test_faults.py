@@ -23,7 +23,6 @@ from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, ope
 
 from cloudops_execution_engine import (
     ExecutionEngine,
-    ExecutionRequest,
     ExecutionResult,
     ExecutionStatus,
     InvalidCommand,
@@ -56,6 +55,12 @@ def worker_to_supervisor_pipe(worker: int) -> str:
     raise AssertionError("no pipe from the worker to this process")
 
 
+def inject(worker: int, data: bytes) -> None:
+    """Write `data` into the pipe as if the worker had sent it."""
+    with open(worker_to_supervisor_pipe(worker), "wb", buffering=0) as pipe:
+        pipe.write(data)
+
+
 INJECTORS: dict[str, bytes] = {
     "garbage bytes": struct.pack(">I", 3) + b"\xc1\xc1\xc1",
     "oversized frame": struct.pack(">I", 2**31),
@@ -74,8 +79,7 @@ async def test_bad_frames_from_a_worker_never_crash_the_supervisor(
         worker = await worker_pid(engine)
         victim = await engine.execute(shell("echo up; exec sleep 60"))
         await recorder.until(lambda _: "stdout" in recorder.types_of(victim))
-        with open(worker_to_supervisor_pipe(worker), "wb", buffering=0) as pipe:
-            pipe.write(INJECTORS[injector])
+        inject(worker, INJECTORS[injector])
         result = await engine.wait(victim, timeout=30)
         assert result.status is ExecutionStatus.FAILED
         assert result.error is not None
@@ -90,8 +94,7 @@ async def test_a_finished_frame_for_an_unknown_id_is_ignored(tmp_path: Path) -> 
     async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
         worker = await worker_pid(engine)
         stray = [Kind.FINISHED, uuid4().bytes, "completed", 0, "", "", False, False, 1.0, 2.0, None, None]
-        with open(worker_to_supervisor_pipe(worker), "wb", buffering=0) as pipe:
-            pipe.write(encode_frame(stray))
+        inject(worker, encode_frame(stray))
         assert (
             await engine.wait(await engine.execute(run("true")), timeout=30)
         ).status is ExecutionStatus.COMPLETED
@@ -123,11 +126,9 @@ async def test_worker_killed_with_many_executions_in_flight_many_times(
             results = [await engine.wait(eid, timeout=30) for eid in batch]
             died = [r for r in results if r.status is ExecutionStatus.FAILED]
             assert died, "the killed worker held none of the batch"
+            expected = f"Worker process {victim} died (killed by signal SIGKILL(-9))"
             for r in died:
-                assert (
-                    r.error
-                    == f"Worker process {victim} died (killed by signal SIGKILL(-9)) while running this execution"
-                )
+                assert r.error == f"{expected} while running this execution"
             assert all(gone(p.pid) for p in children), "a dead worker's commands survived it"
         listed = {s.id for s in await engine.list_executions()}
         assert set(submitted) <= listed
