@@ -1,5 +1,7 @@
 """Run commands and plans of commands on a supervised pool of worker processes."""
 
+import logging as _logging
+
 from .commands import AwsCliCommand, Command, ExecCommand, ScriptCommand, ShellCommand
 from .config import ExecutionConfig
 from .engine import ExecutionEngine
@@ -51,8 +53,12 @@ from .results import (
     PlanExecutionResult,
     ResourceUsage,
 )
+from .sync import SyncExecutionEngine
 
 __version__ = "0.1.0"
+
+# Quiet by default, as a library should be: the host decides where records go.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "AwsCliCommand",
@@ -99,6 +105,7 @@ __all__ = [
     "StartedEvent",
     "StderrEvent",
     "StdoutEvent",
+    "SyncExecutionEngine",
     "Timeout",
     "TimeoutTooLarge",
     "ValidationError",

@@ -209,6 +209,7 @@ def test_public_names_are_exactly_all_and_sorted() -> None:
         "protocol",
         "requests",
         "results",
+        "sync",
     }
     assert public - modules == set(cee.__all__)
     for name in cee.__all__:
