@@ -30,6 +30,7 @@ from ..protocol import (
     decode_message,
     encode_frame,
 )
+from ..protocol.pipe import PipeWriter
 from .launcher import WorkerProcess
 from .process_tree import describe_exit
 from .worker import READ_SIZE, worker_main
@@ -64,8 +65,6 @@ class WorkerHandle:
         self._on_message = on_message
         self._on_death = on_death
         self._decoder = FrameDecoder()
-        self._out = bytearray()
-        self._writer_added = False
         self.held: set[bytes] = set()
         self.alive = False
         self.ready = False
@@ -94,6 +93,7 @@ class WorkerHandle:
         self._rfd = _take_fd(from_worker_r)
         os.set_blocking(self._wfd, False)
         os.set_blocking(self._rfd, False)
+        self._writer = PipeWriter(loop, self._wfd, self._pipe_broken)
         self.pid: int = self.process.pid or 0
         self.alive = True
         loop.add_reader(self._rfd, self._on_readable)
@@ -108,34 +108,16 @@ class WorkerHandle:
         self.ready = True
 
     def send(self, wire: list[Any]) -> None:
-        if self._dead:
-            return
-        self._out += encode_frame(wire)
-        if not self._writer_added:
-            self._flush()
+        if not self._dead:
+            self._writer.write(encode_frame(wire))
 
     def send_env(self, env: dict[str, str]) -> None:
         if env != self.last_env:
             self.last_env = env
             self.send(SetEnv(env).to_wire())
 
-    def _flush(self) -> None:
-        if self._dead:
-            return
-        try:
-            written = os.write(self._wfd, self._out)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            self.die(f"stopped reading its pipe ({exc.strerror})")
-            return
-        del self._out[:written]
-        if self._out and not self._writer_added:
-            self._loop.add_writer(self._wfd, self._flush)
-            self._writer_added = True
-        elif not self._out and self._writer_added:
-            self._loop.remove_writer(self._wfd)
-            self._writer_added = False
+    def _pipe_broken(self, exc: OSError) -> None:
+        self.die(f"stopped reading its pipe ({exc.strerror})")
 
     def _on_readable(self) -> None:
         try:
@@ -173,8 +155,7 @@ class WorkerHandle:
         self.ready = False
         for fd in (self._rfd, self.process.sentinel):
             self._loop.remove_reader(fd)
-        if self._writer_added:
-            self._loop.remove_writer(self._wfd)
+        self._writer.close()
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -228,6 +209,7 @@ class WorkerHandle:
         """Ask the worker to exit; kill it if it does not."""
         if not self._dead:
             self.send(Shutdown().to_wire())
+            self._writer.flush()
             await self._await_exit(EXIT_TIMEOUT)
             self.die("was shut down")
         await self._reported

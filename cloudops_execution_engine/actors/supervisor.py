@@ -27,7 +27,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -80,7 +80,6 @@ FAILED = ExecutionStatus.FAILED
 CANCELLED = ExecutionStatus.CANCELLED
 TIMEOUT = ExecutionStatus.TIMEOUT
 
-_ZERO = timedelta(0)
 _ABANDONED_KILL_TIMEOUT = 15.0
 _SHUTDOWN_MARGIN = 10.0
 _DRAIN_TIMEOUT = 10.0
@@ -481,25 +480,7 @@ class Supervisor:
             self._retire(record.id)
 
     def _cancel_unstarted(self, record: _Record) -> None:
-        now = utcnow()
-        self._finalize(
-            record,
-            ExecutionResult.model_construct(
-                id=record.id,
-                status=CANCELLED,
-                exit_code=-1,
-                stdout="",
-                stderr="",
-                duration=_ZERO,
-                started_at=now,
-                completed_at=now,
-                log_path=record.log_path,
-                error="Execution cancelled",
-                resource_usage=None,
-                stdout_truncated=False,
-                stderr_truncated=False,
-            ),
-        )
+        self._finalize(record, _ended_without_worker(record, CANCELLED, "Execution cancelled"))
 
     def _cancel_record(self, record: _Record) -> None:
         if record.status is PENDING:
@@ -609,27 +590,10 @@ class Supervisor:
         except TimeoutError:
             logger.error("could not confirm the end of every process left by a dead worker")
         finally:
-            now = utcnow()
             for record in held:
                 self._running -= 1
-                started = record.started_at or now
                 self._finalize(
-                    record,
-                    ExecutionResult.model_construct(
-                        id=record.id,
-                        status=FAILED,
-                        exit_code=-1,
-                        stdout="",
-                        stderr="",
-                        duration=now - started,
-                        started_at=started,
-                        completed_at=now,
-                        log_path=record.log_path,
-                        error=f"{why} while running this execution",
-                        resource_usage=None,
-                        stdout_truncated=False,
-                        stderr_truncated=False,
-                    ),
+                    record, _ended_without_worker(record, FAILED, f"{why} while running this execution")
                 )
             self._dispatch()
 
@@ -695,3 +659,24 @@ class Supervisor:
         if isinstance(entry, _PlanRun):
             return [r.log_path for r in entry.records]
         return [entry.log_path]
+
+
+def _ended_without_worker(record: _Record, status: ExecutionStatus, error: str) -> ExecutionResult:
+    """The result of a command that no worker reported on: never started, or its worker died."""
+    now = utcnow()
+    started = record.started_at or now
+    return ExecutionResult.model_construct(
+        id=record.id,
+        status=status,
+        exit_code=-1,
+        stdout="",
+        stderr="",
+        duration=now - started,
+        started_at=started,
+        completed_at=now,
+        log_path=record.log_path,
+        error=error,
+        resource_usage=None,
+        stdout_truncated=False,
+        stderr_truncated=False,
+    )

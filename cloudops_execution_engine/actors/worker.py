@@ -45,6 +45,7 @@ from ..protocol import (
     encode_frame,
 )
 from ..protocol.messages import Finished
+from ..protocol.pipe import PipeWriter
 from . import process_tree
 
 __all__ = ["worker_main"]
@@ -136,9 +137,6 @@ class Worker:
         self._rfd = read_fd
         self._wfd = write_fd
         self._decoder = FrameDecoder()
-        self._out = bytearray()
-        self._flush_scheduled = False
-        self._writer_added = False
         self._paused = False
         self._executions: dict[bytes, _Execution] = {}
         self._by_pid: dict[int, _Execution] = {}
@@ -159,6 +157,7 @@ class Worker:
         self._done = self.loop.create_future()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
         self.loop.add_reader(self._rfd, self._on_control)
@@ -168,34 +167,14 @@ class Worker:
     # -- supervisor side -------------------------------------------------
 
     def _send(self, wire: list[Any]) -> None:
-        self._out += encode_frame(wire)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        self._writer.write(encode_frame(wire))
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if not self._out:
-            return
-        try:
-            written = os.write(self._wfd, self._out)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            # The supervisor is gone; nobody is left to report to.
-            self._abandon()
-            return
-        del self._out[:written]
-        if self._out and not self._writer_added:
-            self.loop.add_writer(self._wfd, self._flush)
-            self._writer_added = True
-        elif not self._out and self._writer_added:
-            self.loop.remove_writer(self._wfd)
-            self._writer_added = False
-        self._apply_backpressure()
+    def _supervisor_gone(self, _exc: OSError) -> None:
+        # Nobody is left to report to.
+        self._abandon()
 
     def _apply_backpressure(self) -> None:
-        backlog = len(self._out)
+        backlog = self._writer.backlog
         if not self._paused and backlog > OUT_HIGH_WATER:
             self._paused = True
             for ex in self._executions.values():
@@ -208,7 +187,7 @@ class Worker:
                 for st in ex.streams:
                     if st.open:
                         self.loop.add_reader(st.fd, self._on_output, ex, st)
-        if self._closing and not self._out and not self._executions:
+        if self._closing and not backlog and not self._executions:
             self._finish_serving()
 
     def _on_control(self) -> None:

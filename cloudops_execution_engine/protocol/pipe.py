@@ -1,0 +1,86 @@
+"""Writing frames to a non-blocking pipe from an asyncio loop.
+
+Both ends of the protocol use it. Frames queue in one buffer and are written
+once per loop turn, so a burst of messages costs one system call rather than
+one each; what the pipe does not take now is written when it becomes writable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+__all__ = ["PipeWriter"]
+
+
+class PipeWriter:
+    __slots__ = (
+        "_broken",
+        "_buffer",
+        "_closed",
+        "_fd",
+        "_loop",
+        "_on_broken",
+        "_on_flushed",
+        "_scheduled",
+        "_watching",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        on_broken: Callable[[OSError], None],
+        on_flushed: Callable[[], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._on_broken = on_broken
+        self._on_flushed = on_flushed
+        self._buffer = bytearray()
+        self._scheduled = False
+        self._watching = False
+        self._closed = False
+        self._broken = False
+
+    @property
+    def backlog(self) -> int:
+        return len(self._buffer)
+
+    def write(self, frame: bytes) -> None:
+        if self._closed:
+            return
+        self._buffer += frame
+        if not self._scheduled and not self._watching:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._closed or not self._buffer:
+            return
+        try:
+            written = os.write(self._fd, self._buffer)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self.close()
+            self._on_broken(exc)
+            return
+        del self._buffer[:written]
+        if self._buffer and not self._watching:
+            self._loop.add_writer(self._fd, self.flush)
+            self._watching = True
+        elif not self._buffer and self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        if self._on_flushed is not None:
+            self._on_flushed()
+
+    def close(self) -> None:
+        """Stop writing; the caller owns and closes the fd."""
+        self._closed = True
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
