@@ -13,6 +13,8 @@ WORKLOADS = {
     "throughput": workloads.throughput,
     "plans": workloads.plans,
     "memory": workloads.memory,
+    "output": workloads.output,
+    "cancel": workloads.cancel_and_timeout,
 }
 
 

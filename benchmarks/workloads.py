@@ -21,6 +21,8 @@ from cloudops_execution_engine import (
     ExecutionEngine,
     ExecutionPlan,
     ExecutionRequest,
+    ExecutionResult,
+    ShellCommand,
 )
 from cloudops_execution_engine.plans import PlanSchedule, check_plan
 
@@ -329,3 +331,99 @@ def memory(retained: int = 20_000) -> list[Row]:
         ]
 
     return asyncio.run(go())
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def output(gib: float = 1.0, handler_lines: int = 2_000_000) -> list[Row]:
+    """Bytes per second to log and result, and lines per second to a counting handler."""
+    size = int(gib * 2**30)
+    line = "x" * 79
+    produce = f"yes {line} | head -c {size}"
+
+    async def to_log() -> float:
+        async with ExecutionEngine(_config(stream_output=False)) as engine:
+            t0 = time.perf_counter()
+            await engine.wait(await engine.execute(ExecutionRequest(command=ShellCommand(command=produce))))
+            return size / (time.perf_counter() - t0)
+
+    async def to_handler() -> tuple[float, int]:
+        counter = _Counter()
+        async with ExecutionEngine(_config()).with_event_handler(counter) as engine:
+            command = f"yes {line} | head -n {handler_lines}"
+            t0 = time.perf_counter()
+            eid = await engine.execute(ExecutionRequest(command=ShellCommand(command=command)))
+            await engine.wait(eid)
+            await engine.shutdown()  # drains the handler
+            return handler_lines / (time.perf_counter() - t0), counter.count
+
+    with tempfile.TemporaryDirectory() as scratch:
+        t0 = time.perf_counter()
+        subprocess.run(["bash", "-c", f"{produce} > {scratch}/out"], check=True)
+        baseline = size / (time.perf_counter() - t0)
+    engine_rate = asyncio.run(to_log())
+    lines_rate, delivered = asyncio.run(to_handler())
+    return [
+        Row(
+            f"output {gib:g} GiB of 80-byte lines",
+            "engine, to log + result",
+            engine_rate / 2**20,
+            "MiB/s",
+            {"vs_shell_redirect": round(engine_rate / baseline, 2)},
+        ),
+        Row(f"output {gib:g} GiB of 80-byte lines", "shell redirect to a file", baseline / 2**20, "MiB/s"),
+        Row(
+            f"output {handler_lines} lines",
+            "engine, lines to a counting handler",
+            lines_rate,
+            "lines/s",
+            {"events": delivered},
+        ),
+    ]
+
+
+# -- cancel and timeout ---------------------------------------------------------------
+
+
+def cancel_and_timeout(trees: int = 20, timeouts: int = 100) -> list[Row]:
+    async def go() -> tuple[list[float], list[float]]:
+        cancel_times: list[float] = []
+        errors: list[float] = []
+        async with ExecutionEngine(_config(max_concurrent_executions=10)) as engine:
+            for _ in range(trees):
+                eid = await engine.execute(
+                    ExecutionRequest(
+                        command=ShellCommand(
+                            command="for i in $(seq 99); do sleep 60 & done; echo ready; wait"
+                        )
+                    )
+                )
+                async for event in engine.events(eid):
+                    if event.event_type == "stdout":
+                        break
+                t0 = time.perf_counter()
+                await engine.cancel(eid)
+                await engine.wait(eid)  # reported only once every process of the tree is gone
+                cancel_times.append(time.perf_counter() - t0)
+            ids = [
+                await engine.execute(
+                    ExecutionRequest(command=ExecCommand(program="sleep", args=["5"]), timeout_ms=200)
+                )
+                for _ in range(timeouts)
+            ]
+            for eid in ids:
+                result = await engine.wait(eid)
+                assert isinstance(result, ExecutionResult)
+                errors.append(abs(result.duration.total_seconds() - 0.2))
+        return cancel_times, errors
+
+    cancel_times, errors = asyncio.run(go())
+    return [
+        Row("cancel 100-process tree", "cancel() -> tree gone p50", median(cancel_times) * 1e3, "ms"),
+        Row(
+            "cancel 100-process tree", "cancel() -> tree gone p99", percentile(cancel_times, 0.99) * 1e3, "ms"
+        ),
+        Row("timeout 200 ms x100", "|duration - timeout| p50", median(errors) * 1e3, "ms"),
+        Row("timeout 200 ms x100", "|duration - timeout| p99", percentile(errors, 0.99) * 1e3, "ms"),
+    ]

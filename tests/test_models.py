@@ -214,3 +214,15 @@ def test_public_names_are_exactly_all_and_sorted() -> None:
     assert public - modules == set(cee.__all__)
     for name in cee.__all__:
         assert getattr(cee, name) is not None
+
+
+def test_events_built_on_the_fast_path_equal_validated_ones() -> None:
+    """Line events the engine builds without validation are the same models, with the same JSON."""
+    from cloudops_execution_engine._model import trusted, utcnow
+
+    values = {"event_type": "stdout", "execution_id": UUID(int=5), "line": "é", "timestamp": utcnow()}
+    fast = trusted(StdoutEvent, dict(values), set(values))
+    slow = StdoutEvent(**values)
+    assert fast == slow
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_fields_set == slow.model_fields_set

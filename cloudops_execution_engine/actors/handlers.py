@@ -36,21 +36,23 @@ class _Channel:
     async def _run(self) -> None:
         deliver = _deliverer(self.handler)
         while True:
-            event = await self.queue.get()
-            if event is _STOP:
+            item = await self.queue.get()
+            if item is _STOP:
                 return
-            try:
-                outcome = deliver(event)
-                if inspect.isawaitable(outcome):
-                    await outcome
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception(
-                    "event handler %r raised on %s; it keeps receiving events",
-                    self.handler,
-                    type(event).__name__,
-                )
+            # A batch (a list) is the lines of one read, in order.
+            for event in item if isinstance(item, list) else (item,):
+                try:
+                    outcome = deliver(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception(
+                        "event handler %r raised on %s; it keeps receiving events",
+                        self.handler,
+                        type(event).__name__,
+                    )
 
 
 def _deliverer(handler: Any) -> Callable[[Any], Any]:
@@ -101,6 +103,16 @@ class EventBus:
             for key in keys:
                 for queue in self._subscribers.get(key, ()):
                     queue.put_nowait(event)
+
+    def publish_batch(self, events: list[ExecutionEvent], *keys: UUID) -> None:
+        """Publish several events of one execution at once: one queue item per listener."""
+        for channel in self._channels:
+            channel.queue.put_nowait(events)
+        if self._subscribers:
+            for key in keys:
+                for queue in self._subscribers.get(key, ()):
+                    for event in events:
+                        queue.put_nowait(event)
 
     def subscribe(self, key: UUID) -> asyncio.Queue[Any]:
         queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from .._model import utc_from_timestamp, utcnow
+from .._model import trusted, utc_from_timestamp, utcnow
 from ..config import ExecutionConfig
 from ..errors import (
     EngineClosed,
@@ -47,6 +47,7 @@ from ..errors import (
 from ..events import (
     CancelledEvent,
     CompletedEvent,
+    ExecutionEvent,
     FailedEvent,
     ProgressEvent,
     StartedEvent,
@@ -82,6 +83,7 @@ TIMEOUT = ExecutionStatus.TIMEOUT
 
 _ABANDONED_KILL_TIMEOUT = 15.0
 _SHUTDOWN_MARGIN = 10.0
+_LINE_FIELDS = {"event_type", "execution_id", "line", "timestamp"}
 _DRAIN_TIMEOUT = 10.0
 
 
@@ -413,10 +415,24 @@ class Supervisor:
         if record is None:
             return
         stamp = utc_from_timestamp(message.timestamp)
-        kind = StdoutEvent if message.stream == Stream.STDOUT else StderrEvent
+        kind: type[StdoutEvent | StderrEvent]
+        if message.stream == Stream.STDOUT:
+            kind, tag = StdoutEvent, "stdout"
+        else:
+            kind, tag = StderrEvent, "stderr"
         record_id = record.id
-        for line in message.lines:
-            self._publish(record, kind.model_construct(execution_id=record_id, line=line, timestamp=stamp))
+        events: list[ExecutionEvent] = [
+            trusted(
+                kind,
+                {"event_type": tag, "execution_id": record_id, "line": line, "timestamp": stamp},
+                _LINE_FIELDS,
+            )
+            for line in message.lines
+        ]
+        if record.plan is not None:
+            self.bus.publish_batch(events, record_id, record.plan.id)
+        else:
+            self.bus.publish_batch(events, record_id)
 
     def _on_finished(self, worker: WorkerHandle, message: Finished) -> None:
         record = self._running_by_key.pop(message.execution_id, None)

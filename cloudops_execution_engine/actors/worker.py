@@ -50,7 +50,7 @@ from . import process_tree
 
 __all__ = ["worker_main"]
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024  # a pipe's default capacity: larger reads measured no faster
 # A line without a newline is cut into pieces of this size, so one endless line
 # cannot grow a buffer without bound here or in the host.
 LINE_PIECE = 1024 * 1024
@@ -301,26 +301,32 @@ class Worker:
             st.truncated = True
         buffer = st.partial + data if st.partial else data
         cut = buffer.rfind(b"\n") + 1
-        lines: list[str] = []
-        if cut:
-            text = buffer[:cut].decode("utf-8", "replace")
-            if "\r" in text:
-                text = text.replace("\r\n", "\n")
-            lines = text.split("\n")
-            lines.pop()  # the empty string after the last newline
         rest = buffer[cut:]
+        pieces: list[bytes] = []
         while len(rest) >= LINE_PIECE:
             piece = _utf8_boundary(rest, LINE_PIECE)
-            lines.append(rest[:piece].decode("utf-8", "replace"))
+            pieces.append(rest[:piece])
             rest = rest[piece:]
         st.partial = rest
-        if lines:
-            self._emit_lines(ex, st, ts, lines)
+        if cut or pieces:
+            self._emit(ex, st, ts, buffer[:cut], pieces)
 
-    def _emit_lines(self, ex: _Execution, st: _StreamState, ts: float, lines: list[str]) -> None:
-        prefix = f"{_stamp(ts)} {st.name} "
-        self._log(ex, prefix + f"\n{prefix}".join(lines) + "\n")
+    def _emit(self, ex: _Execution, st: _StreamState, ts: float, block: bytes, pieces: list[bytes]) -> None:
+        """Log and (if streaming) send whole lines: `block` ends in a newline; `pieces` have none.
+
+        The log is written from bytes with C-level replaces; text is decoded only for events.
+        """
+        prefix = f"{_stamp(ts)} {st.name} ".encode()
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+        log = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if block else b""
+        for piece in pieces:
+            log += prefix + piece + b"\n"
+        self._write_log(ex, log)
         if ex.stream_output:
+            lines = block.decode("utf-8", "replace").split("\n")
+            lines.pop()  # the empty string after the last newline
+            lines += [piece.decode("utf-8", "replace") for piece in pieces]
             self._send(Output(ex.id, st.stream, ts, lines).to_wire())
 
     def _close_stream(self, ex: _Execution, st: _StreamState, ts: float) -> None:
@@ -330,7 +336,7 @@ class Worker:
         self.loop.remove_reader(st.fd)
         os.close(st.fd)
         if st.partial:
-            self._emit_lines(ex, st, ts, [st.partial.decode("utf-8", "replace")])
+            self._emit(ex, st, ts, b"", [st.partial])
             st.partial = b""
         self._maybe_complete(ex)
 
@@ -353,6 +359,10 @@ class Worker:
                 # The main process is gone but something it started still holds
                 # the pipes: give it the grace period to finish, then end it.
                 ex.linger_timer = self.loop.call_later(ex.kill_grace, self._terminate, ex, None)
+            if ex.reason is not None and not ex.tree_gone:
+                # Usually the whole tree died with the main process: finish now
+                # rather than at the next look of the kill watcher.
+                ex.tree_gone = not process_tree.live(self._tree(ex))
             self._maybe_complete(ex)
 
     def _on_timeout(self, ex: _Execution) -> None:
@@ -378,6 +388,8 @@ class Worker:
         self.loop.call_later(_POLL_FIRST, self._watch_kill, ex, deadline, _POLL_FIRST, False)
 
     def _watch_kill(self, ex: _Execution, deadline: float, delay: float, killing: bool) -> None:
+        if ex.finished:
+            return
         self._reap()
         procs = process_tree.live(self._tree(ex))
         if not procs:
@@ -481,9 +493,11 @@ class Worker:
     # -- helpers --------------------------------------------------------
 
     def _log(self, ex: _Execution, text: str) -> None:
+        self._write_log(ex, text.encode("utf-8", "replace"))
+
+    def _write_log(self, ex: _Execution, data: bytes) -> None:
         if ex.log_fd < 0:
             return
-        data = text.encode("utf-8", "replace")
         try:
             while data:
                 written = os.write(ex.log_fd, data)
