@@ -20,11 +20,16 @@ WORKLOADS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("workloads", nargs="*", choices=[*WORKLOADS, []], default=list(WORKLOADS))
+    parser.add_argument(
+        "workloads", nargs="*", metavar="workload", help=f"any of {', '.join(WORKLOADS)}; all by default"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     args = parser.parse_args()
+    unknown = set(args.workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     rows: list[Row] = []
-    for name in args.workloads:
+    for name in args.workloads or list(WORKLOADS):
         print(f"running {name} ...", flush=True)
         rows += WORKLOADS[name]()
     report(rows, args.out)

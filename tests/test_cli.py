@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -9,6 +10,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -139,26 +141,35 @@ def test_schema(tmp_path: Path, kind: str) -> None:
     assert "properties" in document or "oneOf" in document or "anyOf" in document
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int) -> None:
+@contextlib.contextmanager
+def cli_process(*args: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A running `cloudops-exec` whose stdout the test reads; killed and reaped whatever happens."""
     proc = subprocess.Popen(
-        [*CLI, "run", "--", PYTHON, str(HELPERS / "tree.py"), "--ignore-term"],
+        [*CLI, *args],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
-        assert proc.stdout is not None
-        pids = [int(proc.stdout.readline().split()[1]) for _ in range(3)]
-        proc.send_signal(sig)
-        assert proc.wait(30) == code
-        wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
+        yield proc
     finally:
         proc.kill()
         proc.wait(10)
         if proc.stdout:
             proc.stdout.close()
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int) -> None:
+    with cli_process(
+        "run", "--", PYTHON, str(HELPERS / "tree.py"), "--ignore-term", tmp_path=tmp_path
+    ) as proc:
+        assert proc.stdout is not None
+        pids = [int(proc.stdout.readline().split()[1]) for _ in range(3)]
+        proc.send_signal(sig)
+        assert proc.wait(30) == code
+        wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
 
 
 def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
@@ -174,14 +185,7 @@ def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
             }
         )
     )
-    proc = subprocess.Popen(
-        [*CLI, "plan", str(plan)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
-    try:
+    with cli_process("plan", str(plan), tmp_path=tmp_path) as proc:
         assert proc.stdout is not None
         while "begun" not in proc.stdout.readline():
             pass
@@ -190,11 +194,6 @@ def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
         assert proc.wait(30) == 130
         assert "#0   cancelled" in rest
         assert "#1   cancelled" in rest
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def test_progress_display_on_a_terminal(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from cloudops_execution_engine import (
     NotRunning,
     ScriptCommand,
     ScriptNotFound,
+    SerializationError,
     TimeoutTooLarge,
 )
 
@@ -405,3 +406,31 @@ async def test_events_iterator_ends_after_the_last_event(engine: ExecutionEngine
     seen = [event.event_type async for event in engine.events(eid)]
     assert seen[-1] == "completed"
     assert seen.count("stdout") == 2
+
+
+async def test_malformed_json_text_is_a_serialization_error(engine: ExecutionEngine) -> None:
+    with pytest.raises(SerializationError, match="Serialization error"):
+        await engine.execute('{"command": {"type": "exec", "program": ')  # type: ignore[arg-type]
+    assert await engine.list_executions() == []
+
+
+async def test_logging_is_quiet_by_default_and_named_after_the_package(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Records go to `logging` under the package's name; nothing is printed unless the host asks."""
+
+    class Raising:
+        async def on_event(self, event: object) -> None:
+            raise RuntimeError("logged, not printed")
+
+    recorder = Recorder()
+    async with (
+        ExecutionEngine(config(tmp_path)).with_event_handler(Raising()).with_event_handler(recorder) as engine
+    ):
+        eid = await engine.execute(run("true"))
+        await recorder.until_final(eid)
+    names = {r.name for r in caplog.records if "logged, not printed" in r.getMessage() or r.exc_info}
+    assert names
+    assert all(name.startswith("cloudops_execution_engine") for name in names)
+    out, err = capfd.readouterr()
+    assert "logged, not printed" not in out + err
