@@ -434,3 +434,15 @@ async def test_logging_is_quiet_by_default_and_named_after_the_package(
     assert all(name.startswith("cloudops_execution_engine") for name in names)
     out, err = capfd.readouterr()
     assert "logged, not printed" not in out + err
+
+
+async def test_host_environment_changes_reach_later_commands(engine: ExecutionEngine) -> None:
+    """The environment is read at each dispatch, so a variable set between runs is seen."""
+    first = await engine.wait(await engine.execute(shell('echo "[$CEE_LATE]"')), timeout=20)
+    os.environ["CEE_LATE"] = "now set"
+    try:
+        second = await engine.wait(await engine.execute(shell('echo "[$CEE_LATE]"')), timeout=20)
+    finally:
+        del os.environ["CEE_LATE"]
+    third = await engine.wait(await engine.execute(shell('echo "[$CEE_LATE]"')), timeout=20)
+    assert [r.stdout for r in (first, second, third)] == ["[]\n", "[now set]\n", "[]\n"]  # type: ignore[union-attr]

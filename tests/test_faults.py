@@ -359,3 +359,15 @@ async def test_a_log_directory_owned_by_someone_else_is_refused(tmp_path: Path) 
     with pytest.raises(IoError, match="belongs to another user"):
         await engine.execute(run("true"))
     await engine.shutdown()
+
+
+async def test_a_burst_of_exits_prints_nothing_to_the_hosts_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Hundreds of commands ending at once: all reaped, and no signal-pipe warnings on stderr."""
+    async with ExecutionEngine(config(tmp_path, workers=1, max_concurrent_executions=2000)) as engine:
+        ids = [await engine.execute(run("true")) for _ in range(2000)]
+        results = [await engine.wait(eid, timeout=60) for eid in ids]
+    assert {r.status for r in results} == {ExecutionStatus.COMPLETED}
+    _, err = capfd.readouterr()
+    assert "wakeup fd" not in err

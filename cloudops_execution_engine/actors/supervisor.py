@@ -202,6 +202,27 @@ class _PlanRun:
         )
 
 
+class _HostEnvironment:
+    """The host's environment as a dict, decoded again only when it has changed.
+
+    Decoding `os.environ` costs tens of microseconds, a quarter of `execute()`;
+    comparing its raw mapping with the last one seen costs about one.
+    """
+
+    def __init__(self) -> None:
+        self._raw: dict[Any, Any] | None = None
+        self._decoded: dict[str, str] = {}
+
+    def current(self) -> dict[str, str]:
+        raw = getattr(os.environ, "_data", None)
+        if raw is None:
+            return dict(os.environ)
+        if raw != self._raw:
+            self._raw = dict(raw)
+            self._decoded = dict(os.environ)
+        return self._decoded
+
+
 class Supervisor:
     def __init__(self, config: ExecutionConfig, bus: EventBus) -> None:
         self.config = config
@@ -218,6 +239,7 @@ class Supervisor:
         self._start_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self._environment = _HostEnvironment()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -363,7 +385,7 @@ class Supervisor:
                 self._send_run(worker, record)
 
     def _send_run(self, worker: WorkerHandle, record: _Record) -> None:
-        worker.send_env(dict(os.environ))
+        worker.send_env(self._environment.current())
         worker.send(
             Run(
                 record.key,

@@ -160,6 +160,11 @@ class Worker:
         self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
+        # A burst of exits fills the loop's wakeup pipe; CPython would then print
+        # a warning per signal to the host's stderr. Nothing is lost (one reap
+        # collects every exited child), so the warning is noise.
+        wakeup = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
         self.loop.add_reader(self._rfd, self._on_control)
         self._send(Hello(self._pid).to_wire())
         await self._done
