@@ -446,3 +446,16 @@ async def test_host_environment_changes_reach_later_commands(engine: ExecutionEn
         del os.environ["CEE_LATE"]
     third = await engine.wait(await engine.execute(shell('echo "[$CEE_LATE]"')), timeout=20)
     assert [r.stdout for r in (first, second, third)] == ["[]\n", "[now set]\n", "[]\n"]  # type: ignore[union-attr]
+
+
+async def test_relative_working_dir_is_the_hosts_and_does_not_stick(
+    engine: ExecutionEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative working_dir means relative to the host's directory at execute(); the next
+    command without one runs in the host's directory, not where the previous one ran."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    inside = await engine.wait(await engine.execute(run("pwd", working_dir=Path("sub"))), timeout=20)
+    after = await engine.wait(await engine.execute(run("pwd")), timeout=20)
+    assert inside.stdout == f"{tmp_path / 'sub'}\n"  # type: ignore[union-attr]
+    assert after.stdout == f"{tmp_path}\n"  # type: ignore[union-attr]

@@ -84,6 +84,7 @@ TIMEOUT = ExecutionStatus.TIMEOUT
 _ABANDONED_KILL_TIMEOUT = 15.0
 _SHUTDOWN_MARGIN = 10.0
 _LINE_FIELDS = {"event_type", "execution_id", "line", "timestamp"}
+_STARTED_FIELDS = {"event_type", "execution_id", "command", "timestamp"}
 _DRAIN_TIMEOUT = 10.0
 
 
@@ -123,7 +124,7 @@ class _Record:
         self.key = request.id.bytes
         self.request = request
         self.argv = argv
-        self.cwd = request.cwd()
+        self.cwd = os.path.abspath(request.cwd())
         self.display = request.command.display()
         self.log_path = log_path
         self.timeout_ms = timeout_ms
@@ -423,12 +424,13 @@ class Supervisor:
         record.pid = message.pid
         record.started_at = utc_from_timestamp(message.timestamp)
         if self.bus.active:
-            self._publish(
-                record,
-                StartedEvent.model_construct(
-                    execution_id=record.id, command=record.display, timestamp=record.started_at
-                ),
-            )
+            values = {
+                "event_type": "started",
+                "execution_id": record.id,
+                "command": record.display,
+                "timestamp": record.started_at,
+            }
+            self._publish(record, trusted(StartedEvent, values, _STARTED_FIELDS))
 
     def _on_output(self, message: Output) -> None:
         if not self.bus.active:
@@ -668,7 +670,11 @@ class Supervisor:
 
     async def wait(self, entry_id: UUID, timeout: float | None) -> ExecutionResult | PlanExecutionResult:
         entry = self.entry(entry_id)
-        await asyncio.wait_for(entry.done.wait(), timeout)
+        if not entry.done.is_set():
+            if timeout is None:
+                await entry.done.wait()
+            else:
+                await asyncio.wait_for(entry.done.wait(), timeout)
         if isinstance(entry, _PlanRun):
             assert entry.result is not None
             return entry.result

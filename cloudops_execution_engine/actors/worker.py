@@ -390,9 +390,9 @@ class Worker:
         if not ex.reaped:
             process_tree.signal_group(ex.pid, signal.SIGTERM)
         deadline = time.monotonic() + ex.kill_grace
-        self.loop.call_later(_POLL_FIRST, self._watch_kill, ex, deadline, _POLL_FIRST, False)
+        self.loop.call_later(_POLL_FIRST, self._watch_kill, ex, deadline, _POLL_FIRST)
 
-    def _watch_kill(self, ex: _Execution, deadline: float, delay: float, killing: bool) -> None:
+    def _watch_kill(self, ex: _Execution, deadline: float, delay: float) -> None:
         if ex.finished:
             return
         self._reap()
@@ -408,9 +408,8 @@ class Worker:
             process_tree.signal_processes(procs, signal.SIGKILL)
             if not ex.reaped:
                 process_tree.signal_group(ex.pid, signal.SIGKILL)
-            killing = True
         delay = min(delay * 2, _POLL_MAX)
-        self.loop.call_later(delay, self._watch_kill, ex, deadline, delay, killing)
+        self.loop.call_later(delay, self._watch_kill, ex, deadline, delay)
 
     def _maybe_complete(self, ex: _Execution) -> None:
         if ex.finished or not ex.reaped or not ex.tree_gone:
@@ -551,11 +550,15 @@ def _utf8_boundary(data: bytes, limit: int) -> int:
 
 
 def _open_log(path: str) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
-    flags |= getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)
-    return fd
+    """Open the log owner-only; never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # An older log of the same id (a re-run): take it over, owner-only again.
+        fd = os.open(path, flags | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
 
 
 _resolved: dict[tuple[str, str], str] = {}
@@ -592,27 +595,25 @@ def _spawn_resolved(program: str, argv: list[str], env: dict[str, str], cwd: str
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        here = os.getcwd()
-        # posix_spawn has no chdir action; this worker is single-threaded, so a
-        # chdir around the spawn affects nothing else.
+        # posix_spawn has no chdir action. This worker is single-threaded and
+        # nothing else in it depends on its directory, so it moves and stays.
+        # Always moving (one cheap call) is right even if the directory was
+        # deleted and made again since the last command that used it.
         os.chdir(cwd)
-        try:
-            pid = os.posix_spawn(
-                program,
-                argv,
-                env,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, out_w, 1),
-                    (os.POSIX_SPAWN_DUP2, err_w, 2),
-                ],
-                setsid=True,
-                # Python ignores SIGPIPE and this worker ignores SIGINT; ignored
-                # dispositions survive exec, so give the command the defaults.
-                setsigdef=_DEFAULT_SIGNALS,
-            )
-        finally:
-            os.chdir(here)
+        pid = os.posix_spawn(
+            program,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ],
+            setsid=True,
+            # Python ignores SIGPIPE and this worker ignores SIGINT; ignored
+            # dispositions survive exec, so give the command the defaults.
+            setsigdef=_DEFAULT_SIGNALS,
+        )
     except BaseException:
         os.close(out_r)
         os.close(err_r)
