@@ -196,18 +196,13 @@ def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
         assert "#1   cancelled" in rest
 
 
-def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
-    """On a pseudo-terminal the plan shows a live bar and a coloured final table."""
+def run_on_terminal(args: list[str], tmp_path: Path, **extra_env: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin, stdout and stderr; return its code and screen output."""
     leader, follower = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40", TMPDIR=str(tmp_path))
+    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40", TMPDIR=str(tmp_path), **extra_env)
     proc = subprocess.Popen(
-        [*CLI, "plan", "examples/parallel_fanout.json"],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        cwd=ROOT,
-        env=env,
+        [*CLI, *args], stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, env=env
     )
     os.close(follower)
     output = b""
@@ -226,13 +221,27 @@ def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
             if not chunk:
                 break
             output += chunk
-        assert proc.wait(30) == 0
+        code = proc.wait(30)
     finally:
         proc.kill()
         proc.wait(10)
         os.close(leader)
-    text = output.decode("utf-8", "replace")
+    return code, output.decode("utf-8", "replace")
+
+
+def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
+    """On a pseudo-terminal the plan shows a live bar and a coloured final table."""
+    code, text = run_on_terminal(["plan", "examples/parallel_fanout.json"], tmp_path)
+    assert code == 0
     assert "8/8" in text
     assert "━" in text, "no progress bar was drawn"
     assert "\x1b[" in text, "no terminal control sequences: not a live display"
     assert "completed" in text
+
+
+def test_no_color_on_a_terminal_gives_plain_lines(tmp_path: Path) -> None:
+    code, text = run_on_terminal(["plan", "examples/parallel_fanout.json"], tmp_path, NO_COLOR="1")
+    assert code == 0
+    assert "[8/8] finished" in text
+    assert "\x1b[" not in text
+    assert "━" not in text
