@@ -113,26 +113,26 @@ class ExecutionEngine:
         return self._supervisor.submit_plan(plan)
 
     async def get_status(self, execution_id: UUID | str) -> ExecutionStatus:
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         return self._supervisor.status(_coerce_id(execution_id))
 
     async def get_result(self, execution_id: UUID | str) -> ExecutionResult:
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         return self._supervisor.result(_coerce_id(execution_id))
 
     async def get_plan_result(self, plan_id: UUID | str) -> PlanExecutionResult:
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         return self._supervisor.plan_result(_coerce_id(plan_id))
 
     async def wait(
         self, execution_id: UUID | str, timeout: float | None = None
     ) -> ExecutionResult | PlanExecutionResult:
         """Wait for an execution or plan to end; `TimeoutError` if `timeout` seconds pass first."""
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         return await self._supervisor.wait(_coerce_id(execution_id), timeout)
 
     async def list_executions(self) -> list[ExecutionSummary]:
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         return self._supervisor.summaries()
 
     async def cancel(self, execution_id: UUID | str) -> None:
@@ -141,7 +141,7 @@ class ExecutionEngine:
 
     async def read_logs(self, execution_id: UUID | str) -> str:
         """The log file's contents; for a plan, its commands' logs one after another."""
-        self._supervisor_usable()
+        self._supervisor.check_usable()
         paths = self._supervisor.log_files(_coerce_id(execution_id))
         if len(paths) == 1:
             return await asyncio.to_thread(read_log, paths[0])
@@ -154,6 +154,7 @@ class ExecutionEngine:
 
     async def events(self, execution_id: UUID | str) -> AsyncIterator[ExecutionEvent]:
         """Yield the events of one execution or plan from now on, ending after its last one."""
+        self._supervisor.check_usable()
         key = _coerce_id(execution_id)
         entry = self._supervisor.entry(key)
         if entry.status.is_final:
@@ -167,10 +168,6 @@ class ExecutionEngine:
                 yield event
         finally:
             self._bus.unsubscribe(key, queue)
-
-    def _supervisor_usable(self) -> None:
-        if self._supervisor.closed:
-            self._supervisor.check_open()
 
 
 def _read_if_present(path: Path) -> str:

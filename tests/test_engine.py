@@ -112,7 +112,8 @@ async def test_queue_holds_excess_work_pending_in_arrival_order(tmp_path: Path, 
             await engine.get_result(queued[0])
         await engine.cancel(queued[1])
         assert await engine.get_status(queued[1]) is ExecutionStatus.CANCELLED
-        assert recorder.types_of(queued[1]) == [] or recorder.types_of(queued[1]) == ["cancelled"]
+        await recorder.until_final(queued[1])
+        assert recorder.types_of(queued[1]) == ["cancelled"], "a command cancelled while pending never starts"
         await engine.cancel(blocker)
         for eid in (queued[0], queued[2]):
             assert (await engine.wait(eid, timeout=20)).status is ExecutionStatus.COMPLETED

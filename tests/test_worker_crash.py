@@ -62,6 +62,9 @@ async def test_repeated_worker_kills_never_break_the_engine(tmp_path: Path, reco
             results = [await engine.wait(eid, timeout=30) for eid in held]
             statuses = {r.status for r in results}
             assert statuses <= {ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+            failed = [r for r in results if r.status is ExecutionStatus.FAILED]
+            assert failed, "none of the killed worker's executions failed"
+            assert all(r.error is not None and f"Worker process {victim} died" in r.error for r in failed)
             ok = await engine.execute(run("true"))
             assert (await engine.wait(ok, timeout=30)).status is ExecutionStatus.COMPLETED
         summaries = await engine.list_executions()

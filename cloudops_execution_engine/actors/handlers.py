@@ -22,7 +22,7 @@ __all__ = ["EventBus"]
 
 logger = logging.getLogger("cloudops_execution_engine.events")
 
-_STOP = object()
+STOP = object()  # ends a channel or a subscriber's stream
 
 
 class _Channel:
@@ -37,7 +37,7 @@ class _Channel:
         deliver = _deliverer(self.handler)
         while True:
             item = await self.queue.get()
-            if item is _STOP:
+            if item is STOP:
                 return
             # A batch (a list) is the lines of one read, in order.
             for event in item if isinstance(item, list) else (item,):
@@ -129,12 +129,12 @@ class EventBus:
     def end_stream(self, key: UUID) -> None:
         """Tell the subscribers of `key` that its last event has been published."""
         for queue in self._subscribers.pop(key, ()):
-            queue.put_nowait(_STOP)
+            queue.put_nowait(STOP)
 
     async def drain(self, timeout: float) -> None:
         """Let every handler finish what is queued (bounded), then stop them."""
         for channel in self._channels:
-            channel.queue.put_nowait(_STOP)
+            channel.queue.put_nowait(STOP)
         tasks = [c.task for c in self._channels]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -143,9 +143,6 @@ class EventBus:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         self._channels.clear()
-
-
-STOP = _STOP
 
 
 def _loop_running() -> bool:

@@ -1,5 +1,8 @@
 """Starting a worker as a `spawn` multiprocessing child that does not re-run `__main__`.
 
+Spawn, never fork: a host with threads (asyncio's executor, the caller's own)
+could hand a forked worker a lock held by a thread that does not exist there.
+
 Plain `spawn` makes every child import the host's main module again. For a
 library that is wrong twice over: a host script without the
 `if __name__ == "__main__":` guard would start the engine again inside each

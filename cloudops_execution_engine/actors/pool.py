@@ -41,9 +41,6 @@ logger = logging.getLogger("cloudops_execution_engine.pool")
 
 HELLO_TIMEOUT = 60.0
 EXIT_TIMEOUT = 5.0
-# spawn never forks the host: a threaded host (asyncio's executor threads,
-# the caller's own) cannot hand a worker a lock held by a thread that does not exist there.
-_CONTEXT = multiprocessing.get_context("spawn")
 
 
 class WorkerStartError(Exception):
@@ -73,8 +70,8 @@ class WorkerHandle:
         self._reported: asyncio.Future[None] = loop.create_future()
         self._dead = False
 
-        to_worker_r, to_worker_w = _CONTEXT.Pipe(duplex=False)
-        from_worker_r, from_worker_w = _CONTEXT.Pipe(duplex=False)
+        to_worker_r, to_worker_w = multiprocessing.Pipe(duplex=False)
+        from_worker_r, from_worker_w = multiprocessing.Pipe(duplex=False)
         self.process: BaseProcess = WorkerProcess(
             target=worker_main,
             args=(to_worker_r, from_worker_w),

@@ -244,12 +244,14 @@ class Supervisor:
 
     # -- lifecycle --------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._state == "closed"
-
     def check_open(self) -> None:
+        """New work and cancels are refused from the moment shutdown begins."""
         if self._state in ("closing", "closed"):
+            raise EngineClosed()
+
+    def check_usable(self) -> None:
+        """Queries keep working while shutdown winds down, and stop once it is done."""
+        if self._state == "closed":
             raise EngineClosed()
 
     async def start(self) -> None:
