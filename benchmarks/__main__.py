@@ -15,6 +15,7 @@ WORKLOADS = {
     "memory": workloads.memory,
     "output": workloads.output,
     "cancel": workloads.cancel_and_timeout,
+    "ray": workloads.ray_backend,
 }
 
 

@@ -46,9 +46,10 @@ class _Counter:
 # -- throughput -----------------------------------------------------------------
 
 
-async def _engine_throughput(n: int, concurrency: int) -> float:
+async def _engine_throughput(n: int, concurrency: int, **extra: Any) -> float:
     counter = _Counter()
-    engine = ExecutionEngine(_config(max_concurrent_executions=concurrency)).with_event_handler(counter)
+    config = _config(max_concurrent_executions=concurrency, **extra)
+    engine = ExecutionEngine(config).with_event_handler(counter)
     async with engine:
         start = time.perf_counter()
         ids = [await engine.execute(ExecutionRequest(command=ExecCommand(program=TRUE))) for _ in range(n)]
@@ -92,6 +93,39 @@ def _pool_throughput(n: int, pool: Any) -> float:
         return n / (time.perf_counter() - start)
 
 
+def _pebble_throughput(n: int, concurrency: int) -> float:
+    from pebble import ProcessPool
+
+    with ProcessPool(max_workers=concurrency) as pool:
+        for future in [pool.schedule(_run_true) for _ in range(min(n, 20))]:
+            future.result()  # warm the pool up
+        start = time.perf_counter()
+        for future in [pool.schedule(_run_true) for _ in range(n)]:
+            future.result()
+        return n / (time.perf_counter() - start)
+
+
+def ensure_gnu_parallel() -> bool:
+    """Install GNU parallel with apt-get when it is missing and we may; say whether it is there."""
+    if shutil.which("parallel") is not None:
+        return True
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return False
+    command = [apt, "install", "-y", "-q", "parallel"]
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            return False
+        command = ["sudo", "-n", *command]
+    print("installing GNU parallel with apt-get ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for step in ([*command[:-3], "update", "-q"], command):
+        done = subprocess.run(step, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 and step is command:
+            print(f"could not install GNU parallel: {done.stderr.strip()[-300:]}", flush=True)
+    return shutil.which("parallel") is not None
+
+
 def _xargs_throughput(n: int, concurrency: int) -> float:
     data = "\n".join("x" for _ in range(n)) + "\n"
     start = time.perf_counter()
@@ -100,12 +134,12 @@ def _xargs_throughput(n: int, concurrency: int) -> float:
 
 
 def _parallel_throughput(n: int, concurrency: int) -> float | None:
-    if shutil.which("parallel") is None:
+    if not ensure_gnu_parallel():
         return None
     data = "\n".join("x" for _ in range(n)) + "\n"
     start = time.perf_counter()
     subprocess.run(
-        ["parallel", "-j", str(concurrency), TRUE],
+        ["parallel", "--will-cite", "-j", str(concurrency), TRUE],
         input=data,
         text=True,
         check=True,
@@ -149,6 +183,7 @@ def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 3) -> list[Ro
         "subprocess.run loop": lambda: _loop_throughput(n),
         "ThreadPoolExecutor(10)": lambda: _pool_throughput(n, ThreadPoolExecutor(concurrency)),
         "ProcessPoolExecutor": lambda: _pool_throughput(n, ProcessPoolExecutor()),
+        "pebble ProcessPool(10)": lambda: _pebble_throughput(n, concurrency),
         "xargs -P 10": lambda: _xargs_throughput(n, concurrency),
         "GNU parallel -j 10": lambda: _parallel_throughput(n, concurrency),
         "posix_spawn loop per core (limit)": lambda: _posix_spawn_limit(n),
@@ -436,3 +471,59 @@ def cancel_and_timeout(trees: int = 20, timeouts: int = 100) -> list[Row]:
         Row("timeout 200 ms x100", "|duration - timeout| p50", median(errors) * 1e3, "ms"),
         Row("timeout 200 ms x100", "|duration - timeout| p99", percentile(errors, 0.99) * 1e3, "ms"),
     ]
+
+
+# -- the Ray backend ----------------------------------------------------------------
+
+
+async def _engine_round_trip(n: int, **extra: Any) -> list[float]:
+    out = []
+    async with ExecutionEngine(_config(**extra)) as engine:
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            await engine.wait(await engine.execute(ExecutionRequest(command=ExecCommand(program=TRUE))))
+            if i >= 20:
+                out.append(time.perf_counter() - t0)
+    return out
+
+
+def ray_backend(n: int = 2000, concurrency: int = 10, rounds: int = 3) -> list[Row]:
+    """The same workload on the local pool and on worker actors of a Ray cluster on this machine."""
+    # Read by Ray when imported: keep the local cluster on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from cloudops_execution_engine import RayConfig
+
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        remote = {"ray": RayConfig(workers=2)}
+        subjects: dict[str, Any] = {
+            "local pool": lambda: asyncio.run(_engine_throughput(n, concurrency)),
+            "Ray, 2 worker actors": lambda: asyncio.run(_engine_throughput(n, concurrency, **remote)),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in subjects}
+        for _ in range(rounds):
+            for name, fn in subjects.items():
+                samples[name].append(fn())
+        local_rate = median(samples["local pool"])
+        rows = [
+            Row(
+                "backend /bin/true x2000 @10",
+                name,
+                median(values),
+                "exec/s",
+                {"vs_local": round(median(values) / local_rate, 2)},
+            )
+            for name, values in samples.items()
+        ]
+        for name, extra in (("local pool", {}), ("Ray, 2 worker actors", remote)):
+            trips = asyncio.run(_engine_round_trip(200, **extra))
+            rows.append(Row("backend execute -> completed", f"{name} p50", median(trips) * 1e6, "us"))
+            rows.append(
+                Row("backend execute -> completed", f"{name} p99", percentile(trips, 0.99) * 1e6, "us")
+            )
+        return rows
+    finally:
+        ray.shutdown()

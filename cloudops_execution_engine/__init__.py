@@ -3,7 +3,7 @@
 import logging as _logging
 
 from .commands import AwsCliCommand, Command, ExecCommand, ScriptCommand, ShellCommand
-from .config import ExecutionConfig
+from .config import ExecutionConfig, RayConfig
 from .engine import ExecutionEngine
 from .errors import (
     Cancelled,
@@ -95,6 +95,7 @@ __all__ = [
     "ParallelStrategy",
     "PlanExecutionResult",
     "ProgressEvent",
+    "RayConfig",
     "ResourceUsage",
     "ScriptCommand",
     "ScriptNotFound",

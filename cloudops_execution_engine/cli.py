@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import click
 import pydantic
 
-from .config import ExecutionConfig
+from .config import ExecutionConfig, RayConfig
 from .engine import ExecutionEngine
 from .errors import ExecutionError
 from .events import ExecutionEvent
@@ -107,8 +107,10 @@ def _exit_code_for(result: ExecutionResult) -> int:
     return result.exit_code or 1
 
 
-def _config(log_dir: Path | None, timeout_ms: int | None = None) -> ExecutionConfig:
+def _config(log_dir: Path | None, ray: str | None, timeout_ms: int | None = None) -> ExecutionConfig:
     values: dict[str, Any] = {"log_dir": log_dir}
+    if ray is not None:
+        values["ray"] = RayConfig(address=ray)
     if timeout_ms is not None:
         values["max_timeout_ms"] = max(timeout_ms, ExecutionConfig().max_timeout_ms)
     return ExecutionConfig(**values)
@@ -131,6 +133,11 @@ _events_option = click.option(
 _log_dir_option = click.option(
     "--log-dir", type=click.Path(path_type=Path, file_okay=False), help="Where log files go."
 )
+_ray_option = click.option(
+    "--ray",
+    metavar="ADDRESS",
+    help="Run on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local. Needs the [ray] extra.",
+)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -140,6 +147,7 @@ _log_dir_option = click.option(
 @click.option("--shell", "use_shell", is_flag=True, help="Run the words as one bash command line.")
 @_events_option
 @_log_dir_option
+@_ray_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(
     timeout_ms: int | None,
@@ -148,6 +156,7 @@ def run(
     use_shell: bool,
     events: str | None,
     log_dir: Path | None,
+    ray: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run one command; its output is live and its exit code is ours."""
@@ -168,7 +177,7 @@ def run(
         )
     except pydantic.ValidationError as exc:
         _fail(str(exc))
-    sys.exit(asyncio.run(_run_one(request, events, _config(log_dir, timeout_ms))))
+    sys.exit(asyncio.run(_run_one(request, events, _config(log_dir, ray, timeout_ms))))
 
 
 async def _run_one(request: ExecutionRequest, events: str | None, config: ExecutionConfig) -> int:
@@ -231,10 +240,11 @@ def _parse_plan(path: Path) -> ExecutionPlan:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @_events_option
 @_log_dir_option
-def plan(file: Path, events: str | None, log_dir: Path | None) -> None:
+@_ray_option
+def plan(file: Path, events: str | None, log_dir: Path | None, ray: str | None) -> None:
     """Run a plan (the seed's JSON shape, or YAML) with live progress and a final table."""
     parsed = _parse_plan(file)
-    sys.exit(asyncio.run(_run_plan(parsed, events, _config(log_dir))))
+    sys.exit(asyncio.run(_run_plan(parsed, events, _config(log_dir, ray))))
 
 
 async def _run_plan(parsed: ExecutionPlan, events: str | None, config: ExecutionConfig) -> int:

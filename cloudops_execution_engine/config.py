@@ -5,18 +5,36 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from ._model import Model
 
-__all__ = ["ExecutionConfig", "default_log_dir"]
+__all__ = ["ExecutionConfig", "RayConfig", "default_log_dir"]
 
 MIB = 1024 * 1024
 
 
 def default_log_dir() -> Path:
     return Path(tempfile.gettempdir()) / "cloudops-execution-engine"
+
+
+class RayConfig(Model):
+    """Run commands on the worker actors of a Ray cluster instead of local worker processes."""
+
+    address: str = "auto"
+    """`auto` (the cluster this machine belongs to), a cluster address such as `10.0.0.5:6379` or
+    `ray://head:10001`, or `local` to start a cluster inside this process. If Ray is already
+    initialised in this process, that connection is used and this is ignored."""
+    workers: int | None = Field(default=None, gt=0)
+    """Worker actors; None places one on each alive node. More than the nodes are spread round-robin."""
+    num_cpus: float = Field(default=0.0, ge=0)
+    """CPUs each worker actor reserves. The default, none, never holds back other Ray work."""
+    namespace: str | None = None
+    runtime_env: dict[str, Any] | None = None
+    """Passed to `ray.init` when this engine connects; e.g. `{"py_modules": [...]}` on nodes
+    that do not have this package installed."""
 
 
 class ExecutionConfig(Model):
@@ -33,6 +51,8 @@ class ExecutionConfig(Model):
     """Worker processes in the pool; None picks one per core, within the concurrency limit."""
     max_retained_executions: int | None = Field(default=None, gt=0)
     """Finished executions kept for queries; None keeps all. The oldest finished go first."""
+    ray: RayConfig | None = None
+    """None runs commands on this machine's worker processes; a `RayConfig` runs them on a Ray cluster."""
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ExecutionConfig:

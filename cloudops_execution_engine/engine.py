@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +15,7 @@ from .actors.supervisor import Supervisor
 from .config import ExecutionConfig
 from .errors import InvalidCommand, InvalidPlan, MissingField, NotFound, SerializationError
 from .events import EventHandler, ExecutionEvent
-from .logfiles import log_path_for, read_log
+from .logfiles import log_path_for
 from .requests import ExecutionPlan, ExecutionRequest
 from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 
@@ -142,15 +141,15 @@ class ExecutionEngine:
     async def read_logs(self, execution_id: UUID | str) -> str:
         """The log file's contents; for a plan, its commands' logs one after another."""
         self._supervisor.check_usable()
-        paths = self._supervisor.log_files(_coerce_id(execution_id))
-        if len(paths) == 1:
-            return await asyncio.to_thread(read_log, paths[0])
-        texts = await asyncio.gather(*(asyncio.to_thread(_read_if_present, p) for p in paths))
-        return "".join(texts)
+        return await self._supervisor.read_logs(_coerce_id(execution_id))
 
     def get_log_path(self, execution_id: UUID | str) -> Path:
         """Where the execution's log file is (or will be); does not check that it exists."""
         return log_path_for(self.config.resolved_log_dir(), _coerce_id(execution_id))
+
+    def get_log_node(self, execution_id: UUID | str) -> str | None:
+        """The Ray node whose disk holds the execution's log file; None when it is this machine's."""
+        return self._supervisor.log_location(_coerce_id(execution_id))
 
     async def events(self, execution_id: UUID | str) -> AsyncIterator[ExecutionEvent]:
         """Yield the events of one execution or plan from now on, ending after its last one."""
@@ -168,7 +167,3 @@ class ExecutionEngine:
                 yield event
         finally:
             self._bus.unsubscribe(key, queue)
-
-
-def _read_if_present(path: Path) -> str:
-    return read_log(path) if path.exists() else ""

@@ -33,9 +33,14 @@ def prepare_log_dir(log_dir: Path) -> None:
         raise IoError(f"cannot prepare log directory: {describe_os_error(exc)}") from exc
 
 
-def read_log(path: Path) -> str:
+def read_log(path: Path, missing_ok: bool = False) -> str:
+    """The log's text; with `missing_ok`, a log that was never written reads as empty."""
     try:
         with path.open("rb") as handle:
             return handle.read().decode("utf-8", "replace")
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return ""
+        raise IoError(f"cannot read log file: {describe_os_error(exc)}") from exc
     except OSError as exc:
         raise IoError(f"cannot read log file: {describe_os_error(exc)}") from exc

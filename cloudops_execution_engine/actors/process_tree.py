@@ -177,15 +177,21 @@ def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process
     return _deepest_first(found)
 
 
-def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> None:
-    """SIGKILL every process of the given commands until none is left (blocking; run in a thread)."""
+def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> int:
+    """SIGKILL every process of the given commands until none is left (blocking; run in a thread).
+
+    Returns how many processes it killed.
+    """
+    killed: set[int] = set()
     for _ in range(rounds):
         procs = live(find_abandoned(markers, sessions))
         if not procs:
-            return
+            break
         signal_processes(procs, signal.SIGSTOP)
         signal_processes(procs, signal.SIGKILL)
+        killed.update(p.pid for p in procs)
         psutil.wait_procs(procs, timeout=0.5)
+    return len(killed)
 
 
 def _deepest_first(found: dict[int, psutil.Process]) -> list[psutil.Process]:

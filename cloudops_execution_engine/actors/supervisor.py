@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 from collections import deque
+from collections.abc import Awaitable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from ..errors import (
     EngineClosed,
     InvalidCommand,
     InvalidPlan,
+    IoError,
     NotCompleted,
     NotFound,
     NotRunning,
@@ -66,8 +68,8 @@ from ..results import (
     PlanExecutionResult,
     ResourceUsage,
 )
-from . import process_tree
 from .handlers import EventBus
+from .local_pool import LocalWorkerPool
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
 
 __all__ = ["Supervisor"]
@@ -235,7 +237,7 @@ class Supervisor:
         self._ready: deque[_Record | _PlanRun] = deque()
         self._running = 0
         self._retired: deque[UUID] = deque()
-        self._pool: WorkerPool | None = None
+        self._pool: WorkerPool[Any] | None = None
         self._state = "new"
         self._start_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
@@ -266,15 +268,27 @@ class Supervisor:
                 return
             prepare_log_dir(self.log_dir)
             self.bus.start()
-            pool = WorkerPool(
-                self.config.pool_size(), self._on_message, self._on_worker_death, self._on_worker_ready
-            )
+            pool = self._new_pool()
             try:
                 await pool.start()
             except WorkerStartError as exc:
                 raise SpawnFailed(str(exc)) from exc
             self._pool = pool
             self._state = "running"
+
+    def _new_pool(self) -> WorkerPool[Any]:
+        callbacks = (self._on_message, self._on_worker_death, self._on_worker_ready)
+        if self.config.ray is not None:
+            # Imported only here: nothing loads Ray unless the config asks for it.
+            try:
+                from .ray_pool import RayWorkerPool
+            except ImportError as exc:
+                raise SpawnFailed(
+                    f"the Ray backend needs Ray ({exc}): pip install 'cloudops-execution-engine[ray]'"
+                ) from exc
+
+            return RayWorkerPool(self.config.ray, str(self.log_dir), *callbacks)
+        return LocalWorkerPool(self.config.pool_size(), *callbacks)
 
     async def shutdown(self, cancel: bool = True) -> None:
         if self._state == "closed":
@@ -611,26 +625,25 @@ class Supervisor:
     def _on_worker_death(self, worker: WorkerHandle, why: str) -> None:
         held = [self._running_by_key.pop(k) for k in list(worker.held) if k in self._running_by_key]
         worker.held.clear()
+        assert self._pool is not None
+        # Asked now, before the pool starts a successor: a remote pool cleans up
+        # through the successor it places on the same node.
+        cleanup = self._pool.clean_up_after(worker, {str(r.id) for r in held}, {r.pid for r in held if r.pid})
         if self._state == "running":
             logger.warning("%s; %d execution(s) it held fail", why, len(held))
-        if not held:
-            self._dispatch()
-            return
-        task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why))
+        task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why, cleanup))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _fail_abandoned(self, held: list[_Record], why: str) -> None:
-        """Kill the trees a dead worker left behind, then fail its executions."""
-        markers = {str(r.id) for r in held}
-        sessions = {r.pid for r in held if r.pid}
+    async def _fail_abandoned(self, held: list[_Record], why: str, cleanup: Awaitable[None]) -> None:
+        """Wait until the trees a dead worker left behind are gone, then fail its executions."""
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(process_tree.kill_abandoned, markers, sessions),
-                _ABANDONED_KILL_TIMEOUT,
-            )
+            await asyncio.wait_for(cleanup, _ABANDONED_KILL_TIMEOUT)
         except TimeoutError:
-            logger.error("could not confirm the end of every process left by a dead worker")
+            if held:
+                logger.error("could not confirm the end of every process left by a dead worker")
+        except Exception:
+            logger.exception("cleaning up after a dead worker failed")
         finally:
             for record in held:
                 self._running -= 1
@@ -700,11 +713,22 @@ class Supervisor:
         else:
             self._cancel_record(entry)
 
-    def log_files(self, entry_id: UUID) -> list[Path]:
+    async def read_logs(self, entry_id: UUID) -> str:
+        """A command's log; for a plan, the logs its commands have, one after another."""
         entry = self.entry(entry_id)
-        if isinstance(entry, _PlanRun):
-            return [r.log_path for r in entry.records]
-        return [entry.log_path]
+        if self._pool is None:
+            raise IoError("the engine has not started, so no log exists yet")
+        if isinstance(entry, _Record):
+            return await self._pool.read_log(entry.worker, entry.log_path)
+        texts = await asyncio.gather(
+            *(self._pool.read_log(r.worker, r.log_path, missing_ok=True) for r in entry.records if r.worker)
+        )
+        return "".join(texts)
+
+    def log_location(self, entry_id: UUID) -> str | None:
+        """The node holding a command's log when it is not this machine."""
+        record = self.record(entry_id)
+        return self._pool.log_location(record.worker) if self._pool is not None else None
 
 
 def _ended_without_worker(record: _Record, status: ExecutionStatus, error: str) -> ExecutionResult:

@@ -1,0 +1,225 @@
+"""The Ray backend on a real cluster: the session's head on loopback, worker actors on its node."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+from conftest import HELPERS, PYTHON, Recorder, config, describe, gone, run, shell
+
+from cloudops_execution_engine import (
+    ExecutionEngine,
+    ExecutionPlan,
+    ExecutionResult,
+    ExecutionStatus,
+    ParallelStrategy,
+    PlanExecutionResult,
+    RayConfig,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
+
+
+def ray_engine(tmp_path: Path, address: str, recorder: Recorder, **ray: Any) -> ExecutionEngine:
+    options: dict[str, Any] = {"address": address, "workers": 2}
+    options.update(ray)
+    return ExecutionEngine(config(tmp_path, ray=RayConfig(**options))).with_event_handler(recorder)
+
+
+def is_worker_actor(pid: int) -> bool:
+    return "NodeWorker" in " ".join(psutil.Process(pid).cmdline())
+
+
+def lines(recorder: Recorder, eid: UUID) -> list[str]:
+    return [e.line for e in recorder.of(eid) if e.event_type == "stdout"]
+
+
+async def started_tree(engine: ExecutionEngine, recorder: Recorder, *flags: str) -> tuple[UUID, list[int]]:
+    eid = await engine.execute(run(PYTHON, str(HELPERS / "tree.py"), *flags))
+    await recorder.until(lambda _: len(lines(recorder, eid)) == 3)
+    return eid, [int(line.split()[1]) for line in lines(recorder, eid)]
+
+
+async def test_plan_fans_out_over_two_worker_actors(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    # Each command waits until all four run at once, so they must be spread
+    # over both actors, and prints the pid of the worker process that ran it.
+    step = (
+        f"touch {barrier}/$RANDOM$RANDOM; "
+        f'while [ "$(ls {barrier} | wc -l)" -lt 4 ]; do sleep 0.01; done; '
+        "echo worker $PPID; echo second line"
+    )
+    plan = ExecutionPlan(
+        commands=[shell(step) for _ in range(4)], strategy=ParallelStrategy(max_concurrency=4)
+    )
+    async with ray_engine(tmp_path, ray_address, recorder) as engine:
+        await engine.execute_plan(plan)
+        result = await engine.wait(plan.id, timeout=60)
+        assert isinstance(result, PlanExecutionResult)
+        assert result.status is ExecutionStatus.COMPLETED
+        assert result.stats.completed == 4
+
+        def progress() -> list[int]:
+            return [e.completed for e in recorder.events if getattr(e, "plan_id", None) == plan.id]
+
+        # Handlers run on their own queues: the last event may trail the result.
+        await recorder.until(lambda _: len(progress()) == 4)
+        assert progress() == [1, 2, 3, 4]
+        workers = set()
+        for command in plan.commands:
+            types = recorder.types_of(command.id)
+            assert types == ["started", "stdout", "stdout", "completed"]
+            first, second = lines(recorder, command.id)
+            assert second == "second line"
+            workers.add(int(first.split()[1]))
+            assert engine.get_log_node(command.id) == "127.0.0.1"
+        assert len(workers) == 2, "the plan ran on one worker only"
+        for pid in workers:
+            assert is_worker_actor(psutil.Process(pid).ppid()), "a worker was not started by a Ray actor"
+
+        logs = await engine.read_logs(plan.id)
+        assert logs.count("stdout second line") == 4
+        assert all(f"# execution {c.id}" in logs for c in plan.commands)
+
+
+async def test_results_and_exit_codes_match_the_local_backend(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder, workers=1) as engine:
+        failing = await engine.execute(shell("echo out; echo err >&2; exit 3"))
+        missing = await engine.execute(run("/nonexistent/program"))
+        secret = await engine.execute(shell('echo "token=${RAY_AUTH_TOKEN:-none}"'))
+        failed = await engine.wait(failing, timeout=30)
+        assert isinstance(failed, ExecutionResult)
+        assert (failed.status, failed.exit_code, failed.stdout, failed.stderr) == (
+            ExecutionStatus.FAILED,
+            3,
+            "out\n",
+            "err\n",
+        )
+        assert failed.error == "Command failed with exit code 3"
+        assert failed.resource_usage is not None
+        spawn = await engine.wait(missing, timeout=30)
+        assert isinstance(spawn, ExecutionResult)
+        assert spawn.status is ExecutionStatus.FAILED
+        assert spawn.exit_code == -1
+        assert spawn.error is not None
+        assert spawn.error.startswith("Process spawn failed")
+        leaked = await engine.wait(secret, timeout=30)
+        assert isinstance(leaked, ExecutionResult)
+        assert leaked.stdout == "token=none\n", "the cluster's token reached a command"
+        log = await engine.read_logs(failing)
+        assert "stderr err" in log
+        assert "status=failed exit_code=3" in log
+
+
+async def test_cancel_kills_the_remote_tree(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder) as engine:
+        eid, pids = await started_tree(engine, recorder, "--ignore-term", "--close-stdio")
+        assert not any(gone(pid) for pid in pids)
+        await engine.cancel(eid)
+        result = await engine.wait(eid, timeout=30)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.CANCELLED
+        await recorder.until_final(eid)
+        assert recorder.types_of(eid)[-1] == "cancelled"
+        assert [pid for pid in pids if not gone(pid)] == []
+
+
+async def test_timeout_kills_the_remote_tree(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder) as engine:
+        eid = await engine.execute(run(PYTHON, str(HELPERS / "tree.py"), "--close-stdio", timeout_ms=2000))
+        result = await engine.wait(eid, timeout=30)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.TIMEOUT
+        assert result.error == "Execution timeout after 2000ms"
+        pids = [int(line.split()[1]) for line in lines(recorder, eid)]
+        assert len(pids) == 3
+        assert [pid for pid in pids if not gone(pid)] == []
+
+
+async def test_killed_worker_actor_fails_its_execution_naming_the_node(
+    tmp_path: Path, ray_address: str
+) -> None:
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder) as engine:
+        eid, pids = await started_tree(engine, recorder, "--close-stdio")
+        actor = psutil.Process(pids[0]).parent().ppid()
+        assert is_worker_actor(actor)
+        os.kill(actor, signal.SIGKILL)
+        result = await engine.wait(eid, timeout=60)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert "Worker actor" in result.error
+        assert "on node 127.0.0.1" in result.error
+        assert result.error.endswith("while running this execution")
+        survivors = [pid for pid in pids if not gone(pid)]
+        assert survivors == [], describe(survivors)
+        # Not retried: one start only.
+        await recorder.until_final(eid)
+        assert recorder.types_of(eid).count("started") == 1
+        after = await engine.execute(shell("echo still serving"))
+        assert (await engine.wait(after, timeout=60)).status is ExecutionStatus.COMPLETED
+
+
+async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
+    tmp_path: Path, ray_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker process and actor both SIGKILLed: nothing is left to kill the setsid trees but the successor."""
+    recorder = Recorder()
+    caplog.set_level(logging.WARNING, "cloudops_execution_engine")
+    async with ray_engine(tmp_path, ray_address, recorder, workers=1) as engine:
+        eid, pids = await started_tree(engine, recorder, "--close-stdio", "--ignore-term")
+        worker = psutil.Process(pids[0]).parent()
+        actor = worker.ppid()
+        assert is_worker_actor(actor)
+        worker.kill()
+        os.kill(actor, signal.SIGKILL)
+        result = await engine.wait(eid, timeout=60)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert "on node 127.0.0.1" in result.error
+        assert [pid for pid in pids if not gone(pid)] == [], "the dead worker's tree outlived the cleanup"
+        assert any("left on node 127.0.0.1" in r.getMessage() for r in caplog.records)
+        after = await engine.execute(shell("echo still serving"))
+        assert (await engine.wait(after, timeout=60)).status is ExecutionStatus.COMPLETED
+
+
+def test_cli_runs_on_the_cluster_with_its_own_connection(tmp_path: Path, ray_address: str) -> None:
+    cli = [PYTHON, "-m", "cloudops_execution_engine", "run", "--ray", ray_address, "--log-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*cli, "--", "bash", "-c", "echo from the cluster; exit 4"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.stdout == "from the cluster\n"
+    assert done.returncode == 4, done.stderr
+
+
+def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest\n"
+        "async def main():\n"
+        f"    async with ExecutionEngine(ExecutionConfig(log_dir={str(tmp_path)!r})) as engine:\n"
+        "        eid = await engine.execute(ExecutionRequest.model_validate("
+        "{'command': {'type': 'exec', 'program': 'true'}}))\n"
+        "        print((await engine.wait(eid)).status.value)\n"
+        "asyncio.run(main())\n"
+        "print('ray' in sys.modules)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["completed", "False"], done.stderr
