@@ -51,6 +51,14 @@ async def test_completed_command_result(engine: ExecutionEngine) -> None:
     assert await engine.get_result(eid) == result
 
 
+async def test_standard_input_is_empty(engine: ExecutionEngine) -> None:
+    """A command that reads its input gets end of file at once, never the host's terminal or pipes."""
+    eid = await engine.execute(shell("readlink /proc/self/fd/0; cat; echo done"))
+    result = await engine.wait(eid, timeout=20)
+    assert isinstance(result, ExecutionResult)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "/dev/null\ndone\n")
+
+
 async def test_failed_command_reports_exit_code(engine: ExecutionEngine) -> None:
     result = await engine.wait(await engine.execute(shell("exit 7")), timeout=20)
     assert result.status is ExecutionStatus.FAILED

@@ -20,6 +20,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable
 
 import psutil
@@ -90,10 +91,15 @@ def children_of(pid: int) -> list[int]:
         except psutil.NoSuchProcess:
             return []
     found: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
+    if pid == os.getpid() and threading.active_count() == 1:
+        # Our own single-threaded process (a worker): one thread, one file,
+        # and no directory listing on every command's end.
+        tids = [str(pid)]
+    else:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return found
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:

@@ -67,9 +67,18 @@ _DEFAULT_SIGNALS = tuple(
 _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 
 
+_second_text: tuple[int, str] = (-1, "")
+
+
 def _stamp(ts: float) -> str:
+    global _second_text
     whole = int(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((ts - whole) * 1e6):06d}Z"
+    second, text = _second_text
+    if second != whole:
+        # strftime is the costly part, and most stamps share their second.
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second_text = (whole, text)
+    return f"{text}.{int((ts - whole) * 1e6):06d}Z"
 
 
 class _StreamState:
@@ -604,8 +613,8 @@ def _spawn_resolved(program: str, argv: list[str], env: dict[str, str], cwd: str
             program,
             argv,
             env,
+            # Standard input is inherited: the worker's fd 0 is /dev/null (`_quiet_stdio`).
             file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
             ],
