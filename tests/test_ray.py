@@ -223,3 +223,42 @@ def test_the_local_backend_never_imports_ray(tmp_path: Path) -> None:
     )
     done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["completed", "False"], done.stderr
+
+
+def test_without_ray_installed_the_backend_says_what_to_install(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "sys.modules['ray'] = None  # as if the [ray] extra were not installed\n"
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, RayConfig, SpawnFailed\n"
+        "async def main():\n"
+        f"    engine = ExecutionEngine(ExecutionConfig(log_dir={str(tmp_path)!r}, ray=RayConfig()))\n"
+        "    try:\n"
+        "        await engine.start()\n"
+        "    except SpawnFailed as exc:\n"
+        "        print(exc)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "pip install 'cloudops-execution-engine[ray]'" in done.stdout, done.stderr
+
+
+def test_cli_starts_a_local_cluster_of_its_own(tmp_path: Path, ray_address: str) -> None:
+    """`--ray local` starts a cluster inside the process rather than joining the one running here."""
+    script = (
+        "import asyncio, sys, ray\n"
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest, RayConfig\n"
+        "async def main():\n"
+        f"    config = ExecutionConfig(log_dir={str(tmp_path)!r}, ray=RayConfig(address='local'))\n"
+        "    async with ExecutionEngine(config) as engine:\n"
+        "        eid = await engine.execute(ExecutionRequest.model_validate("
+        "{'command': {'type': 'exec', 'program': 'true'}}))\n"
+        "        print((await engine.wait(eid)).status.value, engine.get_log_node(eid))\n"
+        "        print(ray.get_runtime_context().gcs_address)\n"
+        "    print(ray.is_initialized())\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=120)
+    status, gcs, still_connected = done.stdout.splitlines()
+    assert status == "completed 127.0.0.1", done.stderr
+    assert gcs != ray_address, "joined the session's cluster instead of starting one"
+    assert still_connected == "False", "the engine left the connection it opened"

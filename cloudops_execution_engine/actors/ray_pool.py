@@ -65,10 +65,10 @@ class _Connection:
                     "logging_level": logging.WARNING,
                     "log_to_driver": False,
                 }
+                options["address"] = config.address
                 if config.address == "local":
+                    # A new cluster in this process, even when one runs on this machine.
                     options["include_dashboard"] = False
-                else:
-                    options["address"] = config.address
                 # `acquire` runs in a worker thread, so Ray leaves the host's
                 # SIGTERM handler alone (on the main thread it would install
                 # one that exits); its warning about that is only noise here.
