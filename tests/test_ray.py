@@ -242,11 +242,12 @@ def test_without_ray_installed_the_backend_says_what_to_install(tmp_path: Path) 
     assert "pip install 'cloudops-execution-engine[ray]'" in done.stdout, done.stderr
 
 
-def test_cli_starts_a_local_cluster_of_its_own(tmp_path: Path, ray_address: str) -> None:
+def test_address_local_starts_a_cluster_of_its_own(tmp_path: Path, ray_address: str) -> None:
     """`--ray local` starts a cluster inside the process rather than joining the one running here."""
     script = (
-        "import asyncio, sys, ray\n"
-        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest, RayConfig\n"
+        "import asyncio, ray\n"
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest\n"
+        "from cloudops_execution_engine import RayConfig\n"
         "async def main():\n"
         f"    config = ExecutionConfig(log_dir={str(tmp_path)!r}, ray=RayConfig(address='local'))\n"
         "    async with ExecutionEngine(config) as engine:\n"
