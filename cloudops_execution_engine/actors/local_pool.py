@@ -18,12 +18,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ..protocol import Shutdown, encode_frame
-from ..protocol.pipe import PipeWriter
+from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 from .launcher import WorkerProcess
 from .pool import OnDeath, OnMessage, WorkerHandle, WorkerPool, WorkerStartError
 from .process_tree import describe_exit
-from .worker import READ_SIZE, worker_main
+from .worker import worker_main
 
 __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "start_worker_process"]
 
@@ -81,12 +81,9 @@ class ProcessWorkerHandle(WorkerHandle):
         self.die(f"stopped reading its pipe ({exc.strerror})")
 
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self._rfd, READ_SIZE)
-        except BlockingIOError:
+        data = read_available(self._rfd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.die("closed its pipe")
             return

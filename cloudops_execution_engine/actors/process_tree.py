@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterable
 
 import psutil
@@ -189,10 +190,18 @@ def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> i
     Returns how many processes it killed.
     """
     killed: set[int] = set()
+    empty_looks = 0
     for _ in range(rounds):
         procs = live(find_abandoned(markers, sessions))
         if not procs:
-            break
+            # A process can be unreadable for a moment while it changes state
+            # (its marker then reads as absent): trust an empty look only twice.
+            empty_looks += 1
+            if empty_looks == 2:
+                break
+            time.sleep(0.02)
+            continue
+        empty_looks = 0
         signal_processes(procs, signal.SIGSTOP)
         signal_processes(procs, signal.SIGKILL)
         killed.update(p.pid for p in procs)

@@ -27,10 +27,9 @@ from typing import Any
 from ..errors import IoError
 from ..logfiles import prepare_log_dir, read_log
 from ..protocol import SetEnv, encode_frame
-from ..protocol.pipe import PipeWriter
+from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 from .local_pool import start_worker_process
-from .worker import READ_SIZE
 
 __all__ = ["NodeWorker"]
 
@@ -111,12 +110,9 @@ class NodeWorker:
             self._reading = False
 
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self._rfd, READ_SIZE)
-        except BlockingIOError:
+        data = read_available(self._rfd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._chunks.append(data)
             self._buffered += len(data)

@@ -45,12 +45,11 @@ from ..protocol import (
     encode_frame,
 )
 from ..protocol.messages import Finished
-from ..protocol.pipe import PipeWriter
+from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 
 __all__ = ["worker_main"]
 
-READ_SIZE = 64 * 1024  # a pipe's default capacity: larger reads measured no faster
 # A line without a newline is cut into pieces of this size, so one endless line
 # cannot grow a buffer without bound here or in the host.
 LINE_PIECE = 1024 * 1024
@@ -205,12 +204,9 @@ class Worker:
             self._finish_serving()
 
     def _on_control(self) -> None:
-        try:
-            data = os.read(self._rfd, READ_SIZE)
-        except BlockingIOError:
+        data = read_available(self._rfd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._abandon()
             return
@@ -296,12 +292,9 @@ class Worker:
         self._send(Started(ex.id, pid, ex.started_at).to_wire())
 
     def _on_output(self, ex: _Execution, st: _StreamState) -> None:
-        try:
-            data = os.read(st.fd, READ_SIZE)
-        except BlockingIOError:
+        data = read_available(st.fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         ts = time.time()
         if not data:
             self._close_stream(ex, st, ts)
