@@ -121,6 +121,32 @@ async def test_results_and_exit_codes_match_the_local_backend(tmp_path: Path, ra
         assert "status=failed exit_code=3" in log
 
 
+async def test_output_lines_arrive_in_order_and_whole(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder) as engine:
+        eid = await engine.execute(shell("seq 1 20000; echo tail >&2"))
+        result = await engine.wait(eid, timeout=60)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.COMPLETED
+        await recorder.until_final(eid)
+        assert lines(recorder, eid) == [str(i) for i in range(1, 20001)]
+        assert [e.line for e in recorder.of(eid) if e.event_type == "stderr"] == ["tail"]
+        assert result.stdout.splitlines()[-1] == "20000"
+
+
+async def test_shutdown_cancels_remote_work_and_kills_its_trees(tmp_path: Path, ray_address: str) -> None:
+    recorder = Recorder()
+    engine = ray_engine(tmp_path, ray_address, recorder)
+    async with engine:
+        eid, pids = await started_tree(engine, recorder, "--ignore-term", "--close-stdio")
+        queued = [await engine.execute(shell("sleep 60")) for _ in range(12)]
+    # Shutdown returns after the trees are gone and every event was delivered.
+    survivors = [pid for pid in pids if not gone(pid)]
+    assert survivors == [], describe(survivors)
+    assert recorder.types_of(eid)[-1] == "cancelled"
+    assert all(recorder.types_of(q)[-1] == "cancelled" for q in queued)
+
+
 async def test_cancel_kills_the_remote_tree(tmp_path: Path, ray_address: str) -> None:
     recorder = Recorder()
     async with ray_engine(tmp_path, ray_address, recorder) as engine:

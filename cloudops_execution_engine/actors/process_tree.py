@@ -103,11 +103,22 @@ def children_of(pid: int) -> list[int]:
             return found
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:
-                found.extend(int(x) for x in handle.read().split())
+            found.extend(int(x) for x in _read_small(f"/proc/{pid}/task/{tid}/children").split())
         except OSError:
             continue
     return found
+
+
+def _read_small(path: str) -> bytes:
+    """A whole /proc file with raw calls: `open()` would add a stat, a seek and a tty check."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while len(chunks[-1]) == 65536:  # one read holds any list of children but a huge one
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _process(pid: int) -> psutil.Process | None:
