@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ from uuid import UUID
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, describe, gone, run, shell
+from conftest import HELPERS, PYTHON, Recorder, config, describe, gone, run, shell, wait_until
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -34,7 +35,36 @@ def ray_engine(tmp_path: Path, address: str, recorder: Recorder, **ray: Any) -> 
 
 
 def is_worker_actor(pid: int) -> bool:
-    return "NodeWorker" in " ".join(psutil.Process(pid).cmdline())
+    try:
+        return "NodeWorker" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+def pipes_of(pid: int) -> set[str]:
+    found: set[str] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if target.startswith("pipe:"):
+                found.add(target)
+    return found
+
+
+def actor_of(worker: int) -> int:
+    """The worker actor at the other end of a (detached) worker process's pipes."""
+    pipes = pipes_of(worker)
+    actors = [
+        proc.pid
+        for proc in psutil.process_iter()
+        if proc.pid != worker and is_worker_actor(proc.pid) and pipes & pipes_of(proc.pid)
+    ]
+    assert len(actors) == 1, f"worker {worker} talks to actors {actors}"
+    return actors[0]
 
 
 def lines(recorder: Recorder, eid: UUID) -> list[str]:
@@ -84,7 +114,7 @@ async def test_plan_fans_out_over_two_worker_actors(tmp_path: Path, ray_address:
             assert engine.get_log_node(command.id) == "127.0.0.1"
         assert len(workers) == 2, "the plan ran on one worker only"
         for pid in workers:
-            assert is_worker_actor(psutil.Process(pid).ppid()), "a worker was not started by a Ray actor"
+            assert is_worker_actor(actor_of(pid))
 
         logs = await engine.read_logs(plan.id)
         assert logs.count("stdout second line") == 4
@@ -180,8 +210,7 @@ async def test_killed_worker_actor_fails_its_execution_naming_the_node(
     recorder = Recorder()
     async with ray_engine(tmp_path, ray_address, recorder) as engine:
         eid, pids = await started_tree(engine, recorder, "--close-stdio")
-        actor = psutil.Process(pids[0]).parent().ppid()
-        assert is_worker_actor(actor)
+        actor = actor_of(psutil.Process(pids[0]).ppid())
         os.kill(actor, signal.SIGKILL)
         result = await engine.wait(eid, timeout=60)
         assert isinstance(result, ExecutionResult)
@@ -208,8 +237,7 @@ async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
     async with ray_engine(tmp_path, ray_address, recorder, workers=1) as engine:
         eid, pids = await started_tree(engine, recorder, "--close-stdio", "--ignore-term")
         worker = psutil.Process(pids[0]).parent()
-        actor = worker.ppid()
-        assert is_worker_actor(actor)
+        actor = actor_of(worker.pid)
         worker.kill()
         os.kill(actor, signal.SIGKILL)
         result = await engine.wait(eid, timeout=60)
@@ -289,3 +317,36 @@ def test_address_local_starts_a_cluster_of_its_own(tmp_path: Path, ray_address: 
     assert status == "completed 127.0.0.1", done.stderr
     assert gcs != ray_address, "joined the session's cluster instead of starting one"
     assert still_connected == "False", "the engine left the connection it opened"
+
+
+def test_sigkilled_host_takes_its_actors_and_their_trees_along(tmp_path: Path, ray_address: str) -> None:
+    """Ray ends a dead driver's actors; each actor's worker process then kills its trees."""
+    host = subprocess.Popen(
+        [PYTHON, str(HELPERS / "host.py"), str(tmp_path / "logs"), "--ignore-term", "--close-stdio"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOST_RAY_ADDRESS": ray_address},
+    )
+    try:
+        assert host.stdout is not None
+        lines = [host.stdout.readline().strip() for _ in range(4)]
+        assert lines[0] == f"host {host.pid}"
+        tree = [int(line.split()[1]) for line in lines[1:]]
+        worker = psutil.Process(tree[0]).ppid()
+        actor = actor_of(worker)
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(10)
+        try:
+            wait_until(
+                lambda: all(gone(pid) for pid in [actor, worker, *tree]),
+                30,
+                "the dead host's actor, worker and commands to end",
+            )
+        except BaseException:
+            print("LEFT", describe([actor, worker, *tree]), actor, worker, tree)
+            raise
+    finally:
+        host.kill()
+        host.wait(10)
+        if host.stdout:
+            host.stdout.close()

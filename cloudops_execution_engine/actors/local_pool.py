@@ -30,12 +30,15 @@ __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "start_worker_process"]
 EXIT_TIMEOUT = 5.0
 
 
-def start_worker_process(name: str) -> tuple[BaseProcess, int, int]:
-    """Start a worker; return it with the write end of its input and the read end of its output."""
+def start_worker_process(name: str, detach: bool = False) -> tuple[BaseProcess, int, int]:
+    """Start a worker; return it with the write end of its input and the read end of its output.
+
+    A detached worker (see `worker_main`) is not the returned process, which exits at once.
+    """
     to_worker_r, to_worker_w = multiprocessing.Pipe(duplex=False)
     from_worker_r, from_worker_w = multiprocessing.Pipe(duplex=False)
     process: BaseProcess = WorkerProcess(
-        target=worker_main, args=(to_worker_r, from_worker_w), name=name, daemon=True
+        target=worker_main, args=(to_worker_r, from_worker_w, detach), name=name, daemon=True
     )
     try:
         process.start()

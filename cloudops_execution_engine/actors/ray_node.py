@@ -3,10 +3,10 @@
 Ray runs `NodeWorker` as an async actor. It does not run commands itself: it
 starts the same worker process the local pool uses (`worker.py`, in a process
 of its own, so that it keeps its signal handling, its subreaper role and its
-single-threaded loop) and carries frames both ways. `send` writes the
+single-threaded loop), detached so that Ray's end of the actor does not take
+the worker down before it has killed its trees, and carries frames both ways. `send` writes the
 supervisor's frames to the worker's input pipe in the order they were sent;
-`stream` yields what the worker writes, in batches, until the worker exits,
-and then its exit code.
+`stream` yields what the worker writes, in batches, until the worker exits.
 
 A command runs in a session of its own, which Ray does not kill when an actor
 dies. So a new actor first ends what the commands of a dead predecessor on
@@ -16,11 +16,9 @@ this node left running, found by their execution marker or session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,6 @@ class NodeWorker:
     def __init__(self, log_dir: str, markers: list[str], sessions: list[int]) -> None:
         self._log_dir = log_dir
         self._abandoned = (set(markers), set(sessions))
-        self._process: BaseProcess | None = None
         self._writer: PipeWriter | None = None
         self._rfd = -1
         self._inbox: dict[int, bytes] = {}
@@ -68,7 +65,9 @@ class NodeWorker:
         if markers or sessions:
             cleaned = await asyncio.to_thread(process_tree.kill_abandoned, markers, sessions)
         prepare_log_dir(Path(self._log_dir))
-        self._process, wfd, self._rfd = start_worker_process("cloudops-execution-worker")
+        launcher, wfd, self._rfd = start_worker_process("cloudops-execution-worker", detach=True)
+        # The launcher exits as soon as the worker has left it.
+        await asyncio.to_thread(launcher.join, _EXIT_WAIT)
         self._writer = PipeWriter(loop, wfd, self._input_broken)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIXES)}
         self._writer.write(encode_frame(SetEnv(env).to_wire()))
@@ -78,7 +77,6 @@ class NodeWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "address": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
             "hostname": socket.gethostname(),
-            "pid": self._process.pid,
             "cleaned": cleaned,
         }
 
@@ -125,10 +123,9 @@ class NodeWorker:
         assert self._wake is not None
         self._wake.set()
 
-    async def stream(self) -> AsyncIterator[bytes | int]:
-        """The worker's output as it comes, batched; last, the worker's exit code."""
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The worker's output as it comes, batched, until the worker closes its end."""
         assert self._wake is not None
-        assert self._process is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -142,13 +139,6 @@ class NodeWorker:
                 break
         if self._writer is not None:
             self._writer.close()
-        process = self._process
-        await asyncio.to_thread(process.join, _EXIT_WAIT)
-        if process.exitcode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.to_thread(process.join, _EXIT_WAIT)
-        yield process.exitcode if process.exitcode is not None else -1
 
     async def read_log(self, path: str, missing_ok: bool) -> tuple[bool, str]:
         """(True, text) or (False, why): a plain value, so no exception class must cross the cluster."""

@@ -33,7 +33,6 @@ from ..config import RayConfig
 from ..errors import IoError
 from ..protocol import Shutdown, encode_frame
 from .pool import OnDeath, OnMessage, WorkerHandle, WorkerPool, WorkerStartError
-from .process_tree import describe_exit
 from .ray_node import NodeWorker
 
 __all__ = ["RayWorkerHandle", "RayWorkerPool"]
@@ -163,19 +162,14 @@ class RayWorkerHandle(WorkerHandle):
         try:
             info = await self.actor.start.remote()
             self.node_address = str(info["address"])
-            self.pid = int(info["pid"])
             if not self.cleaned.done():
                 self.cleaned.set_result(int(info["cleaned"]))
-            exit_code: int | None = None
             async for ref in self.actor.stream.options(num_returns="streaming").remote():
-                item = await ref
-                if isinstance(item, bytes):
-                    self._feed(item)
-                    if self._dead:
-                        return
-                else:
-                    exit_code = int(item)
-            self.die(f"its worker process exited with {describe_exit(exit_code)}")
+                self._feed(await ref)
+                if self._dead:
+                    return
+            # Detached, the worker is not the actor's child: its exit status is not to be had.
+            self.die("its worker process exited")
         except asyncio.CancelledError:
             raise
         except RayError as exc:

@@ -628,14 +628,32 @@ def _spawn_resolved(program: str, argv: list[str], env: dict[str, str], cwd: str
     return pid, out_r, err_r
 
 
-def worker_main(read_conn: Connection, write_conn: Connection) -> None:
-    """Entry point of a worker process (the target of its `multiprocessing.Process`)."""
+def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    """Entry point of a worker process (the target of its `multiprocessing.Process`).
+
+    With `detach`, the worker leaves its parent: it forks, the first process
+    exits, and the second goes on in a session of its own. A Ray actor starts
+    its worker this way because Ray SIGKILLs an actor's direct children when
+    the actor exits, which would leave the commands running with no one to
+    kill them. Detached, the worker outlives the actor long enough to see its
+    pipe close and kill every tree, as it does when a local host dies.
+    """
     # Duplicates are close-on-exec: a command holding these pipes would keep
     # them open after the host died and hide that death from us.
     read_fd = os.dup(read_conn.fileno())
     write_fd = os.dup(write_conn.fileno())
     read_conn.close()
     write_conn.close()
+    if detach:
+        if os.fork() != 0:
+            os._exit(0)
+        os.setsid()
+        # Let go of what the launch handed down (the end of the launcher's
+        # sentinel pipe among it), so the launcher reads as exited at once.
+        low, high = sorted((read_fd, write_fd))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
     # Ctrl-C in a terminal goes to the whole foreground group; the supervisor
     # decides what a host's interrupt means for running commands.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
