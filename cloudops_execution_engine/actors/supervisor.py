@@ -90,21 +90,50 @@ _STARTED_FIELDS = {"event_type", "execution_id", "command", "timestamp"}
 _DRAIN_TIMEOUT = 10.0
 
 
-class _Record:
+class _Ending:
+    """What waiters of an execution or plan wait on.
+
+    The `asyncio.Event` is made only when someone waits while it runs, and let
+    go once it is set: an Event with its deque costs about 0.8 KB, and a
+    long-lived host keeps many finished executions that nobody waits on.
+    """
+
+    __slots__ = ("_event",)
+    status: ExecutionStatus
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def end_event(self) -> asyncio.Event:
+        event = self._event
+        if event is None:
+            event = asyncio.Event()
+            if self.status.is_final:
+                event.set()
+            else:
+                self._event = event
+        return event
+
+    def mark_ended(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+
+class _Record(_Ending):
     """One command: submitted alone or as part of a plan."""
 
     __slots__ = (
         "argv",
         "cwd",
         "display",
-        "done",
+        "env",
         "id",
         "index",
         "key",
         "log_path",
         "pid",
         "plan",
-        "request",
         "result",
         "started_at",
         "status",
@@ -124,7 +153,8 @@ class _Record:
     ) -> None:
         self.id = request.id
         self.key = request.id.bytes
-        self.request = request
+        # What the Run needs, not the request: a finished record should not keep the model alive.
+        self.env = request.env
         self.argv = argv
         self.cwd = os.path.abspath(request.cwd())
         self.display = request.command.display()
@@ -138,7 +168,7 @@ class _Record:
         self.pid = 0
         self.plan = plan
         self.index = index
-        self.done = asyncio.Event()
+        super().__init__()
 
     def summary(self) -> ExecutionSummary:
         return ExecutionSummary(
@@ -151,10 +181,9 @@ class _Record:
         )
 
 
-class _PlanRun:
+class _PlanRun(_Ending):
     __slots__ = (
         "cancelled",
-        "done",
         "ended",
         "id",
         "plan",
@@ -181,7 +210,7 @@ class _PlanRun:
         self.queued = False
         self.started_at = utcnow()
         self.result: PlanExecutionResult | None = None
-        self.done = asyncio.Event()
+        super().__init__()
 
     def can_take(self) -> bool:
         limit = self.schedule.limit
@@ -313,8 +342,8 @@ class Supervisor:
                     plan.cancelled = True
             for record in list(self._records.values()):
                 self._cancel_record(record)
-        waits = [r.done.wait() for r in self._records.values() if not r.status.is_final]
-        waits += [p.done.wait() for p in self._plans.values() if not p.status.is_final]
+        waits = [r.end_event().wait() for r in self._records.values() if not r.status.is_final]
+        waits += [p.end_event().wait() for p in self._plans.values() if not p.status.is_final]
         if waits:
             bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
             try:
@@ -324,7 +353,7 @@ class Supervisor:
                 for worker in list(self._pool.workers):
                     worker.die("did not stop its commands at shutdown")
                 await asyncio.wait_for(
-                    asyncio.gather(*(r.done.wait() for r in self._records.values())),
+                    asyncio.gather(*(r.end_event().wait() for r in self._records.values())),
                     _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN,
                 )
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -407,7 +436,7 @@ class Supervisor:
             Run(
                 record.key,
                 record.argv,
-                record.request.env,
+                record.env,
                 record.cwd,
                 record.timeout_ms,
                 str(record.log_path),
@@ -529,7 +558,7 @@ class Supervisor:
                 )
             self._publish(record, event)
         self.bus.end_stream(record.id)
-        record.done.set()
+        record.mark_ended()
         if record.plan is not None:
             self._plan_command_ended(record.plan, record)
         else:
@@ -599,7 +628,7 @@ class Supervisor:
             stats=stats,
         )
         self.bus.end_stream(run.id)
-        run.done.set()
+        run.mark_ended()
         self._retire(run.id)
 
     def _retire(self, entry_id: UUID) -> None:
@@ -685,11 +714,11 @@ class Supervisor:
 
     async def wait(self, entry_id: UUID, timeout: float | None) -> ExecutionResult | PlanExecutionResult:
         entry = self.entry(entry_id)
-        if not entry.done.is_set():
+        if not entry.status.is_final:
             if timeout is None:
-                await entry.done.wait()
+                await entry.end_event().wait()
             else:
-                await asyncio.wait_for(entry.done.wait(), timeout)
+                await asyncio.wait_for(entry.end_event().wait(), timeout)
         if isinstance(entry, _PlanRun):
             assert entry.result is not None
             return entry.result
