@@ -87,6 +87,12 @@ _ABANDONED_KILL_TIMEOUT = 15.0
 _SHUTDOWN_MARGIN = 10.0
 _LINE_FIELDS = {"event_type", "execution_id", "line", "timestamp"}
 _STARTED_FIELDS = {"event_type", "execution_id", "command", "timestamp"}
+# Every field, for `trusted` construction on the per-execution path.
+_RESULT_FIELDS = set(ExecutionResult.model_fields)
+_USAGE_FIELDS = set(ResourceUsage.model_fields)
+_COMPLETED_FIELDS = set(CompletedEvent.model_fields)
+_CANCELLED_FIELDS = set(CancelledEvent.model_fields)
+_FAILED_FIELDS = set(FailedEvent.model_fields)
 _DRAIN_TIMEOUT = 10.0
 
 
@@ -512,25 +518,32 @@ class Supervisor:
         started = utc_from_timestamp(message.started_at)
         completed = utc_from_timestamp(message.completed_at)
         usage = message.rusage
-        result = ExecutionResult.model_construct(
-            id=record.id,
-            status=ExecutionStatus(message.status),
-            exit_code=message.exit_code,
-            stdout=message.stdout,
-            stderr=message.stderr,
-            duration=completed - started,
-            started_at=started,
-            completed_at=completed,
-            log_path=record.log_path,
-            error=message.error,
-            resource_usage=ResourceUsage.model_construct(
-                user_cpu_s=float(usage[0]), system_cpu_s=float(usage[1]), max_rss_bytes=int(usage[2])
+        values = {
+            "id": record.id,
+            "status": ExecutionStatus(message.status),
+            "exit_code": message.exit_code,
+            "stdout": message.stdout,
+            "stderr": message.stderr,
+            "duration": completed - started,
+            "started_at": started,
+            "completed_at": completed,
+            "log_path": record.log_path,
+            "error": message.error,
+            "resource_usage": trusted(
+                ResourceUsage,
+                {
+                    "user_cpu_s": float(usage[0]),
+                    "system_cpu_s": float(usage[1]),
+                    "max_rss_bytes": int(usage[2]),
+                },
+                _USAGE_FIELDS,
             )
             if usage
             else None,
-            stdout_truncated=message.stdout_truncated,
-            stderr_truncated=message.stderr_truncated,
-        )
+            "stdout_truncated": message.stdout_truncated,
+            "stderr_truncated": message.stderr_truncated,
+        }
+        result = trusted(ExecutionResult, values, _RESULT_FIELDS)
         self._finalize(record, result)
         self._dispatch()
 
@@ -549,13 +562,24 @@ class Supervisor:
             now = result.completed_at or utcnow()
             event: Any
             if result.status is COMPLETED:
-                event = CompletedEvent.model_construct(execution_id=record.id, result=result, timestamp=now)
+                values = {
+                    "event_type": "completed",
+                    "execution_id": record.id,
+                    "result": result,
+                    "timestamp": now,
+                }
+                event = trusted(CompletedEvent, values, _COMPLETED_FIELDS)
             elif result.status is CANCELLED:
-                event = CancelledEvent.model_construct(execution_id=record.id, timestamp=now)
+                values = {"event_type": "cancelled", "execution_id": record.id, "timestamp": now}
+                event = trusted(CancelledEvent, values, _CANCELLED_FIELDS)
             else:
-                event = FailedEvent.model_construct(
-                    execution_id=record.id, error=result.error or "failed", timestamp=now
-                )
+                values = {
+                    "event_type": "failed",
+                    "execution_id": record.id,
+                    "error": result.error or "failed",
+                    "timestamp": now,
+                }
+                event = trusted(FailedEvent, values, _FAILED_FIELDS)
             self._publish(record, event)
         self.bus.end_stream(record.id)
         record.mark_ended()
