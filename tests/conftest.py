@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -142,6 +143,30 @@ def open_fds() -> dict[int, str]:
         except OSError:
             continue
     return fds
+
+
+@contextmanager
+def host_running_a_tree(
+    tmp_path: Path, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, list[int]]]:
+    """helpers/host.py running tree.py through an engine: the host, the tree's worker and its pids."""
+    host = subprocess.Popen(
+        [PYTHON, str(HELPERS / "host.py"), str(tmp_path / "logs"), *flags],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert host.stdout is not None
+        lines = [host.stdout.readline().strip() for _ in range(4)]
+        assert lines[0] == f"host {host.pid}"
+        tree = [int(line.split()[1]) for line in lines[1:]]
+        yield host, psutil.Process(tree[0]).ppid(), tree
+    finally:
+        host.kill()
+        host.wait(10)
+        if host.stdout:
+            host.stdout.close()
 
 
 def free_port() -> int:

@@ -13,7 +13,18 @@ from uuid import UUID
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, describe, gone, run, shell, wait_until
+from conftest import (
+    HELPERS,
+    PYTHON,
+    Recorder,
+    config,
+    describe,
+    gone,
+    host_running_a_tree,
+    run,
+    shell,
+    wait_until,
+)
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -204,6 +215,25 @@ async def test_timeout_kills_the_remote_tree(tmp_path: Path, ray_address: str) -
         assert [pid for pid in pids if not gone(pid)] == []
 
 
+async def failed_on_the_node_and_serving_on(
+    engine: ExecutionEngine, recorder: Recorder, eid: UUID, pids: list[int]
+) -> None:
+    """A dead worker's execution failed once, naming the node; its tree is gone; the engine serves on."""
+    result = await engine.wait(eid, timeout=60)
+    assert isinstance(result, ExecutionResult)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert "Worker actor" in result.error
+    assert "on node 127.0.0.1" in result.error
+    assert result.error.endswith("while running this execution")
+    survivors = [pid for pid in pids if not gone(pid)]
+    assert survivors == [], f"the dead worker's tree outlived the cleanup: {describe(survivors)}"
+    await recorder.until_final(eid)
+    assert recorder.types_of(eid).count("started") == 1, "the execution was retried"
+    after = await engine.execute(shell("echo still serving"))
+    assert (await engine.wait(after, timeout=60)).status is ExecutionStatus.COMPLETED
+
+
 async def test_killed_worker_actor_fails_its_execution_naming_the_node(
     tmp_path: Path, ray_address: str
 ) -> None:
@@ -212,20 +242,7 @@ async def test_killed_worker_actor_fails_its_execution_naming_the_node(
         eid, pids = await started_tree(engine, recorder, "--close-stdio")
         actor = actor_of(psutil.Process(pids[0]).ppid())
         os.kill(actor, signal.SIGKILL)
-        result = await engine.wait(eid, timeout=60)
-        assert isinstance(result, ExecutionResult)
-        assert result.status is ExecutionStatus.FAILED
-        assert result.error is not None
-        assert "Worker actor" in result.error
-        assert "on node 127.0.0.1" in result.error
-        assert result.error.endswith("while running this execution")
-        survivors = [pid for pid in pids if not gone(pid)]
-        assert survivors == [], describe(survivors)
-        # Not retried: one start only.
-        await recorder.until_final(eid)
-        assert recorder.types_of(eid).count("started") == 1
-        after = await engine.execute(shell("echo still serving"))
-        assert (await engine.wait(after, timeout=60)).status is ExecutionStatus.COMPLETED
+        await failed_on_the_node_and_serving_on(engine, recorder, eid, pids)
 
 
 async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
@@ -240,15 +257,8 @@ async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
         actor = actor_of(worker.pid)
         worker.kill()
         os.kill(actor, signal.SIGKILL)
-        result = await engine.wait(eid, timeout=60)
-        assert isinstance(result, ExecutionResult)
-        assert result.status is ExecutionStatus.FAILED
-        assert result.error is not None
-        assert "on node 127.0.0.1" in result.error
-        assert [pid for pid in pids if not gone(pid)] == [], "the dead worker's tree outlived the cleanup"
+        await failed_on_the_node_and_serving_on(engine, recorder, eid, pids)
         assert any("left on node 127.0.0.1" in r.getMessage() for r in caplog.records)
-        after = await engine.execute(shell("echo still serving"))
-        assert (await engine.wait(after, timeout=60)).status is ExecutionStatus.COMPLETED
 
 
 def test_cli_runs_on_the_cluster_with_its_own_connection(tmp_path: Path, ray_address: str) -> None:
@@ -321,32 +331,13 @@ def test_address_local_starts_a_cluster_of_its_own(tmp_path: Path, ray_address: 
 
 def test_sigkilled_host_takes_its_actors_and_their_trees_along(tmp_path: Path, ray_address: str) -> None:
     """Ray ends a dead driver's actors; each actor's worker process then kills its trees."""
-    host = subprocess.Popen(
-        [PYTHON, str(HELPERS / "host.py"), str(tmp_path / "logs"), "--ignore-term", "--close-stdio"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HOST_RAY_ADDRESS": ray_address},
-    )
-    try:
-        assert host.stdout is not None
-        lines = [host.stdout.readline().strip() for _ in range(4)]
-        assert lines[0] == f"host {host.pid}"
-        tree = [int(line.split()[1]) for line in lines[1:]]
-        worker = psutil.Process(tree[0]).ppid()
+    flags = ("--ignore-term", "--close-stdio")
+    with host_running_a_tree(tmp_path, *flags, env={"HOST_RAY_ADDRESS": ray_address}) as (host, worker, tree):
         actor = actor_of(worker)
         os.kill(host.pid, signal.SIGKILL)
         host.wait(10)
-        try:
-            wait_until(
-                lambda: all(gone(pid) for pid in [actor, worker, *tree]),
-                30,
-                "the dead host's actor, worker and commands to end",
-            )
-        except BaseException:
-            print("LEFT", describe([actor, worker, *tree]), actor, worker, tree)
-            raise
-    finally:
-        host.kill()
-        host.wait(10)
-        if host.stdout:
-            host.stdout.close()
+        wait_until(
+            lambda: all(gone(pid) for pid in [actor, worker, *tree]),
+            30,
+            "the dead host's actor, worker and commands to end",
+        )
