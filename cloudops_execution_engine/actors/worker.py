@@ -665,7 +665,11 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
 
 
 def _quiet_stdio() -> None:
-    """Keep the worker's own fds 0-2 off the host's terminal and pipes."""
+    """Give the worker /dev/null as standard input, which every command inherits.
+
+    A command must never read the host's terminal or pipes. Standard output and
+    error stay the host's, so that a worker's own crash report still reaches it.
+    """
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.close(devnull)
