@@ -185,7 +185,7 @@ def _posix_spawn_limit(n: int) -> float:
     return per * cores / max(float(out) for out in outs)
 
 
-def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 3) -> list[Row]:
+def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 5) -> list[Row]:
     """Executions per second of /bin/true; every subject once per round, alternating."""
     subjects: dict[str, Any] = {
         "engine": lambda: asyncio.run(_engine_throughput(n, concurrency)),

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import os
 import random
+import re
 import signal
 import struct
 import threading
@@ -204,6 +205,47 @@ async def test_binary_output_is_decoded_with_replacement(engine: ExecutionEngine
     assert result.status is ExecutionStatus.COMPLETED
     assert result.stdout.endswith("\ufffd\ufffd end\n")
     assert engine.get_log_path(eid).stat().st_size > 200000
+
+
+@pytest.mark.parametrize("carriage_returns", [False, True], ids=["lf", "crlf-and-lone-cr"])
+async def test_lines_cut_anywhere_by_reads_arrive_whole_in_events_and_log(
+    engine: ExecutionEngine, recorder: Recorder, carriage_returns: bool
+) -> None:
+    """Lines written in random pieces come out the same in events and log, CRLF endings as LF.
+
+    The pieces are separate writes, so the worker's reads end at arbitrary points: inside a
+    line, between a CR and its LF, right after a newline.
+    """
+    rng = random.Random(3)
+    alphabet = "abcxyz \t" + ("\r" if carriage_returns else "")
+    lines = []
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120))).rstrip("\r")
+        lines.append(text)
+    endings = [rng.choice(["\n", "\r\n"] if carriage_returns else ["\n"]) for _ in lines]
+    payload = "".join(text + end for text, end in zip(lines, endings, strict=True)).encode()
+    source = engine.config.log_dir / "payload.bin"  # type: ignore[operator]
+    source.write_bytes(payload)
+    script = (
+        "import os, random, sys\n"
+        f"data = open({str(source)!r}, 'rb').read()\n"
+        "rng, at = random.Random(5), 0\n"
+        "while at < len(data):\n"
+        "    step = rng.choice([1, 2, 7, 100, 4096, 65535, 65536, 70000])\n"
+        "    at += os.write(1, data[at:at + step])\n"
+    )
+    eid = await engine.execute(run(PYTHON, "-c", script))
+    result = await engine.wait(eid, timeout=60)
+    await recorder.until_final(eid, timeout=60)
+    assert isinstance(result, ExecutionResult)
+    assert result.status is ExecutionStatus.COMPLETED, result.error
+    assert [e.line for e in recorder.of(eid) if e.event_type == "stdout"] == lines
+    entries = engine.get_log_path(eid).read_bytes().decode().split("\n")
+    assert entries.pop() == ""  # the log ends with a newline
+    tagged = [entry for entry in entries if not entry.startswith("# ")]
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z stdout ")
+    assert all(stamp.match(entry) for entry in tagged)
+    assert [stamp.sub("", entry, count=1) for entry in tagged] == lines
 
 
 async def test_interleaved_floods_keep_each_streams_order(

@@ -1,9 +1,13 @@
-"""Pure helpers of the worker, at their edges."""
+"""Helpers of the worker, at their edges."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
+from cloudops_execution_engine.actors import process_tree
 from cloudops_execution_engine.actors.worker import _utf8_boundary
 
 pytestmark = pytest.mark.timeout(10)
@@ -23,3 +27,32 @@ pytestmark = pytest.mark.timeout(10)
 def test_utf8_boundary(data: bytes, limit: int, cut: int) -> None:
     assert _utf8_boundary(data, limit) == cut
     assert 0 < _utf8_boundary(data, limit) <= limit
+
+
+def test_own_children_list_follows_spawns_reaps_and_forks() -> None:
+    """The list a worker reads on every command's end comes from one open file, read afresh each time."""
+    before = set(process_tree.children_of(os.getpid()))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert set(process_tree.children_of(os.getpid())) == before | {child.pid}
+    finally:
+        child.kill()
+        child.wait()
+    assert set(process_tree.children_of(os.getpid())) == before
+
+    # A forked process must list its own children, not the parent's it inherited the file of.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        grandchild = subprocess.Popen(["sleep", "30"])
+        listed = process_tree.children_of(os.getpid())
+        os.write(write_end, f"{grandchild.pid} {listed}".encode())
+        grandchild.kill()
+        grandchild.wait()
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as reply:
+        grandchild_pid, listed = reply.read().split(" ", 1)
+    os.waitpid(pid, 0)
+    assert listed == f"[{grandchild_pid}]"

@@ -91,22 +91,48 @@ def children_of(pid: int) -> list[int]:
             return [c.pid for c in psutil.Process(pid).children()]
         except psutil.NoSuchProcess:
             return []
-    found: list[int] = []
     if pid == os.getpid() and threading.active_count() == 1:
-        # Our own single-threaded process (a worker): one thread, one file,
-        # and no directory listing on every command's end.
-        tids = [str(pid)]
-    else:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            return found
+        # Our own single-threaded process (a worker), asked on every command's
+        # end: one thread, one file kept open, one read.
+        return [int(x) for x in _read_own_children(pid).split()]
+    found: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
     for tid in tids:
         try:
             found.extend(int(x) for x in _read_small(f"/proc/{pid}/task/{tid}/children").split())
         except OSError:
             continue
     return found
+
+
+_own_children: tuple[int, int] | None = None  # (pid, fd of its children file)
+
+
+def _drop_parents_children_file() -> None:
+    # Runs in a forked child at once, before it could close or reuse the fd number.
+    global _own_children
+    if _own_children is not None:
+        os.close(_own_children[1])
+        _own_children = None
+
+
+os.register_at_fork(after_in_child=_drop_parents_children_file)
+
+
+def _read_own_children(pid: int) -> bytes:
+    # The file is generated afresh by every read from offset 0.
+    global _own_children
+    if _own_children is None or _own_children[0] != pid:
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+        _own_children = (pid, fd)
+    fd = _own_children[1]
+    chunks = [os.pread(fd, 65536, 0)]
+    while len(chunks[-1]) == 65536:  # one read holds any list of children but a huge one
+        chunks.append(os.pread(fd, 65536, 65536 * len(chunks)))
+    return b"".join(chunks)
 
 
 def _read_small(path: str) -> bytes:

@@ -268,7 +268,7 @@ class Worker:
             return
         self._log(
             ex,
-            f"# execution {marker}\n# command: {run.display}\n# cwd: {run.cwd}\n"
+            f"# execution {marker}\n# command: {_header(run.display)}\n# cwd: {_header(run.cwd)}\n"
             f"# started: {_stamp(ex.started_at)}\n",
         )
         env = dict(self._base_env)
@@ -306,7 +306,15 @@ class Worker:
                 st.truncated = True
         else:
             st.truncated = True
-        buffer = st.partial + data if st.partial else data
+        head = st.partial
+        cut = data.rfind(b"\n") + 1
+        if cut and len(data) - cut < LINE_PIECE and b"\r" not in data and not head.endswith(b"\r"):
+            # The usual read: whole lines after the last one's start, no carriage
+            # returns. Marked up in one copy, with no joined buffer.
+            st.partial = data[cut:]
+            self._emit_read(ex, st, ts, head, data, cut)
+            return
+        buffer = head + data if head else data
         cut = buffer.rfind(b"\n") + 1
         rest = buffer[cut:]
         pieces: list[bytes] = []
@@ -317,6 +325,24 @@ class Worker:
         st.partial = rest
         if cut or pieces:
             self._emit(ex, st, ts, buffer[:cut], pieces)
+
+    def _emit_read(
+        self, ex: _Execution, st: _StreamState, ts: float, head: bytes, data: bytes, cut: int
+    ) -> None:
+        """Log and (if streaming) send the lines `head + data[:cut]`, which end in a newline.
+
+        Every newline in `data` gets the next line's prefix after it, in one C-level
+        replace. What follows the last newline (the prefix and the next partial
+        line) is left out of the write by a view, not a copy.
+        """
+        prefix = f"{_stamp(ts)} {st.name} ".encode()
+        marked = data.replace(b"\n", b"\n" + prefix)
+        end = len(marked) - (len(data) - cut) - len(prefix)
+        self._write_log_parts(ex, [prefix, head, memoryview(marked)[:end]])
+        if ex.stream_output:
+            lines = (head + memoryview(data)[:cut]).decode("utf-8", "replace").split("\n")
+            lines.pop()  # the empty string after the last newline
+            self._send(Output(ex.id, st.stream, ts, lines).to_wire())
 
     def _emit(self, ex: _Execution, st: _StreamState, ts: float, block: bytes, pieces: list[bytes]) -> None:
         """Log and (if streaming) send whole lines: `block` ends in a newline; `pieces` have none.
@@ -501,6 +527,19 @@ class Worker:
     def _log(self, ex: _Execution, text: str) -> None:
         self._write_log(ex, text.encode("utf-8", "replace"))
 
+    def _write_log_parts(self, ex: _Execution, parts: list[bytes | memoryview]) -> None:
+        if ex.log_fd < 0:
+            return
+        try:
+            written = os.writev(ex.log_fd, parts)
+        except OSError:
+            os.close(ex.log_fd)
+            ex.log_fd = -1
+            return
+        if written < sum(len(part) for part in parts):
+            # A short write (a signal, a nearly full disk): finish it the plain way.
+            self._write_log(ex, b"".join(parts)[written:])
+
     def _write_log(self, ex: _Execution, data: bytes) -> None:
         if ex.log_fd < 0:
             return
@@ -523,6 +562,11 @@ class Worker:
 
     def _remaining_children(self) -> bool:
         return bool(process_tree.children_of(self._pid))
+
+
+def _header(value: str) -> str:
+    """A header value on `#` lines only: a multi-line script must not read as command output."""
+    return value.replace("\n", "\n#   ") if "\n" in value else value
 
 
 def _uuid_text(raw: bytes) -> str:
