@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +26,7 @@ from cloudops_execution_engine import (
     ExecutionConfig,
     ExecutionEngine,
     ExecutionRequest,
+    ExecutionResult,
     ShellCommand,
 )
 
@@ -89,6 +91,13 @@ def run(program: str, *args: str, **kwargs: Any) -> ExecutionRequest:
     return ExecutionRequest(command=ExecCommand(program=program, args=list(args)), **kwargs)
 
 
+async def result_of(engine: ExecutionEngine, execution_id: UUID, timeout: float) -> ExecutionResult:
+    """Wait for a single execution (not a plan) and return its result."""
+    result = await engine.wait(execution_id, timeout=timeout)
+    assert isinstance(result, ExecutionResult)
+    return result
+
+
 def gone(pid: int) -> bool:
     """True when `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
     try:
@@ -103,8 +112,9 @@ def describe(pids: list[int]) -> str:
     for pid in pids:
         try:
             proc = psutil.Process(pid)
+            parent = proc.parent()
             found.append(
-                f"{pid} ({proc.status()}, parent {proc.ppid()}: {proc.parent() and proc.parent().name()})"
+                f"{pid} ({proc.status()}, parent {proc.ppid()}: {parent.name() if parent else None})"
             )
         except psutil.NoSuchProcess:
             continue
@@ -252,7 +262,7 @@ def ray_address() -> Iterator[str]:
         )  # fmt: skip
         if started.returncode != 0:
             pytest.fail(f"ray start failed ({started.returncode}):\n{started.stderr[-3000:]}")
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         yield address
     finally:
         ray.shutdown()

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import HELPERS, PYTHON, gone, wait_until
@@ -22,7 +23,7 @@ ROOT = Path(__file__).parent.parent
 CLI = [PYTHON, "-m", "cloudops_execution_engine"]
 
 
-def cli(*args: str, tmp_path: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, tmp_path: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args],
         capture_output=True,
@@ -30,7 +31,7 @@ def cli(*args: str, tmp_path: Path, **kwargs: object) -> subprocess.CompletedPro
         timeout=60,
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(tmp_path)},
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
 
 

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import AWS_ENV, config, run
+from conftest import AWS_ENV, config, result_of, run
 
 from cloudops_execution_engine import (
     AwsCliCommand,
@@ -115,7 +115,7 @@ async def test_working_dir_removed_before_start_fails_clearly(tmp_path: Path) ->
         assert await engine.get_status(eid) is ExecutionStatus.PENDING
         doomed.rmdir()
         await engine.cancel(blocker)
-        result = await engine.wait(eid, timeout=30)
+        result = await result_of(engine, eid, timeout=30)
         assert result.status is ExecutionStatus.FAILED
         assert result.error == f"Process spawn failed: No such file or directory: {doomed}"
         after = await engine.execute(run("true"))

@@ -9,7 +9,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from conftest import Recorder, config, run, shell
+from conftest import Recorder, config, result_of, run, shell
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -60,7 +60,7 @@ async def test_standard_input_is_empty(engine: ExecutionEngine) -> None:
 
 
 async def test_failed_command_reports_exit_code(engine: ExecutionEngine) -> None:
-    result = await engine.wait(await engine.execute(shell("exit 7")), timeout=20)
+    result = await result_of(engine, await engine.execute(shell("exit 7")), timeout=20)
     assert result.status is ExecutionStatus.FAILED
     assert result.exit_code == 7
     assert result.error == "Command failed with exit code 7"
@@ -68,13 +68,13 @@ async def test_failed_command_reports_exit_code(engine: ExecutionEngine) -> None
 
 async def test_command_killed_by_signal_has_negative_exit_code(engine: ExecutionEngine) -> None:
     """A command that dies of signal N has exit_code -N."""
-    result = await engine.wait(await engine.execute(shell("kill -SEGV $$")), timeout=20)
+    result = await result_of(engine, await engine.execute(shell("kill -SEGV $$")), timeout=20)
     assert result.status is ExecutionStatus.FAILED
     assert result.exit_code == -11
 
 
 async def test_missing_program_fails_with_spawn_message(engine: ExecutionEngine) -> None:
-    result = await engine.wait(await engine.execute(run("no-such-program-here")), timeout=20)
+    result = await result_of(engine, await engine.execute(run("no-such-program-here")), timeout=20)
     assert result.status is ExecutionStatus.FAILED
     assert result.exit_code == -1
     assert result.error == "Process spawn failed: No such file or directory: no-such-program-here"
@@ -82,7 +82,7 @@ async def test_missing_program_fails_with_spawn_message(engine: ExecutionEngine)
 
 async def test_timeout_status_and_message(engine: ExecutionEngine, recorder: Recorder) -> None:
     eid = await engine.execute(run("sleep", "30", timeout_ms=300))
-    result = await engine.wait(eid, timeout=20)
+    result = await result_of(engine, eid, timeout=20)
     assert result.status is ExecutionStatus.TIMEOUT
     assert result.error == "Execution timeout after 300ms"
     assert result.exit_code == -15
@@ -97,7 +97,7 @@ async def test_cancel_running(engine: ExecutionEngine, recorder: Recorder) -> No
     await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
     assert await engine.get_status(eid) is ExecutionStatus.RUNNING
     await engine.cancel(eid)
-    result = await engine.wait(eid, timeout=20)
+    result = await result_of(engine, eid, timeout=20)
     assert result.status is ExecutionStatus.CANCELLED
     assert result.error == "Execution cancelled"
     await recorder.until_final(eid)
@@ -219,7 +219,7 @@ async def test_a_slow_handler_delays_only_itself(tmp_path: Path) -> None:
 async def test_stream_output_off_sends_no_line_events(tmp_path: Path, recorder: Recorder) -> None:
     async with ExecutionEngine(config(tmp_path, stream_output=False)).with_event_handler(recorder) as engine:
         eid = await engine.execute(shell("echo hidden"))
-        result = await engine.wait(eid, timeout=20)
+        result = await result_of(engine, eid, timeout=20)
         await recorder.until_final(eid)
         assert recorder.types_of(eid) == ["started", "completed"]
         assert result.stdout == "hidden\n"
@@ -230,7 +230,7 @@ async def test_log_file_content_permissions_and_path(engine: ExecutionEngine) ->
     """The log holds the command, tagged lines and the outcome; it is 0600 in a 0700 directory."""
     secret = "s3cr3t-value-" + uuid4().hex
     eid = await engine.execute(shell("echo to-out; echo to-err >&2; exit 4", env={"TOKEN": secret}))
-    result = await engine.wait(eid, timeout=20)
+    result = await result_of(engine, eid, timeout=20)
     path = engine.get_log_path(eid)
     assert path == result.log_path == engine.config.log_dir / f"{eid}.log"  # type: ignore[operator]
     text = await engine.read_logs(eid)
@@ -371,7 +371,7 @@ async def test_env_overlay_and_working_dir(engine: ExecutionEngine, tmp_path: Pa
                 working_dir=tmp_path,
             )
         )
-        result = await engine.wait(eid, timeout=20)
+        result = await result_of(engine, eid, timeout=20)
     finally:
         del os.environ["CEE_FROM_HOST"]
     assert result.stdout == f"host req\n{tmp_path}\n"

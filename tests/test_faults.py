@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, open_fds, run, shell
+from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, open_fds, result_of, run, shell
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -81,7 +81,7 @@ async def test_bad_frames_from_a_worker_never_crash_the_supervisor(
         victim = await engine.execute(shell("echo up; exec sleep 60"))
         await recorder.until(lambda _: "stdout" in recorder.types_of(victim))
         inject(worker, INJECTORS[injector])
-        result = await engine.wait(victim, timeout=30)
+        result = await result_of(engine, victim, timeout=30)
         assert result.status is ExecutionStatus.FAILED
         assert result.error is not None
         assert result.error.startswith(f"Worker process {worker} died (sent a malformed message")
@@ -124,7 +124,7 @@ async def test_worker_killed_with_many_executions_in_flight_many_times(
                         await engine.wait(eid, timeout=0.5)
                     except TimeoutError:
                         await engine.cancel(eid)
-            results = [await engine.wait(eid, timeout=30) for eid in batch]
+            results = [await result_of(engine, eid, timeout=30) for eid in batch]
             died = [r for r in results if r.status is ExecutionStatus.FAILED]
             assert died, "the killed worker held none of the batch"
             expected = f"Worker process {victim} died (killed by signal SIGKILL(-9))"
@@ -365,7 +365,7 @@ async def test_bad_request_shapes_are_contract_errors(engine: ExecutionEngine, t
 async def test_non_executable_program_fails_clearly(engine: ExecutionEngine, tmp_path: Path) -> None:
     target = tmp_path / "plain.txt"
     target.write_text("echo hi\n")
-    result = await engine.wait(await engine.execute(run(str(target))), timeout=30)
+    result = await result_of(engine, await engine.execute(run(str(target))), timeout=30)
     assert result.status is ExecutionStatus.FAILED
     assert result.error == f"Process spawn failed: Permission denied: {target}"
 

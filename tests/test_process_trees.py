@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, gone, run, wait_until
 
-from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
+from cloudops_execution_engine import ExecutionEngine, ExecutionRequest, ExecutionResult, ExecutionStatus
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
 
-def tree(*flags: str, **kwargs: object) -> object:
-    return run(PYTHON, str(HELPERS / "tree.py"), *flags, **kwargs)  # type: ignore[arg-type]
+def tree(*flags: str, **kwargs: Any) -> ExecutionRequest:
+    return run(PYTHON, str(HELPERS / "tree.py"), *flags, **kwargs)
 
 
 async def started_tree(

@@ -15,6 +15,7 @@ from cloudops_execution_engine.protocol import (
     Finished,
     FrameDecoder,
     Kind,
+    Message,
     Output,
     ProtocolError,
     Run,
@@ -26,7 +27,7 @@ from cloudops_execution_engine.protocol import (
 pytestmark = pytest.mark.timeout(60)
 
 ID = bytes(range(16))
-MESSAGES = [
+MESSAGES: list[Message] = [
     Run(ID, ["echo", "hi"], {"A": "1"}, "/tmp", 1000, "/tmp/x.log", True, 100, 50, "echo hi"),
     Started(ID, 1234, 1.5),
     Output(ID, 1, 2.5, ["a", "b" * 1000, ""]),

@@ -254,6 +254,7 @@ async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
     async with ray_engine(tmp_path, ray_address, recorder, workers=1) as engine:
         eid, pids = await started_tree(engine, recorder, "--close-stdio", "--ignore-term")
         worker = psutil.Process(pids[0]).parent()
+        assert worker is not None
         actor = actor_of(worker.pid)
         worker.kill()
         os.kill(actor, signal.SIGKILL)

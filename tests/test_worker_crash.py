@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, gone, run, shell
+from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, shell
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
 
@@ -59,7 +59,7 @@ async def test_repeated_worker_kills_never_break_the_engine(tmp_path: Path, reco
             for eid in held:
                 if await engine.get_status(eid) is ExecutionStatus.RUNNING:
                     await engine.cancel(eid)
-            results = [await engine.wait(eid, timeout=30) for eid in held]
+            results = [await result_of(engine, eid, timeout=30) for eid in held]
             statuses = {r.status for r in results}
             assert statuses <= {ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
             failed = [r for r in results if r.status is ExecutionStatus.FAILED]

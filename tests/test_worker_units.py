@@ -46,8 +46,8 @@ def test_own_children_list_follows_spawns_reaps_and_forks() -> None:
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(read_end)
         grandchild = subprocess.Popen(["sleep", "30"])
-        listed = process_tree.children_of(os.getpid())
-        os.write(write_end, f"{grandchild.pid} {listed}".encode())
+        children = process_tree.children_of(os.getpid())
+        os.write(write_end, f"{grandchild.pid} {children}".encode())
         grandchild.kill()
         grandchild.wait()
         os._exit(0)
