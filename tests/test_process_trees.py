@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, gone, run, wait_until
+from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, wait_until
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionRequest, ExecutionResult, ExecutionStatus
 
@@ -76,6 +77,44 @@ async def test_processes_left_behind_by_a_finished_command_are_ended(
     assert result.status is ExecutionStatus.COMPLETED
     daemon = int(pidfile.read_text())
     wait_until(lambda: gone(daemon), 10, "the left-behind daemon to be ended")
+
+
+async def test_daemons_still_starting_when_their_command_ends_are_ended(
+    engine: ExecutionEngine, tmp_path: Path
+) -> None:
+    """A daemon caught in its `exec` at its command's end (its environment unreadable) is not missed.
+
+    Each command starts `setsid sleep` and exits at once, so the daemon is often
+    still becoming `sleep` when the worker looks at what the command left.
+    """
+    count = 40
+    script = "(setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {}); exit 0"
+    ids = [await engine.execute(run("bash", "-c", script.format(tmp_path / str(i)))) for i in range(count)]
+    for eid in ids:
+        assert (await result_of(engine, eid, timeout=30)).status is ExecutionStatus.COMPLETED
+    daemons = [int((tmp_path / str(i)).read_text()) for i in range(count)]
+    wait_until(lambda: all(gone(pid) for pid in daemons), 10, "every daemon to be ended")
+
+
+async def test_a_daemon_whose_environment_reads_empty_for_a_moment_is_still_found(
+    engine: ExecutionEngine, tmp_path: Path
+) -> None:
+    """An `exec` seen from outside, stretched to 50 ms: empty environment, then the marker.
+
+    The daemon leaves the session and starts with an empty environment, so at
+    its command's end nothing yet ties it to the command; 50 ms later it execs
+    with the command's marker. The worker must look again rather than decide.
+    """
+    pidfile, fifo = tmp_path / "daemon.pid", tmp_path / "left-the-session"
+    os.mkfifo(fifo)
+    # The daemon tells the command through the fifo once it is out of the session and env-less.
+    later = f'echo > {fifo}; sleep 0.05; exec env CLOUDOPS_EXECUTION_ID="$0" sleep 300'
+    script = f"(setsid env -i sh -c '{later}' \"$CLOUDOPS_EXECUTION_ID\" </dev/null >/dev/null 2>&1 & "
+    script += f"read -r _ < {fifo}; echo $! > {pidfile}); exit 0"
+    result = await result_of(engine, await engine.execute(run("bash", "-c", script)), timeout=20)
+    assert result.status is ExecutionStatus.COMPLETED
+    daemon = int(pidfile.read_text())
+    wait_until(lambda: gone(daemon), 10, "the daemon to be ended")
 
 
 async def test_output_of_a_grandchild_after_the_main_process_exits_is_kept(

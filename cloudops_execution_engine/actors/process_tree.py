@@ -77,6 +77,19 @@ def _marker_of(proc: psutil.Process) -> str | None:
         return None
 
 
+def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
+    """The environment, or None while it reads as empty.
+
+    In the middle of an `exec` a process's environment reads as empty for a
+    moment. One that cannot be read at all (another user's, or a process
+    that is gone) is `{}`: that does not pass, so waiting would be in vain.
+    """
+    try:
+        return proc.environ() or None
+    except (psutil.Error, OSError):
+        return {}
+
+
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
@@ -173,6 +186,7 @@ def tree_of(
     marker: str,
     adopter_pid: int,
     other_mains: Iterable[int] = (),
+    unsure: list[psutil.Process] | None = None,
 ) -> list[psutil.Process]:
     """Every process of one command's tree, deepest first.
 
@@ -181,6 +195,9 @@ def tree_of(
     command were reparented to; `other_mains` are the main processes of other
     commands under it, never taken. An adopted process belongs to the command
     if it carries the command's marker, or carries none and is in its session.
+    An adopted process whose environment cannot be read right now (it is in
+    the middle of an `exec`) and is outside the session is added to `unsure`,
+    for the caller to look again.
     """
     found: dict[int, psutil.Process] = {}
     if main_pid:
@@ -191,16 +208,24 @@ def tree_of(
         if pid in found or pid in skip or pid == main_pid:
             continue
         proc = _process(pid)
-        if proc is not None and _belongs(proc, session_id, marker):
+        if proc is None:
+            continue
+        belongs = _belongs(proc, session_id, marker)
+        if belongs:
             _with_descendants(proc, found)
+        elif belongs is None and unsure is not None:
+            unsure.append(proc)
     return _deepest_first(found)
 
 
-def _belongs(proc: psutil.Process, session_id: int, marker: str) -> bool:
-    theirs = _marker_of(proc)
-    if theirs is not None:
-        return theirs == marker
-    return bool(session_id) and _session_of(proc.pid) == session_id
+def _belongs(proc: psutil.Process, session_id: int, marker: str) -> bool | None:
+    """Whether an adopted process is the command's; None when that cannot be told yet."""
+    environ = _environ_of(proc)
+    if environ is not None and MARKER_ENV in environ:
+        return environ[MARKER_ENV] == marker
+    if bool(session_id) and _session_of(proc.pid) == session_id:
+        return True
+    return None if environ is None else False
 
 
 def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process]:

@@ -1,6 +1,6 @@
 """The worker process: runs commands for the supervisor.
 
-One single-threaded asyncio loop per worker. It reads `Run`/`Cancel` frames
+One single-threaded loop per worker (`reactor.Reactor`). It reads `Run`/`Cancel` frames
 from the supervisor's pipe; for each run it opens the log file, spawns the
 command in a new session with `posix_spawn`, reads its stdout and stderr as
 they arrive, and sends back batched `Output` frames and one `Finished` frame.
@@ -18,7 +18,6 @@ once and the worker exits. Nothing here imports pydantic, to keep workers small.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -47,6 +46,7 @@ from ..protocol import (
 from ..protocol.messages import Finished
 from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
+from .reactor import Reactor, Timer
 
 __all__ = ["worker_main"]
 
@@ -59,6 +59,11 @@ LINE_PIECE = 1024 * 1024
 OUT_HIGH_WATER = 8 * 1024 * 1024
 OUT_LOW_WATER = 1024 * 1024
 _POLL_FIRST = 0.002
+# How long a process whose environment reads as empty (one in the middle of an
+# `exec`) is looked at again before it counts as not a command's: an `exec`
+# takes milliseconds, and one that never shows the marker was started with
+# an empty environment on purpose.
+_UNSURE_FOR = 0.25
 _POLL_MAX = 0.05
 _DEFAULT_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGQUIT") if hasattr(signal, name)
@@ -136,8 +141,8 @@ class _Execution:
         self.spawn_error: str | None = None
         self.started_at = time.time()
         self.finished = False
-        self.timeout_timer: asyncio.TimerHandle | None = None
-        self.linger_timer: asyncio.TimerHandle | None = None
+        self.timeout_timer: Timer | None = None
+        self.linger_timer: Timer | None = None
 
 
 class Worker:
@@ -151,31 +156,24 @@ class Worker:
         self._base_env = dict(os.environ)
         self._pid = os.getpid()
         self._closing = False
-        self._done: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sweeps: set[asyncio.Task[None]] = set()
+        self._serving = False
+        self._unsure_since: dict[tuple[int, float], float] = {}
+        self.loop = Reactor()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        assert self._loop is not None
-        return self._loop
-
-    async def serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._done = self.loop.create_future()
+    def serve(self) -> None:
+        """Run until the supervisor says to shut down, or is gone."""
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
-        # A burst of exits fills the loop's wakeup pipe; CPython would then print
-        # a warning per signal to the host's stderr. Nothing is lost (one reap
-        # collects every exited child), so the warning is noise.
-        wakeup = signal.set_wakeup_fd(-1)
-        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
         self.loop.add_reader(self._rfd, self._on_control)
         self._send(Hello(self._pid).to_wire())
-        await self._done
+        self._serving = True
+        try:
+            self.loop.run()
+        finally:
+            self.loop.close()
 
     # -- supervisor side -------------------------------------------------
 
@@ -235,8 +233,9 @@ class Worker:
 
     def _abandon(self) -> None:
         """The host is gone (or told us to die): kill every tree now and exit."""
-        if self._done is None or self._done.done():
+        if not self._serving:
             return
+        self._serving = False
         self.loop.remove_reader(self._rfd)
         for ex in list(self._executions.values()):
             ex.reason = ex.reason or "cancelled"
@@ -247,11 +246,12 @@ class Worker:
             self._reap()
             time.sleep(0.005)
         self._reap()
-        self._done.set_result(None)
+        self.loop.stop()
 
     def _finish_serving(self) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        if self._serving:
+            self._serving = False
+            self.loop.stop()
 
     # -- running a command ----------------------------------------------
 
@@ -395,7 +395,8 @@ class Worker:
             if ex.reason is not None and not ex.tree_gone:
                 # Usually the whole tree died with the main process: finish now
                 # rather than at the next look of the kill watcher.
-                ex.tree_gone = not process_tree.live(self._tree(ex))
+                unsure: list[psutil.Process] = []
+                ex.tree_gone = not process_tree.live(self._tree(ex, unsure)) and not unsure
             self._maybe_complete(ex)
 
     def _on_timeout(self, ex: _Execution) -> None:
@@ -424,8 +425,10 @@ class Worker:
         if ex.finished:
             return
         self._reap()
-        procs = process_tree.live(self._tree(ex))
-        if not procs:
+        unsure: list[psutil.Process] = []
+        procs = process_tree.live(self._tree(ex, unsure))
+        if not procs and (not unsure or time.monotonic() >= deadline):
+            # What is still unsure at the deadline never showed the marker: not ours.
             ex.tree_gone = True
             self._reap()
             self._maybe_complete(ex)
@@ -500,27 +503,26 @@ class Worker:
 
     def _sweep(self, ex: _Execution) -> None:
         """End whatever the finished command left running, without holding up its result."""
-        procs = process_tree.live(self._tree(ex))
-        if not procs:
+        unsure: list[psutil.Process] = []
+        procs = process_tree.live(self._tree(ex, unsure))
+        if not procs and not unsure:
             return
+        # An unsure process is usually one the command started that is still in
+        # its `exec`: look again shortly rather than let it escape.
         process_tree.signal_processes(procs, signal.SIGTERM)
+        self.loop.call_later(_POLL_FIRST, self._finish_off, ex, time.monotonic() + ex.kill_grace, _POLL_FIRST)
 
-        async def finish_off() -> None:
-            deadline = time.monotonic() + ex.kill_grace
-            delay = _POLL_FIRST
-            while True:
-                await asyncio.sleep(delay)
-                self._reap()
-                left = process_tree.live(self._tree(ex))
-                if not left:
-                    return
-                if time.monotonic() >= deadline:
-                    process_tree.signal_processes(left, signal.SIGKILL)
-                delay = min(delay * 2, _POLL_MAX)
-
-        task = self.loop.create_task(finish_off())
-        self._sweeps.add(task)
-        task.add_done_callback(self._sweeps.discard)
+    def _finish_off(self, ex: _Execution, deadline: float, delay: float) -> None:
+        self._reap()
+        unsure: list[psutil.Process] = []
+        left = process_tree.live(self._tree(ex, unsure))
+        past = time.monotonic() >= deadline
+        if not left and (not unsure or past):
+            return
+        # Ones found since the last look have had no SIGTERM yet; a repeat is harmless.
+        process_tree.signal_processes(left, signal.SIGKILL if past else signal.SIGTERM)
+        delay = min(delay * 2, _POLL_MAX)
+        self.loop.call_later(delay, self._finish_off, ex, deadline, delay)
 
     # -- helpers --------------------------------------------------------
 
@@ -552,9 +554,22 @@ class Worker:
             os.close(ex.log_fd)
             ex.log_fd = -1
 
-    def _tree(self, ex: _Execution) -> list[psutil.Process]:
+    def _tree(self, ex: _Execution, unsure: list[psutil.Process] | None = None) -> list[psutil.Process]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
-        return process_tree.tree_of(0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others)
+        found = process_tree.tree_of(0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others, unsure)
+        if unsure:
+            unsure[:] = [proc for proc in unsure if self._still_unsure(proc)]
+        return found
+
+    def _still_unsure(self, proc: psutil.Process) -> bool:
+        now = time.monotonic()
+        try:
+            key = (proc.pid, proc.create_time())
+        except psutil.Error:
+            return False
+        if len(self._unsure_since) > 256:
+            self._unsure_since = {k: t for k, t in self._unsure_since.items() if psutil.pid_exists(k[0])}
+        return now - self._unsure_since.setdefault(key, now) < _UNSURE_FOR
 
     def _kill_orphans(self, sig: int) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -703,8 +718,7 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
     process_tree.become_subreaper()
-    worker = Worker(read_fd, write_fd)
-    asyncio.run(worker.serve())
+    Worker(read_fd, write_fd).serve()
     os._exit(0)
 
 

@@ -1,4 +1,4 @@
-"""Writing frames to a non-blocking pipe from an asyncio loop.
+"""Writing frames to a non-blocking pipe from an event loop.
 
 Both ends of the protocol use it. Frames queue in one buffer and are written
 once per loop turn, so a burst of messages costs one system call rather than
@@ -7,9 +7,9 @@ one each; what the pipe does not take now is written when it becomes writable.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable
+from typing import Any, Protocol
 
 __all__ = ["READ_SIZE", "PipeWriter", "read_available"]
 
@@ -30,6 +30,16 @@ def read_available(fd: int) -> bytes | None:
         return b""
 
 
+class Loop(Protocol):
+    """What the writer needs of a loop: asyncio's, or the worker's own."""
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> object: ...
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> object: ...
+
+    def remove_writer(self, fd: int) -> bool: ...
+
+
 class PipeWriter:
     __slots__ = (
         "_broken",
@@ -45,7 +55,7 @@ class PipeWriter:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: Loop,
         fd: int,
         on_broken: Callable[[OSError], None],
         on_flushed: Callable[[], None] | None = None,

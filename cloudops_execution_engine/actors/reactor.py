@@ -1,0 +1,273 @@
+"""The worker's event loop: readiness of fds, timers, signals and deferred calls.
+
+A worker needs a small part of asyncio: callbacks on readable and writable
+fds, timers, two signals, and calls deferred to the end of the current turn.
+Every command costs two pipe registrations, a timeout timer and a few deferred
+calls, and asyncio wraps each in handles, selector keys and context copies
+made for coroutines the worker never runs. This loop keeps a callback per fd
+and a heap of timers, so a command costs a few dict operations besides its
+system calls.
+
+Each turn waits once, then runs the signal callbacks, the fd callbacks, the
+timers that are due, and last the deferred calls (which is where the frame
+writer sends everything the turn produced, in one write).
+
+A callback that raises ends the loop, and with it the worker. Where asyncio
+would log the error and go on, leaving that execution never to finish, the
+supervisor sees the worker die, fails what it held, kills what it left and
+starts another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import select
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Reactor", "Timer"]
+
+_READ = select.EPOLLIN if hasattr(select, "epoll") else selectors.EVENT_READ
+_WRITE = select.EPOLLOUT if hasattr(select, "epoll") else selectors.EVENT_WRITE
+# Errors and hang-ups count as readable and writable: the callback's own read
+# or write then finds out what happened, as with asyncio.
+_READ_LIKE = _READ | (select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0)
+_WRITE_LIKE = _WRITE | (select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0)
+# Past this many cancelled timers, and once they are half the heap, the heap is rebuilt:
+# every command's timeout timer is cancelled when it ends, usually long before it is due.
+_CANCELLED_SWEEP = 256
+
+
+class Timer:
+    __slots__ = ("args", "callback", "cancelled", "reactor", "when")
+
+    def __init__(self, reactor: Reactor, when: float, callback: Callable[..., object], args: tuple[Any, ...]):
+        self.reactor = reactor
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.when < other.when
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.reactor._timer_cancelled()
+
+
+class _EpollPoller:
+    """select.epoll with the selector's register/modify/unregister/poll shape."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+
+    def register(self, fd: int, mask: int) -> None:
+        self._epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._epoll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self._epoll.unregister(fd)
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        return self._epoll.poll(-1 if timeout is None else timeout)
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
+class _SelectorPoller:
+    """Where there is no epoll (macOS): the platform's default selector."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+
+    def register(self, fd: int, mask: int) -> None:
+        self._selector.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._selector.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self._selector.unregister(fd)
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        return [(key.fd, events) for key, events in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self._poller = _EpollPoller() if hasattr(select, "epoll") else _SelectorPoller()
+        self._readers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
+        self._writers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
+        self._masks: dict[int, int] = {}
+        self._timers: list[Timer] = []
+        self._cancelled = 0
+        self._soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._signals: dict[int, Callable[[], None]] = {}
+        self._pending_signals: set[int] = set()
+        self._running = False
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._watch(self._wake_read, _READ)
+
+    # -- fds -----------------------------------------------------------------
+
+    def _watch(self, fd: int, mask: int) -> None:
+        old = self._masks.get(fd, 0)
+        new = old | mask
+        if old == 0:
+            self._poller.register(fd, new)
+        elif new != old:
+            self._poller.modify(fd, new)
+        self._masks[fd] = new
+
+    def _unwatch(self, fd: int, mask: int) -> None:
+        old = self._masks.get(fd, 0)
+        new = old & ~mask
+        if new == old:
+            return
+        if new:
+            self._poller.modify(fd, new)
+            self._masks[fd] = new
+        else:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self._poller.unregister(fd)
+            del self._masks[fd]
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        self._readers[fd] = (callback, args)
+        self._watch(fd, _READ)
+
+    def remove_reader(self, fd: int) -> bool:
+        if self._readers.pop(fd, None) is None:
+            return False
+        self._unwatch(fd, _READ)
+        return True
+
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        self._writers[fd] = (callback, args)
+        self._watch(fd, _WRITE)
+
+    def remove_writer(self, fd: int) -> bool:
+        if self._writers.pop(fd, None) is None:
+            return False
+        self._unwatch(fd, _WRITE)
+        return True
+
+    # -- calls -----------------------------------------------------------------
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        self._soon.append((callback, args))
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        timer = Timer(self, time.monotonic() + delay, callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled > _CANCELLED_SWEEP and self._cancelled * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    # -- signals -----------------------------------------------------------------
+
+    def add_signal_handler(self, sig: int, callback: Callable[[], None]) -> None:
+        """Run `callback` in the loop, never inside the interrupted code, when `sig` arrives."""
+        if not self._signals:
+            # A burst of signals can fill the pipe; nothing is lost, since the
+            # handler below records each signal, so the warning would be noise.
+            signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        self._signals[sig] = callback
+        signal.signal(sig, self._note_signal)
+        # Restart interrupted system calls rather than fail them, as asyncio does.
+        signal.siginterrupt(sig, False)
+
+    def _note_signal(self, sig: int, _frame: object) -> None:
+        self._pending_signals.add(sig)
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Turn until `stop()`."""
+        self._running = True
+        readers, writers, timers, soon = self._readers, self._writers, self._timers, self._soon
+        while self._running:
+            if soon or self._pending_signals:
+                timeout: float | None = 0.0
+            elif self._timers:
+                timeout = max(0.0, self._timers[0].when - time.monotonic())
+            else:
+                timeout = None
+            events = self._poller.poll(timeout)
+            if self._pending_signals:
+                self._run_signals()
+            for fd, mask in events:
+                if fd == self._wake_read:
+                    self._drain_wakeups()
+                    continue
+                if mask & _READ_LIKE:
+                    entry = readers.get(fd)
+                    if entry is not None:
+                        entry[0](*entry[1])
+                if mask & _WRITE_LIKE:
+                    entry = writers.get(fd)
+                    if entry is not None:
+                        entry[0](*entry[1])
+            timers = self._timers
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0].when <= now:
+                    timer = heapq.heappop(timers)
+                    if timer.cancelled:
+                        self._cancelled -= 1
+                        continue
+                    timer.cancelled = True  # spent: a late cancel() must not count it again
+                    timer.callback(*timer.args)
+                    timers = self._timers
+            while soon:
+                batch = soon[:]
+                soon.clear()
+                for callback, args in batch:
+                    callback(*args)
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._wake_read, 4096):
+                pass
+        if self._pending_signals:
+            self._run_signals()
+
+    def _run_signals(self) -> None:
+        while self._pending_signals:
+            sig = self._pending_signals.pop()
+            callback = self._signals.get(sig)
+            if callback is not None:
+                callback()
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        for sig in self._signals:
+            signal.signal(sig, signal.SIG_DFL)
+        if self._signals:
+            signal.set_wakeup_fd(-1)
+        self._signals.clear()
+        self._poller.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
