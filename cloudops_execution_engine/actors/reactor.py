@@ -116,6 +116,8 @@ class Reactor:
         self._cancelled = 0
         self._soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
         self._signals: dict[int, Callable[[], None]] = {}
+        self._previous_handlers: dict[int, Any] = {}
+        self._previous_wakeup: int | None = None
         self._pending_signals: set[int] = set()
         self._running = False
         self._wake_read, self._wake_write = os.pipe()
@@ -188,12 +190,12 @@ class Reactor:
 
     def add_signal_handler(self, sig: int, callback: Callable[[], None]) -> None:
         """Run `callback` in the loop, never inside the interrupted code, when `sig` arrives."""
-        if not self._signals:
+        if self._previous_wakeup is None:
             # A burst of signals can fill the pipe; nothing is lost, since the
             # handler below records each signal, so the warning would be noise.
-            signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+            self._previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         self._signals[sig] = callback
-        signal.signal(sig, self._note_signal)
+        self._previous_handlers.setdefault(sig, signal.signal(sig, self._note_signal))
         # Restart interrupted system calls rather than fail them, as asyncio does.
         signal.siginterrupt(sig, False)
 
@@ -263,11 +265,13 @@ class Reactor:
         self._running = False
 
     def close(self) -> None:
-        for sig in self._signals:
-            signal.signal(sig, signal.SIG_DFL)
-        if self._signals:
-            signal.set_wakeup_fd(-1)
+        """Release the fds and give the signals back to whoever had them before."""
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        if self._previous_wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
         self._signals.clear()
+        self._previous_handlers.clear()
         self._poller.close()
         os.close(self._wake_read)
         os.close(self._wake_write)
