@@ -33,6 +33,7 @@ def main() -> None:
     for name in args.workloads or list(WORKLOADS):
         print(f"running {name} ...", flush=True)
         rows += WORKLOADS[name]()
+        workloads.clear_logs()
     report(rows, args.out)
 
 

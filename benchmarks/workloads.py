@@ -42,6 +42,15 @@ _LOG_DIR = Path(tempfile.mkdtemp(prefix="cee-bench-logs-", dir=_LOG_ROOT))
 atexit.register(shutil.rmtree, _LOG_DIR, ignore_errors=True)
 
 
+def clear_logs() -> None:
+    """Empty the log directory between workloads, so none runs on memory another one left in tmpfs."""
+    for entry in os.scandir(_LOG_DIR):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+
+
 def _config(**extra: Any) -> ExecutionConfig:
     return ExecutionConfig(log_dir=_LOG_DIR, **extra)
 
