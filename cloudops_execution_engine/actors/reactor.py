@@ -8,7 +8,7 @@ made for coroutines the worker never runs. This loop keeps a callback per fd
 and a heap of timers, so a command costs a few dict operations besides its
 system calls.
 
-Each turn waits once, then runs the signal callbacks, the fd callbacks, the
+Each turn waits once, then runs the fd callbacks, the signal callbacks, the
 timers that are due, and last the deferred calls (which is where the frame
 writer sends everything the turn produced, in one write).
 
@@ -216,8 +216,6 @@ class Reactor:
             else:
                 timeout = None
             events = self._poller.poll(timeout)
-            if self._pending_signals:
-                self._run_signals()
             for fd, mask in events:
                 if fd == self._wake_read:
                     self._drain_wakeups()
@@ -230,6 +228,11 @@ class Reactor:
                     entry = writers.get(fd)
                     if entry is not None:
                         entry[0](*entry[1])
+            # Signals after the fds: a command's end of output and its exit
+            # arrive together, and reading the output first lets the exit
+            # finish the execution at once.
+            if self._pending_signals:
+                self._run_signals()
             timers = self._timers
             if timers:
                 now = time.monotonic()
@@ -251,8 +254,6 @@ class Reactor:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while os.read(self._wake_read, 4096):
                 pass
-        if self._pending_signals:
-            self._run_signals()
 
     def _run_signals(self) -> None:
         while self._pending_signals:
