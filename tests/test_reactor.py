@@ -14,9 +14,10 @@ from cloudops_execution_engine.actors.reactor import Reactor
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def reactor() -> Iterator[Reactor]:
-    loop = Reactor()
+@pytest.fixture(params=[True, False], ids=["epoll", "selector"])
+def reactor(request: pytest.FixtureRequest) -> Iterator[Reactor]:
+    """Both pollers: epoll, and the selector used where there is none (macOS)."""
+    loop = Reactor(epoll=request.param)
     yield loop
     loop.close()
 

@@ -28,16 +28,16 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["Reactor", "Timer"]
 
-_READ = select.EPOLLIN if hasattr(select, "epoll") else selectors.EVENT_READ
-_WRITE = select.EPOLLOUT if hasattr(select, "epoll") else selectors.EVENT_WRITE
+# poll(2)'s bits, which epoll shares and the selector fallback translates.
+_READ, _WRITE = select.POLLIN, select.POLLOUT
 # Errors and hang-ups count as readable and writable: the callback's own read
 # or write then finds out what happened, as with asyncio.
-_READ_LIKE = _READ | (select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0)
-_WRITE_LIKE = _WRITE | (select.EPOLLERR | select.EPOLLHUP if hasattr(select, "epoll") else 0)
+_READ_LIKE = _READ | select.POLLERR | select.POLLHUP
+_WRITE_LIKE = _WRITE | select.POLLERR | select.POLLHUP
 # Past this many cancelled timers, and once they are half the heap, the heap is rebuilt:
 # every command's timeout timer is cancelled when it ends, usually long before it is due.
 _CANCELLED_SWEEP = 256
@@ -62,53 +62,56 @@ class Timer:
             self.reactor._timer_cancelled()
 
 
-class _EpollPoller:
-    """select.epoll with the selector's register/modify/unregister/poll shape."""
+class _Poller(Protocol):
+    """What the loop needs of a poller; `select.epoll` has it as it is."""
 
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
+    def register(self, fd: int, mask: int, /) -> None: ...
 
-    def register(self, fd: int, mask: int) -> None:
-        self._epoll.register(fd, mask)
+    def modify(self, fd: int, mask: int, /) -> None: ...
 
-    def modify(self, fd: int, mask: int) -> None:
-        self._epoll.modify(fd, mask)
+    def unregister(self, fd: int, /) -> None: ...
 
-    def unregister(self, fd: int) -> None:
-        self._epoll.unregister(fd)
+    def poll(self, timeout: float | None, /) -> list[tuple[int, int]]: ...
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        return self._epoll.poll(-1 if timeout is None else timeout)
-
-    def close(self) -> None:
-        self._epoll.close()
+    def close(self) -> None: ...
 
 
 class _SelectorPoller:
-    """Where there is no epoll (macOS): the platform's default selector."""
+    """Where there is no epoll (macOS): the platform's default selector, shaped as epoll."""
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
 
-    def register(self, fd: int, mask: int) -> None:
-        self._selector.register(fd, mask)
+    @staticmethod
+    def _events(mask: int) -> int:
+        return (selectors.EVENT_READ if mask & _READ else 0) | (selectors.EVENT_WRITE if mask & _WRITE else 0)
 
-    def modify(self, fd: int, mask: int) -> None:
-        self._selector.modify(fd, mask)
+    def register(self, fd: int, mask: int, /) -> None:
+        self._selector.register(fd, self._events(mask))
 
-    def unregister(self, fd: int) -> None:
+    def modify(self, fd: int, mask: int, /) -> None:
+        self._selector.modify(fd, self._events(mask))
+
+    def unregister(self, fd: int, /) -> None:
         self._selector.unregister(fd)
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        return [(key.fd, events) for key, events in self._selector.select(timeout)]
+    def poll(self, timeout: float | None, /) -> list[tuple[int, int]]:
+        ready = []
+        for key, events in self._selector.select(timeout):
+            read = _READ if events & selectors.EVENT_READ else 0
+            ready.append((key.fd, read | (_WRITE if events & selectors.EVENT_WRITE else 0)))
+        return ready
 
     def close(self) -> None:
         self._selector.close()
 
 
+_HAVE_EPOLL = hasattr(select, "epoll")
+
+
 class Reactor:
-    def __init__(self) -> None:
-        self._poller = _EpollPoller() if hasattr(select, "epoll") else _SelectorPoller()
+    def __init__(self, epoll: bool = _HAVE_EPOLL) -> None:
+        self._poller: _Poller = select.epoll() if epoll else _SelectorPoller()
         self._readers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._writers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._masks: dict[int, int] = {}
