@@ -70,13 +70,6 @@ def _session_of(pid: int) -> int | None:
         return None
 
 
-def _marker_of(proc: psutil.Process) -> str | None:
-    try:
-        return proc.environ().get(MARKER_ENV)
-    except (psutil.Error, OSError):
-        return None
-
-
 def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
     """The environment, or None while it reads as empty.
 
@@ -88,6 +81,10 @@ def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
         return proc.environ() or None
     except (psutil.Error, OSError):
         return {}
+
+
+def _marker_of(proc: psutil.Process) -> str | None:
+    return (_environ_of(proc) or {}).get(MARKER_ENV)
 
 
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
