@@ -23,6 +23,7 @@ from cloudops_execution_engine.protocol import (
     decode_message,
     encode_frame,
 )
+from cloudops_execution_engine.protocol.messages import _decode_checked
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,3 +160,24 @@ def test_fuzz_arbitrary_split_points(messages: list[Any], data: st.DataObject) -
         out += decoder.feed(stream[start:cut])
         start = cut
     assert [decode_message(f) for f in out] == messages
+
+
+def _outcome(parse: Any, frame: Any) -> Any:
+    try:
+        return parse(frame)
+    except ProtocolError:
+        return ProtocolError
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(MESSAGES), st.data())
+def test_fuzz_the_fast_checks_accept_nothing_the_field_checks_refuse(
+    message: Message, data: st.DataObject
+) -> None:
+    """Per-command messages pass exact-type checks first; they must agree with the field-by-field ones."""
+    wire = message.to_wire()
+    for index in data.draw(st.lists(st.integers(1, len(wire) - 1), max_size=3)):
+        wire[index] = data.draw(_values)
+    # Through msgpack, as frames arrive: the kind is a plain int then.
+    frame = msgpack.unpackb(msgpack.packb(wire, use_bin_type=True), raw=False)
+    assert _outcome(decode_message, frame) == _outcome(_decode_checked, frame)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -81,3 +82,16 @@ def test_cancelled_timers_do_not_pile_up(reactor: Reactor) -> None:
     finally:
         tracemalloc.stop()
     assert grown < 200_000, f"{grown} bytes kept for 50,000 cancelled timers"
+
+
+def test_a_cancelled_timer_lets_go_of_what_its_callback_would_have_used(reactor: Reactor) -> None:
+    """A command's timeout timer holds its execution; cancelled, it must not keep it alive."""
+
+    class Execution:
+        pass
+
+    execution = Execution()
+    gone = weakref.ref(execution)
+    reactor.call_later(300, print, execution).cancel()
+    del execution
+    assert gone() is None

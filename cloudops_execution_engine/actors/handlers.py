@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -26,17 +27,38 @@ STOP = object()  # ends a channel or a subscriber's stream
 
 
 class _Channel:
-    __slots__ = ("handler", "queue", "task")
+    """One handler's queue and task.
+
+    A deque with one waiting future rather than an `asyncio.Queue`: a channel has
+    one reader and no bound, so the queue's getter and putter bookkeeping would be
+    cost paid on every event for nothing.
+    """
+
+    __slots__ = ("handler", "items", "task", "waiter")
 
     def __init__(self, handler: Any) -> None:
         self.handler = handler
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.items: deque[Any] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _run(self) -> None:
         deliver = _deliverer(self.handler)
+        items = self.items
         while True:
-            item = await self.queue.get()
+            if not items:
+                self.waiter = asyncio.get_running_loop().create_future()
+                await self.waiter
+                continue
+            item = items.popleft()
             if item is STOP:
                 return
             # A batch (a list) is the lines of one read, in order.
@@ -98,7 +120,7 @@ class EventBus:
 
     def publish(self, event: ExecutionEvent, *keys: UUID) -> None:
         for channel in self._channels:
-            channel.queue.put_nowait(event)
+            channel.put(event)
         if self._subscribers:
             for key in keys:
                 for queue in self._subscribers.get(key, ()):
@@ -107,7 +129,7 @@ class EventBus:
     def publish_batch(self, events: list[ExecutionEvent], *keys: UUID) -> None:
         """Publish several events of one execution at once: one queue item per listener."""
         for channel in self._channels:
-            channel.queue.put_nowait(events)
+            channel.put(events)
         if self._subscribers:
             for key in keys:
                 for queue in self._subscribers.get(key, ()):
@@ -134,7 +156,7 @@ class EventBus:
     async def drain(self, timeout: float) -> None:
         """Let every handler finish what is queued (bounded), then stop them."""
         for channel in self._channels:
-            channel.queue.put_nowait(STOP)
+            channel.put(STOP)
         tasks = [c.task for c in self._channels]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)

@@ -65,7 +65,8 @@ class WorkerHandle(ABC):
         """Ask the worker to finish and exit; end it if it does not."""
 
     def send_env(self, env: dict[str, str]) -> None:
-        if env != self.last_env:
+        # The supervisor hands over the same dict until the environment changes.
+        if env is not self.last_env:
             self.last_env = env
             self.send(SetEnv(env).to_wire())
 

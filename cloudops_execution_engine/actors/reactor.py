@@ -20,8 +20,8 @@ starts another.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
+import itertools
 import os
 import select
 import selectors
@@ -53,13 +53,19 @@ class Timer:
         self.args = args
         self.cancelled = False
 
-    def __lt__(self, other: Timer) -> bool:
-        return self.when < other.when
-
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            # The heap keeps a cancelled timer until its next sweep; what the
+            # callback would have used (for a timeout, a whole execution) is let
+            # go now, so it is freed at once rather than aged through the GC.
+            self.callback = _nothing
+            self.args = ()
             self.reactor._timer_cancelled()
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Poller(Protocol):
@@ -115,7 +121,9 @@ class Reactor:
         self._readers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._writers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._masks: dict[int, int] = {}
-        self._timers: list[Timer] = []
+        # (when, sequence, timer): ordered by C-level tuple comparison, ties in call order.
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._sequence = itertools.count()
         self._cancelled = 0
         self._soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
         self._signals: dict[int, Callable[[], None]] = {}
@@ -148,8 +156,11 @@ class Reactor:
             self._poller.modify(fd, new)
             self._masks[fd] = new
         else:
-            with contextlib.suppress(OSError, KeyError, ValueError):
+            # try rather than contextlib.suppress: this runs twice per command.
+            try:  # noqa: SIM105
                 self._poller.unregister(fd)
+            except (OSError, KeyError, ValueError):
+                pass
             del self._masks[fd]
 
     def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
@@ -178,14 +189,15 @@ class Reactor:
         self._soon.append((callback, args))
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
-        timer = Timer(self, time.monotonic() + delay, callback, args)
-        heapq.heappush(self._timers, timer)
+        when = time.monotonic() + delay
+        timer = Timer(self, when, callback, args)
+        heapq.heappush(self._timers, (when, next(self._sequence), timer))
         return timer
 
     def _timer_cancelled(self) -> None:
         self._cancelled += 1
         if self._cancelled > _CANCELLED_SWEEP and self._cancelled * 2 > len(self._timers):
-            self._timers = [t for t in self._timers if not t.cancelled]
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
             heapq.heapify(self._timers)
             self._cancelled = 0
 
@@ -215,7 +227,7 @@ class Reactor:
             if soon or self._pending_signals:
                 timeout: float | None = 0.0
             elif self._timers:
-                timeout = max(0.0, self._timers[0].when - time.monotonic())
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
             else:
                 timeout = None
             events = self._poller.poll(timeout)
@@ -239,8 +251,8 @@ class Reactor:
             timers = self._timers
             if timers:
                 now = time.monotonic()
-                while timers and timers[0].when <= now:
-                    timer = heapq.heappop(timers)
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
                     if timer.cancelled:
                         self._cancelled -= 1
                         continue
@@ -254,9 +266,13 @@ class Reactor:
                     callback(*args)
 
     def _drain_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self._wake_read, 4096):
+        # A short read emptied the pipe: one call, where reading on to EAGAIN
+        # would cost a second one and an exception every time.
+        try:
+            while len(os.read(self._wake_read, 4096)) == 4096:
                 pass
+        except (BlockingIOError, InterruptedError):
+            pass
 
     def _run_signals(self) -> None:
         while self._pending_signals:

@@ -142,6 +142,7 @@ class _Record(_Ending):
         "plan",
         "result",
         "started_at",
+        "started_ts",
         "status",
         "submitted_at",
         "timeout_ms",
@@ -162,7 +163,9 @@ class _Record(_Ending):
         # What the Run needs, not the request: a finished record should not keep the model alive.
         self.env = request.env
         self.argv = argv
-        self.cwd = os.path.abspath(request.cwd())
+        working_dir = request.working_dir
+        # getcwd() is absolute already; only a given directory needs making so.
+        self.cwd = os.getcwd() if working_dir is None else os.path.abspath(working_dir)
         self.display = request.command.display()
         self.log_path = log_path
         self.timeout_ms = timeout_ms
@@ -170,6 +173,7 @@ class _Record(_Ending):
         self.result: ExecutionResult | None = None
         self.submitted_at = utcnow()
         self.started_at: datetime | None = None
+        self.started_ts = 0.0  # as the worker sent it, so Finished can reuse started_at
         self.worker: WorkerHandle | None = None
         self.pid = 0
         self.plan = plan
@@ -474,6 +478,7 @@ class Supervisor:
             return
         record.pid = message.pid
         record.started_at = utc_from_timestamp(message.timestamp)
+        record.started_ts = message.timestamp
         if self.bus.active:
             values = {
                 "event_type": "started",
@@ -515,7 +520,9 @@ class Supervisor:
             return
         worker.held.discard(record.key)
         self._running -= 1
-        started = utc_from_timestamp(message.started_at)
+        started = record.started_at
+        if started is None or record.started_ts != message.started_at:
+            started = utc_from_timestamp(message.started_at)
         completed = utc_from_timestamp(message.completed_at)
         usage = message.rusage
         values = {

@@ -19,6 +19,7 @@ once and the worker exits. Nothing here imports pydantic, to keep workers small.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -266,10 +267,12 @@ class Worker:
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
             self._complete(ex)
             return
+        display, cwd = run.display, run.cwd
+        if "\n" in display or "\n" in cwd:
+            display, cwd = _header(display), _header(cwd)
         self._log(
             ex,
-            f"# execution {marker}\n# command: {_header(run.display)}\n# cwd: {_header(run.cwd)}\n"
-            f"# started: {_stamp(ex.started_at)}\n",
+            f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {_stamp(ex.started_at)}\n",
         )
         env = dict(self._base_env)
         env.update(run.env)
@@ -295,10 +298,10 @@ class Worker:
         data = read_available(st.fd)
         if data is None:
             return
-        ts = time.time()
         if not data:
-            self._close_stream(ex, st, ts)
+            self._close_stream(ex, st)
             return
+        ts = time.time()
         if len(st.kept) < ex.max_output:
             room = ex.max_output - len(st.kept)
             st.kept += data[:room]
@@ -362,14 +365,14 @@ class Worker:
             lines += [piece.decode("utf-8", "replace") for piece in pieces]
             self._send(Output(ex.id, st.stream, ts, lines).to_wire())
 
-    def _close_stream(self, ex: _Execution, st: _StreamState, ts: float) -> None:
+    def _close_stream(self, ex: _Execution, st: _StreamState) -> None:
         if not st.open:
             return
         st.open = False
         self.loop.remove_reader(st.fd)
         os.close(st.fd)
         if st.partial:
-            self._emit(ex, st, ts, b"", [st.partial])
+            self._emit(ex, st, time.time(), b"", [st.partial])
             st.partial = b""
         self._maybe_complete(ex)
 
@@ -388,7 +391,7 @@ class Worker:
             ex.exit_code = os.waitstatus_to_exitcode(status)
             rss_unit = 1 if sys.platform == "darwin" else 1024
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * rss_unit]
-            if any(st.open for st in ex.streams) and ex.linger_timer is None and ex.reason is None:
+            if _any_open(ex) and ex.linger_timer is None and ex.reason is None:
                 # The main process is gone but something it started still holds
                 # the pipes: give it the grace period to finish, then end it.
                 ex.linger_timer = self.loop.call_later(ex.kill_grace, self._terminate, ex, None)
@@ -443,9 +446,7 @@ class Worker:
         self.loop.call_later(delay, self._watch_kill, ex, deadline, delay)
 
     def _maybe_complete(self, ex: _Execution) -> None:
-        if ex.finished or not ex.reaped or not ex.tree_gone:
-            return
-        if any(st.open for st in ex.streams):
+        if ex.finished or not ex.reaped or not ex.tree_gone or _any_open(ex):
             return
         self._complete(ex)
 
@@ -503,6 +504,10 @@ class Worker:
 
     def _sweep(self, ex: _Execution) -> None:
         """End whatever the finished command left running, without holding up its result."""
+        if ex.reaped and self._by_pid.keys() >= set(process_tree.children_of(self._pid)):
+            # The usual case, in one read: the worker's only children are the
+            # commands still running, so this one left nothing behind.
+            return
         unsure: list[psutil.Process] = []
         procs = process_tree.live(self._tree(ex, unsure))
         if not procs and not unsure:
@@ -579,9 +584,17 @@ class Worker:
         return bool(process_tree.children_of(self._pid))
 
 
+def _any_open(ex: _Execution) -> bool:
+    # No generator: this is asked several times for every command.
+    for st in ex.streams:  # noqa: SIM110
+        if st.open:
+            return True
+    return False
+
+
 def _header(value: str) -> str:
     """A header value on `#` lines only: a multi-line script must not read as command output."""
-    return value.replace("\n", "\n#   ") if "\n" in value else value
+    return value.replace("\n", "\n#   ")
 
 
 def _uuid_text(raw: bytes) -> str:
@@ -718,6 +731,9 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
     process_tree.become_subreaper()
+    # What is alive now (modules, mostly) lives as long as the worker: leave it
+    # out of every collection to come.
+    gc.freeze()
     Worker(read_fd, write_fd).serve()
     os._exit(0)
 

@@ -239,8 +239,87 @@ _BUILDERS: dict[int, Any] = {
 }
 
 
+_STR_ONLY = frozenset({str})
+_EXACT_NUMBERS = frozenset({int, float})
+
+
+def _run_ok(f: list[Any]) -> bool:
+    argv, env = f[2], f[3]
+    return (
+        type(argv) is list
+        and type(env) is dict
+        and set(map(type, argv)) <= _STR_ONLY
+        and set(map(type, env)) <= _STR_ONLY
+        and set(map(type, env.values())) <= _STR_ONLY
+        and type(f[4]) is str
+        and type(f[5]) is int
+        and type(f[6]) is str
+        and type(f[7]) is bool
+        and type(f[8]) is int
+        and type(f[9]) is int
+        and type(f[10]) is str
+    )
+
+
+def _started_ok(f: list[Any]) -> bool:
+    return type(f[2]) is int and type(f[3]) is float
+
+
+def _output_ok(f: list[Any]) -> bool:
+    lines = f[4]
+    return (
+        type(f[2]) is int
+        and f[2] in (Stream.STDOUT, Stream.STDERR)
+        and type(f[3]) is float
+        and type(lines) is list
+        and set(map(type, lines)) <= _STR_ONLY
+    )
+
+
+def _finished_ok(f: list[Any]) -> bool:
+    usage = f[11]
+    return (
+        type(f[2]) is str
+        and type(f[3]) is int
+        and type(f[4]) is str
+        and type(f[5]) is str
+        and type(f[6]) is bool
+        and type(f[7]) is bool
+        and type(f[8]) is float
+        and type(f[9]) is float
+        and (f[10] is None or type(f[10]) is str)
+        and (
+            usage is None
+            or (type(usage) is list and len(usage) == 3 and set(map(type, usage)) <= _EXACT_NUMBERS)
+        )
+    )
+
+
+# The messages sent for every command, checked with exact types in one expression
+# each; anything these do not pass goes through the field-by-field checks, which
+# accept the same and more (an int where a float is expected) and name what is
+# wrong. Every one of them starts with an execution id.
+_FAST: dict[int, tuple[int, Any]] = {
+    Kind.RUN: (11, _run_ok),
+    Kind.STARTED: (4, _started_ok),
+    Kind.OUTPUT: (5, _output_ok),
+    Kind.FINISHED: (12, _finished_ok),
+}
+
+
 def decode_message(frame: Any) -> Message:
     """Turn one decoded frame into its message, or raise `ProtocolError` naming what is wrong."""
+    if type(frame) is list and frame and type(frame[0]) is int:
+        fast = _FAST.get(frame[0])
+        if fast is not None and len(frame) == fast[0]:
+            first = frame[1]
+            if type(first) is bytes and len(first) == 16 and fast[1](frame):
+                message: Message = _BUILDERS[frame[0]](*frame[1:])
+                return message
+    return _decode_checked(frame)
+
+
+def _decode_checked(frame: Any) -> Message:
     if not isinstance(frame, list) or not frame or not _is_int(frame[0]):
         raise ProtocolError(f"a message is an array starting with its kind, got {type(frame).__name__}")
     kind = frame[0]
