@@ -101,7 +101,7 @@ def children_of(pid: int) -> list[int]:
             return [c.pid for c in psutil.Process(pid).children()]
         except psutil.NoSuchProcess:
             return []
-    if pid == os.getpid() and threading.active_count() == 1:
+    if pid == _own_pid and threading.active_count() == 1:
         # Our own single-threaded process (a worker), asked on every command's
         # end: one thread, one file kept open, one read.
         return [int(x) for x in _read_own_children(pid).split()]
@@ -121,15 +121,19 @@ def children_of(pid: int) -> list[int]:
 _own_children: tuple[int, int] | None = None  # (pid, fd of its children file)
 
 
-def _drop_parents_children_file() -> None:
+_own_pid = os.getpid()  # getpid() is a system call on every use since glibc 2.25
+
+
+def _after_fork_in_child() -> None:
     # Runs in a forked child at once, before it could close or reuse the fd number.
-    global _own_children
+    global _own_children, _own_pid
+    _own_pid = os.getpid()
     if _own_children is not None:
         os.close(_own_children[1])
         _own_children = None
 
 
-os.register_at_fork(after_in_child=_drop_parents_children_file)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _read_own_children(pid: int) -> bytes:

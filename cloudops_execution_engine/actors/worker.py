@@ -391,6 +391,13 @@ class Worker:
             ex.exit_code = os.waitstatus_to_exitcode(status)
             rss_unit = 1 if sys.platform == "darwin" else 1024
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * rss_unit]
+            if ex.reason is None and not self._paused and _any_open(ex):
+                # Its pipes were closed when it exited, before its parent heard of
+                # it: end of output is usually there already, though this turn's
+                # wait did not report it. Take it now rather than on another turn.
+                for st in ex.streams:
+                    if st.open:
+                        self._on_output(ex, st)
             if _any_open(ex) and ex.linger_timer is None and ex.reason is None:
                 # The main process is gone but something it started still holds
                 # the pipes: give it the grace period to finish, then end it.
