@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -102,7 +103,13 @@ class ExecutionEngine:
         request = _coerce_model(request, ExecutionRequest, InvalidCommand)
         request.validate(self.config)
         await self._supervisor.start()
-        return self._supervisor.submit(request)
+        execution_id = self._supervisor.submit(request)
+        if self._supervisor.submitting_ahead():
+            # A caller queueing many commands in one go would otherwise keep the
+            # loop from hearing that running ones ended, and the workers would
+            # sit idle until the whole batch was queued.
+            await asyncio.sleep(0)
+        return execution_id
 
     async def execute_plan(self, plan: ExecutionPlan) -> UUID:
         """Validate and start a plan; returns its id at once."""

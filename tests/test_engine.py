@@ -151,6 +151,21 @@ async def test_concurrency_limit_is_never_exceeded(tmp_path: Path, recorder: Rec
         assert peak == 3
 
 
+async def test_commands_end_and_are_replaced_while_a_caller_is_still_queueing(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """A caller that queues a large batch in one loop does not hold up the commands already running."""
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=2)).with_event_handler(
+        recorder
+    ) as engine:
+        submitted = 0
+        # Never awaiting anything else, this loop lets events through only if execute() does.
+        while not any(e.event_type == "completed" for e in recorder.events) and submitted < 3000:
+            await engine.execute(run("true"))
+            submitted += 1
+        assert submitted < 3000, "no command ended while the batch was being queued"
+
+
 async def test_events_in_order_for_each_of_several_handlers(tmp_path: Path) -> None:
     """Every handler sees started, each line in order, then exactly one final event."""
     first, second = Recorder(), Recorder()

@@ -84,6 +84,10 @@ CANCELLED = ExecutionStatus.CANCELLED
 TIMEOUT = ExecutionStatus.TIMEOUT
 
 _ABANDONED_KILL_TIMEOUT = 15.0
+# While more is queued than may run, `execute()` lets the loop turn once per this
+# many submissions: often enough that ended commands are replaced at once, rarely
+# enough that a batch is not slowed by a turn per command.
+_SUBMITS_PER_TURN = 16
 _SHUTDOWN_MARGIN = 10.0
 _LINE_FIELDS = {"event_type", "execution_id", "line", "timestamp"}
 _STARTED_FIELDS = {"event_type", "execution_id", "command", "timestamp"}
@@ -282,6 +286,7 @@ class Supervisor:
         self._closed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._environment = _HostEnvironment()
+        self._since_yield = 0
 
     # -- lifecycle --------------------------------------------------------
 
@@ -381,6 +386,17 @@ class Supervisor:
         self._ready.append(record)
         self._dispatch()
         return record.id
+
+    def submitting_ahead(self) -> bool:
+        """Whether `execute()` should let the loop turn: every few submissions while the queue is deep."""
+        if len(self._ready) < self.config.max_concurrent_executions:
+            self._since_yield = 0
+            return False
+        self._since_yield += 1
+        if self._since_yield < _SUBMITS_PER_TURN:
+            return False
+        self._since_yield = 0
+        return True
 
     def submit_plan(self, plan: ExecutionPlan) -> UUID:
         self.check_open()
