@@ -88,6 +88,7 @@ _ABANDONED_KILL_TIMEOUT = 15.0
 # many submissions: often enough that ended commands are replaced at once, rarely
 # enough that a batch is not slowed by a turn per command.
 _SUBMITS_PER_TURN = 16
+_SENT_ARGV: list[str] = []  # shared by every record whose Run has gone; never changed
 _SHUTDOWN_MARGIN = 10.0
 _LINE_FIELDS = {"event_type", "execution_id", "line", "timestamp"}
 _STARTED_FIELDS = {"event_type", "execution_id", "command", "timestamp"}
@@ -472,6 +473,9 @@ class Supervisor:
                 record.display,
             ).to_wire()
         )
+        # Sent once and never again: a retained record need not keep its argv,
+        # one object fewer per execution for the host's garbage collector to age.
+        record.argv = _SENT_ARGV
         record.status = RUNNING
         record.worker = worker
         worker.held.add(record.key)

@@ -154,12 +154,16 @@ class Worker:
         self._paused = False
         self._executions: dict[bytes, _Execution] = {}
         self._by_pid: dict[int, _Execution] = {}
-        self._base_env = dict(os.environ)
+        self._set_base_env(dict(os.environ))
         self._pid = os.getpid()
         self._closing = False
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
         self.loop = Reactor()
+
+    def _set_base_env(self, env: dict[str, str]) -> None:
+        self._base_env = env
+        self._base_env_bytes = _encoded(env)
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
@@ -225,7 +229,7 @@ class Worker:
             if ex is not None and not ex.finished:
                 self._terminate(ex, "cancelled")
         elif isinstance(message, SetEnv):
-            self._base_env = message.env
+            self._set_base_env(message.env)
         elif isinstance(message, Shutdown):
             self._closing = True
             for ex in list(self._executions.values()):
@@ -274,11 +278,13 @@ class Worker:
             ex,
             f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {_stamp(ex.started_at)}\n",
         )
-        env = dict(self._base_env)
-        env.update(run.env)
-        env[process_tree.MARKER_ENV] = marker
+        env = self._base_env_bytes.copy()
+        if run.env:
+            env.update(_encoded(run.env))
+        env[_MARKER_KEY] = marker.encode()
+        search = run.env.get("PATH", self._base_env.get("PATH", os.defpath))
         try:
-            pid, out_fd, err_fd = _spawn(run.argv, env, run.cwd)
+            pid, out_fd, err_fd = _spawn(run.argv, env, run.cwd, search)
         except (OSError, ValueError) as exc:
             reason = _describe(exc) if isinstance(exc, OSError) else str(exc)
             ex.spawn_error = f"Process spawn failed: {reason}"
@@ -643,13 +649,20 @@ def _open_log(path: str) -> int:
 
 
 _resolved: dict[tuple[str, str], str] = {}
+# A command's environment as posix_spawn takes it. Encoded once per variable of the
+# base environment rather than by posix_spawn on every call.
+_Env = dict[bytes, bytes]
+_MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
 
 
-def _resolve_program(program: str, env: dict[str, str]) -> str:
-    """Look `program` up in the command's own PATH, as execvpe would, remembering hits."""
+def _encoded(env: dict[str, str]) -> _Env:
+    return {os.fsencode(key): os.fsencode(value) for key, value in env.items()}
+
+
+def _resolve_program(program: str, search: str) -> str:
+    """Look `program` up in the command's own PATH (`search`), as execvpe would, remembering hits."""
     if "/" in program:
         return program
-    search = env.get("PATH", os.defpath)
     key = (program, search)
     found = _resolved.get(key)
     if found is None:
@@ -660,19 +673,19 @@ def _resolve_program(program: str, env: dict[str, str]) -> str:
     return found
 
 
-def _spawn(argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, int, int]:
+def _spawn(argv: list[str], env: _Env, cwd: str, search: str) -> tuple[int, int, int]:
     """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
     try:
-        program = _resolve_program(argv[0], env)
+        program = _resolve_program(argv[0], search)
         return _spawn_resolved(program, argv, env, cwd)
     except FileNotFoundError:
         # A remembered program may have moved since; look again once.
-        if _resolved.pop((argv[0], env.get("PATH", os.defpath)), None) is None:
+        if _resolved.pop((argv[0], search), None) is None:
             raise
-        return _spawn_resolved(_resolve_program(argv[0], env), argv, env, cwd)
+        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd)
 
 
-def _spawn_resolved(program: str, argv: list[str], env: dict[str, str], cwd: str) -> tuple[int, int, int]:
+def _spawn_resolved(program: str, argv: list[str], env: _Env, cwd: str) -> tuple[int, int, int]:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
