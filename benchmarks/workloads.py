@@ -232,7 +232,7 @@ def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 7) -> list[Ro
                 name,
                 rate,
                 "exec/s",
-                {"engine_vs": round(engine_rate / rate, 2)},
+                {"engine_vs": round(engine_rate / rate, 2), "rounds": [round(v) for v in values]},
             )
         )
     return rows
