@@ -63,7 +63,9 @@ class ExecutionRequest(Model):
         return self.command.argv(self.working_dir)
 
     def cwd(self) -> str:
-        return os.fspath(self.working_dir) if self.working_dir is not None else os.getcwd()
+        """The absolute directory the command runs in: `working_dir`, or the host's current one."""
+        # getcwd() is absolute already; only a given directory needs making so.
+        return os.getcwd() if self.working_dir is None else os.path.abspath(self.working_dir)
 
 
 class SerialStrategy(Model):

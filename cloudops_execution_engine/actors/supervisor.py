@@ -168,9 +168,7 @@ class _Record(_Ending):
         # What the Run needs, not the request: a finished record should not keep the model alive.
         self.env = request.env
         self.argv = argv
-        working_dir = request.working_dir
-        # getcwd() is absolute already; only a given directory needs making so.
-        self.cwd = os.getcwd() if working_dir is None else os.path.abspath(working_dir)
+        self.cwd = request.cwd()
         self.display = request.command.display()
         self.log_path = log_path
         self.timeout_ms = timeout_ms
