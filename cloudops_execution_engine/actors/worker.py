@@ -2,7 +2,7 @@
 
 One single-threaded loop per worker (`reactor.Reactor`). It reads `Run`/`Cancel` frames
 from the supervisor's pipe; for each run it opens the log file, spawns the
-command in a new session with `posix_spawn`, reads its stdout and stderr as
+command in a new session (`spawning`), reads its stdout and stderr as
 they arrive, and sends back batched `Output` frames and one `Finished` frame.
 SIGCHLD drives reaping (`wait4`, which also yields resource usage); being the
 child subreaper, it also reaps orphaned descendants of its commands.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import shutil
 import signal
 import sys
 import time
@@ -48,6 +47,7 @@ from ..protocol.messages import Finished
 from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 from .reactor import Reactor, Timer
+from .spawning import CommandEnv, spawn
 
 __all__ = ["worker_main"]
 
@@ -66,9 +66,6 @@ _POLL_FIRST = 0.002
 # an empty environment on purpose.
 _UNSURE_FOR = 0.25
 _POLL_MAX = 0.05
-_DEFAULT_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGQUIT") if hasattr(signal, name)
-)
 _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 
 
@@ -154,16 +151,12 @@ class Worker:
         self._paused = False
         self._executions: dict[bytes, _Execution] = {}
         self._by_pid: dict[int, _Execution] = {}
-        self._set_base_env(dict(os.environ))
+        self._env = CommandEnv(dict(os.environ))
         self._pid = os.getpid()
         self._closing = False
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
         self.loop = Reactor()
-
-    def _set_base_env(self, env: dict[str, str]) -> None:
-        self._base_env = env
-        self._base_env_bytes = _encoded(env)
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
@@ -229,7 +222,7 @@ class Worker:
             if ex is not None and not ex.finished:
                 self._terminate(ex, "cancelled")
         elif isinstance(message, SetEnv):
-            self._set_base_env(message.env)
+            self._env = CommandEnv(message.env)
         elif isinstance(message, Shutdown):
             self._closing = True
             for ex in list(self._executions.values()):
@@ -278,13 +271,9 @@ class Worker:
             ex,
             f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {_stamp(ex.started_at)}\n",
         )
-        env = self._base_env_bytes.copy()
-        if run.env:
-            env.update(_encoded(run.env))
-        env[_MARKER_KEY] = marker.encode()
-        search = run.env.get("PATH", self._base_env.get("PATH", os.defpath))
+        env = self._env.for_command(run.env, marker)
         try:
-            pid, out_fd, err_fd = _spawn(run.argv, env, run.cwd, search)
+            pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, self._env.search_path(run.env))
         except (OSError, ValueError) as exc:
             reason = _describe(exc) if isinstance(exc, OSError) else str(exc)
             ex.spawn_error = f"Process spawn failed: {reason}"
@@ -646,78 +635,6 @@ def _open_log(path: str) -> int:
         fd = os.open(path, flags | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         return fd
-
-
-_resolved: dict[tuple[str, str], str] = {}
-# A command's environment as posix_spawn takes it. Encoded once per variable of the
-# base environment rather than by posix_spawn on every call.
-_Env = dict[bytes, bytes]
-_MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
-
-
-def _encoded(env: dict[str, str]) -> _Env:
-    return {os.fsencode(key): os.fsencode(value) for key, value in env.items()}
-
-
-def _resolve_program(program: str, search: str) -> str:
-    """Look `program` up in the command's own PATH (`search`), as execvpe would, remembering hits."""
-    if "/" in program:
-        return program
-    key = (program, search)
-    found = _resolved.get(key)
-    if found is None:
-        found = shutil.which(program, path=search)
-        if found is None:
-            raise FileNotFoundError(2, "No such file or directory", program)
-        _resolved[key] = found
-    return found
-
-
-def _spawn(argv: list[str], env: _Env, cwd: str, search: str) -> tuple[int, int, int]:
-    """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
-    try:
-        program = _resolve_program(argv[0], search)
-        return _spawn_resolved(program, argv, env, cwd)
-    except FileNotFoundError:
-        # A remembered program may have moved since; look again once.
-        if _resolved.pop((argv[0], search), None) is None:
-            raise
-        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd)
-
-
-def _spawn_resolved(program: str, argv: list[str], env: _Env, cwd: str) -> tuple[int, int, int]:
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        # posix_spawn has no chdir action. This worker is single-threaded and
-        # nothing else in it depends on its directory, so it moves and stays.
-        # Always moving (one cheap call) is right even if the directory was
-        # deleted and made again since the last command that used it.
-        os.chdir(cwd)
-        pid = os.posix_spawn(
-            program,
-            argv,
-            env,
-            # Standard input is inherited: the worker's fd 0 is /dev/null (`_quiet_stdio`).
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, out_w, 1),
-                (os.POSIX_SPAWN_DUP2, err_w, 2),
-            ],
-            setsid=True,
-            # Python ignores SIGPIPE and this worker ignores SIGINT; ignored
-            # dispositions survive exec, so give the command the defaults.
-            setsigdef=_DEFAULT_SIGNALS,
-        )
-    except BaseException:
-        os.close(out_r)
-        os.close(err_r)
-        raise
-    finally:
-        os.close(out_w)
-        os.close(err_w)
-    os.set_blocking(out_r, False)
-    os.set_blocking(err_r, False)
-    return pid, out_r, err_r
 
 
 def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:

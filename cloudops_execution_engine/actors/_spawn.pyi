@@ -1,0 +1,9 @@
+def spawn(
+    path: bytes,
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    stdout_fd: int,
+    stderr_fd: int,
+    default_signals: tuple[int, ...],
+) -> int: ...

@@ -1,0 +1,122 @@
+"""Starting a command, both ways: the C helper (vfork + execve) and os.posix_spawn.
+
+Each test runs against both and expects the same process and the same errors,
+so the fallback used where the helper was not built is held to what the helper does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from cloudops_execution_engine.actors import process_tree, spawning
+from cloudops_execution_engine.actors.spawning import CommandEnv, spawn
+
+pytestmark = pytest.mark.timeout(20)
+
+SH = shutil.which("sh") or "/bin/sh"
+
+
+@pytest.fixture(params=["native", "posix_spawn"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "native":
+        if spawning.native is None:
+            pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
+    else:
+        monkeypatch.setattr(spawning, "native", None)
+    return str(request.param)
+
+
+def _run(argv: list[str], env: list[bytes], cwd: str) -> tuple[int, str, str]:
+    """Start `argv`, read both pipes to their end, reap it: exit code, stdout, stderr."""
+    pid, out_fd, err_fd = spawn(argv, env, cwd, os.defpath)
+    outputs = []
+    for fd in (out_fd, err_fd):
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        os.close(fd)
+        outputs.append(b"".join(chunks).decode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]
+
+
+def test_the_command_gets_its_pipes_directory_environment_and_exit_code(way: str, tmp_path: Path) -> None:
+    env = CommandEnv({"KEEP": "base", "OVER": "base"}).for_command({"OVER": "mine"}, "the-marker")
+    code, out, err = _run([SH, "-c", 'pwd; echo "$KEEP $OVER"; env | sort >&2; exit 3'], env, str(tmp_path))
+    assert (code, out) == (3, f"{tmp_path}\nbase mine\n")
+    names = {line.split("=", 1)[0] for line in err.splitlines()}
+    assert {"KEEP", "OVER", process_tree.MARKER_ENV} <= names
+    assert f"{process_tree.MARKER_ENV}=the-marker" in err.splitlines()
+
+
+def test_the_worker_stays_in_its_own_directory_with_the_helper(way: str, tmp_path: Path) -> None:
+    before = os.getcwd()
+    _run([SH, "-c", "true"], [], str(tmp_path))
+    if way == "native":
+        assert os.getcwd() == before, "the child changes directory, not the worker"
+
+
+def test_the_command_starts_with_no_signal_ignored_or_blocked(way: str) -> None:
+    # This process ignores SIGPIPE (Python does) and SIGINT (as a worker does): the command must not.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code, out, _ = _run([SH, "-c", "grep -E '^(SigIgn|SigBlk)' /proc/self/status"], [], "/")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    fields = dict(line.split(":\t") for line in out.splitlines())
+    assert code == 0
+    assert int(fields["SigBlk"], 16) == 0
+    # glibc's posix_spawn leaves its own two internal signals (32 and 33) ignored; nothing else may be.
+    assert int(fields["SigIgn"], 16) & ~(0b11 << 31) == 0
+
+
+def test_the_command_is_its_own_session_leader(way: str) -> None:
+    pid, out_fd, err_fd = spawn([SH, "-c", "read x"], [], "/", os.defpath)
+    try:
+        assert os.getsid(pid) == pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(out_fd)
+        os.close(err_fd)
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "cwd", "error", "filename"),
+    [
+        (["/no/such/program"], "/", FileNotFoundError, "/no/such/program"),
+        (["no-such-program-on-path"], "/", FileNotFoundError, "no-such-program-on-path"),
+        (["{tmp}/not-executable"], "/", PermissionError, "{tmp}/not-executable"),
+        ([SH, "-c", "true"], "/no/such/directory", FileNotFoundError, "/no/such/directory"),
+    ],
+)
+def test_a_command_that_cannot_start_raises_the_same_error_and_leaves_nothing(
+    way: str, tmp_path: Path, argv: list[str], cwd: str, error: type[OSError], filename: str
+) -> None:
+    (tmp_path / "not-executable").write_text("echo no\n")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    filename = filename.format(tmp=tmp_path)
+    children = set(process_tree.children_of(os.getpid()))  # may open the file it reads, once
+    fds = _open_fds()
+    with pytest.raises(error) as raised:
+        spawn(argv, [], cwd, os.defpath)
+    assert raised.value.filename == filename
+    assert _open_fds() == fds, "the pipes were closed"
+    assert set(process_tree.children_of(os.getpid())) <= children, "no zombie of a failed start is left"
+
+
+def test_a_nul_byte_is_refused_before_anything_starts(way: str) -> None:
+    fds = _open_fds()
+    with pytest.raises(ValueError, match="null byte"):
+        spawn([SH, "-c", "true"], [b"A=\0b"], "/", os.defpath)
+    assert _open_fds() == fds
