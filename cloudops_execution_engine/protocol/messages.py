@@ -243,6 +243,12 @@ _STR_ONLY = frozenset({str})
 _EXACT_NUMBERS = frozenset({int, float})
 
 
+# The exact types of a run of plain fields, compared in one go: a tuple of types
+# built in C is cheaper than a test per field.
+_RUN_PLAIN = (str, int, str, bool, int, int, str)  # fields 4 to 10
+_FINISHED_PLAIN = (str, int, str, str, bool, bool, float, float)  # fields 2 to 9
+
+
 def _run_ok(f: list[Any]) -> bool:
     argv, env = f[2], f[3]
     return (
@@ -251,13 +257,7 @@ def _run_ok(f: list[Any]) -> bool:
         and set(map(type, argv)) <= _STR_ONLY
         and set(map(type, env)) <= _STR_ONLY
         and set(map(type, env.values())) <= _STR_ONLY
-        and type(f[4]) is str
-        and type(f[5]) is int
-        and type(f[6]) is str
-        and type(f[7]) is bool
-        and type(f[8]) is int
-        and type(f[9]) is int
-        and type(f[10]) is str
+        and tuple(map(type, f[4:])) == _RUN_PLAIN
     )
 
 
@@ -277,17 +277,10 @@ def _output_ok(f: list[Any]) -> bool:
 
 
 def _finished_ok(f: list[Any]) -> bool:
-    usage = f[11]
+    error, usage = f[10], f[11]
     return (
-        type(f[2]) is str
-        and type(f[3]) is int
-        and type(f[4]) is str
-        and type(f[5]) is str
-        and type(f[6]) is bool
-        and type(f[7]) is bool
-        and type(f[8]) is float
-        and type(f[9]) is float
-        and (f[10] is None or type(f[10]) is str)
+        tuple(map(type, f[2:10])) == _FINISHED_PLAIN
+        and (error is None or type(error) is str)
         and (
             usage is None
             or (type(usage) is list and len(usage) == 3 and set(map(type, usage)) <= _EXACT_NUMBERS)
