@@ -39,9 +39,9 @@ class CommandEnv:
 
     def __init__(self, base: dict[str, str]) -> None:
         self.base = base
-        self._encoded = {
-            os.fsencode(k): os.fsencode(v) for k, v in base.items() if os.fsencode(k) != _MARKER_KEY
-        }
+        self._encoded = {os.fsencode(k): os.fsencode(v) for k, v in base.items()}
+        # A host that itself runs under the engine has a marker; each command gets its own.
+        self._encoded.pop(_MARKER_KEY, None)
         self._items = [k + b"=" + v for k, v in self._encoded.items()]
 
     def for_command(self, overlay: dict[str, str], marker: str) -> list[bytes]:
