@@ -8,7 +8,7 @@ setup(
             "cloudops_execution_engine.actors._spawn",
             sources=["cloudops_execution_engine/actors/_spawn.c"],
             # Without a C compiler the package installs all the same and starts
-            # commands with os.posix_spawn.
+            # commands with fork and execve from Python.
             optional=True,
         )
     ]

@@ -7,6 +7,11 @@
 
 `--events ndjson` makes stdout one JSON event per line (the seed's event shape).
 SIGINT and SIGTERM cancel everything, kill every process tree, and exit 130 / 143.
+
+`run` exits as a shell would: with the command's own code, 128+N when signal N
+killed it, 127 when it could not be started, and 124 when it timed out (as GNU
+timeout); 1 when it failed without an exit status of its own (its worker died,
+or its log file could not be opened).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pydantic
 
 from .config import ExecutionConfig, RayConfig
 from .engine import ExecutionEngine
-from .errors import ExecutionError
+from .errors import CommandFailed, ExecutionError, SpawnFailed
 from .events import ExecutionEvent
 from .plans import check_plan
 from .requests import ExecutionPlan, ExecutionRequest
@@ -37,7 +42,12 @@ __all__ = ["main"]
 
 EXIT_TIMEOUT = 124  # as GNU timeout
 EXIT_CANNOT_RUN = 127  # as a shell for a command it cannot find
+EXIT_SIGNALLED = 128  # plus the signal number, as a shell
+EXIT_FAILED = 1
 EXIT_INVALID = 2
+
+# Taken from the errors themselves so that the wording is defined in one place.
+_SPAWN_FAILED_PREFIX = str(SpawnFailed(""))
 
 
 class _Ndjson:
@@ -95,16 +105,26 @@ async def _until_done_or_signal(engine: ExecutionEngine, entry: Any, interrupts:
     return waiter.result()
 
 
+def _did_not_start(result: ExecutionResult) -> bool:
+    # Not `exit_code == -1`: a command killed by SIGHUP has that code too.
+    return result.error is not None and result.error.startswith(_SPAWN_FAILED_PREFIX)
+
+
 def _exit_code_for(result: ExecutionResult) -> int:
     if result.status is ExecutionStatus.COMPLETED:
         return 0
     if result.status is ExecutionStatus.TIMEOUT:
         return EXIT_TIMEOUT
-    if result.exit_code == -1:
+    if _did_not_start(result):
         return EXIT_CANNOT_RUN
-    if result.exit_code < 0:
-        return 128 - result.exit_code
-    return result.exit_code or 1
+    if result.exit_code > 0:
+        return result.exit_code
+    # A negative code is a signal only when the command's own end produced it;
+    # a result made up for a worker that died or a log that could not be
+    # opened carries -1 as well, and naming SIGHUP for those would mislead.
+    if result.exit_code < 0 and result.error == str(CommandFailed(result.exit_code)):
+        return EXIT_SIGNALLED - result.exit_code
+    return EXIT_FAILED
 
 
 def _config(log_dir: Path | None, ray: str | None, timeout_ms: int | None = None) -> ExecutionConfig:
@@ -192,7 +212,7 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
         except ExecutionError as exc:
             _fail(str(exc))
     if result is None:
-        return 128 + interrupts.signal.result()
+        return EXIT_SIGNALLED + interrupts.signal.result()
     assert isinstance(result, ExecutionResult)
     if result.status is not ExecutionStatus.COMPLETED and result.error and events != "ndjson":
         click.echo(f"cloudops-exec: {result.error}", err=True)
@@ -270,7 +290,7 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
     assert isinstance(result, PlanExecutionResult)
     final_table(parsed, result, fancy, sys.stderr if events else sys.stdout)
     if interrupts.signal.done():
-        return 128 + interrupts.signal.result()
+        return EXIT_SIGNALLED + interrupts.signal.result()
     return 0 if result.status is ExecutionStatus.COMPLETED else 1
 
 

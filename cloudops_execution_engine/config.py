@@ -14,6 +14,7 @@ from ._model import Model
 __all__ = ["ExecutionConfig", "RayConfig", "default_log_dir"]
 
 MIB = 1024 * 1024
+U64_MAX = 2**64 - 1  # the Rust fields are u64: a larger value cannot cross to the crate or the wire
 
 
 def default_log_dir() -> Path:
@@ -38,8 +39,8 @@ class RayConfig(Model):
 
 
 class ExecutionConfig(Model):
-    default_timeout_ms: int = Field(default=120_000, gt=0)
-    max_timeout_ms: int = Field(default=600_000, gt=0)
+    default_timeout_ms: int = Field(default=120_000, gt=0, le=U64_MAX)
+    max_timeout_ms: int = Field(default=600_000, gt=0, le=U64_MAX)
     stream_output: bool = True
     log_dir: Path | None = None
     max_concurrent_executions: int = Field(default=10, gt=0)

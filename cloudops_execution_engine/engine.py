@@ -95,6 +95,11 @@ class ExecutionEngine:
         With `cancel` (the default) pending and running executions are cancelled
         and their trees killed; otherwise they are let finish first.
         """
+        if self._supervisor.loop_closed():
+            # Started under a loop that is gone (a finished `asyncio.run`): what
+            # it left running is stopped without it.
+            self._supervisor.abandon()
+            return
         await self._supervisor.shutdown(cancel)
 
     async def execute(self, request: ExecutionRequest) -> UUID:
@@ -159,18 +164,24 @@ class ExecutionEngine:
         return self._supervisor.log_location(_coerce_id(execution_id))
 
     async def events(self, execution_id: UUID | str) -> AsyncIterator[ExecutionEvent]:
-        """Yield the events of one execution or plan from now on, ending after its last one."""
+        """Yield the events of one execution or plan from now on, ending after its last one.
+
+        Events wait for this iterator in a queue of its own. The output lines
+        waiting there count toward the engine's backlog of undelivered output,
+        like those waiting for a handler, so a reader that falls far behind holds
+        back the flow of output; nothing is dropped.
+        """
         self._supervisor.check_usable()
         key = _coerce_id(execution_id)
         entry = self._supervisor.entry(key)
         if entry.status.is_final:
             return
-        queue = self._bus.subscribe(key)
+        subscription = self._bus.subscribe(key)
         try:
             while True:
-                event = await queue.get()
+                event = await subscription.get()
                 if event is STOP:
                     return
                 yield event
         finally:
-            self._bus.unsubscribe(key, queue)
+            self._bus.unsubscribe(subscription)

@@ -116,8 +116,8 @@ class NotCompleted(ExecutionError):
 
 
 class EngineClosed(ExecutionError):
-    def __init__(self) -> None:
-        super().__init__("Engine is shut down")
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__("Engine is shut down" if reason is None else f"Engine is shut down: {reason}")
 
 
 class Timeout(ExecutionError):

@@ -1,7 +1,8 @@
-"""Where log files live and how their directory is made safe to write in."""
+"""Where log files live, how their directory is made safe to write in, and how each log is opened."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -9,7 +10,14 @@ from uuid import UUID
 
 from .errors import IoError, describe_os_error
 
-__all__ = ["log_path_for", "prepare_log_dir", "read_log"]
+__all__ = ["log_path_for", "open_log", "prepare_log_dir", "read_log"]
+
+# O_EXCL with O_CREAT fails on any existing entry, a symlink or a FIFO
+# included, without following or opening it: only a new inode is ever written.
+_CREATE_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+)
+_CREATE_ATTEMPTS = 5
 
 
 def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
@@ -18,11 +26,41 @@ def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
     return log_dir / f"{execution_id}.log"
 
 
+def open_log(path: str | bytes) -> int:
+    """A descriptor on a new, owner-only log file at `path`, open to append.
+
+    Whatever already has the name (an older log of the same id, or a hard
+    link, symlink, FIFO or device someone placed there) loses its directory
+    entry and is otherwise left alone: truncating or chmodding it would reach
+    every other name of that inode. Raises the `OSError` when the name cannot
+    be freed (a directory, say) or keeps being taken again.
+    """
+    for _ in range(_CREATE_ATTEMPTS - 1):
+        try:
+            # The umask can only narrow 0600, so the file is owner-only either way.
+            return os.open(path, _CREATE_FLAGS, 0o600)
+        except FileExistsError:
+            pass
+        # Gone already means someone else removed it first: creating is what is left to try.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return os.open(path, _CREATE_FLAGS, 0o600)
+
+
 def prepare_log_dir(log_dir: Path) -> None:
-    """Create the directory owner-only, and refuse one that someone else controls."""
+    """Create the directory owner-only, and refuse one that someone else controls.
+
+    `log_dir` may be a symlink to a directory. The link itself must then be
+    ours or root's, because whoever owns it can point it elsewhere after this
+    check; and the directory it leads to must be ours.
+    """
     try:
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(log_dir)
+        if stat.S_ISLNK(info.st_mode):
+            if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):
+                raise IoError(f"log directory {log_dir} is a symlink that belongs to another user")
+            info = os.stat(log_dir)
         if not stat.S_ISDIR(info.st_mode):
             raise IoError(f"log directory {log_dir} is not a directory")
         if hasattr(os, "getuid") and info.st_uid != os.getuid():

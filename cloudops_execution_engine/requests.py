@@ -42,8 +42,10 @@ class ExecutionRequest(Model):
 
     def validate(self, config: ExecutionConfig) -> None:  # type: ignore[override]
         """Raise the `ValidationError` that says why this request cannot run under `config`."""
-        if self.working_dir is not None and not self.working_dir.is_dir():
-            raise InvalidWorkingDir(self.working_dir)
+        if self.working_dir is not None:
+            _check_text(str(self.working_dir), "working_dir")
+            if not self.working_dir.is_dir():
+                raise InvalidWorkingDir(self.working_dir)
         self.command.validate(self.working_dir)
         if self.timeout_ms is not None:
             if self.timeout_ms <= 0:
@@ -66,6 +68,14 @@ class ExecutionRequest(Model):
         """The absolute directory the command runs in: `working_dir`, or the host's current one."""
         # getcwd() is absolute already; only a given directory needs making so.
         return os.getcwd() if self.working_dir is None else os.path.abspath(self.working_dir)
+
+
+def _check_text(text: str, what: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidCommand(f"{what} is not valid Unicode text: {exc.reason} at {exc.start}") from None
 
 
 class SerialStrategy(Model):

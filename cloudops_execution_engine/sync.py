@@ -1,56 +1,118 @@
 """`SyncExecutionEngine`: the engine for hosts without an event loop of their own.
 
 It runs an `ExecutionEngine` on a private event loop in a daemon thread and
-offers the same methods, blocking. Handlers run on that thread; plain
-functions and `on_event` methods that are not coroutines are fine there.
+offers the same methods, blocking. Each call runs as a task on that loop. A
+caller interrupted while it waits (KeyboardInterrupt, or a `timeout` passing)
+has that task cancelled; a task cancelled on the loop raises in the caller,
+`EngineClosed` when shutdown was the cause.
+
+Handlers. A coroutine handler (`async def on_event`, or an `async def`
+function) runs on the loop thread, as with `ExecutionEngine`. Any other
+handler runs on a thread of its own, so a slow one delays only its own
+deliveries, never the engine or another handler. It receives its events in
+order, may call this engine's methods, and its thread ends at shutdown once
+what was queued for it has been delivered (waiting a bounded time).
+
+Events of one execution. `execute()` and `execute_plan()` start keeping the
+events of the new id before submitting it, and the first `events(id)` takes
+them over: `for event in engine.events(eid)` after `eid = engine.execute(...)`
+yields everything from `started` on, even when the command ended in between.
+Until taken over, these early buffers are bounded (see `events`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import concurrent.futures
+import logging
 import threading
-from collections.abc import Coroutine, Iterator
-from concurrent.futures import Future
+from collections import OrderedDict
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID
 
-from .actors.handlers import STOP
+from .actors.handlers import STOP, EventBus, Subscription, is_coroutine_handler
 from .config import ExecutionConfig
-from .engine import ExecutionEngine
-from .errors import EngineClosed
+from .engine import ExecutionEngine, _coerce_id, _coerce_model
+from .errors import EngineClosed, InvalidCommand, InvalidPlan, IoError
 from .events import ExecutionEvent
 from .requests import ExecutionPlan, ExecutionRequest
 from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 
 __all__ = ["SyncExecutionEngine"]
 
+logger = logging.getLogger("cloudops_execution_engine")
+
 _T = TypeVar("_T")
+
+# Early buffers: one id's events before `events()` asks for them.
+_EARLY_MAX_EVENTS = 10_000
+_EARLY_MAX_CHARS = 16 * 1024 * 1024  # of output line text
+# All early buffers together; an event object alone is about half a kilobyte.
+_EARLY_TOTAL_EVENTS = 50_000
+_EARLY_TOTAL_CHARS = 32 * 1024 * 1024
+# Buffers of ids that have ended (or were dropped) are kept for the most recent few.
+_EARLY_KEEP_ENDED = 256
+
+# Events handed to a thread reading `events()` per round trip to the loop.
+_TAKE_AT_ONCE = 1024
+
+_LOOP_JOIN_TIMEOUT = 30.0
+_LEFTOVER_TIMEOUT = 5.0  # for tasks still on the loop after the engine shut down
 
 
 class SyncExecutionEngine:
+    """`ExecutionEngine` with blocking methods, for code without an event loop (module docstring)."""
+
     def __init__(self, config: ExecutionConfig | None = None) -> None:
         self._engine = ExecutionEngine(config)
         self.config = self._engine.config
+        self._bus: EventBus = self._engine._bus
+        self._early = _EarlyBuffers(self._bus)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="cloudops-execution-engine", daemon=True
         )
         self._thread.start()
-        self._closed = False
 
     def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
-        if self._closed:
+        """Run `coro` on the loop and wait for it; an interrupted wait cancels it."""
+        if threading.current_thread() is self._thread:
             coro.close()
-            raise EngineClosed()
-        future: Future[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(timeout)
+            raise RuntimeError(
+                "a SyncExecutionEngine method was called on its own loop thread (from a coroutine "
+                "handler?); it would wait for itself forever"
+            )
+        with self._lock:
+            # Checked and submitted under the lock, so that nothing is submitted
+            # after shutdown has swept the loop of leftover calls.
+            if self._closed:
+                coro.close()
+                raise EngineClosed()
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise EngineClosed() from None
+            raise
+        except BaseException:
+            future.cancel()
+            raise
 
     def with_event_handler(self, handler: Any) -> SyncExecutionEngine:
-        self._call(_run_sync(self._engine.with_event_handler, handler))
+        """Add a handler; one that is not a coroutine function runs on a thread of its own."""
+        self._call(_run_sync(self._bus.add_handler, handler, not is_coroutine_handler(handler)))
         return self
+
+    def remove_event_handler(self, handler: Any) -> None:
+        """Stop delivering events to `handler`; events already queued for it are dropped."""
+        self._call(_run_sync(self._bus.remove_handler, handler))
 
     def __enter__(self) -> SyncExecutionEngine:
         self.start()
@@ -68,10 +130,36 @@ class SyncExecutionEngine:
         self._call(self._engine.start())
 
     def execute(self, request: ExecutionRequest) -> UUID:
-        return self._call(self._engine.execute(request))
+        """Validate and queue one command; returns its id at once. Its events are kept for `events()`."""
+        return self._call(self._execute(request))
+
+    async def _execute(self, request: ExecutionRequest) -> UUID:
+        request = _coerce_model(request, ExecutionRequest, InvalidCommand)
+        # Subscribed before submitting, in the same task: no event of the new
+        # execution can be published before the buffer is there.
+        buffer = self._early.open(request.id)
+        try:
+            execution_id = await self._engine.execute(request)
+        except BaseException:
+            self._early.discard(buffer)
+            raise
+        self._early.keep(buffer)
+        return execution_id
 
     def execute_plan(self, plan: ExecutionPlan) -> UUID:
-        return self._call(self._engine.execute_plan(plan))
+        """Validate and start a plan; returns its id at once. Its events are kept for `events()`."""
+        return self._call(self._execute_plan(plan))
+
+    async def _execute_plan(self, plan: ExecutionPlan) -> UUID:
+        plan = _coerce_model(plan, ExecutionPlan, InvalidPlan)
+        buffer = self._early.open(plan.id)
+        try:
+            plan_id = await self._engine.execute_plan(plan)
+        except BaseException:
+            self._early.discard(buffer)
+            raise
+        self._early.keep(buffer)
+        return plan_id
 
     def get_status(self, execution_id: UUID | str) -> ExecutionStatus:
         return self._call(self._engine.get_status(execution_id))
@@ -100,42 +188,246 @@ class SyncExecutionEngine:
         return self._engine.get_log_path(execution_id)
 
     def events(self, execution_id: UUID | str) -> Iterator[ExecutionEvent]:
-        """Yield one execution's or plan's events as they happen, ending after its last."""
-        inbox: queue.Queue[Any] = queue.Queue()
+        """Yield one execution's or plan's events, ending after its last.
 
-        async def pump() -> None:
-            try:
-                async for event in self._engine.events(execution_id):
-                    inbox.put(event)
-            except BaseException as exc:
-                inbox.put(exc)
-            finally:
-                inbox.put(STOP)
+        For an id returned by this engine's `execute()` or `execute_plan()`, the
+        first `events(id)` yields every event from the first on, even if the
+        execution has already ended, provided it is called while the events are
+        still kept: at most 10,000 events or 16 MiB of output text per id (32 MiB
+        and 50,000 events for all ids together), and for ended ids only the 256
+        that ended most recently. When more arrived before `events()` was called,
+        the early events were let go and `events()` raises `IoError` rather than
+        yield a stream with a hole in it; an id whose end is older than that is
+        treated as any other ended id. Any other call yields the events from now
+        on, and nothing for an execution that has ended.
 
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        Events taken by this iterator but not yet yielded are at most about a
+        thousand; the rest wait in the engine and count toward its backlog, so a
+        slow reader holds back the flow of output rather than let memory grow.
+        """
+        holder: list[Subscription] = []
         try:
+            stream = self._call(self._open_events(execution_id, holder))
+            if stream is None:
+                return
             while True:
-                item = inbox.get()
-                if item is STOP:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                for item in self._fetch(stream):
+                    if item is STOP:
+                        return
+                    yield item
         finally:
-            future.cancel()
+            self._close_events(holder)
+
+    async def _open_events(self, execution_id: UUID | str, holder: list[Subscription]) -> Subscription | None:
+        # No await in here: the subscription is in `holder` in the same loop step
+        # in which it is made, so `_close_events`, queued after any cancel,
+        # always finds it.
+        supervisor = self._engine._supervisor
+        supervisor.check_usable()
+        key = _coerce_id(execution_id)
+        stream = self._early.adopt(key)
+        if stream is None:
+            if supervisor.entry(key).status.is_final:
+                return None
+            stream = self._bus.subscribe(key)
+        holder.append(stream)
+        return stream
+
+    def _fetch(self, stream: Subscription) -> list[Any]:
+        try:
+            return self._call(stream.next_batch(_TAKE_AT_ONCE))
+        except EngineClosed:
+            # Shutdown ended every stream before stopping the loop; once the loop
+            # thread is gone, what is left can be read from here.
+            self._thread.join(_LOOP_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                raise
+            items = stream.take_ready(_TAKE_AT_ONCE)
+            if not items:
+                raise
+            return items
+
+    def _close_events(self, holder: list[Subscription]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._release, holder)
+        except RuntimeError:
+            self._release(holder)  # the loop has closed: no other thread touches the bus
+
+    def _release(self, holder: list[Subscription]) -> None:
+        for stream in holder:
+            self._bus.unsubscribe(stream)
+        holder.clear()
 
     def shutdown(self, cancel: bool = True) -> None:
-        """Stop the engine and its loop thread; harmless twice."""
-        if self._closed:
-            return
+        """Stop the engine, its handlers' threads and its loop thread; harmless twice."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         try:
             self._call(self._engine.shutdown(cancel))
         finally:
-            self._closed = True
+            with self._lock:
+                self._closed = True
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if threading.current_thread() is self._thread:
+            return  # unreachable through `_call`, which refuses the loop thread
+        final = asyncio.run_coroutine_threadsafe(self._sweep(), self._loop)
+        try:
+            final.result(_LEFTOVER_TIMEOUT * 2)
+        except Exception:
+            logger.exception("cleaning up the engine's loop at shutdown failed")
+        finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+            self._thread.join(_LOOP_JOIN_TIMEOUT)
             if not self._thread.is_alive():
                 self._loop.close()
+
+    async def _sweep(self) -> None:
+        """Free the early buffers, and end what is still on the loop: callers waiting get `EngineClosed`."""
+        self._early.clear()
+        current = asyncio.current_task()
+        leftovers = [task for task in asyncio.all_tasks() if task is not current]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=_LEFTOVER_TIMEOUT)
+        await self._loop.shutdown_asyncgens()
+        # Its threads (log reads run there) would otherwise outlive the engine.
+        await asyncio.wait_for(self._loop.shutdown_default_executor(), _LEFTOVER_TIMEOUT)
+
+
+class _Early:
+    __slots__ = ("chars", "dropped", "ended", "events", "kept", "subscription")
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.events = 0
+        self.chars = 0
+        self.ended = False  # its stream has ended
+        self.dropped = False  # let go for its size; `events()` then raises
+        self.kept = False  # its id was accepted by the engine
+
+
+class _EarlyBuffers:
+    """Events of ids submitted through the facade that `events()` has not asked for yet.
+
+    Loop thread only. A buffer is a subscription that does not count toward the
+    bus's backlog until `adopt()`. Buffers are bounded each and together; ended
+    ones are kept for the most recent `_EARLY_KEEP_ENDED` ids (module constants).
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self._buffers: dict[UUID, _Early] = {}
+        self._ended: OrderedDict[UUID, None] = OrderedDict()  # ended or dropped, oldest first
+        self._events = 0
+        self._chars = 0
+
+    def open(self, key: UUID) -> _Early:
+        early = _Early(self._bus.subscribe(key, counted=False))
+        early.subscription.watcher = lambda _subscription, items: self._on_put(early, items)
+        return early
+
+    def keep(self, early: _Early) -> None:
+        """The engine accepted the id: keep the buffer for `events()`."""
+        key = early.subscription.key
+        old = self._buffers.pop(key, None)
+        if old is not None:  # an id used again after the engine forgot its first execution
+            self._ended.pop(key, None)
+            self._let_go(old)
+        early.kept = True
+        self._buffers[key] = early
+        if early.ended or early.dropped:
+            self._note_ended(key)
+
+    def discard(self, early: _Early) -> None:
+        """The engine refused the id (or the submission was interrupted)."""
+        self._let_go(early)
+
+    def adopt(self, key: UUID) -> Subscription | None:
+        """The buffer of `key`, now counted like any subscriber; None when there is none."""
+        early = self._buffers.pop(key, None)
+        if early is None:
+            return None
+        self._ended.pop(key, None)
+        if early.dropped:
+            raise IoError(
+                f"the events of {key} were no longer buffered: more than {_EARLY_MAX_EVENTS} events "
+                f"or {_EARLY_MAX_CHARS // (1024 * 1024)} MiB of output arrived before events() was "
+                "called; call events() sooner, or add an event handler"
+            )
+        self._events -= early.events
+        self._chars -= early.chars
+        subscription = early.subscription
+        subscription.watcher = None
+        self._bus.adopt(subscription)
+        return subscription
+
+    def clear(self) -> None:
+        for early in self._buffers.values():
+            self._let_go(early)
+        self._buffers.clear()
+        self._ended.clear()
+
+    def _on_put(self, early: _Early, items: Sequence[Any]) -> None:
+        count = chars = 0
+        ended = False
+        for item in items:
+            if item is STOP:
+                ended = True
+                continue
+            count += 1
+            line = getattr(item, "line", None)
+            if line:
+                chars += len(line)
+        early.events += count
+        early.chars += chars
+        self._events += count
+        self._chars += chars
+        if ended:
+            early.ended = True
+            if early.kept:
+                self._note_ended(early.subscription.key)
+        if early.events > _EARLY_MAX_EVENTS or early.chars > _EARLY_MAX_CHARS:
+            self._drop(early)
+        while self._events > _EARLY_TOTAL_EVENTS or self._chars > _EARLY_TOTAL_CHARS:
+            victim = next(
+                (e for e in (self._buffers[k] for k in self._ended) if not e.dropped and e is not early),
+                early,
+            )
+            self._drop(victim)
+            if victim is early:
+                break
+
+    def _drop(self, early: _Early) -> None:
+        """Let the buffer's events go, keeping a mark so that `events()` can say so."""
+        if early.dropped:
+            return
+        self._let_go(early)
+        early.dropped = True
+        if early.kept:
+            self._note_ended(early.subscription.key)
+
+    def _let_go(self, early: _Early) -> None:
+        subscription = early.subscription
+        subscription.watcher = None
+        if not early.ended:
+            self._bus.unsubscribe(subscription)
+        subscription.clear()
+        self._events -= early.events
+        self._chars -= early.chars
+        early.events = early.chars = 0
+
+    def _note_ended(self, key: UUID) -> None:
+        self._ended[key] = None
+        while len(self._ended) > _EARLY_KEEP_ENDED:
+            oldest, _ = self._ended.popitem(last=False)
+            early = self._buffers.pop(oldest, None)
+            if early is not None:
+                self._let_go(early)
 
 
 async def _run_sync(fn: Any, *args: Any) -> Any:

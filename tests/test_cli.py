@@ -11,11 +11,16 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from conftest import HELPERS, PYTHON, gone, wait_until
+
+from cloudops_execution_engine import CommandFailed, ExecutionResult, ExecutionStatus, SpawnFailed
+from cloudops_execution_engine.cli import _exit_code_for
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -49,11 +54,56 @@ def test_run_streams_output_and_exits_with_the_commands_code(tmp_path: Path) -> 
         (["--timeout", "200", "--", "sleep", "5"], 124),
         (["--", "no-such-program-xyz"], 127),
         (["--", "bash", "-c", "kill -TERM $$"], 143),
+        (["--", "bash", "-c", "kill -HUP $$"], 129),
+        (["--", "bash", "-c", "kill -KILL $$"], 137),
         (["--", "true"], 0),
     ],
 )
 def test_run_exit_codes(tmp_path: Path, args: list[str], code: int) -> None:
+    """As a shell: timeout 124, cannot start 127, killed by signal N 128+N (SIGHUP too), else the code."""
     assert cli("run", *args, tmp_path=tmp_path).returncode == code
+
+
+def test_a_command_killed_by_sighup_is_not_reported_as_unstartable(tmp_path: Path) -> None:
+    """SIGHUP gives the same -1 as a spawn failure; the CLI tells them apart by the error."""
+    hung_up = cli("run", "--", "bash", "-c", "kill -HUP $$", tmp_path=tmp_path)
+    assert (hung_up.returncode, hung_up.stderr) == (129, "cloudops-exec: Command failed with exit code -1\n")
+    missing = cli("run", "--", "no-such-program-xyz", tmp_path=tmp_path)
+    assert missing.returncode == 127
+    assert missing.stderr.startswith(f"cloudops-exec: {SpawnFailed('')}")
+
+
+def _result(status: ExecutionStatus, exit_code: int, error: str | None) -> ExecutionResult:
+    now = datetime.now(UTC)
+    return ExecutionResult.model_construct(
+        id=uuid4(),
+        status=status,
+        exit_code=exit_code,
+        duration=timedelta(0),
+        started_at=now,
+        completed_at=now,
+        log_path=Path("unused.log"),
+        error=error,
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "exit_code", "error", "code"),
+    [
+        (ExecutionStatus.COMPLETED, 0, None, 0),
+        (ExecutionStatus.TIMEOUT, -15, "Execution timeout after 200ms", 124),
+        (ExecutionStatus.FAILED, -1, str(SpawnFailed("No such file or directory: x")), 127),
+        (ExecutionStatus.FAILED, -1, str(CommandFailed(-1)), 129),
+        (ExecutionStatus.FAILED, -9, str(CommandFailed(-9)), 137),
+        (ExecutionStatus.FAILED, 3, str(CommandFailed(3)), 3),
+        (ExecutionStatus.FAILED, -1, "Worker process 12 died (SIGKILL) while running this execution", 1),
+        (ExecutionStatus.FAILED, -1, "IO error: cannot open log file: Is a directory: x.log", 1),
+    ],
+    ids=["completed", "timeout", "spawn", "sighup", "sigkill", "code", "worker-died", "log-unopenable"],
+)
+def test_exit_code_mapping(status: ExecutionStatus, exit_code: int, error: str | None, code: int) -> None:
+    """Every kind of end maps to one code; -1 alone never decides, and a made-up -1 names no signal."""
+    assert _exit_code_for(_result(status, exit_code, error)) == code
 
 
 def test_run_env_cwd_and_shell(tmp_path: Path) -> None:

@@ -12,13 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudops_execution_engine.protocol import (
+    Credit,
     Finished,
     FrameDecoder,
+    Hello,
     Kind,
     Message,
     Output,
+    Ping,
+    Pong,
     ProtocolError,
     Run,
+    SetEnv,
     Started,
     decode_message,
     encode_frame,
@@ -29,7 +34,12 @@ pytestmark = pytest.mark.timeout(60)
 
 ID = bytes(range(16))
 MESSAGES: list[Message] = [
-    Run(ID, ["echo", "hi"], {"A": "1"}, "/tmp", 1000, "/tmp/x.log", True, 100, 50, "echo hi"),
+    Run(ID, ["echo", "hi"], {"A": "1"}, b"/tmp", 1000, b"/tmp/x.log", True, 100, 50, "echo hi"),
+    SetEnv({b"PATH": b"/bin", b"ODD\xff": b"\xfe"}),
+    Ping(7),
+    Pong(7),
+    Credit(65536),
+    Hello(42, 1000),
     Started(ID, 1234, 1.5),
     Output(ID, 1, 2.5, ["a", "b" * 1000, ""]),
     Finished(ID, "completed", 0, "out", "", False, True, 1.0, 2.0, None, [0.1, 0.2, 1024]),

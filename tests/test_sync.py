@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import config, run, shell
+from conftest import config, run, shell, wait_until
 
 from cloudops_execution_engine import (
     EngineClosed,
     ExecutionPlan,
     ExecutionStatus,
+    IoError,
     NotFound,
     ParallelStrategy,
     PlanExecutionResult,
@@ -23,6 +30,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
 
 def test_blocking_calls_mirror_the_async_api(tmp_path: Path) -> None:
+    threads_before = set(threading.enumerate())
     seen: list[Any] = []
     with SyncExecutionEngine(config(tmp_path)).with_event_handler(seen.append) as engine:
         eid = engine.execute(shell("echo sync"))
@@ -50,6 +58,7 @@ def test_blocking_calls_mirror_the_async_api(tmp_path: Path) -> None:
         engine.execute(run("true"))
     engine.shutdown()
     assert not any(t.name == "cloudops-execution-engine" for t in threading.enumerate())
+    assert set(threading.enumerate()) <= threads_before  # log reads' threads too
 
 
 def test_events_iterator_and_cancel_from_another_thread(tmp_path: Path) -> None:
@@ -62,3 +71,247 @@ def test_events_iterator_and_cancel_from_another_thread(tmp_path: Path) -> None:
                 threading.Thread(target=engine.cancel, args=(eid,)).start()
         assert kinds == ["started", "stdout", "cancelled"]
         assert engine.get_status(eid) is ExecutionStatus.CANCELLED
+
+
+# -- handlers off the loop ----------------------------------------------------------
+
+
+def engine_threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+def test_a_slow_plain_handler_runs_on_its_own_thread_and_delays_only_itself(tmp_path: Path) -> None:
+    """A plain handler sleeping per event neither blocks the loop nor holds back another handler."""
+    threads_before = engine_threads()
+    slow_seen: list[str] = []
+    slow_threads: set[str] = set()
+    fast_seen: list[Any] = []
+
+    def slow(event: Any) -> None:
+        slow_threads.add(threading.current_thread().name)
+        time.sleep(0.2)
+        slow_seen.append(event.event_type)
+
+    engine = SyncExecutionEngine(config(tmp_path)).with_event_handler(slow)
+    with engine.with_event_handler(fast_seen.append):
+        noisy = engine.execute(shell("for i in $(seq 10); do echo $i; done"))
+        assert engine.wait(noisy, timeout=20).status is ExecutionStatus.COMPLETED
+        begun = time.monotonic()
+        quick = engine.execute(run("true"))
+        assert engine.wait(quick, timeout=20).status is ExecutionStatus.COMPLETED
+        assert time.monotonic() - begun < 1.0, "the slow handler delayed an unrelated execution"
+        wait_until(
+            lambda: any(getattr(e, "execution_id", None) == quick for e in fast_seen[-1:]),
+            5,
+            "the fast handler to see the quick execution end",
+        )
+        assert len(slow_seen) < 14, "the slow handler should still be behind"
+    # Shutdown waited for what was queued, then ended the handlers' threads.
+    assert slow_seen == ["started", *["stdout"] * 10, "completed", "started", "completed"]
+    assert len(slow_threads) == 1
+    assert next(iter(slow_threads)).startswith("cloudops-event-handler-")
+    assert engine_threads() <= threads_before
+
+
+def test_a_coroutine_handler_that_calls_the_engine_gets_an_error_not_a_deadlock(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    engine = SyncExecutionEngine(config(tmp_path))
+
+    async def on_loop(event: Any) -> None:
+        try:
+            engine.get_status(event.execution_id)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    with engine.with_event_handler(on_loop):
+        engine.wait(engine.execute(run("true")), timeout=20)
+        wait_until(lambda: len(errors) == 2, 10, "the handler's two calls to fail")
+    assert "own loop thread" in str(errors[0])
+
+
+# -- events() after execute() ---------------------------------------------------------
+
+
+def test_events_right_after_execute_yield_everything_from_started(tmp_path: Path) -> None:
+    """The README's pattern: nothing is lost between `execute()` and `events()`."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        for _ in range(100):
+            eid = engine.execute(shell("echo a; echo b"))
+            seen = list(engine.events(eid))
+            assert [e.event_type for e in seen] == ["started", "stdout", "stdout", "completed"]
+            assert [getattr(e, "line", None) for e in seen[1:3]] == ["a", "b"]
+
+
+def test_events_of_a_command_that_has_already_ended_are_all_there(tmp_path: Path) -> None:
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        eid = engine.execute(shell("echo done"))
+        engine.wait(eid, timeout=20)
+        assert [e.event_type for e in engine.events(eid)] == ["started", "stdout", "completed"]
+        # The first call took the kept events; an ended execution has none from now on.
+        assert list(engine.events(eid)) == []
+
+
+def test_events_of_a_plan_right_after_execute_plan(tmp_path: Path) -> None:
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        plan = ExecutionPlan(commands=[run("true"), run("true")], strategy=ParallelStrategy())
+        pid = engine.execute_plan(plan)
+        engine.wait(pid, timeout=20)
+        kinds = [e.event_type for e in engine.events(pid)]
+        assert sorted(kinds) == sorted(["started", "completed", "progress"] * 2)
+
+
+def test_early_buffers_are_kept_for_the_most_recent_ended_ids(tmp_path: Path) -> None:
+    """Buffers nobody reads do not pile up: the oldest ended ones go."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        ids = [engine.execute(run("true")) for _ in range(300)]
+        for eid in ids:
+            engine.wait(eid, timeout=20)
+        assert list(engine.events(ids[0])) == []
+        assert [e.event_type for e in engine.events(ids[-1])] == ["started", "completed"]
+
+
+def test_an_unread_early_buffer_of_a_flood_neither_stalls_the_engine_nor_keeps_growing(
+    tmp_path: Path,
+) -> None:
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        flood = engine.execute(shell("seq 200000"))
+        other = engine.execute(shell("echo other"))
+        assert engine.wait(other, timeout=20).status is ExecutionStatus.COMPLETED
+        assert engine.wait(flood, timeout=50).status is ExecutionStatus.COMPLETED
+        assert not engine._bus.congested
+        with pytest.raises(IoError, match="no longer buffered"):
+            engine.events(flood).__next__()
+        assert [e.event_type for e in engine.events(other)] == ["started", "stdout", "completed"]
+
+
+# -- interrupts and cancellation -------------------------------------------------------
+
+
+def blocked_in_a_call() -> bool:
+    """Whether the main thread is waiting inside `SyncExecutionEngine._call`."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    innermost = frame
+    while frame is not None:
+        if frame.f_code.co_name == "_call" and frame.f_code.co_filename.endswith("sync.py"):
+            return innermost is not None and innermost.f_code.co_filename == threading.__file__
+        frame = frame.f_back
+    return False
+
+
+def interrupt_main_thread(when: Callable[[], bool] = lambda: True) -> threading.Thread:
+    """SIGINT to the main thread (a KeyboardInterrupt there) once it is blocked in a call and `when` holds."""
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 10
+        while not (blocked_in_a_call() and when()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def on_main_thread() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("KeyboardInterrupt is delivered to the main thread only")
+
+
+@pytest.mark.usefixtures("on_main_thread")
+def test_a_keyboard_interrupt_while_blocked_cancels_the_call_on_the_loop(tmp_path: Path) -> None:
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        running, cancelled = threading.Event(), threading.Event()
+
+        async def blocked() -> None:
+            running.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        interrupter = interrupt_main_thread(running.is_set)
+        with pytest.raises(KeyboardInterrupt):
+            engine._call(blocked())
+        interrupter.join(10)
+        assert cancelled.wait(10), "the coroutine on the loop was not cancelled"
+
+        # Through the public API: an interrupted wait leaves the execution and the engine as they were.
+        eid = engine.execute(shell("echo up; exec sleep 30"))
+        events = engine.events(eid)
+        assert [next(events).event_type, next(events).event_type] == ["started", "stdout"]
+        interrupter = interrupt_main_thread()
+        with pytest.raises(KeyboardInterrupt):
+            engine.wait(eid)
+        interrupter.join(10)
+        assert engine.get_status(eid) is ExecutionStatus.RUNNING
+        engine.cancel(eid)
+        assert [e.event_type for e in events] == ["cancelled"]
+
+
+@pytest.mark.usefixtures("on_main_thread")
+def test_an_interrupted_events_iterator_lets_go_of_its_queue(tmp_path: Path) -> None:
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        eid = engine.execute(shell("echo up; exec sleep 30"))
+        events = engine.events(eid)
+        assert [next(events).event_type, next(events).event_type] == ["started", "stdout"]
+        assert engine._bus.active  # the iterator's queue
+        interrupter = interrupt_main_thread()
+        with pytest.raises(KeyboardInterrupt):
+            next(events)
+        interrupter.join(10)
+        wait_until(lambda: not engine._bus.active, 10, "the iterator's queue to be let go")
+        assert engine._bus.backlog == 0
+        engine.cancel(eid)
+
+
+def test_a_call_cancelled_on_the_loop_raises_in_the_caller(tmp_path: Path) -> None:
+    """A cancel is never turned into a value."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+
+        async def cancelled_on_the_loop() -> str:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+            return "a value"
+
+        with pytest.raises(concurrent.futures.CancelledError):
+            engine._call(cancelled_on_the_loop())
+
+
+def test_a_call_still_waiting_at_shutdown_gets_engine_closed(tmp_path: Path) -> None:
+    engine = SyncExecutionEngine(config(tmp_path))
+    running = threading.Event()
+    outcome: list[BaseException] = []
+
+    async def forever() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    def caller() -> None:
+        try:
+            engine._call(forever())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=caller)
+    waiter.start()
+    assert running.wait(10)
+    engine.shutdown()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineClosed)
+
+
+def test_a_reader_still_iterating_at_shutdown_reads_to_the_end(tmp_path: Path) -> None:
+    engine = SyncExecutionEngine(config(tmp_path))
+    eid = engine.execute(shell("echo a; echo b; exec sleep 30"))
+    events = engine.events(eid)
+    assert [next(events).event_type for _ in range(3)] == ["started", "stdout", "stdout"]
+    engine.shutdown()
+    assert [e.event_type for e in events] == ["cancelled"]

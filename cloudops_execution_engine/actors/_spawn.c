@@ -15,11 +15,26 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* One resource limit for the child: setrlimit(resource, {soft, hard}). */
+struct limit {
+    int resource;
+    struct rlimit value;
+};
 
 enum stage { STAGE_NONE = 0, STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER };
 
@@ -73,7 +88,8 @@ fail:
 
 static void __attribute__((noinline, noreturn))
 child(const char *path, char *const argv[], char *const envp[], const char *cwd, int out_fd, int err_fd,
-      const int *defaults, Py_ssize_t n_defaults, const sigset_t *old_mask)
+      const int *defaults, Py_ssize_t n_defaults, const struct limit *limits, Py_ssize_t n_limits,
+      const sigset_t *old_mask)
 {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
@@ -104,6 +120,25 @@ child(const char *path, char *const argv[], char *const envp[], const char *cwd,
         failed.stage = STAGE_CHDIR;
         _exit(127);
     }
+    for (Py_ssize_t i = 0; i < n_limits; i++) {
+        if (setrlimit(limits[i].resource, &limits[i].value) != 0) {
+            failed.error = errno;
+            failed.stage = STAGE_OTHER;
+            _exit(127);
+        }
+    }
+#ifdef __linux__
+    /* The command adopts what its own descendants orphan, so a process that
+     * double-forks, clears its environment and calls setsid still stays in
+     * the command's tree while the command runs. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+#endif
+#ifdef SYS_close_range
+    /* Whatever the worker holds without close-on-exec stays out of the command:
+     * it sees exactly fds 0, 1 and 2. Kernels without the call have it fail,
+     * and the worker marks its own fds close-on-exec at start for them. */
+    syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC);
+#endif
     sigprocmask(SIG_SETMASK, old_mask, NULL);
     execve(path, argv, envp);
     failed.error = errno;
@@ -115,11 +150,32 @@ static PyObject *
 spawn(PyObject *module, PyObject *args)
 {
     const char *path, *cwd;
-    PyObject *argv_seq, *env_seq, *defaults_seq;
+    PyObject *argv_seq, *env_seq, *defaults_seq, *limits_seq;
     int out_fd, err_fd;
-    if (!PyArg_ParseTuple(args, "yOOyiiO:spawn", &path, &argv_seq, &env_seq, &cwd, &out_fd, &err_fd,
-                          &defaults_seq)) {
+    if (!PyArg_ParseTuple(args, "yOOyiiOO:spawn", &path, &argv_seq, &env_seq, &cwd, &out_fd, &err_fd,
+                          &defaults_seq, &limits_seq)) {
         return NULL;
+    }
+    struct limit limits[16];
+    Py_ssize_t n_limits = PySequence_Size(limits_seq);
+    if (n_limits < 0) {
+        return NULL;
+    }
+    if (n_limits > (Py_ssize_t)(sizeof limits / sizeof limits[0])) {
+        PyErr_SetString(PyExc_ValueError, "too many resource limits");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n_limits; i++) {
+        PyObject *item = PySequence_GetItem(limits_seq, i);
+        long long soft = 0, hard = 0;
+        int ok = item != NULL && PyArg_ParseTuple(item, "iLL", &limits[i].resource, &soft, &hard);
+        Py_XDECREF(item);
+        if (!ok) {
+            return NULL;
+        }
+        /* Python spells RLIM_INFINITY as -1. */
+        limits[i].value.rlim_cur = soft < 0 ? RLIM_INFINITY : (rlim_t)soft;
+        limits[i].value.rlim_max = hard < 0 ? RLIM_INFINITY : (rlim_t)hard;
     }
     char **argv = bytes_array(argv_seq, "argv");
     if (argv == NULL) {
@@ -159,7 +215,7 @@ spawn(PyObject *module, PyObject *args)
     sigprocmask(SIG_BLOCK, &all, &old_mask);
     pid_t pid = vfork();
     if (pid == 0) {
-        child(path, argv, envp, cwd, out_fd, err_fd, defaults, n_defaults, &old_mask);
+        child(path, argv, envp, cwd, out_fd, err_fd, defaults, n_defaults, limits, n_limits, &old_mask);
     }
     int fork_error = errno;
     sigprocmask(SIG_SETMASK, &old_mask, NULL);
@@ -194,9 +250,11 @@ spawn(PyObject *module, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS,
-     "spawn(path, argv, env, cwd, stdout_fd, stderr_fd, default_signals) -> pid\n\n"
+     "spawn(path, argv, env, cwd, stdout_fd, stderr_fd, default_signals, limits) -> pid\n\n"
      "Start `path` in a new session in `cwd`, with `stdout_fd` and `stderr_fd` as its\n"
-     "standard output and error and the signals in `default_signals` at their defaults.\n"
+     "standard output and error, the signals in `default_signals` at their defaults,\n"
+     "each (resource, soft, hard) of `limits` set, as the child subreaper of its own\n"
+     "descendants, and with no fd but 0, 1 and 2 open across the exec.\n"
      "`argv` and `env` are sequences of bytes, `env` of b\"NAME=value\" items."},
     {NULL, NULL, 0, NULL},
 };

@@ -6,4 +6,5 @@ def spawn(
     stdout_fd: int,
     stderr_fd: int,
     default_signals: tuple[int, ...],
+    limits: tuple[tuple[int, int, int], ...],
 ) -> int: ...

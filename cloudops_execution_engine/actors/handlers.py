@@ -1,46 +1,90 @@
-"""Delivering events to handlers without letting one handler hurt another.
+"""Delivering events to handlers and subscribers without letting one hurt another.
 
 Each handler gets its own queue and its own task on the host loop, so a
 handler that blocks only delays itself, a handler that raises is logged and
 keeps receiving, and every handler sees every execution's events in the order
-they happened. Per-execution subscribers (`ExecutionEngine.events`) are fed
-the same way.
+they happened. A handler added with `on_thread=True` (the plain functions given
+to `SyncExecutionEngine`) runs on a thread of its own instead: its task hands
+the thread what is queued and waits for it, so the loop never runs the
+handler's code. Per-execution subscribers (`ExecutionEngine.events`) get a
+queue each (`Subscription`).
+
+Flow control. A batch of output lines is published with the byte size of the
+frame it came from, its weight. Each listener (handler channel or subscriber)
+that receives the batch counts the weight as undelivered until the batch has
+been handed over in full: until its handler returned from the batch's last
+event, or its reader took that event. `backlog` is the largest such total.
+`congested` turns on when it rises above `HIGH_WATER` and off when it falls
+below `LOW_WATER`, and `on_relief` is called each time it turns off, so the
+supervisor can hold back workers' output while a listener is far behind and
+resume it later: host memory stays bounded and no event is dropped.
+
+A subscriber opened with `counted=False` keeps its weight to itself until
+`adopt()`: it is a buffer nobody may ever read (`SyncExecutionEngine` keeps one
+per submitted id), and one unread buffer must not hold back every worker's output.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import queue
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
 from ..events import ExecutionEvent
 
-__all__ = ["EventBus"]
+__all__ = ["EventBus", "Subscription", "is_coroutine_handler"]
 
 logger = logging.getLogger("cloudops_execution_engine.events")
 
 STOP = object()  # ends a channel or a subscriber's stream
 
+# After a drain has given up on a handler, how long its thread gets to return
+# from the call it is in before it is left behind (it is a daemon thread).
+_THREAD_EXIT_TIMEOUT = 1.0
 
-class _Channel:
+
+class _Listener:
+    """What the bus counts: undelivered weight, and whether it counts toward `backlog`."""
+
+    __slots__ = ("bus", "counted", "pending")
+
+    def __init__(self, bus: EventBus, counted: bool) -> None:
+        self.bus = bus
+        self.counted = counted
+        self.pending = 0
+
+
+class _Channel(_Listener):
     """One handler's queue and task.
 
     A deque with one waiting future rather than an `asyncio.Queue`: a channel has
     one reader and no bound, so the queue's getter and putter bookkeeping would be
     cost paid on every event for nothing.
+
+    Items are single events, `(events, weight)` batches, or STOP.
     """
 
-    __slots__ = ("handler", "items", "task", "waiter")
+    __slots__ = ("handler", "items", "task", "thread", "waiter")
 
-    def __init__(self, handler: Any) -> None:
+    def __init__(self, bus: EventBus, handler: Any, on_thread: bool) -> None:
+        super().__init__(bus, counted=True)
         self.handler = handler
         self.items: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        deliver = _deliverer(handler)
+        loop = asyncio.get_running_loop()
+        self.thread = _HandlerThread(self, deliver, loop) if on_thread else None
+        if self.thread is not None:
+            self.task = loop.create_task(self._run_on_thread(self.thread))
+        else:
+            self.task = loop.create_task(self._run(deliver))
 
     def put(self, item: Any) -> None:
         self.items.append(item)
@@ -50,31 +94,471 @@ class _Channel:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _run(self) -> None:
-        deliver = _deliverer(self.handler)
+    async def _wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    async def _run(self, deliver: Callable[[Any], Any]) -> None:
         items = self.items
+        bus = self.bus
         while True:
             if not items:
-                self.waiter = asyncio.get_running_loop().create_future()
-                await self.waiter
+                await self._wait()
                 continue
             item = items.popleft()
             if item is STOP:
                 return
-            # A batch (a list) is the lines of one read, in order.
-            for event in item if isinstance(item, list) else (item,):
+            # A batch is the lines of one read, in order.
+            if type(item) is tuple:
+                events, weight = item
+            else:
+                events, weight = (item,), 0
+            for event in events:
                 try:
                     outcome = deliver(event)
                     if inspect.isawaitable(outcome):
                         await outcome
                 except asyncio.CancelledError:
-                    raise
+                    if _being_cancelled():
+                        raise
+                    # The handler's own await was cancelled, not this channel:
+                    # ending the channel here would strand every later event.
+                    _log_handler_error(self.handler, event)
                 except Exception:
-                    logger.exception(
-                        "event handler %r raised on %s; it keeps receiving events",
-                        self.handler,
-                        type(event).__name__,
-                    )
+                    _log_handler_error(self.handler, event)
+            if weight:
+                bus._delivered(self, weight)
+
+    async def _run_on_thread(self, thread: _HandlerThread) -> None:
+        items = self.items
+        try:
+            while True:
+                if not items:
+                    await self._wait()
+                    continue
+                # Everything queued goes over at once: one wake-up of the thread
+                # and one back per turn, not per event.
+                taken: list[Any] = []
+                stop = False
+                while items:
+                    item = items.popleft()
+                    if item is STOP:
+                        stop = True
+                        break
+                    taken.append(item)
+                if taken:
+                    await thread.deliver(taken)
+                if stop:
+                    thread.stop(abandon=False)
+                    return
+        except BaseException:
+            thread.stop(abandon=True)
+            raise
+
+
+class _HandlerThread:
+    """A handler's own thread: it calls the handler on what its channel hands over, in order.
+
+    The weight of each batch is given back to the bus (on the loop) as soon as
+    the handler has returned from the batch's last event.
+    """
+
+    __slots__ = ("_channel", "_deliver", "_jobs", "_loop", "_stopping", "exited", "thread")
+
+    def __init__(
+        self, channel: _Channel, deliver: Callable[[Any], Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._channel = channel
+        self._deliver = deliver
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[tuple[list[Any], asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._stopping = False
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.thread = threading.Thread(
+            target=self._main, name=f"cloudops-event-handler-{_name_of(channel.handler)}", daemon=True
+        )
+        self.thread.start()
+
+    def deliver(self, items: list[Any]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._jobs.put((items, done))
+        return done
+
+    def stop(self, abandon: bool) -> None:
+        """Let the thread end after what it was given, or with `abandon` after the call it is in."""
+        if abandon:
+            self._stopping = True
+        self._jobs.put(None)
+
+    def _main(self) -> None:
+        bus = self._channel.bus
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None or self._stopping:
+                    return
+                items, done = job
+                for item in items:
+                    if type(item) is tuple:
+                        events, weight = item
+                    else:
+                        events, weight = (item,), 0
+                    for event in events:
+                        if self._stopping:
+                            return
+                        self._call(event)
+                    if weight:
+                        self._post(bus._delivered, self._channel, weight)
+                self._post(_resolve, done)
+        finally:
+            self._post(_resolve, self.exited)
+
+    def _call(self, event: Any) -> None:
+        try:
+            outcome = self._deliver(event)
+            if inspect.isawaitable(outcome):
+                # A plain function that returned an awaitable: it can only be
+                # awaited on the loop, and this thread waits so order holds.
+                asyncio.run_coroutine_threadsafe(_awaited(outcome), self._loop).result()
+        except Exception:
+            _log_handler_error(self._channel.handler, event)
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        # RuntimeError: the loop has closed, and nobody waits for this any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+
+class Subscription(_Listener):
+    """One reader's queue of one execution's (or plan's) events, in order, ending with STOP.
+
+    Items are single events, `(events, weight)` batches, or STOP. A batch's
+    weight is given back when the reader takes its last event. `watcher`, when
+    set, is called with what was just queued (a batch's events, or a one-item
+    sequence): `SyncExecutionEngine` bounds its early buffers with it.
+    """
+
+    __slots__ = ("_head", "_index", "_items", "_waiter", "key", "watcher")
+
+    def __init__(self, bus: EventBus, key: UUID, counted: bool) -> None:
+        super().__init__(bus, counted)
+        self.key = key
+        self._items: deque[Any] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._head: tuple[Sequence[Any], int] | None = None  # the batch being read
+        self._index = 0
+        self.watcher: Callable[[Subscription, Sequence[Any]], None] | None = None
+
+    def _put(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.watcher is not None:
+            self.watcher(self, (item,))
+
+    def _put_batch(self, events: Sequence[Any], weight: int) -> None:
+        self._items.append((events, weight))
+        if weight:
+            self.pending += weight
+            if self.counted and self.pending >= self.bus.LOW_WATER:
+                self.bus._loaded(self)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.watcher is not None:
+            self.watcher(self, events)
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def get(self) -> Any:
+        """The next event, or STOP after the last one; waits while there is none."""
+        while True:
+            head = self._head
+            if head is not None:
+                events, weight = head
+                index = self._index
+                event = events[index]
+                index += 1
+                if index == len(events):
+                    self._head = None
+                    if weight:
+                        self.bus._delivered(self, weight)
+                else:
+                    self._index = index
+                return event
+            items = self._items
+            if not items:
+                await self._wait()
+                continue
+            item = items.popleft()
+            if type(item) is not tuple:
+                return item
+            if item[0]:
+                self._head = item
+                self._index = 0
+            elif item[1]:
+                self.bus._delivered(self, item[1])
+
+    async def next_batch(self, limit: int) -> list[Any]:
+        """What `take_ready` returns, once there is something; waits while there is nothing."""
+        while self._head is None and not self._items:
+            await self._wait()
+        return self.take_ready(limit)
+
+    def take_ready(self, limit: int) -> list[Any]:
+        """Take queued items, whole batches, until about `limit` events (at least one item)."""
+        taken: list[Any] = []
+        head = self._head
+        if head is not None:
+            events, weight = head
+            taken.extend(events[self._index :])
+            self._head = None
+            if weight:
+                self.bus._delivered(self, weight)
+        items = self._items
+        while items and len(taken) < limit:
+            item = items.popleft()
+            if type(item) is tuple:
+                taken.extend(item[0])
+                if item[1]:
+                    self.bus._delivered(self, item[1])
+            else:
+                taken.append(item)
+                if item is STOP:
+                    break
+        return taken
+
+    def clear(self) -> None:
+        """Forget everything queued (its weight too)."""
+        self._items.clear()
+        self._head = None
+        if self.pending:
+            self.bus._delivered(self, self.pending)
+
+
+class EventBus:
+    """Handlers, subscribers, and the measure of what they have not yet taken (module docstring)."""
+
+    HIGH_WATER = 8 * 1024 * 1024
+    LOW_WATER = 2 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Any, bool]] = []  # (handler, on_thread) added before the loop ran
+        self._channels: list[_Channel] = []
+        self._subscribers: dict[UUID, list[Subscription]] = {}
+        self._readers: set[Subscription] = set()  # counted subscribers, ended or not
+        self._retired: list[_HandlerThread] = []  # threads of removed handlers, joined at drain
+        self._heavy: set[_Listener] = set()  # counted listeners holding at least LOW_WATER
+        self._congested = False
+        self._closed = False
+        self.on_relief: Callable[[], None] | None = None
+
+    # -- handlers ---------------------------------------------------------
+
+    def add_handler(self, handler: Any, on_thread: bool = False) -> None:
+        """Deliver every event to `handler`; with `on_thread`, call it on a thread of its own."""
+        _deliverer(handler)  # reject a non-handler now, not at the first event
+        if _loop_running():
+            self._channels.append(_Channel(self, handler, on_thread))
+        else:
+            self._waiting.append((handler, on_thread))
+
+    def remove_handler(self, handler: Any) -> None:
+        """Stop delivering to `handler` (the first one equal to it); what was queued for it is dropped."""
+        for channel in self._channels:
+            if channel.handler is handler or channel.handler == handler:
+                # A new list: a publish running over the old one is not disturbed.
+                self._channels = [c for c in self._channels if c is not channel]
+                channel.task.cancel()
+                if channel.thread is not None:
+                    channel.thread.stop(abandon=True)
+                    self._retired.append(channel.thread)
+                self._forget(channel)
+                return
+        for index, (waiting, _on_thread) in enumerate(self._waiting):
+            if waiting is handler or waiting == handler:
+                del self._waiting[index]
+                return
+        raise ValueError(f"{handler!r} is not an event handler of this engine")
+
+    def start(self) -> None:
+        """Open a channel for each handler added before the loop was known."""
+        waiting, self._waiting = self._waiting, []
+        for handler, on_thread in waiting:
+            self._channels.append(_Channel(self, handler, on_thread))
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens; when nobody does, events are not even built."""
+        return bool(self._channels) or bool(self._subscribers)
+
+    # -- publishing -------------------------------------------------------
+
+    def publish(self, event: ExecutionEvent, *keys: UUID) -> None:
+        """Publish one event (it weighs nothing) to every handler and to the subscribers of `keys`."""
+        for channel in self._channels:
+            channel.put(event)
+        if self._subscribers:
+            for key in keys:
+                for subscription in self._subscribers.get(key, ()):
+                    subscription._put(event)
+
+    def publish_batch(self, events: list[ExecutionEvent], *keys: UUID, weight: int = 0) -> None:
+        """Publish the events of one frame at once: one queue item per listener.
+
+        `weight` is the frame's size in bytes; each listener counts it until the
+        batch has been handed over in full (module docstring).
+        """
+        batch = (events, weight)
+        for channel in self._channels:
+            channel.put(batch)
+            if weight:
+                channel.pending += weight
+                if channel.pending >= self.LOW_WATER:
+                    self._loaded(channel)
+        if self._subscribers:
+            for key in keys:
+                for subscription in self._subscribers.get(key, ()):
+                    subscription._put_batch(events, weight)
+
+    # -- subscribers ------------------------------------------------------
+
+    def subscribe(self, key: UUID, counted: bool = True) -> Subscription:
+        """A queue of the events published for `key` from now on; `counted=False`: see `adopt`."""
+        subscription = Subscription(self, key, counted)
+        # Lists are replaced, never changed in place, so that a watcher may
+        # unsubscribe while a publish is going over them.
+        self._subscribers[key] = [*self._subscribers.get(key, ()), subscription]
+        if counted:
+            self._readers.add(subscription)
+        return subscription
+
+    def adopt(self, subscription: Subscription) -> None:
+        """Make a `counted=False` subscription count toward `backlog` from now on, with what it holds."""
+        if subscription.counted:
+            return
+        subscription.counted = True
+        self._readers.add(subscription)
+        if subscription.pending >= self.LOW_WATER:
+            self._loaded(subscription)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop feeding `subscription` and stop counting what it still holds."""
+        subscriptions = self._subscribers.get(subscription.key)
+        if subscriptions and subscription in subscriptions:
+            rest = [s for s in subscriptions if s is not subscription]
+            if rest:
+                self._subscribers[subscription.key] = rest
+            else:
+                del self._subscribers[subscription.key]
+        if subscription.counted:
+            self._readers.discard(subscription)
+            self._forget(subscription)
+
+    def end_stream(self, key: UUID) -> None:
+        """Tell the subscribers of `key` that its last event has been published."""
+        for subscription in self._subscribers.pop(key, ()):
+            subscription._put(STOP)
+
+    # -- flow control -----------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """The largest weight any counted listener holds undelivered."""
+        largest = 0
+        for channel in self._channels:
+            largest = max(largest, channel.pending)
+        for subscription in self._readers:
+            largest = max(largest, subscription.pending)
+        return largest
+
+    @property
+    def congested(self) -> bool:
+        """True from when `backlog` rises above HIGH_WATER until it falls below LOW_WATER."""
+        return self._congested
+
+    def _loaded(self, listener: _Listener) -> None:
+        """`listener` holds at least LOW_WATER after taking more."""
+        if not listener.counted:
+            return
+        self._heavy.add(listener)
+        if listener.pending > self.HIGH_WATER:
+            self._congested = True
+
+    def _delivered(self, listener: _Listener, weight: int) -> None:
+        listener.pending -= weight
+        if listener.pending < self.LOW_WATER and listener in self._heavy:
+            self._heavy.discard(listener)
+            self._relieve()
+
+    def _forget(self, listener: _Listener) -> None:
+        """`listener` is gone: what it held no longer counts."""
+        if listener in self._heavy:
+            self._heavy.discard(listener)
+            self._relieve()
+
+    def _relieve(self) -> None:
+        if not self._congested or self._heavy:
+            return
+        self._congested = False
+        relief = self.on_relief
+        if relief is None or self._closed:
+            return
+        try:
+            relief()
+        except Exception:
+            # It runs inside whichever listener gave the weight back; a fault
+            # there must not end that handler's channel or reader.
+            logger.exception("the bus's relief callback %r raised", relief)
+
+    # -- shutdown ---------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Let every handler finish what is queued (bounded), then stop them and their threads."""
+        for channel in self._channels:
+            channel.put(STOP)
+        tasks = [c.task for c in self._channels]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                logger.warning("event handler %r still busy at shutdown; cancelled", task)
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        threads = [c.thread for c in self._channels if c.thread is not None] + self._retired
+        channels, self._channels, self._retired = self._channels, [], []
+        for handler_thread in threads:
+            handler_thread.stop(abandon=True)  # a second stop is harmless; one never made is not
+        await _join(threads)
+        for channel in channels:
+            self._forget(channel)
+        self._closed = True
+
+
+async def _join(threads: list[_HandlerThread]) -> None:
+    """Wait (bounded) for handler threads to end; a thread stuck in its handler is left, named."""
+    exits = [t.exited for t in threads if not t.exited.done()]
+    if exits:
+        await asyncio.wait(exits, timeout=_THREAD_EXIT_TIMEOUT)
+    for handler_thread in threads:
+        if handler_thread.exited.done():
+            # It has posted its last callback and is returning: this is brief.
+            handler_thread.thread.join(_THREAD_EXIT_TIMEOUT)
+        else:
+            logger.warning(
+                "event handler thread %s still in its handler at shutdown; left to finish on its own",
+                handler_thread.thread.name,
+            )
 
 
 def _deliverer(handler: Any) -> Callable[[Any], Any]:
@@ -86,85 +570,36 @@ def _deliverer(handler: Any) -> Callable[[Any], Any]:
     raise TypeError(f"{handler!r} has no on_event method")
 
 
-class EventBus:
-    def __init__(self) -> None:
-        self._handlers: list[Any] = []
-        self._channels: list[_Channel] = []
-        self._subscribers: dict[UUID, list[asyncio.Queue[Any]]] = {}
+def is_coroutine_handler(handler: Any) -> bool:
+    """Whether `handler` (an `on_event` object or a callable) is a coroutine; TypeError if neither."""
+    deliver = _deliverer(handler)
+    # The second test is for an object whose __call__ is a coroutine function.
+    return inspect.iscoroutinefunction(deliver) or inspect.iscoroutinefunction(type(deliver).__call__)
 
-    def add_handler(self, handler: Any) -> None:
-        _deliverer(handler)  # reject a non-handler now, not at the first event
-        self._handlers.append(handler)
-        if self._channels or _loop_running():
-            self._channels.append(_Channel(handler))
 
-    def remove_handler(self, handler: Any) -> None:
-        if handler not in self._handlers:
-            raise ValueError(f"{handler!r} is not an event handler of this engine")
-        self._handlers.remove(handler)
-        for channel in [c for c in self._channels if c.handler is handler]:
-            self._channels.remove(channel)
-            channel.task.cancel()
+def _name_of(handler: Any) -> str:
+    name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+    return str(name)
 
-    def start(self) -> None:
-        """Open a channel for each handler added before the loop was known."""
-        have = {id(c.handler) for c in self._channels}
-        for handler in self._handlers:
-            if id(handler) not in have:
-                self._channels.append(_Channel(handler))
 
-    @property
-    def active(self) -> bool:
-        """Whether anyone listens; when nobody does, events are not even built."""
-        return bool(self._channels) or bool(self._subscribers)
+def _log_handler_error(handler: Any, event: Any) -> None:
+    logger.exception(
+        "event handler %r raised on %s; it keeps receiving events", handler, type(event).__name__
+    )
 
-    def publish(self, event: ExecutionEvent, *keys: UUID) -> None:
-        for channel in self._channels:
-            channel.put(event)
-        if self._subscribers:
-            for key in keys:
-                for queue in self._subscribers.get(key, ()):
-                    queue.put_nowait(event)
 
-    def publish_batch(self, events: list[ExecutionEvent], *keys: UUID) -> None:
-        """Publish several events of one execution at once: one queue item per listener."""
-        for channel in self._channels:
-            channel.put(events)
-        if self._subscribers:
-            for key in keys:
-                for queue in self._subscribers.get(key, ()):
-                    for event in events:
-                        queue.put_nowait(event)
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
-    def subscribe(self, key: UUID) -> asyncio.Queue[Any]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._subscribers.setdefault(key, []).append(queue)
-        return queue
 
-    def unsubscribe(self, key: UUID, queue: asyncio.Queue[Any]) -> None:
-        queues = self._subscribers.get(key)
-        if queues and queue in queues:
-            queues.remove(queue)
-            if not queues:
-                del self._subscribers[key]
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
-    def end_stream(self, key: UUID) -> None:
-        """Tell the subscribers of `key` that its last event has been published."""
-        for queue in self._subscribers.pop(key, ()):
-            queue.put_nowait(STOP)
 
-    async def drain(self, timeout: float) -> None:
-        """Let every handler finish what is queued (bounded), then stop them."""
-        for channel in self._channels:
-            channel.put(STOP)
-        tasks = [c.task for c in self._channels]
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                logger.warning("event handler %r still busy at shutdown; cancelled", task)
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        self._channels.clear()
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _loop_running() -> bool:

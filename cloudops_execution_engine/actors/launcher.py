@@ -11,12 +11,15 @@ worker (multiprocessing then refuses to start it at all), and a heavy host
 this package, so the launch below is CPython's `popen_spawn_posix` launch with
 the main-module entries taken out of the preparation data. It also passes no
 resource-tracker fd: workers share no semaphores, so none is started for them.
+A launch that fails part way closes what it opened at once and reaps a child
+it had started, rather than leaving that to a garbage collection.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -38,6 +41,7 @@ class _WorkerPopen(popen_spawn_posix.Popen):
             context.set_spawning_popen(None)
 
         parent_r = child_w = child_r = parent_w = None
+        launched = False
         try:
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
@@ -45,16 +49,30 @@ class _WorkerPopen(popen_spawn_posix.Popen):
             fds: list[int] = self._fds  # type: ignore[attr-defined]  # set by Popen.__init__
             fds.extend([child_r, child_w])
             self.pid = util.spawnv_passfds(os.fsencode(spawn.get_executable()), cmd, fds)
+            try:
+                with open(parent_w, "wb", closefd=False) as handle:
+                    handle.write(buffer.getbuffer())
+            except BaseException:
+                # A child that cannot be handed its work is of no use, and
+                # nothing else would ever reap it.
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                raise
             self.sentinel = parent_r
-            with open(parent_w, "wb", closefd=False) as handle:
-                handle.write(buffer.getbuffer())
+            launched = True
         finally:
-            self.finalizer = util.Finalize(
-                self, _close_fds, ([fd for fd in (parent_r, parent_w) if fd is not None],)
-            )
             for fd in (child_r, child_w):
                 if fd is not None:
                     os.close(fd)
+            # The write end stays open as in CPython's launch (the child reads
+            # its end as its parent's sentinel). On a failure both go at once:
+            # a host short of file descriptors should not wait for a garbage
+            # collection to get them back.
+            ours = [fd for fd in (parent_r, parent_w) if fd is not None]
+            if launched:
+                self.finalizer = util.Finalize(self, _close_fds, (ours,))
+            else:
+                _close_fds(ours)
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -5,14 +5,18 @@ loop watches the worker's output pipe and its process sentinel together, so a
 worker that dies (even by SIGKILL) is noticed at once, whichever the kernel
 reports first: end of input, a malformed or oversized frame, a failed write,
 or the sentinel.
+
+Starting a worker can fail for want of file descriptors or processes; every
+such failure is a `WorkerStartError` naming the cause, and leaves nothing
+open or running behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -21,60 +25,103 @@ from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 from .launcher import WorkerProcess
-from .pool import OnDeath, OnMessage, WorkerHandle, WorkerPool, WorkerStartError
+from .pool import (
+    HELLO_TIMEOUT,
+    OnBroken,
+    OnDeath,
+    OnMessage,
+    OnRecovered,
+    WorkerHandle,
+    WorkerPool,
+    WorkerStartError,
+)
 from .process_tree import describe_exit
 from .worker import worker_main
 
-__all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "start_worker_process"]
+__all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "WorkerTarget", "start_worker_process"]
 
 EXIT_TIMEOUT = 5.0
 
+# What a worker process runs: `worker_main`, or anything with its signature
+# that can be imported by name in a spawned child.
+WorkerTarget = Callable[[Connection, Connection, bool], None]
 
-def start_worker_process(name: str, detach: bool = False) -> tuple[BaseProcess, int, int]:
+# Tasks that report a worker's death: the loop keeps only weak references.
+_reporting: set[asyncio.Task[None]] = set()
+
+
+def start_worker_process(
+    name: str, detach: bool = False, target: WorkerTarget = worker_main
+) -> tuple[BaseProcess, int, int]:
     """Start a worker; return it with the write end of its input and the read end of its output.
 
     A detached worker (see `worker_main`) is not the returned process, which exits at once.
+    `WorkerStartError` if it cannot be started; nothing is left open then.
     """
-    to_worker_r, to_worker_w = multiprocessing.Pipe(duplex=False)
-    from_worker_r, from_worker_w = multiprocessing.Pipe(duplex=False)
-    process: BaseProcess = WorkerProcess(
-        target=worker_main, args=(to_worker_r, from_worker_w, detach), name=name, daemon=True
-    )
+    ours: list[int] = []
+    theirs: list[Connection] = []
     try:
+        to_worker_r, to_worker_w = os.pipe()
+        ours.append(to_worker_w)
+        # The worker's ends travel as Connections, which a spawned child knows how to receive.
+        theirs.append(Connection(to_worker_r, writable=False))
+        from_worker_r, from_worker_w = os.pipe()
+        ours.append(from_worker_r)
+        theirs.append(Connection(from_worker_w, readable=False))
+        process: BaseProcess = WorkerProcess(target=target, args=(*theirs, detach), name=name, daemon=True)
         process.start()
     except Exception as exc:
-        for conn in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+        for fd in ours:
+            os.close(fd)
+        raise WorkerStartError(f"cannot start a worker process: {exc}") from exc
+    finally:
+        # The child has its own copies by now, or never will.
+        for conn in theirs:
             conn.close()
-        raise WorkerStartError(f"cannot start worker process: {exc}") from exc
-    to_worker_r.close()
-    from_worker_w.close()
-    wfd = _take_fd(to_worker_w)
-    rfd = _take_fd(from_worker_r)
-    os.set_blocking(wfd, False)
-    os.set_blocking(rfd, False)
-    return process, wfd, rfd
-
-
-def _take_fd(conn: Connection) -> int:
-    """Own a Connection's pipe as a raw fd: our frames are not its pickled messages."""
-    fd = os.dup(conn.fileno())
-    conn.close()
-    return fd
+    for fd in ours:
+        os.set_blocking(fd, False)
+    return process, to_worker_w, from_worker_r
 
 
 class ProcessWorkerHandle(WorkerHandle):
     def __init__(
-        self, index: int, loop: asyncio.AbstractEventLoop, on_message: OnMessage, on_death: OnDeath
+        self,
+        index: int,
+        loop: asyncio.AbstractEventLoop,
+        on_message: OnMessage,
+        on_death: OnDeath,
+        target: WorkerTarget = worker_main,
     ) -> None:
         super().__init__(index, loop, on_message)
         self._on_death = on_death
         self._reported: asyncio.Future[None] = loop.create_future()
-        self.process, self._wfd, self._rfd = start_worker_process(f"cloudops-execution-worker-{index}")
-        self._writer = PipeWriter(loop, self._wfd, self._pipe_broken)
+        self._cause = ""
+        self._killed = False
+        self.process, self._wfd, self._rfd = start_worker_process(
+            f"cloudops-execution-worker-{index}", target=target
+        )
         self.pid = self.process.pid or 0
+        try:
+            self._writer = PipeWriter(loop, self._wfd, self._pipe_broken)
+            loop.add_reader(self._rfd, self._on_readable)
+            loop.add_reader(self.process.sentinel, self._on_sentinel)
+        except BaseException as exc:
+            self._abort_start()
+            if isinstance(exc, Exception):
+                raise WorkerStartError(f"cannot watch worker process {self.pid}: {exc}") from exc
+            raise
         self.alive = True
-        loop.add_reader(self._rfd, self._on_readable)
-        loop.add_reader(self.process.sentinel, self._on_sentinel)
+
+    def _abort_start(self) -> None:
+        """Undo a start that the loop could not take on: kill the process, close every fd."""
+        for fd in (self._rfd, self.process.sentinel):
+            self._loop.remove_reader(fd)
+        for fd in (self._rfd, self._wfd):
+            os.close(fd)
+        self.process.kill()
+        self.process.join(EXIT_TIMEOUT)
+        with contextlib.suppress(ValueError):
+            self.process.close()
 
     def send(self, wire: list[Any]) -> None:
         if not self._dead:
@@ -95,6 +142,22 @@ class ProcessWorkerHandle(WorkerHandle):
     def _on_sentinel(self) -> None:
         self.die("exited")
 
+    def abandon(self) -> None:
+        if not self._mark_dead("was abandoned"):
+            return
+        self._writer.close()
+        for fd in (self._rfd, self._wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # End of input: the worker kills every tree it holds and exits.
+        self.process.join(EXIT_TIMEOUT)
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError, AttributeError):
+                self.process.kill()
+            self.process.join(EXIT_TIMEOUT)
+        with contextlib.suppress(ValueError):
+            self.process.close()
+
     def die(self, how: str) -> None:
         if not self._mark_dead(how):
             return
@@ -104,22 +167,35 @@ class ProcessWorkerHandle(WorkerHandle):
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._loop.create_task(self._report_death(how))
+        task = self._loop.create_task(self._report_death(how))
+        _reporting.add(task)
+        task.add_done_callback(_reporting.discard)
 
     async def _report_death(self, how: str) -> None:
-        code = await self._exit_code()
-        with contextlib.suppress(ValueError):
-            self.process.close()
-        if code is not None and code < 0:
-            cause = f"killed by {describe_exit(code)}"
-        elif code is not None:
-            cause = f"{how} with {describe_exit(code)}"
-        else:
-            cause = how
         try:
-            self._on_death(self, f"Worker process {self.pid} died ({cause})")
+            code = await self._exit_code()
+            with contextlib.suppress(ValueError):
+                self.process.close()
+            if self._killed:
+                # The host ended it, for the reason it gave (it stopped responding).
+                self._cause = how
+            elif code is not None and code < 0:
+                self._cause = f"killed by {describe_exit(code)}"
+            elif code is not None and how in ("exited", "closed its pipe"):
+                # Which of the two the loop saw first is chance; the exit status is what counts.
+                self._cause = f"exited with {describe_exit(code)}"
+            elif code is not None:
+                self._cause = f"{how} with {describe_exit(code)}"
+            else:
+                self._cause = how
+            self._on_death(self, f"Worker process {self.pid} died ({self._cause})")
         finally:
             self._reported.set_result(None)
+
+    async def _start_failure(self, exc: WorkerStartError) -> str:
+        # Waiting for the report is bounded by `_exit_code`, and gives the exit status.
+        await asyncio.shield(self._reported)
+        return f"worker process {self.pid} died before it was ready ({self._cause or exc})"
 
     async def _exit_code(self) -> int | None:
         """Wait (bounded) for the process to end, killing it if it lingers; then its exit code."""
@@ -127,6 +203,7 @@ class ProcessWorkerHandle(WorkerHandle):
             return self.process.exitcode
         with contextlib.suppress(ProcessLookupError, AttributeError):
             self.process.kill()
+            self._killed = True
         await self._await_exit(EXIT_TIMEOUT)
         return self.process.exitcode
 
@@ -162,13 +239,52 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class LocalWorkerPool(WorkerPool[ProcessWorkerHandle]):
+    """Worker processes on this machine.
+
+    `worker_target` is what each worker process runs (`worker_main`); it must
+    be importable by name, since workers are spawned, not forked.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        on_message: OnMessage,
+        on_death: OnDeath,
+        on_ready: Callable[[WorkerHandle], None],
+        *,
+        worker_target: WorkerTarget = worker_main,
+        hello_timeout: float = HELLO_TIMEOUT,
+        on_broken: OnBroken | None = None,
+        on_recovered: OnRecovered | None = None,
+    ) -> None:
+        super().__init__(
+            size,
+            on_message,
+            on_death,
+            on_ready,
+            hello_timeout=hello_timeout,
+            on_broken=on_broken,
+            on_recovered=on_recovered,
+        )
+        self.worker_target = worker_target
+
     async def start(self) -> None:
-        handles = [self._adopt(self._new_handle()) for _ in range(self.size)]
+        handles: list[ProcessWorkerHandle] = []
+        try:
+            for _ in range(self.size):
+                handles.append(self._adopt(self._new_handle()))
+        except BaseException:
+            await self._discard(handles)
+            raise
         await self._start_all(handles)
 
     def _new_handle(self) -> ProcessWorkerHandle:
         return ProcessWorkerHandle(
-            self._next_index(), asyncio.get_running_loop(), self._on_message, self._handle_death
+            self._next_index(),
+            asyncio.get_running_loop(),
+            self._on_message,
+            self._handle_death,
+            self.worker_target,
         )
 
     async def _successor(self, dead: ProcessWorkerHandle) -> ProcessWorkerHandle:

@@ -1,11 +1,14 @@
 """Finding and killing the whole process tree of a command.
 
 A command runs in its own session, with `CLOUDOPS_EXECUTION_ID` in its
-environment. Its tree is: the main process and its descendants, plus any
-process that escaped by double-forking or `setsid` and was reparented to the
-worker (the worker is the child subreaper, so every orphan lands there rather
-than on init), recognised by its session id or the inherited marker, plus
-that process's own descendants.
+environment, and (on Linux) as the child subreaper of its own descendants. Its
+tree is: the main process and its descendants, which while the main process
+runs includes every process that double-forked, called `setsid` or cleared its
+environment, since the kernel reparents orphans to the nearest subreaper. Once
+the main process has ended, its orphans are reparented to the worker (the
+subreaper above it): those recognised by the inherited marker or the session
+id are the command's, and so is any process that no running command claims,
+as it can only have come from a command that has ended.
 
 Kills go deepest first so that a parent cannot respawn a child it just lost.
 Only `NoSuchProcess` and `ProcessLookupError` are ignored: a process that
@@ -188,6 +191,7 @@ def tree_of(
     adopter_pid: int,
     other_mains: Iterable[int] = (),
     unsure: list[psutil.Process] | None = None,
+    claimed: tuple[set[str], set[int]] | None = None,
 ) -> list[psutil.Process]:
     """Every process of one command's tree, deepest first.
 
@@ -198,7 +202,9 @@ def tree_of(
     if it carries the command's marker, or carries none and is in its session.
     An adopted process whose environment cannot be read right now (it is in
     the middle of an `exec`) and is outside the session is added to `unsure`,
-    for the caller to look again.
+    for the caller to look again. With `claimed` (the markers and sessions of
+    the other commands still tracked), which is given once the main process
+    has ended, every adopted process that none of those claims is taken too.
     """
     found: dict[int, psutil.Process] = {}
     if main_pid:
@@ -212,11 +218,19 @@ def tree_of(
         if proc is None:
             continue
         belongs = _belongs(proc, session_id, marker)
-        if belongs:
+        if belongs or (claimed is not None and not _claimed(proc, *claimed)):
             _with_descendants(proc, found)
         elif belongs is None and unsure is not None:
             unsure.append(proc)
     return _deepest_first(found)
+
+
+def _claimed(proc: psutil.Process, markers: set[str], sessions: set[int]) -> bool:
+    """Whether an adopted process carries the marker, or is in the session, of one of the given commands."""
+    theirs = _marker_of(proc)
+    if theirs is not None:
+        return theirs in markers
+    return _session_of(proc.pid) in sessions
 
 
 def _belongs(proc: psutil.Process, session_id: int, marker: str) -> bool | None:

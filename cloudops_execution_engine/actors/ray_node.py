@@ -69,7 +69,8 @@ class NodeWorker:
         # The launcher exits as soon as the worker has left it.
         await asyncio.to_thread(launcher.join, _EXIT_WAIT)
         self._writer = PipeWriter(loop, wfd, self._input_broken)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_SECRET_PREFIXES)}
+        secret = tuple(os.fsencode(prefix) for prefix in _SECRET_PREFIXES)
+        env = {k: v for k, v in os.environb.items() if not k.startswith(secret)}
         self._writer.write(encode_frame(SetEnv(env).to_wire()))
         self._drain_inbox()
         self._resume_reading()

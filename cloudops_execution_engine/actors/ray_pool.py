@@ -32,7 +32,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..config import RayConfig
 from ..errors import IoError
 from ..protocol import Shutdown, encode_frame
-from .pool import OnDeath, OnMessage, WorkerHandle, WorkerPool, WorkerStartError
+from .pool import (
+    HELLO_TIMEOUT,
+    OnBroken,
+    OnDeath,
+    OnMessage,
+    OnRecovered,
+    WorkerHandle,
+    WorkerPool,
+    WorkerStartError,
+)
 from .ray_node import NodeWorker
 
 __all__ = ["RayWorkerHandle", "RayWorkerPool"]
@@ -118,7 +127,7 @@ def _ray_cause(exc: BaseException) -> str:
 def _retrieved(future: ConcurrentFuture[Any]) -> None:
     # A failed send is seen as the end of the actor's stream; reading the
     # outcome here keeps Ray from reporting it as an unhandled error.
-    with contextlib.suppress(BaseException):
+    if not future.cancelled():
         future.exception()
 
 
@@ -186,7 +195,7 @@ class RayWorkerHandle(WorkerHandle):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def send_env(self, env: dict[str, str]) -> None:
+    def send_env(self, env: dict[bytes, bytes]) -> None:
         # Commands on a node get that node's environment (as Ray tasks do),
         # set by the actor; the host's PATH or HOME may mean nothing there.
         return
@@ -220,8 +229,10 @@ class RayWorkerHandle(WorkerHandle):
     async def stop(self) -> None:
         if not self._dead:
             self.send(Shutdown().to_wire())
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._relay_task), _STOP_TIMEOUT)
+            # `wait`, not `wait_for`: the relay ending in any way (even
+            # cancelled by a death) is what is waited for, and only the
+            # caller's own cancellation is raised here.
+            await asyncio.wait([self._relay_task], timeout=_STOP_TIMEOUT)
             self.die("was shut down")
         await self._reported
 
@@ -234,8 +245,20 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         on_message: OnMessage,
         on_death: OnDeath,
         on_ready: Callable[[WorkerHandle], None],
+        *,
+        hello_timeout: float = HELLO_TIMEOUT,
+        on_broken: OnBroken | None = None,
+        on_recovered: OnRecovered | None = None,
     ) -> None:
-        super().__init__(config.workers or 0, on_message, on_death, on_ready)
+        super().__init__(
+            config.workers or 0,
+            on_message,
+            on_death,
+            on_ready,
+            hello_timeout=hello_timeout,
+            on_broken=on_broken,
+            on_recovered=on_recovered,
+        )
         self._config = config
         self._log_dir = log_dir
         self._actor_class: Any = None
@@ -252,7 +275,13 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             if not nodes:
                 raise WorkerStartError("the Ray cluster has no alive node")
             self.size = self._config.workers or len(nodes)
-            handles = [self._adopt(self._new_handle(nodes[i % len(nodes)])) for i in range(self.size)]
+            handles: list[RayWorkerHandle] = []
+            try:
+                for i in range(self.size):
+                    handles.append(self._adopt(self._new_handle(nodes[i % len(nodes)])))
+            except BaseException:
+                await self._discard(handles)
+                raise
             await self._start_all(handles)
         except BaseException:
             await self._disconnect()

@@ -64,6 +64,9 @@ class Timer:
             self.reactor._timer_cancelled()
 
 
+_MAX_WAIT = 3600.0
+
+
 def _nothing() -> None:
     pass
 
@@ -227,7 +230,9 @@ class Reactor:
             if soon or self._pending_signals:
                 timeout: float | None = 0.0
             elif self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                # epoll takes at most INT_MAX milliseconds (about 24.8 days); a
+                # longer timer (a 30-day timeout) is reached in several waits.
+                timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), _MAX_WAIT)
             else:
                 timeout = None
             events = self._poller.poll(timeout)

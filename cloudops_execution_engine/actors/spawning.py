@@ -1,26 +1,32 @@
 """Starting a command's process: its environment, its program's path, and the start itself.
 
 A command starts in a new session, in its working directory, with a pipe each
-for its standard output and error and the worker's `/dev/null` as its input.
-Where the `_spawn` extension was built it starts with vfork and execve (see
-`_spawn.c` for why that is cheaper); elsewhere with `os.posix_spawn`. Both give
-the command the same process, and the same `OSError` when it cannot start.
+for its standard output and error and the worker's `/dev/null` as its input,
+with the given resource limits, and (on Linux) as the child subreaper of its
+own descendants, so that nothing it starts can leave its tree while it runs.
+Only fds 0, 1 and 2 cross into it. Where the `_spawn` extension was built it
+starts with vfork and execve (see `_spawn.c` for why that is cheaper);
+elsewhere with fork and execve from Python. Both give the command the same
+process, and the same `OSError` when it cannot start.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
+import struct
 from collections.abc import Callable
 
 from . import process_tree
 
 __all__ = ["CommandEnv", "spawn"]
 
-NativeSpawn = Callable[[bytes, list[bytes], list[bytes], bytes, int, int, tuple[int, ...]], int]
+Limits = tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is RLIM_INFINITY
+NativeSpawn = Callable[[bytes, list[bytes], list[bytes], bytes, int, int, tuple[int, ...], Limits], int]
 
-native: NativeSpawn | None  # what `spawn` starts commands with; None: os.posix_spawn
+native: NativeSpawn | None  # what `spawn` starts commands with; None: `_fork_exec`
 try:
     from ._spawn import spawn as native
 except ImportError:  # not built: no compiler at install time, or not a POSIX system
@@ -35,14 +41,18 @@ _MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
 
 
 class CommandEnv:
-    """The base environment of commands, encoded once per change rather than once per command."""
+    """The base environment of commands, encoded once per change rather than once per command.
 
-    def __init__(self, base: dict[str, str]) -> None:
-        self.base = base
-        self._encoded = {os.fsencode(k): os.fsencode(v) for k, v in base.items()}
+    The base is the host's environment as bytes, so that names and values that
+    are not UTF-8 reach commands exactly; a request's own variables are text.
+    """
+
+    def __init__(self, base: dict[bytes, bytes]) -> None:
         # A host that itself runs under the engine has a marker; each command gets its own.
-        self._encoded.pop(_MARKER_KEY, None)
+        self._encoded = {k: v for k, v in base.items() if k != _MARKER_KEY}
         self._items = [k + b"=" + v for k, v in self._encoded.items()]
+        path = self._encoded.get(b"PATH")
+        self._path = os.fsdecode(path) if path is not None else os.defpath
 
     def for_command(self, overlay: dict[str, str], marker: str) -> list[bytes]:
         """`NAME=value` items: the base, then `overlay` over it, then the command's marker."""
@@ -56,7 +66,7 @@ class CommandEnv:
 
     def search_path(self, overlay: dict[str, str]) -> str:
         """Where the command's PATH says to look for its program."""
-        return overlay.get("PATH", self.base.get("PATH", os.defpath))
+        return overlay.get("PATH", self._path)
 
 
 _resolved: dict[tuple[str, str], str] = {}
@@ -76,26 +86,28 @@ def _resolve_program(program: str, search: str) -> str:
     return found
 
 
-def spawn(argv: list[str], env: list[bytes], cwd: str, search: str) -> tuple[int, int, int]:
+def spawn(
+    argv: list[str], env: list[bytes], cwd: bytes, search: str, limits: Limits = ()
+) -> tuple[int, int, int]:
     """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
     try:
-        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd)
+        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits)
     except FileNotFoundError:
         # A remembered program may have moved since; look again once.
         if _resolved.pop((argv[0], search), None) is None:
             raise
-        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd)
+        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits)
 
 
-def _spawn_resolved(program: str, argv: list[str], env: list[bytes], cwd: str) -> tuple[int, int, int]:
+def _spawn_resolved(
+    program: str, argv: list[str], env: list[bytes], cwd: bytes, limits: Limits
+) -> tuple[int, int, int]:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        if native is not None:
-            args = [os.fsencode(arg) for arg in argv]
-            pid = native(os.fsencode(program), args, env, os.fsencode(cwd), out_w, err_w, _DEFAULT_SIGNALS)
-        else:
-            pid = _posix_spawn(program, argv, env, cwd, out_w, err_w)
+        args = [os.fsencode(arg) for arg in argv]
+        start = native if native is not None else _fork_exec
+        pid = start(os.fsencode(program), args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
     except BaseException:
         os.close(out_r)
         os.close(err_r)
@@ -108,18 +120,82 @@ def _spawn_resolved(program: str, argv: list[str], env: list[bytes], cwd: str) -
     return pid, out_r, err_r
 
 
-def _posix_spawn(program: str, argv: list[str], env: list[bytes], cwd: str, out_w: int, err_w: int) -> int:
-    # posix_spawn has no chdir action. A worker is single-threaded and nothing
-    # else in it depends on its directory, so it moves and stays. Always moving
-    # (one cheap call) is right even if the directory was deleted and made
-    # again since the last command that used it.
-    os.chdir(cwd)
-    return os.posix_spawn(
-        program,
-        argv,
-        {name: value for name, _, value in (item.partition(b"=") for item in env)},
-        # Standard input is inherited: the worker's fd 0 is /dev/null.
-        file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
-        setsid=True,
-        setsigdef=_DEFAULT_SIGNALS,
-    )
+_STAGE_CHDIR, _STAGE_EXEC, _STAGE_OTHER = 1, 2, 3
+_FAILURE = struct.Struct("=ii")
+
+
+def _fork_exec(
+    program: bytes,
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    out_w: int,
+    err_w: int,
+    defaults: tuple[int, ...],
+    limits: Limits,
+) -> int:
+    """What `_spawn.spawn` does, in Python: the same child, the same errors, only slower.
+
+    A worker is single-threaded, so a plain fork is safe here. The child reports
+    why it could not start through a close-on-exec pipe, which simply closes
+    when the exec succeeds.
+    """
+    for item in (program, cwd, *argv, *env):
+        if b"\0" in item:
+            raise ValueError("embedded null byte")
+    report_r, report_w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child either execs or exits
+            _child(program, argv, env, cwd, out_w, err_w, defaults, limits, report_w)
+        os.close(report_w)
+        report_w = -1
+        failure = b""
+        while chunk := os.read(report_r, _FAILURE.size - len(failure)):
+            failure += chunk
+    finally:
+        os.close(report_r)
+        if report_w >= 0:
+            os.close(report_w)
+    if len(failure) < _FAILURE.size:
+        return pid
+    os.waitpid(pid, 0)
+    stage, errno = _FAILURE.unpack(failure)
+    name = {_STAGE_CHDIR: cwd, _STAGE_EXEC: program}.get(stage)
+    if name is None:
+        raise OSError(errno, os.strerror(errno))
+    raise OSError(errno, os.strerror(errno), os.fsdecode(name))
+
+
+def _child(
+    program: bytes,
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    out_w: int,
+    err_w: int,
+    defaults: tuple[int, ...],
+    limits: Limits,
+    report_w: int,
+) -> None:  # pragma: no cover - runs in the forked child only
+    stage = _STAGE_OTHER
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGTERM, *defaults):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        stage = _STAGE_CHDIR
+        os.chdir(cwd)
+        stage = _STAGE_OTHER
+        for resource_id, soft, hard in limits:
+            resource.setrlimit(resource_id, (soft, hard))
+        process_tree.become_subreaper()
+        os.closerange(3, report_w)
+        os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
+        stage = _STAGE_EXEC
+        os.execve(program, argv, dict(item.split(b"=", 1) for item in env))
+    except OSError as exc:
+        os.write(report_w, _FAILURE.pack(stage, exc.errno or 0))
+    finally:
+        os._exit(127)

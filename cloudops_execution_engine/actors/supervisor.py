@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Awaitable
 from datetime import datetime
@@ -58,7 +59,18 @@ from ..events import (
 )
 from ..logfiles import log_path_for, prepare_log_dir
 from ..plans import PlanSchedule, check_plan
-from ..protocol import Cancel, Finished, Message, Output, Run, Started, Stream
+from ..protocol import (
+    Cancel,
+    Credit,
+    Finished,
+    Message,
+    Output,
+    Run,
+    Started,
+    Stream,
+    frame_limit_for,
+    output_weight,
+)
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import (
     ExecutionResult,
@@ -71,6 +83,7 @@ from ..results import (
 from .handlers import EventBus
 from .local_pool import LocalWorkerPool
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
+from .worker import OUTPUT_WINDOW
 
 __all__ = ["Supervisor"]
 
@@ -99,6 +112,16 @@ _COMPLETED_FIELDS = set(CompletedEvent.model_fields)
 _CANCELLED_FIELDS = set(CancelledEvent.model_fields)
 _FAILED_FIELDS = set(FailedEvent.model_fields)
 _DRAIN_TIMEOUT = 10.0
+# A worker is asked for a sign of life this often, and one that gives none for
+# `_SILENCE_LIMIT` seconds is taken for stopped or hung: killed and replaced.
+_HEARTBEAT = 1.0
+_SILENCE_LIMIT = 5.0
+# Output credit goes back to a worker in pieces this large, not frame by frame.
+_CREDIT_BATCH = OUTPUT_WINDOW // 4
+# What the kernel takes across one execve besides the strings: a pointer each.
+_POINTER = 8
+_MAX_ARG_STRLEN = 32 * 4096  # Linux: the most one argument or variable may hold
+_MAX_REQUEST = 16 * 1024 * 1024
 
 
 class _Ending:
@@ -168,7 +191,7 @@ class _Record(_Ending):
         # What the Run needs, not the request: a finished record should not keep the model alive.
         self.env = request.env
         self.argv = argv
-        self.cwd = request.cwd()
+        self.cwd = os.fsencode(request.cwd())
         self.display = request.command.display()
         self.log_path = log_path
         self.timeout_ms = timeout_ms
@@ -248,24 +271,28 @@ class _PlanRun(_Ending):
 
 
 class _HostEnvironment:
-    """The host's environment as a dict, decoded again only when it has changed.
+    """The host's environment as bytes, copied again only when it has changed.
 
-    Decoding `os.environ` costs tens of microseconds, a quarter of `execute()`;
-    comparing its raw mapping with the last one seen costs about one.
+    Bytes, because a host's environment may hold names and values that are not
+    UTF-8, and commands get them exactly. Comparing the raw mapping with the
+    last one seen costs about a microsecond; the size the kernel will count
+    for it is worked out once per change.
     """
 
     def __init__(self) -> None:
         self._raw: dict[Any, Any] | None = None
-        self._decoded: dict[str, str] = {}
+        self._copy: dict[bytes, bytes] = {}
+        self.size = 0
 
-    def current(self) -> dict[str, str]:
+    def current(self) -> dict[bytes, bytes]:
         raw = getattr(os.environ, "_data", None)
         if raw is None:
-            return dict(os.environ)
+            raw = dict(os.environb)
         if raw != self._raw:
-            self._raw = dict(raw)
-            self._decoded = dict(os.environ)
-        return self._decoded
+            # One copy, both compared against and handed out: nothing changes it.
+            self._raw = self._copy = dict(raw)
+            self.size = sum(len(k) + len(v) + 2 + _POINTER for k, v in self._copy.items())
+        return self._copy
 
 
 class Supervisor:
@@ -286,18 +313,63 @@ class Supervisor:
         self._background: set[asyncio.Task[Any]] = set()
         self._environment = _HostEnvironment()
         self._since_yield = 0
+        self._arg_max = _arg_max()
+        self._max_frame = frame_limit_for(config.max_output_bytes)
+        self._credit_due: dict[WorkerHandle, int] = {}
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broken: str | None = None
+        self._winding_down: asyncio.Task[None] | None = None
+        bus.on_relief = self._return_credit
 
     # -- lifecycle --------------------------------------------------------
 
     def check_open(self) -> None:
         """New work and cancels are refused from the moment shutdown begins."""
+        if self._loop is not None:
+            self._check_loop(self._loop)
         if self._state in ("closing", "closed"):
             raise EngineClosed()
 
     def check_usable(self) -> None:
         """Queries keep working while shutdown winds down, and stop once it is done."""
+        if self._loop is not None:
+            self._check_loop(self._loop)
         if self._state == "closed":
             raise EngineClosed()
+
+    def _check_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Everything the engine owns (pipes, timers, tasks) lives on the loop it started on."""
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if current is loop:
+            return
+        if loop.is_closed():
+            self.abandon()
+            raise EngineClosed("the event loop it ran on was closed")
+        raise RuntimeError(
+            "this ExecutionEngine runs on the event loop it started on; call it from that loop "
+            "(or use SyncExecutionEngine from other threads)"
+        )
+
+    def loop_closed(self) -> bool:
+        return self._loop is not None and self._loop.is_closed()
+
+    def abandon(self) -> None:
+        """Stop the workers without the loop, which is closed: none of its callbacks will run again.
+
+        Each worker sees its pipe close, kills every command tree it holds and
+        exits, as it does when the host dies.
+        """
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        if self._pool is not None:
+            for worker in list(self._pool.workers):
+                worker.abandon()
+            self._pool.workers.clear()
 
     async def start(self) -> None:
         if self._state == "running":
@@ -310,6 +382,7 @@ class Supervisor:
                 self.check_open()
                 return
             prepare_log_dir(self.log_dir)
+            self._loop = asyncio.get_running_loop()
             self.bus.start()
             pool = self._new_pool()
             try:
@@ -317,7 +390,10 @@ class Supervisor:
             except WorkerStartError as exc:
                 raise SpawnFailed(str(exc)) from exc
             self._pool = pool
+            for worker in pool.workers:
+                worker.set_max_frame(self._max_frame)
             self._state = "running"
+            self._heartbeat_timer = asyncio.get_running_loop().call_later(_HEARTBEAT, self._heartbeat)
 
     def _new_pool(self) -> WorkerPool[Any]:
         callbacks = (self._on_message, self._on_worker_death, self._on_worker_ready)
@@ -330,56 +406,109 @@ class Supervisor:
                     f"the Ray backend needs Ray ({exc}): pip install 'cloudops-execution-engine[ray]'"
                 ) from exc
 
-            return RayWorkerPool(self.config.ray, str(self.log_dir), *callbacks)
-        return LocalWorkerPool(self.config.pool_size(), *callbacks)
+            return RayWorkerPool(
+                self.config.ray,
+                str(self.log_dir),
+                *callbacks,
+                on_broken=self._on_pool_broken,
+                on_recovered=self._on_pool_recovered,
+            )
+        return LocalWorkerPool(
+            self.config.pool_size(),
+            *callbacks,
+            on_broken=self._on_pool_broken,
+            on_recovered=self._on_pool_recovered,
+        )
+
+    def _on_pool_broken(self, cause: str) -> None:
+        """No worker runs and none can be started: what waits for one fails now, naming why.
+
+        The pool goes on trying; new work is refused with the same error until
+        a worker starts again.
+        """
+        self._broken = cause
+        logger.error("no worker can be started (%s); queued executions fail", cause)
+        error = str(SpawnFailed(cause))
+        while self._ready:
+            source = self._ready.popleft()
+            if isinstance(source, _PlanRun):
+                source.queued = False
+                for index in list(source.ready):
+                    record = source.records[index]
+                    if record.status is PENDING:
+                        self._finalize(record, _ended_without_worker(record, FAILED, error))
+                source.ready.clear()
+            elif source.status is PENDING:
+                self._finalize(source, _ended_without_worker(source, FAILED, error))
+
+    def _on_pool_recovered(self) -> None:
+        self._broken = None
 
     async def shutdown(self, cancel: bool = True) -> None:
+        """Stop the engine; a second call, or one while it winds down, waits for the same end.
+
+        The work runs in a task the supervisor holds, shielded from the caller:
+        a caller that stops waiting (a timeout, its own cancellation) gets its
+        CancelledError, and the pool and every command are stopped all the same.
+        """
         if self._state == "closed":
             return
-        if self._state == "closing":
-            await self._closed.wait()
-            return
-        was_running = self._state == "running"
-        self._state = "closing"
+        if self._winding_down is None:
+            self._state = "closing"
+            self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(cancel))
+        await asyncio.shield(self._winding_down)
+
+    async def _wind_down(self, cancel: bool) -> None:
+        """Let every execution end (cancelled, or finished first), stop the pool and handlers; then close."""
         try:
-            if was_running:
-                await self._wind_down(cancel)
+            if self._start_lock is not None and self._start_lock.locked():
+                # A start under way would put its pool in place after this had looked for one.
+                async with self._start_lock:
+                    self._state = "closing"
+            pool = self._pool
+            try:
+                if pool is not None:
+                    if cancel:
+                        for plan in self._plans.values():
+                            if not plan.status.is_final:
+                                plan.cancelled = True
+                        for record in list(self._records.values()):
+                            self._cancel_record(record)
+                    waits = [r.end_event().wait() for r in self._records.values() if not r.status.is_final]
+                    waits += [p.end_event().wait() for p in self._plans.values() if not p.status.is_final]
+                    bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
+                    try:
+                        await asyncio.wait_for(asyncio.gather(*waits), bound)
+                    except TimeoutError:
+                        logger.error("executions still running %.0fs into shutdown; killing workers", bound)
+                        for worker in list(pool.workers):
+                            worker.die("did not stop its commands at shutdown")
+                        ending = asyncio.gather(*(r.end_event().wait() for r in self._records.values()))
+                        try:
+                            await asyncio.wait_for(ending, _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN)
+                        except TimeoutError:
+                            logger.error("executions of dead workers did not end; stopping the pool anyway")
+            finally:
+                # Even when this task itself is cancelled (its loop closing):
+                # no worker, and so no command, outlives the engine.
+                if pool is not None:
+                    await asyncio.gather(*self._background, return_exceptions=True)
+                    await pool.stop()
+                    await asyncio.gather(*self._background, return_exceptions=True)
+            await self.bus.drain(_DRAIN_TIMEOUT)
         finally:
             self._state = "closed"
             self._closed.set()
-
-    async def _wind_down(self, cancel: bool) -> None:
-        assert self._pool is not None
-        if cancel:
-            for plan in self._plans.values():
-                if not plan.status.is_final:
-                    plan.cancelled = True
-            for record in list(self._records.values()):
-                self._cancel_record(record)
-        waits = [r.end_event().wait() for r in self._records.values() if not r.status.is_final]
-        waits += [p.end_event().wait() for p in self._plans.values() if not p.status.is_final]
-        if waits:
-            bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
-            try:
-                await asyncio.wait_for(asyncio.gather(*waits), bound)
-            except TimeoutError:
-                logger.error("executions did not end within %.0fs of shutdown; killing workers", bound)
-                for worker in list(self._pool.workers):
-                    worker.die("did not stop its commands at shutdown")
-                await asyncio.wait_for(
-                    asyncio.gather(*(r.end_event().wait() for r in self._records.values())),
-                    _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN,
-                )
-        await asyncio.gather(*self._background, return_exceptions=True)
-        await self._pool.stop()
-        await self.bus.drain(_DRAIN_TIMEOUT)
 
     # -- submitting -----------------------------------------------------
 
     def submit(self, request: ExecutionRequest) -> UUID:
         self.check_open()
+        if self._broken is not None:
+            raise SpawnFailed(self._broken)
         if request.id in self._records or request.id in self._plans:
             raise InvalidCommand(f"an execution with id {request.id} already exists")
+        self._environment.current()
         record = self._new_record(request)
         self._records[record.id] = record
         self._ready.append(record)
@@ -399,10 +528,13 @@ class Supervisor:
 
     def submit_plan(self, plan: ExecutionPlan) -> UUID:
         self.check_open()
+        if self._broken is not None:
+            raise SpawnFailed(self._broken)
         check_plan(plan)
         if plan.id in self._records or plan.id in self._plans:
             raise InvalidPlan(f"an execution with id {plan.id} already exists")
         records: list[_Record] = []
+        self._environment.current()
         for index, request in enumerate(plan.commands):
             if request.id in self._records or request.id in self._plans:
                 raise InvalidPlan(f"command {index}: an execution with id {request.id} already exists")
@@ -423,13 +555,45 @@ class Supervisor:
         return plan.id
 
     def _new_record(self, request: ExecutionRequest, index: int = -1) -> _Record:
+        argv = request.argv()
+        self._check_size(argv, request.env)
         return _Record(
             request,
-            request.argv(),
+            argv,
             log_path_for(self.log_dir, request.id),
             request.effective_timeout_ms(self.config),
             index=index,
         )
+
+    def _check_size(self, argv: list[str], env: dict[str, str]) -> None:
+        """Refuse what the kernel would refuse at exec, or what could not cross the pipe.
+
+        The count is the kernel's: every argument and `NAME=value` string with its
+        NUL and its pointer, the host's environment included, which the command
+        inherits. One string over the per-string limit fails the same way.
+        """
+        size = self._environment.size + 128  # the marker variable
+        longest = 0
+        for item in argv:
+            length = len(_utf8(item, "an argument"))
+            longest = max(longest, length)
+            size += length + 1 + _POINTER
+        for key, value in env.items():
+            name = _utf8(key, "an environment variable name")
+            length = len(name) + len(_utf8(value, f"variable {key}")) + 1
+            longest = max(longest, length)
+            size += length + 1 + _POINTER
+        limit = min(self._arg_max, _MAX_REQUEST)
+        if size > limit:
+            raise InvalidCommand(
+                f"the command's arguments and environment take {size} bytes, "
+                f"more than the {limit} an exec may take"
+            )
+        if longest > _MAX_ARG_STRLEN and sys.platform.startswith("linux"):
+            raise InvalidCommand(
+                f"one argument or environment variable takes {longest} bytes, "
+                f"more than the {_MAX_ARG_STRLEN} an exec may take for one"
+            )
 
     def _queue_plan(self, run: _PlanRun) -> None:
         if not run.queued and not run.cancelled and run.can_take():
@@ -457,20 +621,28 @@ class Supervisor:
 
     def _send_run(self, worker: WorkerHandle, record: _Record) -> None:
         worker.send_env(self._environment.current())
-        worker.send(
-            Run(
-                record.key,
-                record.argv,
-                record.env,
-                record.cwd,
-                record.timeout_ms,
-                str(record.log_path),
-                self.config.stream_output,
-                self.config.max_output_bytes,
-                self.config.kill_grace_ms,
-                record.display,
-            ).to_wire()
-        )
+        try:
+            worker.send(
+                Run(
+                    record.key,
+                    record.argv,
+                    record.env,
+                    record.cwd,
+                    record.timeout_ms,
+                    os.fsencode(record.log_path),
+                    self.config.stream_output,
+                    self.config.max_output_bytes,
+                    self.config.kill_grace_ms,
+                    record.display,
+                ).to_wire()
+            )
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Validation lets nothing through that cannot be encoded; should
+            # anything slip past, it fails alone rather than block the queue.
+            if record.plan is not None:
+                record.plan.running -= 1
+            self._finalize(record, _ended_without_worker(record, FAILED, str(SpawnFailed(str(exc)))))
+            return
         # Sent once and never again: a retained record need not keep its argv,
         # one object fewer per execution for the host's garbage collector to age.
         record.argv = _SENT_ARGV
@@ -484,7 +656,7 @@ class Supervisor:
 
     def _on_message(self, worker: WorkerHandle, message: Message) -> None:
         if isinstance(message, Output):
-            self._on_output(message)
+            self._on_output(worker, message)
         elif isinstance(message, Started):
             self._on_started(message)
         elif isinstance(message, Finished):
@@ -506,11 +678,11 @@ class Supervisor:
             }
             self._publish(record, trusted(StartedEvent, values, _STARTED_FIELDS))
 
-    def _on_output(self, message: Output) -> None:
-        if not self.bus.active:
-            return
-        record = self._running_by_key.get(message.execution_id)
+    def _on_output(self, worker: WorkerHandle, message: Output) -> None:
+        weight = output_weight(message.lines)
+        record = self._running_by_key.get(message.execution_id) if self.bus.active else None
         if record is None:
+            self._grant(worker, weight)
             return
         stamp = utc_from_timestamp(message.timestamp)
         kind: type[StdoutEvent | StderrEvent]
@@ -528,9 +700,30 @@ class Supervisor:
             for line in message.lines
         ]
         if record.plan is not None:
-            self.bus.publish_batch(events, record_id, record.plan.id)
+            self.bus.publish_batch(events, record_id, record.plan.id, weight=weight)
         else:
-            self.bus.publish_batch(events, record_id)
+            self.bus.publish_batch(events, record_id, weight=weight)
+        self._grant(worker, weight)
+
+    def _grant(self, worker: WorkerHandle, weight: int) -> None:
+        """Give a worker back the credit for output the host has taken in.
+
+        While the bus is congested (a handler or an `events()` reader is behind)
+        the credit is held back, so the worker stops reading its commands'
+        output and they block on their pipes: memory stays bounded and no event
+        is dropped. `_return_credit` sends it when the bus has room again.
+        """
+        due = self._credit_due.get(worker, 0) + weight
+        if due >= _CREDIT_BATCH and not self.bus.congested:
+            worker.send(Credit(due).to_wire())
+            due = 0
+        self._credit_due[worker] = due
+
+    def _return_credit(self) -> None:
+        for worker, due in self._credit_due.items():
+            if due:
+                worker.send(Credit(due).to_wire())
+                self._credit_due[worker] = 0
 
     def _on_finished(self, worker: WorkerHandle, message: Finished) -> None:
         record = self._running_by_key.pop(message.execution_id, None)
@@ -698,11 +891,34 @@ class Supervisor:
     # -- worker lifecycle -------------------------------------------------
 
     def _on_worker_ready(self, worker: WorkerHandle) -> None:
+        worker.set_max_frame(self._max_frame)
         self._dispatch()
+
+    def _heartbeat(self) -> None:
+        """Ping every worker; kill one that has said nothing for too long.
+
+        A worker that is stopped (SIGSTOP, or a command that stopped its parent)
+        or hung would hold its executions, and their timeouts, forever: its
+        death fails them and kills their trees like any other worker death.
+        """
+        if self._state != "running" or self._pool is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for worker in list(self._pool.workers):
+            if not worker.ready:
+                continue
+            silent = now - worker.last_heard
+            if silent > _SILENCE_LIMIT:
+                worker.die(f"stopped responding (no answer in {silent:.1f}s)")
+            else:
+                worker.ping()
+        self._heartbeat_timer = loop.call_later(_HEARTBEAT, self._heartbeat)
 
     def _on_worker_death(self, worker: WorkerHandle, why: str) -> None:
         held = [self._running_by_key.pop(k) for k in list(worker.held) if k in self._running_by_key]
         worker.held.clear()
+        self._credit_due.pop(worker, None)
         assert self._pool is not None
         # Asked now, before the pool starts a successor: a remote pool cleans up
         # through the successor it places on the same node.
@@ -807,6 +1023,23 @@ class Supervisor:
         """The node holding a command's log when it is not this machine."""
         record = self.record(entry_id)
         return self._pool.log_location(record.worker) if self._pool is not None else None
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (PEP 383) stands for bytes that are not text, which
+        # neither the wire nor a Rust peer can carry.
+        raise InvalidCommand(f"{what} is not valid Unicode text: {exc.reason} at {exc.start}") from None
+
+
+def _arg_max() -> int:
+    try:
+        value = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        value = -1
+    return value if value > 0 else 128 * 1024
 
 
 def _ended_without_worker(record: _Record, status: ExecutionStatus, error: str) -> ExecutionResult:

@@ -12,6 +12,11 @@ pipes are closed, and, if it was cancelled or timed out, its tree is gone.
 When it ends, whatever is left of its tree is terminated too, so a command
 cannot leave processes behind in a long-lived host.
 
+Output is sent within a credit the supervisor grants: once the worker has sent
+`OUTPUT_WINDOW` bytes of output that the host has not yet taken, it stops
+reading command output, and the commands block on their pipes, until the host
+catches up. A slow consumer slows the commands; memory stays bounded.
+
 End of input from the supervisor means the host died: every tree is killed at
 once and the worker exits. Nothing here imports pydantic, to keep workers small.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import resource
 import signal
 import sys
 import time
@@ -29,11 +35,16 @@ from typing import Any
 
 import psutil
 
+from ..errors import IoError, SpawnFailed
+from ..logfiles import open_log
 from ..protocol import (
     Cancel,
+    Credit,
     FrameDecoder,
     Hello,
     Output,
+    Ping,
+    Pong,
     ProtocolError,
     Run,
     SetEnv,
@@ -42,6 +53,7 @@ from ..protocol import (
     Stream,
     decode_message,
     encode_frame,
+    output_weight,
 )
 from ..protocol.messages import Finished
 from ..protocol.pipe import PipeWriter, read_available
@@ -49,7 +61,7 @@ from . import process_tree
 from .reactor import Reactor, Timer
 from .spawning import CommandEnv, spawn
 
-__all__ = ["worker_main"]
+__all__ = ["OUTPUT_WINDOW", "worker_main"]
 
 # A line without a newline is cut into pieces of this size, so one endless line
 # cannot grow a buffer without bound here or in the host.
@@ -59,6 +71,14 @@ LINE_PIECE = 1024 * 1024
 # worker growing without bound.
 OUT_HIGH_WATER = 8 * 1024 * 1024
 OUT_LOW_WATER = 1024 * 1024
+# Output (as `output_weight` counts it) the worker may have sent that the host
+# has not yet given back as `Credit`.
+OUTPUT_WINDOW = 4 * 1024 * 1024
+# File descriptors an execution holds while it runs (its two pipes and its log),
+# and those kept back for the worker itself: its pipes, /proc reads, a spawn's
+# two pipes that are open for a moment.
+FDS_PER_EXECUTION = 3
+FDS_RESERVED = 64
 _POLL_FIRST = 0.002
 # How long a process whose environment reads as empty (one in the middle of an
 # `exec`) is looked at again before it counts as not a command's: an `exec`
@@ -68,6 +88,9 @@ _UNSURE_FOR = 0.25
 _POLL_MAX = 0.05
 _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 
+
+# Whether commands are child subreapers of their own trees (see `spawning`).
+_COMMANDS_ADOPT = sys.platform.startswith("linux")
 
 _second_text: tuple[int, str] = (-1, "")
 
@@ -151,8 +174,10 @@ class Worker:
         self._paused = False
         self._executions: dict[bytes, _Execution] = {}
         self._by_pid: dict[int, _Execution] = {}
-        self._env = CommandEnv(dict(os.environ))
+        self._env = CommandEnv(dict(os.environb))
         self._pid = os.getpid()
+        self._credit = OUTPUT_WINDOW
+        self._limits, self.capacity = _raise_fd_limit()
         self._closing = False
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
@@ -166,7 +191,7 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
         self.loop.add_reader(self._rfd, self._on_control)
-        self._send(Hello(self._pid).to_wire())
+        self._send(Hello(self._pid, self.capacity).to_wire())
         self._serving = True
         try:
             self.loop.run()
@@ -182,15 +207,21 @@ class Worker:
         # Nobody is left to report to.
         self._abandon()
 
+    def _send_output(self, ex: _Execution, stream: Stream, ts: float, lines: list[str]) -> None:
+        self._send(Output(ex.id, stream, ts, lines).to_wire())
+        self._credit -= output_weight(lines)
+        if self._credit <= 0 and not self._paused:
+            self._apply_backpressure()
+
     def _apply_backpressure(self) -> None:
         backlog = self._writer.backlog
-        if not self._paused and backlog > OUT_HIGH_WATER:
+        if not self._paused and (backlog > OUT_HIGH_WATER or self._credit <= 0):
             self._paused = True
             for ex in self._executions.values():
                 for st in ex.streams:
                     if st.open:
                         self.loop.remove_reader(st.fd)
-        elif self._paused and backlog < OUT_LOW_WATER:
+        elif self._paused and backlog < OUT_LOW_WATER and self._credit > 0:
             self._paused = False
             for ex in self._executions.values():
                 for st in ex.streams:
@@ -221,6 +252,12 @@ class Worker:
             ex = self._executions.get(message.execution_id)
             if ex is not None and not ex.finished:
                 self._terminate(ex, "cancelled")
+        elif isinstance(message, Ping):
+            self._send(Pong(message.seq).to_wire())
+        elif isinstance(message, Credit):
+            self._credit += message.nbytes
+            if self._paused:
+                self._apply_backpressure()
         elif isinstance(message, SetEnv):
             self._env = CommandEnv(message.env)
         elif isinstance(message, Shutdown):
@@ -249,6 +286,9 @@ class Worker:
     def _finish_serving(self) -> None:
         if self._serving:
             self._serving = False
+            # What is still being finished off would outlive the worker otherwise.
+            self._kill_orphans(signal.SIGKILL)
+            self._reap()
             self.loop.stop()
 
     # -- running a command ----------------------------------------------
@@ -258,13 +298,13 @@ class Worker:
         ex = _Execution(run, marker)
         self._executions[ex.id] = ex
         try:
-            ex.log_fd = _open_log(run.log_path)
+            ex.log_fd = open_log(run.log_path)
         except OSError as exc:
-            ex.spawn_error = f"IO error: cannot open log file: {_describe(exc)}"
+            ex.spawn_error = str(IoError(f"cannot open log file: {_describe(exc)}"))
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
             self._complete(ex)
             return
-        display, cwd = run.display, run.cwd
+        display, cwd = run.display, os.fsdecode(run.cwd)
         if "\n" in display or "\n" in cwd:
             display, cwd = _header(display), _header(cwd)
         self._log(
@@ -273,10 +313,10 @@ class Worker:
         )
         env = self._env.for_command(run.env, marker)
         try:
-            pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, self._env.search_path(run.env))
+            pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, self._env.search_path(run.env), self._limits)
         except (OSError, ValueError) as exc:
             reason = _describe(exc) if isinstance(exc, OSError) else str(exc)
-            ex.spawn_error = f"Process spawn failed: {reason}"
+            ex.spawn_error = str(SpawnFailed(reason))
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
             self._complete(ex)
             return
@@ -289,13 +329,14 @@ class Worker:
         ex.timeout_timer = self.loop.call_later(run.timeout_ms / 1000, self._on_timeout, ex)
         self._send(Started(ex.id, pid, ex.started_at).to_wire())
 
-    def _on_output(self, ex: _Execution, st: _StreamState) -> None:
+    def _on_output(self, ex: _Execution, st: _StreamState) -> bool:
+        """Take one read of a stream; False when there was nothing to read after all."""
         data = read_available(st.fd)
         if data is None:
-            return
+            return False
         if not data:
             self._close_stream(ex, st)
-            return
+            return True
         ts = time.time()
         if len(st.kept) < ex.max_output:
             room = ex.max_output - len(st.kept)
@@ -311,7 +352,7 @@ class Worker:
             # returns. Marked up in one copy, with no joined buffer.
             st.partial = data[cut:]
             self._emit_read(ex, st, ts, head, data, cut)
-            return
+            return True
         buffer = head + data if head else data
         cut = buffer.rfind(b"\n") + 1
         rest = buffer[cut:]
@@ -323,6 +364,7 @@ class Worker:
         st.partial = rest
         if cut or pieces:
             self._emit(ex, st, ts, buffer[:cut], pieces)
+        return True
 
     def _emit_read(
         self, ex: _Execution, st: _StreamState, ts: float, head: bytes, data: bytes, cut: int
@@ -340,7 +382,7 @@ class Worker:
         if ex.stream_output:
             lines = (head + memoryview(data)[:cut]).decode("utf-8", "replace").split("\n")
             lines.pop()  # the empty string after the last newline
-            self._send(Output(ex.id, st.stream, ts, lines).to_wire())
+            self._send_output(ex, st.stream, ts, lines)
 
     def _emit(self, ex: _Execution, st: _StreamState, ts: float, block: bytes, pieces: list[bytes]) -> None:
         """Log and (if streaming) send whole lines: `block` ends in a newline; `pieces` have none.
@@ -358,7 +400,7 @@ class Worker:
             lines = block.decode("utf-8", "replace").split("\n")
             lines.pop()  # the empty string after the last newline
             lines += [piece.decode("utf-8", "replace") for piece in pieces]
-            self._send(Output(ex.id, st.stream, ts, lines).to_wire())
+            self._send_output(ex, st.stream, ts, lines)
 
     def _close_stream(self, ex: _Execution, st: _StreamState) -> None:
         if not st.open:
@@ -386,10 +428,11 @@ class Worker:
             ex.exit_code = os.waitstatus_to_exitcode(status)
             rss_unit = 1 if sys.platform == "darwin" else 1024
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * rss_unit]
-            if ex.reason is None and not self._paused and _any_open(ex):
+            if ex.reason is None and _any_open(ex):
                 # Its pipes were closed when it exited, before its parent heard of
                 # it: end of output is usually there already, though this turn's
-                # wait did not report it. Take it now rather than on another turn.
+                # wait did not report it. Take it now rather than on another turn;
+                # while paused too, as one read is bounded by the pipe's size.
                 for st in ex.streams:
                     if st.open:
                         self._on_output(ex, st)
@@ -436,6 +479,7 @@ class Worker:
             # What is still unsure at the deadline never showed the marker: not ours.
             ex.tree_gone = True
             self._reap()
+            self._drain(ex)
             self._maybe_complete(ex)
             return
         if time.monotonic() >= deadline:
@@ -446,6 +490,18 @@ class Worker:
                 process_tree.signal_group(ex.pid, signal.SIGKILL)
         delay = min(delay * 2, _POLL_MAX)
         self.loop.call_later(delay, self._watch_kill, ex, deadline, delay)
+
+    def _drain(self, ex: _Execution) -> None:
+        """Take what a dead tree left in its pipes, even while output is paused.
+
+        Nothing can write to them any more, so this is bounded by the pipes'
+        capacity, and the execution can end although the host reads slowly.
+        """
+        if not self._paused:
+            return
+        for st in ex.streams:
+            while st.open and self._on_output(ex, st):
+                pass
 
     def _maybe_complete(self, ex: _Execution) -> None:
         if ex.finished or not ex.reaped or not ex.tree_gone or _any_open(ex):
@@ -483,15 +539,17 @@ class Worker:
             os.close(ex.log_fd)
             ex.log_fd = -1
         out, err = ex.streams if ex.streams else (None, None)
+        stdout, stdout_truncated = _kept_text(out, ex.max_output)
+        stderr, stderr_truncated = _kept_text(err, ex.max_output)
         self._send(
             Finished(
                 ex.id,
                 status,
                 exit_code,
-                out.kept.decode("utf-8", "replace") if out else "",
-                err.kept.decode("utf-8", "replace") if err else "",
-                out.truncated if out else False,
-                err.truncated if err else False,
+                stdout,
+                stderr,
+                stdout_truncated,
+                stderr_truncated,
                 ex.started_at,
                 completed_at,
                 error,
@@ -563,7 +621,16 @@ class Worker:
 
     def _tree(self, ex: _Execution, unsure: list[psutil.Process] | None = None) -> list[psutil.Process]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
-        found = process_tree.tree_of(0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others, unsure)
+        claimed: tuple[set[str], set[int]] | None = None
+        if ex.reaped and _COMMANDS_ADOPT:
+            # Commands adopt their own orphans while they run, so an orphan that
+            # reached the worker and that no other command claims came from one
+            # that has ended: this one, if nothing else, and it goes with it.
+            rest = [o for o in self._executions.values() if o is not ex]
+            claimed = ({o.marker for o in rest}, {o.pid for o in rest if o.pid})
+        found = process_tree.tree_of(
+            0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others, unsure, claimed
+        )
         if unsure:
             unsure[:] = [proc for proc in unsure if self._still_unsure(proc)]
         return found
@@ -592,6 +659,43 @@ def _any_open(ex: _Execution) -> bool:
         if st.open:
             return True
     return False
+
+
+def _kept_text(st: _StreamState | None, limit: int) -> tuple[str, bool]:
+    """A stream's kept output as text of at most `limit` UTF-8 bytes, and whether it was cut.
+
+    Decoding replaces each invalid byte with U+FFFD, three bytes in UTF-8, so
+    the text can be up to three times the bytes kept: it is cut again to the
+    limit, which is what bounds a `Finished` frame (see `frame_limit_for`).
+    """
+    if st is None:
+        return "", False
+    text = st.kept.decode("utf-8", "replace")
+    if "\ufffd" not in text:
+        return text, st.truncated
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text, st.truncated
+    return encoded[: _utf8_boundary(encoded, limit)].decode(), True
+
+
+def _raise_fd_limit() -> tuple[tuple[tuple[int, int, int], ...], int]:
+    """Raise the soft fd limit to the hard one, as servers do; say how many executions fit.
+
+    Returns the limit to give commands back (the soft limit the worker was
+    started with, so a command sees what it would have seen from the host) and
+    the number of executions the worker can hold at once.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            target = soft
+    restore = ((resource.RLIMIT_NOFILE, soft, hard),) if target != soft else ()
+    usable = target if target != resource.RLIM_INFINITY else 1 << 20
+    return restore, max(1, (usable - FDS_RESERVED) // FDS_PER_EXECUTION)
 
 
 def _header(value: str) -> str:
@@ -625,18 +729,6 @@ def _utf8_boundary(data: bytes, limit: int) -> int:
     return cut if cut > limit - 4 else limit
 
 
-def _open_log(path: str) -> int:
-    """Open the log owner-only; never through a symlink."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        return os.open(path, flags | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # An older log of the same id (a re-run): take it over, owner-only again.
-        fd = os.open(path, flags | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        return fd
-
-
 def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
     """Entry point of a worker process (the target of its `multiprocessing.Process`).
 
@@ -667,12 +759,26 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     # decides what a host's interrupt means for running commands.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
+    _close_on_exec_all()
     process_tree.become_subreaper()
     # What is alive now (modules, mostly) lives as long as the worker: leave it
     # out of every collection to come.
     gc.freeze()
     Worker(read_fd, write_fd).serve()
     os._exit(0)
+
+
+def _close_on_exec_all() -> None:
+    """Keep what the launch handed down (the end of multiprocessing's sentinel pipe) out of commands."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        names = [str(fd) for fd in range(3, 1024)]
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
 
 
 def _quiet_stdio() -> None:

@@ -1,30 +1,37 @@
 """The wire protocol between the supervisor and its workers."""
 
-from .framing import DEFAULT_MAX_FRAME, FrameDecoder, ProtocolError, encode_frame
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, ProtocolError, encode_frame, frame_limit_for
 from .messages import (
     Cancel,
+    Credit,
     Finished,
     Hello,
     Kind,
     Message,
     Output,
+    Ping,
+    Pong,
     Run,
     SetEnv,
     Shutdown,
     Started,
     Stream,
     decode_message,
+    output_weight,
 )
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "Cancel",
+    "Credit",
     "Finished",
     "FrameDecoder",
     "Hello",
     "Kind",
     "Message",
     "Output",
+    "Ping",
+    "Pong",
     "ProtocolError",
     "Run",
     "SetEnv",
@@ -33,4 +40,6 @@ __all__ = [
     "Stream",
     "decode_message",
     "encode_frame",
+    "frame_limit_for",
+    "output_weight",
 ]

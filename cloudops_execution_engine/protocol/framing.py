@@ -14,10 +14,23 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["DEFAULT_MAX_FRAME", "FrameDecoder", "ProtocolError", "encode_frame"]
+__all__ = ["DEFAULT_MAX_FRAME", "FrameDecoder", "ProtocolError", "encode_frame", "frame_limit_for"]
 
 DEFAULT_MAX_FRAME = 32 * 1024 * 1024
+# Room in a `Finished` frame for everything but the two outputs: ids, numbers,
+# the error text (which quotes at most a path or program name).
+_FINISHED_ROOM = 1024 * 1024
 _HEADER = struct.Struct(">I")
+
+
+def frame_limit_for(max_output_bytes: int) -> int:
+    """The largest frame a worker may send when results keep `max_output_bytes` of each stream.
+
+    A worker cuts each kept stream to `max_output_bytes` of UTF-8 after
+    decoding, so a `Finished` frame holds at most twice that plus a little:
+    the two limits agree by construction, whatever the setting.
+    """
+    return max(DEFAULT_MAX_FRAME, 2 * max_output_bytes + _FINISHED_ROOM)
 
 
 class ProtocolError(Exception):
@@ -40,6 +53,14 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._max_frame = value
 
     def feed(self, data: bytes) -> list[Any]:
         """Add bytes; return every frame they complete, in order."""

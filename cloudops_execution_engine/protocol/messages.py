@@ -5,8 +5,12 @@ is its `Kind`. `decode_message` checks the shape and type of every field, so a
 frame that decodes as msgpack but does not match a message is a `ProtocolError`
 rather than an `IndexError` or `TypeError` deep in the supervisor.
 
-    supervisor -> worker:  SetEnv, Run, Cancel, Shutdown
-    worker -> supervisor:  Hello, Started, Output, Finished
+    supervisor -> worker:  SetEnv, Run, Cancel, Shutdown, Ping, Credit
+    worker -> supervisor:  Hello, Started, Output, Finished, Pong
+
+Paths and the host's environment travel as bytes: a host may hold names and
+values that are not UTF-8 (PEP 383 surrogates in Python), and commands get
+them byte for byte.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ from .framing import ProtocolError
 
 __all__ = [
     "Cancel",
+    "Credit",
     "Finished",
     "Hello",
     "Kind",
     "Message",
     "Output",
+    "Ping",
+    "Pong",
     "Run",
     "SetEnv",
     "Shutdown",
     "Started",
     "Stream",
     "decode_message",
+    "output_weight",
 ]
 
 
@@ -38,10 +46,13 @@ class Kind(IntEnum):
     RUN = 2
     CANCEL = 3
     SHUTDOWN = 4
+    PING = 5
+    CREDIT = 6
     HELLO = 10
     STARTED = 11
     OUTPUT = 12
     FINISHED = 13
+    PONG = 14
 
 
 class Stream(IntEnum):
@@ -53,7 +64,7 @@ class Stream(IntEnum):
 class SetEnv:
     """The host's environment; each later `Run` overlays its own variables on it."""
 
-    env: dict[str, str]
+    env: dict[bytes, bytes]
 
     def to_wire(self) -> list[Any]:
         return [Kind.SET_ENV, self.env]
@@ -64,9 +75,9 @@ class Run:
     execution_id: bytes
     argv: list[str]
     env: dict[str, str]
-    cwd: str
+    cwd: bytes
     timeout_ms: int
-    log_path: str
+    log_path: bytes
     stream_output: bool
     max_output_bytes: int
     kill_grace_ms: int
@@ -103,11 +114,40 @@ class Shutdown:
 
 
 @dataclass(slots=True)
-class Hello:
-    pid: int
+class Ping:
+    """Asks for a `Pong`: a worker that stops answering is stopped or hung."""
+
+    seq: int
 
     def to_wire(self) -> list[Any]:
-        return [Kind.HELLO, self.pid]
+        return [Kind.PING, self.seq]
+
+
+@dataclass(slots=True)
+class Credit:
+    """Lets the worker send `nbytes` more of output frames: the host has room for them again."""
+
+    nbytes: int
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.CREDIT, self.nbytes]
+
+
+@dataclass(slots=True)
+class Hello:
+    pid: int
+    capacity: int  # executions the worker can hold at once within its file descriptor limit
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.HELLO, self.pid, self.capacity]
+
+
+@dataclass(slots=True)
+class Pong:
+    seq: int
+
+    def to_wire(self) -> list[Any]:
+        return [Kind.PONG, self.seq]
 
 
 @dataclass(slots=True)
@@ -164,7 +204,16 @@ class Finished:
         ]
 
 
-Message = SetEnv | Run | Cancel | Shutdown | Hello | Started | Output | Finished
+def output_weight(lines: list[str]) -> int:
+    """What an `Output` frame counts against the worker's output credit.
+
+    Both ends compute it from the same lines, so it needs no field of its own;
+    the per-line term stands for the event object each line becomes in the host.
+    """
+    return sum(map(len, lines)) + 64 * len(lines)
+
+
+Message = SetEnv | Run | Cancel | Shutdown | Ping | Credit | Hello | Started | Output | Finished | Pong
 
 _ID = bytes
 _NUMBER = (int, float)
@@ -173,6 +222,12 @@ _NUMBER = (int, float)
 def _is_str_map(value: Any) -> bool:
     return isinstance(value, dict) and all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_bytes_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, bytes) and isinstance(v, bytes) for k, v in value.items()
     )
 
 
@@ -194,14 +249,14 @@ def _is_id(value: Any) -> bool:
 
 # Per kind: the number of fields after the kind and a check for each.
 _SHAPES: dict[int, tuple[Any, ...]] = {
-    Kind.SET_ENV: (_is_str_map,),
+    Kind.SET_ENV: (_is_bytes_map,),
     Kind.RUN: (
         _is_id,
         _is_str_list,
         _is_str_map,
-        lambda v: isinstance(v, str),
+        lambda v: isinstance(v, bytes),
         _is_int,
-        lambda v: isinstance(v, str),
+        lambda v: isinstance(v, bytes),
         lambda v: isinstance(v, bool),
         _is_int,
         _is_int,
@@ -209,7 +264,10 @@ _SHAPES: dict[int, tuple[Any, ...]] = {
     ),
     Kind.CANCEL: (_is_id,),
     Kind.SHUTDOWN: (),
-    Kind.HELLO: (_is_int,),
+    Kind.PING: (_is_int,),
+    Kind.CREDIT: (_is_int,),
+    Kind.HELLO: (_is_int, _is_int),
+    Kind.PONG: (_is_int,),
     Kind.STARTED: (_is_id, _is_int, _is_number),
     Kind.OUTPUT: (_is_id, lambda v: v in (Stream.STDOUT, Stream.STDERR), _is_number, _is_str_list),
     Kind.FINISHED: (
@@ -232,7 +290,10 @@ _BUILDERS: dict[int, Any] = {
     Kind.RUN: Run,
     Kind.CANCEL: Cancel,
     Kind.SHUTDOWN: Shutdown,
+    Kind.PING: Ping,
+    Kind.CREDIT: Credit,
     Kind.HELLO: Hello,
+    Kind.PONG: Pong,
     Kind.STARTED: Started,
     Kind.OUTPUT: Output,
     Kind.FINISHED: Finished,
@@ -245,7 +306,7 @@ _EXACT_NUMBERS = frozenset({int, float})
 
 # The exact types of a run of plain fields, compared in one go: a tuple of types
 # built in C is cheaper than a test per field.
-_RUN_PLAIN = (str, int, str, bool, int, int, str)  # fields 4 to 10
+_RUN_PLAIN = (bytes, int, bytes, bool, int, int, str)  # fields 4 to 10
 _FINISHED_PLAIN = (str, int, str, str, bool, bool, float, float)  # fields 2 to 9
 
 

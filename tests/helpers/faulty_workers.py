@@ -1,0 +1,89 @@
+"""Worker entry points that misbehave on purpose, for the pool's fault tests.
+
+Each has `worker_main`'s signature and is what a `LocalWorkerPool` given it as
+`worker_target` runs in its worker processes; a spawned worker imports this
+module by name. The faults at start-up strike every worker. The faults while
+running strike only on a `Run` whose command line holds `TRIGGER`, so the
+pool's other executions, and the workers that replace a dead one, behave.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from cloudops_execution_engine.actors import worker
+from cloudops_execution_engine.protocol import DEFAULT_MAX_FRAME, Kind, Run
+
+TRIGGER = "fault-injection-trigger"
+EXIT_CODE = 70
+# Past the largest frame the supervisor accepts with a small `max_output_bytes`.
+OVERSIZE = DEFAULT_MAX_FRAME + 1024 * 1024
+
+
+def exit_before_hello(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    os._exit(EXIT_CODE)
+
+
+def hang_before_hello(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    # Holds its pipes open and says nothing: only the hello timeout ends it.
+    while True:
+        time.sleep(3600)
+
+
+def _triggered(message: object) -> bool:
+    return isinstance(message, Run) and TRIGGER in message.display
+
+
+class _ExitOnRun(worker.Worker):
+    def _handle(self, message: object) -> None:
+        if _triggered(message):
+            os._exit(EXIT_CODE)
+        super()._handle(message)
+
+
+class _KillSelfOnRun(worker.Worker):
+    def _handle(self, message: object) -> None:
+        if _triggered(message):
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._handle(message)
+
+
+class _OversizedFinished(worker.Worker):
+    """Sends the triggering execution's `Finished` padded past the frame limit."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._targets: set[bytes] = set()
+
+    def _handle(self, message: object) -> None:
+        if _triggered(message):
+            assert isinstance(message, Run)
+            self._targets.add(message.execution_id)
+        super()._handle(message)
+
+    def _send(self, wire: list[Any]) -> None:
+        if wire[0] == Kind.FINISHED and wire[1] in self._targets:
+            wire = [*wire, b"\0" * OVERSIZE]
+        super()._send(wire)
+
+
+def _serve_as(kind: type[worker.Worker], read_conn: Connection, write_conn: Connection, detach: bool) -> None:
+    # `worker_main` builds its worker by this name: this process only ever runs one.
+    worker.Worker = kind  # type: ignore[misc]
+    worker.worker_main(read_conn, write_conn, detach)
+
+
+def exit_on_run(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    _serve_as(_ExitOnRun, read_conn, write_conn, detach)
+
+
+def kill_self_on_run(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    _serve_as(_KillSelfOnRun, read_conn, write_conn, detach)
+
+
+def oversized_finished(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    _serve_as(_OversizedFinished, read_conn, write_conn, detach)

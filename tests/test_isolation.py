@@ -1,0 +1,392 @@
+"""Isolation under attack: hostile commands and malformed input end in a bounded outcome for themselves alone.
+
+Each test is one attack, against real processes, and checks what a user would:
+the hostile execution's own result, that a bystander did not notice, and that
+nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+from conftest import HELPERS, PYTHON, config, gone, result_of, run, shell, wait_until
+
+from cloudops_execution_engine import (
+    EngineClosed,
+    ExecCommand,
+    ExecutionConfig,
+    ExecutionEngine,
+    ExecutionRequest,
+    ExecutionStatus,
+    InvalidCommand,
+    ShellCommand,
+    ValidationError,
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
+
+MIB = 1024 * 1024
+
+
+def _written_pid(path: Path) -> int | None:
+    text = path.read_text() if path.exists() else ""
+    return int(text) if text.endswith("\n") else None
+
+
+async def pid_from(path: Path, timeout: float = 20) -> int:
+    """The pid a command wrote to `path`, once it has written it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            pid = _written_pid(path)
+            if pid is not None:
+                return pid
+            await asyncio.sleep(0.01)
+
+
+async def until_gone(pid: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if gone(pid):
+                return
+            await asyncio.sleep(0.01)
+
+
+# -- 1. results larger than a frame -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_output", "script"),
+    [
+        # Both streams at the default limit: 32 MiB of output in one result.
+        (None, "head -c 16777216 /dev/zero | tr '\\0' a; head -c 16777216 /dev/zero | tr '\\0' b >&2"),
+        # Each invalid byte decodes to a three-byte U+FFFD.
+        (None, "head -c 11534336 /dev/zero | tr '\\0' '\\377'"),
+        # A limit above half the default frame: the frame limit follows it.
+        (20 * MIB, "head -c 20971520 /dev/zero | tr '\\0' a; head -c 20971520 /dev/zero | tr '\\0' b >&2"),
+    ],
+    ids=["two-full-streams", "invalid-utf8", "raised-limit"],
+)
+async def test_a_result_larger_than_a_frame_ends_alone(
+    tmp_path: Path, max_output: int | None, script: str
+) -> None:
+    overrides: dict[str, Any] = {"workers": 1, "stream_output": False}
+    if max_output is not None:
+        overrides["max_output_bytes"] = max_output
+    async with ExecutionEngine(config(tmp_path, **overrides)) as engine:
+        bystander = await engine.execute(shell("sleep 1; echo still here"))
+        big = await engine.execute(shell(script))
+        result = await result_of(engine, big, 60)
+        assert result.status is ExecutionStatus.COMPLETED, result.error
+        limit = engine.config.max_output_bytes
+        assert len(result.stdout.encode()) <= limit
+        assert len(result.stderr.encode()) <= limit
+        if "377" in script:
+            assert result.stdout_truncated
+            assert set(result.stdout) == {"\ufffd"}
+        else:
+            assert (len(result.stdout), len(result.stderr)) == (limit, limit)
+        other = await result_of(engine, bystander, 30)
+        assert (other.status, other.stdout) == (ExecutionStatus.COMPLETED, "still here\n")
+
+
+# -- 2. requests that cannot fit ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        run("true", "x" * 40 * MIB),
+        run("true", *(["x" * 1000] * 3000)),
+        run("true", "x" * 200_000),
+        ExecutionRequest(command=ExecCommand(program="true"), env={"BIG": "x" * 3 * MIB}),
+        ExecutionRequest(command=ShellCommand(command="true # " + "x" * 3 * MIB)),
+    ],
+    ids=["40-mib-argument", "3-mb-of-arguments", "argument-over-128-kib", "3-mib-variable", "3-mib-script"],
+)
+async def test_a_request_too_large_for_exec_is_refused_at_execute(
+    engine: ExecutionEngine, request_: ExecutionRequest
+) -> None:
+    bystander = await engine.execute(shell("sleep 0.5; echo fine"))
+    with pytest.raises(InvalidCommand, match="bytes"):
+        await engine.execute(request_)
+    assert request_.id not in {s.id for s in await engine.list_executions()}
+    result = await result_of(engine, bystander, 30)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "fine\n")
+
+
+# -- 3. text that cannot be encoded ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        run("echo", "bad \udcff argument"),
+        ExecutionRequest(command=ExecCommand(program="true"), env={"BAD": "\udcfe"}),
+        ExecutionRequest(command=ExecCommand(program="true"), env={"BAD\udcfe": "x"}),
+        ExecutionRequest(command=ExecCommand(program="true"), working_dir=Path("/tmp/\udcff")),
+        shell("echo \ud800"),
+    ],
+    ids=["argument", "env-value", "env-name", "working-dir", "script"],
+)
+async def test_a_lone_surrogate_is_refused_and_nothing_waits_behind_it(
+    tmp_path: Path, request_: ExecutionRequest
+) -> None:
+    async with ExecutionEngine(config(tmp_path, workers=1, max_concurrent_executions=1)) as engine:
+        running = await engine.execute(shell("sleep 0.3"))
+        with pytest.raises(InvalidCommand, match="Unicode"):
+            await engine.execute(request_)
+        assert request_.id not in {s.id for s in await engine.list_executions()}
+        after = await engine.execute(shell("echo next"))
+        assert (await result_of(engine, after, 30)).stdout == "next\n"
+        assert (await result_of(engine, running, 30)).status is ExecutionStatus.COMPLETED
+
+
+async def test_a_host_environment_that_is_not_utf8_reaches_commands_byte_exact(tmp_path: Path) -> None:
+    os.environb[b"CLOUDOPS_TEST_ODD"] = b"caf\xe9 \xff\xfe"
+    os.environb[b"CLOUDOPS_TEST_\xfe"] = b"name"
+    try:
+        async with ExecutionEngine(config(tmp_path)) as engine:
+            eid = await engine.execute(
+                shell("printf %s \"$CLOUDOPS_TEST_ODD\" | od -An -tx1; env | grep -c '^CLOUDOPS_TEST_'")
+            )
+            result = await result_of(engine, eid, 30)
+    finally:
+        del os.environb[b"CLOUDOPS_TEST_ODD"]
+        del os.environb[b"CLOUDOPS_TEST_\xfe"]
+    assert result.status is ExecutionStatus.COMPLETED, result.error
+    assert result.stdout.split() == ["63", "61", "66", "e9", "20", "ff", "fe", "2"]
+
+
+# -- 4. long timeouts ---------------------------------------------------------------------
+
+
+async def test_a_thirty_day_timeout_works(tmp_path: Path) -> None:
+    thirty_days = int(timedelta(days=30) / timedelta(milliseconds=1))
+    cfg = config(tmp_path, workers=1, max_timeout_ms=thirty_days)
+    async with ExecutionEngine(cfg) as engine:
+        long_one = await engine.execute(shell("sleep 0.5; echo done", timeout_ms=thirty_days))
+        other = await engine.execute(shell("echo other"))
+        assert (await result_of(engine, long_one, 30)).stdout == "done\n"
+        assert (await result_of(engine, other, 30)).status is ExecutionStatus.COMPLETED
+
+
+@pytest.mark.parametrize("timeout_ms", [2**64, 2**64 - 1, -1, 0])
+async def test_a_timeout_out_of_range_is_a_validation_error(engine: ExecutionEngine, timeout_ms: int) -> None:
+    with pytest.raises(ValidationError):
+        await engine.execute(run("true", timeout_ms=timeout_ms))
+    assert await engine.list_executions() == []
+
+
+def test_a_configured_maximum_beyond_u64_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_timeout_ms"):
+        ExecutionConfig(max_timeout_ms=2**64)
+
+
+# -- 5. a stopped worker -------------------------------------------------------------------
+
+
+async def test_a_stopped_worker_is_replaced_and_its_executions_fail(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        bystander = await engine.execute(shell("echo $$ > by.pid; exec sleep 60", working_dir=tmp_path))
+        by_pid = await pid_from(tmp_path / "by.pid")
+        stopper = await engine.execute(shell("kill -STOP $PPID; exec sleep 60", timeout_ms=1000))
+        started = time.monotonic()
+        for eid in (bystander, stopper):
+            result = await result_of(engine, eid, 30)
+            assert result.status is ExecutionStatus.FAILED
+            assert result.error is not None
+            assert "stopped responding" in result.error
+        assert time.monotonic() - started < 15
+        await until_gone(by_pid)
+        after = await engine.execute(shell("echo served"))
+        assert (await result_of(engine, after, 30)).stdout == "served\n"
+
+
+# -- 6. escapees -----------------------------------------------------------------------------
+
+# A descendant that leaves everything behind: no marker (env -i), its own session
+# (setsid), its parent gone (the subshell exits), its output elsewhere.
+ESCAPE = "( env -i PATH=\"$PATH\" setsid sh -c 'echo $$ > escapee.pid; exec sleep 60' {redirect} & ); "
+WAIT_FOR_PIDFILE = "until [ -s escapee.pid ]; do sleep 0.01; done; "
+
+
+async def test_an_escapee_holding_stdout_cannot_keep_the_execution_running(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path, kill_grace_ms=300)) as engine:
+        eid = await engine.execute(shell(ESCAPE.format(redirect="") + "echo main done", working_dir=tmp_path))
+        result = await result_of(engine, eid, 20)
+        assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "main done\n")
+        assert result.duration < timedelta(seconds=5)
+        await until_gone(await pid_from(tmp_path / "escapee.pid"))
+
+
+@pytest.mark.parametrize("ending", ["end", "cancel", "timeout", "shutdown"])
+async def test_an_escapee_dies_with_its_execution(tmp_path: Path, ending: str) -> None:
+    detached = ESCAPE.format(redirect=">/dev/null 2>&1 </dev/null")
+    tail = "" if ending == "end" else "exec sleep 60"
+    timeout_ms = 1000 if ending == "timeout" else None
+    engine = ExecutionEngine(config(tmp_path, kill_grace_ms=300))
+    async with engine:
+        eid = await engine.execute(
+            shell(detached + WAIT_FOR_PIDFILE + tail, working_dir=tmp_path, timeout_ms=timeout_ms)
+        )
+        escapee = await pid_from(tmp_path / "escapee.pid")
+        assert psutil.Process(escapee).environ().get("CLOUDOPS_EXECUTION_ID") is None
+        if ending == "cancel":
+            await engine.cancel(eid)
+        if ending != "shutdown":
+            result = await result_of(engine, eid, 20)
+            expected = {
+                "end": ExecutionStatus.COMPLETED,
+                "cancel": ExecutionStatus.CANCELLED,
+                "timeout": ExecutionStatus.TIMEOUT,
+            }[ending]
+            assert result.status is expected
+            await until_gone(escapee)
+    await until_gone(escapee)
+
+
+async def test_an_escapee_of_an_ended_command_does_not_touch_a_running_one(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path, workers=1, kill_grace_ms=300)) as engine:
+        # A running command's own detached child is part of it: the end of
+        # another command on the same worker must not take it.
+        keeper = await engine.execute(
+            shell(
+                "( env -i setsid sh -c 'echo $$ > kept.pid; exec sleep 60' >/dev/null 2>&1 & ); "
+                "until [ -s kept.pid ]; do sleep 0.01; done; sleep 60",
+                working_dir=tmp_path,
+            )
+        )
+        kept = await pid_from(tmp_path / "kept.pid")
+        leaver = await engine.execute(
+            shell(ESCAPE.format(redirect=">/dev/null 2>&1") + WAIT_FOR_PIDFILE, working_dir=tmp_path)
+        )
+        await result_of(engine, leaver, 20)
+        await until_gone(await pid_from(tmp_path / "escapee.pid"))
+        assert not gone(kept)
+        assert (await engine.get_status(keeper)) is ExecutionStatus.RUNNING
+        await engine.cancel(keeper)
+        await result_of(engine, keeper, 20)
+        await until_gone(kept)
+
+
+# -- 7. file descriptors ------------------------------------------------------------------------
+
+
+async def test_a_command_holds_only_fds_0_1_and_2(engine: ExecutionEngine) -> None:
+    probe = "import os; print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))"
+    result = await result_of(engine, await engine.execute(run(PYTHON, "-c", probe)), 30)
+    # listdir's own fd is the fourth.
+    assert result.stdout == "[0, 1, 2, 3]\n"
+
+
+# -- 8. the common fd limit -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "count", "seconds"),
+    [(1024, 8192, 1000, 2.0), (256, 256, 400, 0.3)],
+    ids=["soft-1024-hard-8192", "hard-256"],
+)
+def test_many_commands_under_a_low_fd_limit_all_complete(
+    tmp_path: Path, soft: int, hard: int, count: int, seconds: float
+) -> None:
+    host = subprocess.run(
+        [
+            PYTHON,
+            str(HELPERS / "fd_limit_host.py"),
+            str(tmp_path / "logs"),
+            str(soft),
+            str(hard),
+            str(count),
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert host.returncode == 0, host.stderr[-3000:]
+    assert host.stdout.split() == [f"completed={count}", "failed=0"], host.stdout[-2000:]
+
+
+# -- 9. slow consumers -------------------------------------------------------------------------------
+
+# 3,200 lines of 64 KiB: 200 MiB of output.
+FLOOD = "import sys\nline = b'x' * 65535 + b'\\n'\nfor _ in range(3200): sys.stdout.buffer.write(line)\n"
+
+
+def _rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+class SlowHandler:
+    def __init__(self) -> None:
+        self.lines = 0
+        self.peak = 0
+
+    async def on_event(self, event: Any) -> None:
+        if event.event_type == "stdout":
+            self.lines += 1
+            self.peak = max(self.peak, _rss())
+            await asyncio.sleep(0.001)
+
+
+async def test_a_slow_handler_keeps_host_memory_bounded_and_loses_nothing(tmp_path: Path) -> None:
+    handler = SlowHandler()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(handler) as engine:
+        baseline = _rss()
+        eid = await engine.execute(run(PYTHON, "-c", FLOOD))
+        result = await result_of(engine, eid, 100)
+    assert result.status is ExecutionStatus.COMPLETED
+    assert handler.lines == 3200
+    assert handler.peak - baseline < 64 * MIB, f"host grew by {(handler.peak - baseline) // MIB} MiB"
+    log = (tmp_path / "logs" / f"{eid}.log").read_bytes()
+    assert log.count(b" stdout ") == 3200
+
+
+async def test_a_slow_events_reader_keeps_host_memory_bounded_and_loses_nothing(tmp_path: Path) -> None:
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        baseline = _rss()
+        eid = await engine.execute(run(PYTHON, "-c", FLOOD))
+        lines = peak = 0
+        async for event in engine.events(eid):
+            if event.event_type == "stdout":
+                lines += 1
+                peak = max(peak, _rss())
+                await asyncio.sleep(0.001)
+        result = await result_of(engine, eid, 30)
+    assert result.status is ExecutionStatus.COMPLETED
+    assert lines == 3200
+    assert peak - baseline < 64 * MIB, f"host grew by {(peak - baseline) // MIB} MiB"
+
+
+# -- 11. a second event loop ---------------------------------------------------------------------------
+
+
+def test_an_engine_used_from_a_second_event_loop_fails_clearly_and_leaves_no_worker(tmp_path: Path) -> None:
+    engine = ExecutionEngine(config(tmp_path))
+    workers: list[int] = []
+    before = {p.pid for p in psutil.Process().children()}
+
+    async def first() -> None:
+        eid = await engine.execute(run("true"))
+        await engine.wait(eid, timeout=30)
+        workers.extend(p.pid for p in psutil.Process().children() if p.pid not in before)
+
+    async def second() -> UUID:
+        return await engine.execute(run("true"))
+
+    asyncio.run(first())
+    assert workers
+    with pytest.raises(EngineClosed, match="event loop"):
+        asyncio.run(second())
+    asyncio.run(engine.shutdown())
+    wait_until(lambda: all(gone(pid) for pid in workers), 10, "the workers to exit")

@@ -1,0 +1,274 @@
+"""Log files and their directory, against real files: nothing already at a log's name is written through."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from conftest import config, result_of, shell
+
+from cloudops_execution_engine import ExecutionEngine, ExecutionStatus, IoError
+from cloudops_execution_engine.logfiles import open_log, prepare_log_dir
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+VICTIM_TEXT = b"precious\n"
+VICTIM_MODE = 0o644
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a file to another user")
+
+
+@contextlib.contextmanager
+def opened_log(path: str | bytes) -> Iterator[int]:
+    fd = open_log(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "logs"
+    prepare_log_dir(directory)
+    return directory
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim"
+    path.write_bytes(VICTIM_TEXT)
+    path.chmod(VICTIM_MODE)
+    return path
+
+
+def assert_untouched(victim: Path) -> None:
+    """Same content, same mode, and no name but its own."""
+    assert victim.read_bytes() == VICTIM_TEXT
+    info = victim.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_nlink) == (VICTIM_MODE, 1)
+
+
+def assert_owner_only_log(path: Path) -> None:
+    info = os.lstat(path)
+    assert stat.S_ISREG(info.st_mode)
+    assert (stat.S_IMODE(info.st_mode), info.st_nlink) == (0o600, 1)
+
+
+def assert_fresh_log(path: Path, fd: int) -> None:
+    """`path` is now a regular file of its own, the one `fd` writes, and nothing else names it."""
+    info = os.lstat(path)
+    assert stat.S_ISREG(info.st_mode)
+    assert (info.st_dev, info.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    assert info.st_nlink == 1
+    assert stat.S_IMODE(info.st_mode) == 0o600
+
+
+def test_a_new_log_is_owner_only_write_only_append_and_close_on_exec(log_dir: Path) -> None:
+    """The descriptor a command's output is logged through: 0600, O_WRONLY|O_APPEND, not inherited."""
+    path = log_dir / "new.log"
+    with opened_log(str(path)) as fd:
+        assert_fresh_log(path, fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert flags & os.O_ACCMODE == os.O_WRONLY
+        assert flags & os.O_APPEND
+        assert not os.get_inheritable(fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
+def test_a_bytes_path_is_accepted(log_dir: Path) -> None:
+    path = log_dir / "bytes.log"
+    with opened_log(os.fsencode(path)) as fd:
+        os.write(fd, b"line\n")
+    assert path.read_bytes() == b"line\n"
+
+
+def test_a_planted_hard_link_leaves_its_victim_untouched(log_dir: Path, victim: Path) -> None:
+    """A hard link at the log's name is neither truncated, nor chmodded, nor written."""
+    path = log_dir / "linked.log"
+    os.link(victim, path)
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"log line\n")
+        assert_fresh_log(path, fd)
+    assert_untouched(victim)
+    assert path.read_bytes() == b"log line\n"
+
+
+def test_a_planted_symlink_is_not_followed(log_dir: Path, victim: Path) -> None:
+    """A symlink at the log's name is replaced; the file it pointed at is not opened."""
+    path = log_dir / "symlinked.log"
+    path.symlink_to(victim)
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"log line\n")
+        assert_fresh_log(path, fd)
+    assert_untouched(victim)
+
+
+def test_a_planted_dangling_symlink_creates_nothing_at_its_target(log_dir: Path, tmp_path: Path) -> None:
+    """A symlink to a name that does not exist yet is not a way to create that name."""
+    target = tmp_path / "elsewhere"
+    path = log_dir / "dangling.log"
+    path.symlink_to(target)
+    with opened_log(str(path)) as fd:
+        assert_fresh_log(path, fd)
+    assert not target.exists()
+
+
+def test_a_planted_fifo_does_not_block(log_dir: Path) -> None:
+    """Opening a FIFO for writing would wait for a reader forever; the FIFO is replaced instead."""
+    path = log_dir / "fifo.log"
+    os.mkfifo(path)
+    with opened_log(str(path)) as fd:
+        assert_fresh_log(path, fd)
+
+
+def test_a_rerun_of_the_same_id_starts_a_fresh_log(log_dir: Path) -> None:
+    """The earlier log's inode is left as it was: a reader holding it still sees the earlier run."""
+    path = log_dir / "rerun.log"
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"first run\n")
+    with path.open("rb") as earlier, opened_log(str(path)) as fd:
+        os.write(fd, b"second run\n")
+        assert_fresh_log(path, fd)
+        assert earlier.read() == b"first run\n"
+    assert path.read_bytes() == b"second run\n"
+
+
+def test_a_directory_at_the_name_is_an_error_and_survives(log_dir: Path) -> None:
+    path = log_dir / "dir.log"
+    path.mkdir()
+    (path / "inside").write_bytes(b"kept")
+    with pytest.raises(OSError, match=r"directory|not permitted"):
+        open_log(str(path))
+    assert (path / "inside").read_bytes() == b"kept"
+
+
+def test_a_name_taken_again_every_time_gives_up_with_the_error(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who recreates the name as fast as it is freed gets an error, not a loop or their file."""
+    path = log_dir / "contested.log"
+    path.write_bytes(b"theirs")
+    real_unlink = os.unlink
+    freed: list[str | bytes] = []
+
+    def unlink_and_retake(name: str | bytes, *args: object, **kwargs: object) -> None:
+        real_unlink(name)
+        freed.append(name)
+        Path(os.fsdecode(name)).write_bytes(b"theirs")
+
+    monkeypatch.setattr(os, "unlink", unlink_and_retake)
+    with pytest.raises(FileExistsError):
+        open_log(str(path))
+    monkeypatch.undo()
+    assert len(freed) > 1
+    assert path.read_bytes() == b"theirs"
+
+
+def test_a_name_taken_once_more_is_freed_again(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = log_dir / "raced.log"
+    path.write_bytes(b"old")
+    real_unlink = os.unlink
+    raced: list[str | bytes] = []
+
+    def unlink_and_retake_once(name: str | bytes, *args: object, **kwargs: object) -> None:
+        real_unlink(name)
+        if not raced:
+            raced.append(name)
+            Path(os.fsdecode(name)).write_bytes(b"racer")
+
+    monkeypatch.setattr(os, "unlink", unlink_and_retake_once)
+    with opened_log(str(path)) as fd:
+        monkeypatch.undo()
+        assert_fresh_log(path, fd)
+    assert raced
+    assert path.read_bytes() == b""
+
+
+def test_a_symlink_to_our_directory_is_a_log_directory(tmp_path: Path) -> None:
+    target = tmp_path / "real"
+    target.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    prepare_log_dir(link)
+    assert link.is_symlink()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+
+
+def test_a_symlink_to_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing", target_is_directory=True)
+    with pytest.raises(IoError, match="cannot prepare log directory"):
+        prepare_log_dir(link)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_symlink_to_a_file_is_refused(tmp_path: Path, victim: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    with pytest.raises(IoError, match="cannot prepare log directory"):
+        prepare_log_dir(link)
+    assert_untouched(victim)
+
+
+@needs_root
+def test_a_symlink_to_another_users_directory_is_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    foreign.chmod(0o777)
+    os.chown(foreign, NOBODY, NOBODY)
+    link = tmp_path / "link"
+    link.symlink_to(foreign, target_is_directory=True)
+    with pytest.raises(IoError, match="belongs to another user"):
+        prepare_log_dir(link)
+    assert stat.S_IMODE(foreign.stat().st_mode) == 0o777
+
+
+@needs_root
+def test_another_users_symlink_to_our_directory_is_refused(tmp_path: Path) -> None:
+    """Whoever owns the link could point it at a directory of theirs after the check."""
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    link.symlink_to(ours, target_is_directory=True)
+    os.chown(link, NOBODY, NOBODY, follow_symlinks=False)
+    with pytest.raises(IoError, match="symlink that belongs to another user"):
+        prepare_log_dir(link)
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o755
+
+
+async def test_an_engine_logs_through_a_symlinked_log_dir(tmp_path: Path) -> None:
+    """A `log_dir` that is a symlink to our directory works end to end: run, log in the target, read_logs."""
+    target = tmp_path / "real-logs"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "logs-link"
+    link.symlink_to(target, target_is_directory=True)
+    marker = uuid4().hex
+    async with ExecutionEngine(config(tmp_path, log_dir=link)) as engine:
+        eid = await engine.execute(shell(f"echo {marker}"))
+        result = await result_of(engine, eid, timeout=20)
+        assert result.status is ExecutionStatus.COMPLETED
+        assert f" stdout {marker}\n" in await engine.read_logs(eid)
+    assert engine.get_log_path(eid) == link / f"{eid}.log"
+    assert_owner_only_log(target / f"{eid}.log")
+
+
+async def test_an_engine_never_writes_through_a_hard_link_at_a_logs_name(
+    tmp_path: Path, victim: Path
+) -> None:
+    """A hard link planted at `<log_dir>/<id>.log` before the command starts: the victim is untouched."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        request = shell("echo logged")
+        planted = engine.get_log_path(request.id)
+        os.link(victim, planted)
+        result = await result_of(engine, await engine.execute(request), timeout=20)
+        assert result.status is ExecutionStatus.COMPLETED
+        assert " stdout logged\n" in await engine.read_logs(request.id)
+    assert_untouched(victim)
+    assert_owner_only_log(planted)

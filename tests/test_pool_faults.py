@@ -1,0 +1,256 @@
+"""The worker pool under faults of its own: workers that misbehave, a host out of fds, a cancelled shutdown.
+
+Worker-side faults are named injectors (`helpers/faulty_workers.py`): entry
+points a real pool starts in real worker processes in place of `worker_main`.
+Each ends in a bounded outcome a user can see: the engine's start fails with
+`SpawnFailed` naming the cause, or the execution the fault struck fails naming
+the worker's death while one on another worker completes; and the engine
+serves afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, result_of, run, shell
+from helpers import faulty_workers
+
+from cloudops_execution_engine import EngineClosed, ExecutionEngine, ExecutionStatus, SpawnFailed
+from cloudops_execution_engine.actors import supervisor
+from cloudops_execution_engine.actors.local_pool import LocalWorkerPool, WorkerTarget
+from cloudops_execution_engine.actors.worker import worker_main
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1024 * 1024
+UsePool = Callable[..., None]
+
+
+@pytest.fixture
+def use_pool(monkeypatch: pytest.MonkeyPatch) -> UsePool:
+    """Make the engines of this test build their local pool with these keyword arguments."""
+
+    def use(**options: Any) -> None:
+        monkeypatch.setattr(supervisor, "LocalWorkerPool", functools.partial(LocalWorkerPool, **options))
+
+    return use
+
+
+async def until_gone(pids: Iterable[int], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what} to end")
+        await asyncio.sleep(0.02)
+
+
+async def serves(engine: ExecutionEngine, times: int = 1) -> None:
+    for _ in range(times):
+        result = await result_of(engine, await engine.execute(run("echo", "served")), timeout=30)
+        assert result.stdout == "served\n", result.error
+
+
+# -- faults at start-up ------------------------------------------------------------
+
+START_FAULTS: dict[str, tuple[WorkerTarget, str]] = {
+    "exit before hello": (
+        faulty_workers.exit_before_hello,
+        rf"worker process \d+ died before it was ready \(exited with exit code {faulty_workers.EXIT_CODE}\)",
+    ),
+    "hang before hello": (faulty_workers.hang_before_hello, r"worker \d+ did not start within 0\.5s"),
+}
+
+
+@pytest.mark.parametrize("fault", list(START_FAULTS))
+async def test_a_worker_that_never_says_hello_fails_the_start_naming_the_cause(
+    tmp_path: Path, use_pool: UsePool, fault: str
+) -> None:
+    """The start fails in bounded time with SpawnFailed naming the cause; with sound workers it serves."""
+    target, cause = START_FAULTS[fault]
+    use_pool(worker_target=target, hello_timeout=0.5)
+    engine = ExecutionEngine(config(tmp_path, workers=2))
+    with pytest.raises(SpawnFailed) as caught:
+        await asyncio.wait_for(engine.start(), 30)
+    assert re.fullmatch(f"Process spawn failed: {cause}", str(caught.value)), str(caught.value)
+    use_pool(worker_target=worker_main)
+    try:
+        await serves(engine)
+    finally:
+        await engine.shutdown()
+
+
+# -- faults while running ----------------------------------------------------------
+
+RUN_FAULTS: dict[str, tuple[WorkerTarget, str]] = {
+    "exit on run": (
+        faulty_workers.exit_on_run,
+        rf"exited with exit code {faulty_workers.EXIT_CODE}",
+    ),
+    "SIGKILL itself on run": (faulty_workers.kill_self_on_run, r"killed by signal SIGKILL\(-9\)"),
+    "oversized finished frame": (
+        faulty_workers.oversized_finished,
+        r"sent a malformed message \(frame of \d+ bytes exceeds the \d+-byte limit\)[^)]*",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(RUN_FAULTS))
+async def test_a_worker_fault_while_running_costs_only_the_execution_it_struck(
+    tmp_path: Path, use_pool: UsePool, recorder: Recorder, fault: str
+) -> None:
+    """The struck execution fails naming the worker's death; one on the other worker completes."""
+    target, death = RUN_FAULTS[fault]
+    use_pool(worker_target=target)
+    go = tmp_path / "go"
+    cfg = config(tmp_path, workers=2, max_output_bytes=MIB)
+    async with ExecutionEngine(cfg).with_event_handler(recorder) as engine:
+        workers = {child.pid for child in psutil.Process().children()}
+        bystander = await engine.execute(shell(f"echo up; until [ -e {go} ]; do sleep 0.01; done; echo done"))
+        await recorder.until(lambda _: "stdout" in recorder.types_of(bystander))
+        struck = await engine.execute(shell(f"echo {faulty_workers.TRIGGER}"))
+        result = await result_of(engine, struck, timeout=30)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        died = re.fullmatch(
+            rf"Worker process (\d+) died \({death}\) while running this execution", result.error
+        )
+        assert died, result.error
+        assert int(died[1]) in workers
+        go.touch()
+        survivor = await result_of(engine, bystander, timeout=30)
+        assert survivor.status is ExecutionStatus.COMPLETED
+        assert survivor.stdout == "up\ndone\n"
+        await serves(engine, times=4)
+
+
+# -- a host out of file descriptors -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def starved_host(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """What helpers/starved_host.py reported, run once for the tests below."""
+    logs = tmp_path_factory.mktemp("starved") / "logs"
+    done = subprocess.run(
+        [PYTHON, str(HELPERS / "starved_host.py"), str(logs)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def events_of(lines: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [line for line in lines if line["event"] == kind]
+
+
+def result_named(lines: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [line for line in events_of(lines, "result") if line["name"] == name]
+    return found
+
+
+EMFILE = "cannot start a worker process: [Errno 24] Too many open files"
+
+
+def test_a_start_without_file_descriptors_is_spawn_failed_and_leaves_nothing_open(
+    starved_host: list[dict[str, Any]],
+) -> None:
+    """EMFILE while starting the pool is SpawnFailed naming it, never a raw OSError, and no fd stays open."""
+    assert events_of(starved_host, "start") == [
+        {"event": "start", "error": f"Process spawn failed: {EMFILE}"}
+    ]
+    assert events_of(starved_host, "start fds") == [{"event": "start fds", "leaked": []}]
+
+
+def test_a_pool_that_cannot_replace_its_worker_reports_itself_broken_then_recovers(
+    starved_host: list[dict[str, Any]],
+) -> None:
+    """Retries with backoff, warns once, reports broken naming EMFILE, and recovers once fds are back."""
+    kinds = [line["event"] for line in starved_host]
+    assert events_of(starved_host, "broken") == [{"event": "broken", "cause": EMFILE}]
+    assert kinds.index("broken") < kinds.index("recovered") < kinds.index("closed")
+    pool_logs = [line for line in events_of(starved_host, "log") if line["logger"].endswith(".pool")]
+    warnings = [line for line in pool_logs if line["message"].startswith("cannot start a replacement worker")]
+    assert len(warnings) == 1, "one warning per streak of failed starts, not one per attempt"
+    assert EMFILE in warnings[0]["message"]
+    (worker,) = events_of(starved_host, "worker")
+    long = result_named(starved_host, "long")
+    assert long["status"] == "failed"
+    assert long["error"] == (
+        f"Worker process {worker['pid']} died (killed by signal SIGKILL(-9)) while running this execution"
+    )
+    assert gone(worker["command"]), "the dead worker's command outlived it"
+    after = result_named(starved_host, "after")
+    assert (after["status"], after["stdout"]) == ("completed", "after\n")
+
+
+def test_work_queued_while_no_worker_can_start_fails_with_spawn_failed(
+    starved_host: list[dict[str, Any]],
+) -> None:
+    """Queued work does not wait for ever for a worker that cannot be started: it fails naming the cause."""
+    queued = result_named(starved_host, "queued")
+    assert queued["status"] == "failed"
+    assert queued["error"] == f"Process spawn failed: {EMFILE}"
+
+
+# -- cancelling the engine's own calls ----------------------------------------------
+
+
+async def running_sleepers(engine: ExecutionEngine, recorder: Recorder, count: int) -> list[UUID]:
+    """`count` commands that ignore SIGTERM, so that ending them takes the whole kill grace."""
+    ids = [await engine.execute(shell("trap '' TERM; exec sleep 30")) for _ in range(count)]
+    await recorder.until(lambda _: all("started" in recorder.types_of(eid) for eid in ids))
+    return ids
+
+
+async def test_a_shutdown_cut_short_by_its_caller_still_stops_every_worker_and_command(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """wait_for(shutdown(), 0.01) times out; yet no worker or command survives, and the engine is closed."""
+    before = host_children()
+    engine = ExecutionEngine(config(tmp_path, workers=2, kill_grace_ms=500)).with_event_handler(recorder)
+    await engine.start()
+    ids = await running_sleepers(engine, recorder, 4)
+    ours = host_children() - before
+    assert len(ours) >= 2 + 4, "expected both workers and four commands"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(engine.shutdown(), 0.01)
+    await until_gone(ours, 20, "every worker and command")
+    with pytest.raises(EngineClosed):
+        await engine.execute(run("true"))
+    await asyncio.wait_for(engine.shutdown(), 30)
+    with pytest.raises(EngineClosed):
+        await engine.get_status(ids[0])
+    assert all(recorder.types_of(eid)[-1] == "cancelled" for eid in ids)
+
+
+async def test_a_cancelled_shutdown_raises_in_its_caller_and_a_second_call_awaits_the_same_end(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """The caller's CancelledError propagates; shutdown() again returns once everything has stopped."""
+    before = host_children()
+    engine = ExecutionEngine(config(tmp_path, workers=2, kill_grace_ms=500)).with_event_handler(recorder)
+    await engine.start()
+    ids = await running_sleepers(engine, recorder, 2)
+    ours = host_children() - before
+    first = asyncio.create_task(engine.shutdown())
+    await recorder.until(lambda _: any("cancelled" in recorder.types_of(eid) for eid in ids))
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(engine.shutdown(), 30)
+    assert [pid for pid in ours if not gone(pid)] == []
+    assert all(recorder.types_of(eid)[-1] == "cancelled" for eid in ids)
+    with pytest.raises(EngineClosed):
+        await engine.list_executions()
