@@ -173,9 +173,10 @@ async def test_a_thirty_day_timeout_works(tmp_path: Path) -> None:
     thirty_days = int(timedelta(days=30) / timedelta(milliseconds=1))
     cfg = config(tmp_path, workers=1, max_timeout_ms=thirty_days)
     async with ExecutionEngine(cfg) as engine:
-        long_one = await engine.execute(shell("sleep 0.5; echo done", timeout_ms=thirty_days))
-        other = await engine.execute(shell("echo other"))
+        # Alone on its worker, so that its timer is the one the worker's loop waits for.
+        long_one = await engine.execute(shell("sleep 1; echo done", timeout_ms=thirty_days))
         assert (await result_of(engine, long_one, 30)).stdout == "done\n"
+        other = await engine.execute(shell("echo other"))
         assert (await result_of(engine, other, 30)).status is ExecutionStatus.COMPLETED
 
 
@@ -366,6 +367,20 @@ async def test_a_slow_events_reader_keeps_host_memory_bounded_and_loses_nothing(
     assert result.status is ExecutionStatus.COMPLETED
     assert lines == 3200
     assert peak - baseline < 64 * MIB, f"host grew by {(peak - baseline) // MIB} MiB"
+
+
+# -- 15. honest resource usage ---------------------------------------------------------------------
+
+
+async def test_the_peak_resident_size_is_the_commands_own(engine: ExecutionEngine) -> None:
+    small = await result_of(engine, await engine.execute(run("true")), 30)
+    alloc = "x = bytearray(300 * 1024 * 1024); print(len(x))"
+    large = await result_of(engine, await engine.execute(run(PYTHON, "-c", alloc)), 30)
+    assert small.resource_usage is not None
+    assert large.resource_usage is not None
+    # `/usr/bin/time true` reports about 1 MiB; the worker that starts it is about 40.
+    assert small.resource_usage.max_rss_bytes < 2 * MIB
+    assert 300 * MIB <= large.resource_usage.max_rss_bytes < 340 * MIB
 
 
 # -- 11. a second event loop ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Starting a command, both ways: the C helper (vfork + execve) and fork + execve from Python.
+"""Starting a command, every way: the spawner, the C helper (vfork + execve), fork + execve from Python.
 
 Each test runs against both and expects the same process and the same errors,
 so the fallback used where the helper was not built is held to what the helper does.
@@ -6,9 +6,11 @@ so the fallback used where the helper was not built is held to what the helper d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,26 @@ pytestmark = pytest.mark.timeout(20)
 SH = shutil.which("sh") or "/bin/sh"
 
 
-@pytest.fixture(params=["native", "fork"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
-        if spawning.native is None:
-            pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
+@pytest.fixture(params=["spawner", "native", "fork"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    if request.param != "spawner":
+        monkeypatch.setattr(spawning, "use_spawner", False)
+    elif not spawning.use_spawner:
+        pytest.fail("the spawner was not built; `pip install -e .` builds it with the system's compiler")
     else:
+        # Started now, so that the socket to it is there before a test counts fds.
+        _run([SH, "-c", "true"], [], "/")
+    if request.param == "fork":
         monkeypatch.setattr(spawning, "native", None)
-    return str(request.param)
+    elif spawning.native is None:
+        pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
+    yield str(request.param)
+    helper = spawning.spawner_pid()
+    spawning.stop_spawner()
+    if helper:
+        # The spawner is this process's child: reap it, as a worker's loop would.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper, 0)
 
 
 def _run(argv: list[str], env: list[bytes], cwd: str, limits: spawning.Limits = ()) -> tuple[int, str, str]:
@@ -152,3 +166,29 @@ def test_resource_limits_are_set_in_the_command(way: str) -> None:
 
     code, out, _ = _run([SH, "-c", "ulimit -Sn; ulimit -Hn"], [], "/", ((resource.RLIMIT_NOFILE, 64, 128),))
     assert (code, out.split()) == (0, ["64", "128"])
+
+
+@pytest.mark.parametrize(
+    ("program", "low", "high"),
+    [
+        (["true"], 0, 4 << 20),
+        (["python3", "-c", "x = bytearray(300 << 20); print(len(x))"], 300 << 20, 340 << 20),
+    ],
+)
+def test_the_peak_resident_size_is_the_commands_own(
+    way: str, program: list[str], low: int, high: int
+) -> None:
+    pid, out_fd, err_fd = spawn(program, [b"PATH=/usr/bin:/bin"], b"/", "/usr/bin:/bin")
+    os.close(err_fd)
+    os.set_blocking(out_fd, True)
+    while os.read(out_fd, 65536):
+        pass
+    os.close(out_fd)
+    _, status, usage = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    peak = usage.ru_maxrss * 1024
+    if way == "spawner":
+        # `/usr/bin/time true` says about 1 MiB here; from the worker it would be the worker's size.
+        assert low <= peak <= high, f"{peak >> 10} KiB"
+    else:
+        assert peak >= low

@@ -22,31 +22,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
-
-#ifndef CLOSE_RANGE_CLOEXEC
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
-#endif
-
-/* One resource limit for the child: setrlimit(resource, {soft, hard}). */
-struct limit {
-    int resource;
-    struct rlimit value;
-};
-
-enum stage { STAGE_NONE = 0, STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER };
-
-struct failure {
-    volatile int stage;
-    volatile int error;
-};
-
-/* Where the child reports why it could not start. Static, not on the stack: to
- * the compiler, stores the child makes to a local just before _exit() are dead
- * and may be dropped. One at a time is enough, as the GIL is held throughout. */
-static struct failure failed;
+#include "_child.h"
 
 /* A NULL-terminated array of the bytes objects in `seq`, borrowed; NULL with an exception set. */
 static char **
@@ -84,66 +60,6 @@ fail:
     PyMem_Free(out);
     Py_DECREF(fast);
     return NULL;
-}
-
-static void __attribute__((noinline, noreturn))
-child(const char *path, char *const argv[], char *const envp[], const char *cwd, int out_fd, int err_fd,
-      const int *defaults, Py_ssize_t n_defaults, const struct limit *limits, Py_ssize_t n_limits,
-      const sigset_t *old_mask)
-{
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    /* A handler of the worker must never run here, on memory shared with it. */
-    for (int sig = 1; sig < NSIG; sig++) {
-        struct sigaction current;
-        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &current) != 0) {
-            continue;
-        }
-        void *handler = (current.sa_flags & SA_SIGINFO) ? (void *)current.sa_sigaction
-                                                          : (void *)current.sa_handler;
-        if (handler != (void *)SIG_DFL && handler != (void *)SIG_IGN) {
-            sigaction(sig, &dfl, NULL);
-        }
-    }
-    /* Ignored dispositions survive execve; these the command gets as defaults. */
-    for (Py_ssize_t i = 0; i < n_defaults; i++) {
-        sigaction(defaults[i], &dfl, NULL);
-    }
-    if (setsid() < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
-        failed.error = errno;
-        failed.stage = STAGE_OTHER;
-        _exit(127);
-    }
-    if (chdir(cwd) != 0) {
-        failed.error = errno;
-        failed.stage = STAGE_CHDIR;
-        _exit(127);
-    }
-    for (Py_ssize_t i = 0; i < n_limits; i++) {
-        if (setrlimit(limits[i].resource, &limits[i].value) != 0) {
-            failed.error = errno;
-            failed.stage = STAGE_OTHER;
-            _exit(127);
-        }
-    }
-#ifdef __linux__
-    /* The command adopts what its own descendants orphan, so a process that
-     * double-forks, clears its environment and calls setsid still stays in
-     * the command's tree while the command runs. */
-    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-#endif
-#ifdef SYS_close_range
-    /* Whatever the worker holds without close-on-exec stays out of the command:
-     * it sees exactly fds 0, 1 and 2. Kernels without the call have it fail,
-     * and the worker marks its own fds close-on-exec at start for them. */
-    syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC);
-#endif
-    sigprocmask(SIG_SETMASK, old_mask, NULL);
-    execve(path, argv, envp);
-    failed.error = errno;
-    failed.stage = STAGE_EXEC;
-    _exit(127);
 }
 
 static PyObject *

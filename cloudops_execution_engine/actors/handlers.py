@@ -531,9 +531,10 @@ class EventBus:
         tasks = [c.task for c in self._channels]
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                logger.warning("event handler %r still busy at shutdown; cancelled", task)
-                task.cancel()
+            for channel in self._channels:
+                if channel.task in pending:
+                    logger.warning("event handler %r still busy at shutdown; cancelled", channel.handler)
+                    channel.task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         threads = [c.thread for c in self._channels if c.thread is not None] + self._retired
         channels, self._channels, self._retired = self._channels, [], []

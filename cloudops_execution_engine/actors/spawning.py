@@ -7,7 +7,9 @@ own descendants, so that nothing it starts can leave its tree while it runs.
 Only fds 0, 1 and 2 cross into it. Where the `_spawn` extension was built it
 starts with vfork and execve (see `_spawn.c` for why that is cheaper);
 elsewhere with fork and execve from Python. Both give the command the same
-process, and the same `OSError` when it cannot start.
+process, and the same `OSError` when it cannot start. Where the `_spawner`
+helper was built, both give way to it (see `spawner`), so that a command's
+peak resident size is its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import struct
 from collections.abc import Callable
 
 from . import process_tree
+from .spawner import PROGRAM, Spawner, SpawnerLost, SpawnerStalled, available
 
 __all__ = ["CommandEnv", "spawn"]
 
@@ -38,6 +41,69 @@ _DEFAULT_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGQUIT") if hasattr(signal, name)
 )
 _MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
+
+# Tests turn it off to hold the other ways to the same behaviour. The spawner is
+# started by the C helper, so it needs that too.
+use_spawner = available() and native is not None
+_spawner = Spawner()
+_spawner_path = os.fsencode(PROGRAM)
+# A spawner that keeps getting lost (commands can kill or stop it) is given up on.
+_SPAWNER_LOSSES = 3
+_spawner_losses = 0
+
+
+def spawner_pid() -> int:
+    """The pid of this process's spawner, 0 when it has none: it is no command's."""
+    return _spawner.pid
+
+
+def stop_spawner() -> None:
+    _spawner.stop()
+
+
+def start_spawner() -> None:
+    """Start the spawner now, not at the first command: a worker's processes settle from its start."""
+    global use_spawner
+    if use_spawner and not _spawner.pid:
+        try:
+            _launch_spawner()
+        except SpawnerLost:
+            use_spawner = False
+
+
+def _launch_spawner() -> None:
+    assert native is not None
+    # Started as a command is, so it has no signal ignored, which its commands
+    # would inherit; its stdout is the control socket.
+    _spawner.start(
+        lambda sock: native(_spawner_path, [_spawner_path], [], b"/", sock, 2, _DEFAULT_SIGNALS, ())
+    )
+
+
+def _start_with_spawner(
+    program: bytes,
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    out_w: int,
+    err_w: int,
+    defaults: tuple[int, ...],
+    limits: Limits,
+) -> int | None:
+    """Start the command through the spawner; None when it cannot take it and nothing was started."""
+    global use_spawner, _spawner_losses
+    try:
+        if not _spawner.pid:
+            _launch_spawner()
+        return _spawner.start_command(program, argv, env, cwd, out_w, err_w, defaults, limits)
+    except SpawnerLost:
+        _spawner_losses += 1
+        use_spawner = _spawner_losses < _SPAWNER_LOSSES
+        return None
+    except SpawnerStalled:
+        _spawner_losses += 1
+        use_spawner = _spawner_losses < _SPAWNER_LOSSES
+        raise
 
 
 class CommandEnv:
@@ -106,8 +172,13 @@ def _spawn_resolved(
     err_r, err_w = os.pipe()
     try:
         args = [os.fsencode(arg) for arg in argv]
-        start = native if native is not None else _fork_exec
-        pid = start(os.fsencode(program), args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
+        path = os.fsencode(program)
+        pid = None
+        if use_spawner:
+            pid = _start_with_spawner(path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
+        if pid is None:
+            start = native if native is not None else _fork_exec
+            pid = start(path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
     except BaseException:
         os.close(out_r)
         os.close(err_r)

@@ -59,7 +59,7 @@ from ..protocol.messages import Finished
 from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
 from .reactor import Reactor, Timer
-from .spawning import CommandEnv, spawn
+from .spawning import CommandEnv, spawn, spawner_pid, start_spawner
 
 __all__ = ["OUTPUT_WINDOW", "worker_main"]
 
@@ -191,6 +191,7 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
         self.loop.add_reader(self._rfd, self._on_control)
+        start_spawner()
         self._send(Hello(self._pid, self.capacity).to_wire())
         self._serving = True
         try:
@@ -564,7 +565,9 @@ class Worker:
 
     def _sweep(self, ex: _Execution) -> None:
         """End whatever the finished command left running, without holding up its result."""
-        if ex.reaped and self._by_pid.keys() >= set(process_tree.children_of(self._pid)):
+        children = set(process_tree.children_of(self._pid))
+        children.discard(spawner_pid())
+        if ex.reaped and self._by_pid.keys() >= children:
             # The usual case, in one read: the worker's only children are the
             # commands still running, so this one left nothing behind.
             return
@@ -621,6 +624,7 @@ class Worker:
 
     def _tree(self, ex: _Execution, unsure: list[psutil.Process] | None = None) -> list[psutil.Process]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
+        others.append(spawner_pid())  # the worker's own helper, no command's
         claimed: tuple[set[str], set[int]] | None = None
         if ex.reaped and _COMMANDS_ADOPT:
             # Commands adopt their own orphans while they run, so an orphan that

@@ -155,7 +155,8 @@ async def main() -> None:
         await asyncio.wait_for(Seen.output.wait(), 30)
         queued = await engine.execute(ExecutionRequest(command=ExecCommand(program="echo", args=["queued"])))
         (worker,) = psutil.Process().children()
-        (command,) = worker.children()
+        # The worker's other child is its spawner, which runs no command.
+        (command,) = [child for child in worker.children() if child.name() == "sleep"]
         report("worker", pid=worker.pid, command=command.pid)
         with fd_limit(soft_limit_leaving(FREE_AFTER_DEATH, shared_with(worker.pid))):
             os.kill(worker.pid, signal.SIGKILL)
