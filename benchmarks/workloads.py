@@ -26,7 +26,7 @@ from cloudops_execution_engine import (
     ExecutionResult,
     ShellCommand,
 )
-from cloudops_execution_engine.plans import PlanSchedule, check_plan
+from cloudops_execution_engine.plans import check_plan, schedule_for
 
 from .harness import Row, median, percentile
 
@@ -307,7 +307,7 @@ def _graph_plan(n: int, edges_per_node: int) -> ExecutionPlan:
 
 
 def _schedule_all(plan: ExecutionPlan) -> int:
-    schedule = PlanSchedule(plan)
+    schedule = schedule_for(plan)
     ready = list(schedule.initial())
     done = 0
     while ready:

@@ -4,7 +4,7 @@ import logging as _logging
 
 from .commands import AwsCliCommand, Command, ExecCommand, ScriptCommand, ShellCommand
 from .config import ExecutionConfig, RayConfig
-from .engine import ExecutionEngine
+from .engine import ExecutionEngine, LogNode
 from .errors import (
     Cancelled,
     CommandFailed,
@@ -88,6 +88,7 @@ __all__ = [
     "InvalidPlan",
     "InvalidWorkingDir",
     "IoError",
+    "LogNode",
     "MissingField",
     "NotCompleted",
     "NotFound",

@@ -48,8 +48,8 @@ class Model(BaseModel):
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def trusted(cls: type[_M], values: dict[str, Any], fields: set[str]) -> _M:
-    """Build a model from values the engine made itself, skipping validation and defaults.
+def construct_unchecked(cls: type[_M], values: dict[str, Any], fields: set[str]) -> _M:
+    """Build a model from values the engine made itself, without validation or defaults.
 
     `model_construct` does the same with more bookkeeping; on the per-line path
     of output events this is a quarter of the cost. `values` must name every

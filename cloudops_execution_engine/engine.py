@@ -14,13 +14,13 @@ import pydantic
 from .actors.handlers import STOP, EventBus
 from .actors.supervisor import Supervisor
 from .config import ExecutionConfig
-from .errors import InvalidCommand, InvalidPlan, MissingField, NotFound, SerializationError
+from .errors import InvalidCommand, InvalidPlan, NotFound, map_errors
 from .events import EventHandler, ExecutionEvent
-from .logfiles import log_path_for
+from .logfiles import LogNode, log_path_for
 from .requests import ExecutionPlan, ExecutionRequest
 from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 
-__all__ = ["ExecutionEngine"]
+__all__ = ["ExecutionEngine", "LogNode"]
 
 _M = TypeVar("_M", bound=pydantic.BaseModel)
 
@@ -35,21 +35,13 @@ def _coerce_id(value: UUID | str) -> UUID:
 
 
 def _coerce_model(value: Any, model: type[_M], invalid: type[InvalidCommand | InvalidPlan]) -> _M:
-    """Accept the model itself, a dict or JSON text; map pydantic's complaint to ours."""
+    """Accept the model itself, a dict or JSON text; pydantic's complaint becomes ours."""
     if isinstance(value, model):
         return value
-    try:
+    with map_errors({pydantic.ValidationError: invalid}):
         if isinstance(value, str | bytes):
             return model.model_validate_json(value)
         return model.model_validate(value)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "missing":
-            raise MissingField(where) from exc
-        if first["type"] == "json_invalid":
-            raise SerializationError(first["msg"]) from exc
-        raise invalid(f"{where}: {first['msg']}") from exc
 
 
 class ExecutionEngine:
@@ -109,7 +101,7 @@ class ExecutionEngine:
         request.validate(self.config)
         await self._supervisor.start()
         execution_id = self._supervisor.submit(request)
-        if self._supervisor.submitting_ahead():
+        if self._supervisor.should_yield():
             # A caller queueing many commands in one go would otherwise keep the
             # loop from hearing that running ones ended, and the workers would
             # sit idle until the whole batch was queued.
@@ -159,9 +151,14 @@ class ExecutionEngine:
         """Where the execution's log file is (or will be); does not check that it exists."""
         return log_path_for(self.config.resolved_log_dir(), _coerce_id(execution_id))
 
-    def get_log_node(self, execution_id: UUID | str) -> str | None:
-        """The Ray node whose disk holds the execution's log file; None when it is this machine's."""
-        return self._supervisor.log_location(_coerce_id(execution_id))
+    def get_log_node(self, execution_id: UUID | str) -> LogNode | None:
+        """The Ray node whose disk holds the execution's log file; None when it is this machine's.
+
+        A `LogNode`: the node's address as a string, with its Ray node id as `node_id`.
+        """
+        node = self._supervisor.log_location(_coerce_id(execution_id))
+        assert node is None or isinstance(node, LogNode), "a pool names a remote node as a LogNode"
+        return node
 
     async def events(self, execution_id: UUID | str) -> AsyncIterator[ExecutionEvent]:
         """Yield the events of one execution or plan from now on, ending after its last one.

@@ -19,20 +19,35 @@
     ├── IoError
     └── SerializationError
 
-`map_os_error` is the one place where lower-layer failures become ours; the
-public API never lets an `OSError`, `KeyError`, msgpack or psutil exception out.
+The public API never lets an `OSError`, `KeyError`, msgpack, psutil, pydantic
+or Ray exception out. Lower-layer failures become ours in one place, at the
+bottom of this module: each edge to a lower layer runs inside `map_errors`
+with a table of what becomes what,
+
+    with map_errors({OSError: IoError}, "cannot read log file"):
+        ...
+
+and code that sends an error as text rather than raising it (a worker's
+report of a command that could not start) words it with `mapped`, so the
+message is the same either way. `Timeout`, `Cancelled` and `CommandFailed`
+are the texts of results, not exceptions the engine raises: see each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from uuid import UUID
+
+import pydantic
 
 __all__ = [
     "Cancelled",
     "CommandFailed",
     "EngineClosed",
+    "ErrorMapping",
     "ExecutionError",
     "InvalidCommand",
     "InvalidPlan",
@@ -48,7 +63,10 @@ __all__ = [
     "Timeout",
     "TimeoutTooLarge",
     "ValidationError",
-    "map_os_error",
+    "describe_failure",
+    "describe_os_error",
+    "map_errors",
+    "mapped",
 ]
 
 
@@ -121,17 +139,34 @@ class EngineClosed(ExecutionError):
 
 
 class Timeout(ExecutionError):
+    """The `error` of a result whose status is `timeout`; never raised by the engine.
+
+    As in the seed, an execution's end is its result, so that a timed-out
+    command's output and exit code reach the caller. The class gives that text
+    one definition, and lets a caller who wants an exception raise one.
+    """
+
     def __init__(self, timeout_ms: int) -> None:
         super().__init__(f"Execution timeout after {timeout_ms}ms")
         self.timeout_ms = timeout_ms
 
 
 class Cancelled(ExecutionError):
+    """The `error` of a result whose status is `cancelled`; never raised by the engine.
+
+    `cancel()` ends an execution with a result, as a timeout does (see `Timeout`).
+    """
+
     def __init__(self) -> None:
         super().__init__("Execution cancelled")
 
 
 class CommandFailed(ExecutionError):
+    """The `error` of a result whose command exited with a code that is not success; never raised.
+
+    A failed command is an outcome, not a fault of the engine (see `Timeout`).
+    """
+
     def __init__(self, exit_code: int) -> None:
         super().__init__(f"Command failed with exit code {exit_code}")
         self.exit_code = exit_code
@@ -155,6 +190,14 @@ class SerializationError(ExecutionError):
         self.reason = reason
 
 
+# -- mapping lower-layer failures to ours ---------------------------------------
+
+# What a lower-layer exception becomes: one of our classes that takes the
+# reason as its only argument (`IoError`, `SpawnFailed`, ...), or a function
+# that words a message around the reason.
+ErrorMapping = Mapping[type[Exception], Callable[[str], ExecutionError]]
+
+
 def describe_os_error(exc: OSError) -> str:
     """`strerror: filename` when the OS said which file, like the shell does."""
     text = exc.strerror or str(exc)
@@ -163,5 +206,66 @@ def describe_os_error(exc: OSError) -> str:
     return text
 
 
-def map_os_error(exc: OSError) -> IoError:
-    return IoError(describe_os_error(exc))
+def describe_failure(exc: BaseException) -> str:
+    """What a lower-layer failure adds to our message: `describe_os_error` for an OS error, else its text."""
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    return str(exc)
+
+
+def mapped(
+    exc: Exception,
+    to: Callable[[str], ExecutionError],
+    context: str | None = None,
+    *,
+    describe: Callable[[Exception], str] = describe_failure,
+) -> ExecutionError:
+    """`exc` as our error `to`, its reason `<context>: <what describe says>`, or without `context` the latter.
+
+    A pydantic complaint becomes the most specific error its first problem
+    names: `MissingField` for a missing field, `SerializationError` for text
+    that is not JSON, else `to` with `<field path>: <message>`.
+    """
+    if isinstance(exc, pydantic.ValidationError):
+        return _from_pydantic(exc, to)
+    reason = describe(exc)
+    return to(f"{context}: {reason}" if context else reason)
+
+
+@contextlib.contextmanager
+def map_errors(
+    mapping: ErrorMapping,
+    context: str | None = None,
+    *,
+    describe: Callable[[Exception], str] = describe_failure,
+) -> Iterator[None]:
+    """Raise the failures of the block that `mapping` names as ours, `from` the original (see `mapped`).
+
+    The nearest class of the exception's own ancestry that `mapping` names
+    decides, so `{OSError: IoError, FileNotFoundError: NotFound}` sends a
+    missing file to `NotFound` and any other OS error to `IoError`. Our own
+    errors, anything `mapping` does not name, and what is not an `Exception`
+    (cancellation above all) go through untouched. `describe` words the
+    reason for a layer whose own text does not suit a message, as Ray's many
+    lines of advice do not.
+    """
+    try:
+        yield
+    except ExecutionError:
+        raise
+    except Exception as exc:
+        for cls in type(exc).__mro__:
+            to = mapping.get(cls)
+            if to is not None:
+                raise mapped(exc, to, context, describe=describe) from exc
+        raise
+
+
+def _from_pydantic(exc: pydantic.ValidationError, to: Callable[[str], ExecutionError]) -> ExecutionError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return MissingField(where)
+    if first["type"] == "json_invalid":
+        return SerializationError(first["msg"])
+    return to(f"{where}: {first['msg']}")

@@ -1,4 +1,4 @@
-"""Where log files live, how their directory is made safe to write in, and how each log is opened."""
+"""Where log files live (and on which node), how their directory is made safe, how each log is opened."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import contextlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
-from .errors import IoError, describe_os_error
+from .errors import IoError, map_errors
 
-__all__ = ["log_path_for", "open_log", "prepare_log_dir", "read_log"]
+__all__ = ["LogNode", "log_path_for", "open_log", "prepare_log_dir", "read_log"]
 
 # O_EXCL with O_CREAT fails on any existing entry, a symlink or a FIFO
 # included, without following or opening it: only a new inode is ever written.
@@ -54,7 +55,7 @@ def prepare_log_dir(log_dir: Path) -> None:
     ours or root's, because whoever owns it can point it elsewhere after this
     check; and the directory it leads to must be ours.
     """
-    try:
+    with map_errors({OSError: IoError}, "cannot prepare log directory"):
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(log_dir)
         if stat.S_ISLNK(info.st_mode):
@@ -67,18 +68,42 @@ def prepare_log_dir(log_dir: Path) -> None:
             raise IoError(f"log directory {log_dir} belongs to another user")
         if stat.S_IMODE(info.st_mode) != 0o700:
             os.chmod(log_dir, 0o700)
-    except OSError as exc:
-        raise IoError(f"cannot prepare log directory: {describe_os_error(exc)}") from exc
 
 
 def read_log(path: Path, missing_ok: bool = False) -> str:
     """The log's text; with `missing_ok`, a log that was never written reads as empty."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read().decode("utf-8", "replace")
-    except FileNotFoundError as exc:
-        if missing_ok:
-            return ""
-        raise IoError(f"cannot read log file: {describe_os_error(exc)}") from exc
-    except OSError as exc:
-        raise IoError(f"cannot read log file: {describe_os_error(exc)}") from exc
+    with map_errors({OSError: IoError}, "cannot read log file"):
+        try:
+            with path.open("rb") as handle:
+                return handle.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            if missing_ok:
+                return ""
+            raise
+
+
+class LogNode(str):
+    """The cluster node whose disk holds a log file: its address, carrying the node's id as well.
+
+    It is a `str` equal to the address, so code that prints it or compares it
+    with an address reads as before. Several nodes can share an address (more
+    than one on a machine), so tell nodes apart by `node_id`, not by equality.
+    """
+
+    node_id: str
+
+    def __new__(cls, address: str, node_id: str) -> LogNode:
+        node = super().__new__(cls, address)
+        node.node_id = node_id
+        return node
+
+    @property
+    def address(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"LogNode(address={self.address!r}, node_id={self.node_id!r})"
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        # What `copy` and `pickle` pass back to `__new__`: a plain str's would lack the id.
+        return (self.address, self.node_id)

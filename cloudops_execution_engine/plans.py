@@ -1,14 +1,21 @@
 """Validating plans and deciding which of their commands may start next.
 
-A `PlanSchedule` knows only indices. The supervisor tells it when a command
-ends and asks which commands became ready and which can no longer run. All
-of it is linear in commands + edges: the graph keeps an in-degree per command
-and a list of dependents, and each edge is looked at once when its source ends.
+A strategy is run by a schedule: one class per strategy behind the small
+`Schedule` protocol, made by `schedule_for`. A schedule knows only indices.
+The supervisor asks it which commands may start at first and how many may
+run at once, tells it when a command ends, and learns which commands became
+ready and which can no longer run. A strategy this module does not know is
+an error in `check_plan` and `schedule_for`, never run as some other one.
+
+All of it is linear in commands + edges: the graph keeps an in-degree per
+command and a list of dependents, and each edge is looked at once when its
+source ends.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol, assert_never
 
 from .errors import InvalidPlan
 from .requests import (
@@ -18,7 +25,14 @@ from .requests import (
     SerialStrategy,
 )
 
-__all__ = ["PlanSchedule", "check_plan"]
+__all__ = [
+    "GraphSchedule",
+    "ParallelSchedule",
+    "Schedule",
+    "SerialSchedule",
+    "check_plan",
+    "schedule_for",
+]
 
 
 def check_plan(plan: ExecutionPlan) -> None:
@@ -33,11 +47,15 @@ def check_plan(plan: ExecutionPlan) -> None:
             where = "the plan's own id" if first < 0 else f"command {first}"
             raise InvalidPlan(f"command {index} reuses the id {request.id} of {where}")
     strategy = plan.strategy
-    if isinstance(strategy, ParallelStrategy):
+    if isinstance(strategy, SerialStrategy):
+        pass
+    elif isinstance(strategy, ParallelStrategy):
         if strategy.max_concurrency is not None and strategy.max_concurrency < 1:
             raise InvalidPlan(f"max_concurrency must be at least 1, got {strategy.max_concurrency}")
     elif isinstance(strategy, DependencyGraphStrategy):
         _check_graph(strategy.dependencies, total)
+    else:
+        assert_never(strategy)
 
 
 def _check_graph(dependencies: dict[int, list[int]], total: int) -> None:
@@ -82,58 +100,98 @@ def _find_cycle(dependencies: dict[int, list[int]], total: int) -> list[int] | N
     return None
 
 
-class PlanSchedule:
-    """Which commands of a plan may start, given which have ended and how."""
+class Schedule(Protocol):
+    """What the supervisor asks of a plan's strategy; it knows commands by their index in the plan."""
 
-    def __init__(self, plan: ExecutionPlan) -> None:
-        self.total = len(plan.commands)
-        self.strategy = plan.strategy
-        self.limit: int | None = None
-        self._next_serial = 0
-        self._dependents: list[list[int]] = []
-        self._waiting: list[int] = []
-        if isinstance(self.strategy, ParallelStrategy):
-            self.limit = self.strategy.max_concurrency
-        elif isinstance(self.strategy, SerialStrategy):
-            self.limit = 1
-        elif isinstance(self.strategy, DependencyGraphStrategy):
-            self._dependents = [[] for _ in range(self.total)]
-            self._waiting = [0] * self.total
-            for node, deps in self.strategy.dependencies.items():
-                for dep in set(deps):
-                    self._dependents[dep].append(node)
-                    self._waiting[node] += 1
+    @property
+    def limit(self) -> int | None:
+        """At most this many of the plan's commands run at once; None when only the engine's limit holds."""
 
     def initial(self) -> list[int]:
-        if isinstance(self.strategy, SerialStrategy):
-            self._next_serial = 1
-            return [0]
-        if isinstance(self.strategy, DependencyGraphStrategy):
-            return [i for i in range(self.total) if self._waiting[i] == 0]
-        return list(range(self.total))
+        """The commands that may start at once; asked once, before anything has ended."""
 
     def ended(self, index: int, succeeded: bool) -> tuple[list[int], list[int]]:
-        """Command `index` ended; return (now ready, now never to run)."""
-        if isinstance(self.strategy, SerialStrategy):
-            if self._next_serial >= self.total:
-                return [], []
-            if not succeeded and self.strategy.stop_on_error:
-                rest = list(range(self._next_serial, self.total))
-                self._next_serial = self.total
-                return [], rest
-            nxt = self._next_serial
-            self._next_serial += 1
-            return [nxt], []
-        if isinstance(self.strategy, DependencyGraphStrategy):
-            if succeeded:
-                ready = []
-                for node in self._dependents[index]:
-                    self._waiting[node] -= 1
-                    if self._waiting[node] == 0:
-                        ready.append(node)
-                return ready, []
-            return [], self._unreachable_from(index)
+        """Command `index` ended (`succeeded`: it completed); return (now ready, now never to run)."""
+
+
+def schedule_for(plan: ExecutionPlan) -> Schedule:
+    """The schedule that runs `plan`'s strategy; `plan` has passed `check_plan`."""
+    strategy = plan.strategy
+    total = len(plan.commands)
+    if isinstance(strategy, SerialStrategy):
+        return SerialSchedule(strategy, total)
+    if isinstance(strategy, ParallelStrategy):
+        return ParallelSchedule(strategy, total)
+    if isinstance(strategy, DependencyGraphStrategy):
+        return GraphSchedule(strategy, total)
+    assert_never(strategy)
+
+
+class SerialSchedule:
+    """One command at a time, in order; with `stop_on_error`, one that did not complete ends the plan."""
+
+    def __init__(self, strategy: SerialStrategy, total: int) -> None:
+        self.limit: int | None = 1
+        self._total = total
+        self._stop_on_error = strategy.stop_on_error
+        self._next = 0
+
+    def initial(self) -> list[int]:
+        self._next = 1
+        return [0]
+
+    def ended(self, index: int, succeeded: bool) -> tuple[list[int], list[int]]:
+        if self._next >= self._total:
+            return [], []
+        if not succeeded and self._stop_on_error:
+            rest = list(range(self._next, self._total))
+            self._next = self._total
+            return [], rest
+        nxt = self._next
+        self._next += 1
+        return [nxt], []
+
+
+class ParallelSchedule:
+    """Every command at once, at most `max_concurrency` of them running."""
+
+    def __init__(self, strategy: ParallelStrategy, total: int) -> None:
+        self.limit = strategy.max_concurrency
+        self._total = total
+
+    def initial(self) -> list[int]:
+        return list(range(self._total))
+
+    def ended(self, index: int, succeeded: bool) -> tuple[list[int], list[int]]:
         return [], []
+
+
+class GraphSchedule:
+    """A command starts once every command it depends on completed; if one did not, it never runs."""
+
+    def __init__(self, strategy: DependencyGraphStrategy, total: int) -> None:
+        self.limit: int | None = None
+        self._total = total
+        self._dependents: list[list[int]] = [[] for _ in range(total)]
+        # Per command, how many of its dependencies have yet to complete; -1 once it never will run.
+        self._waiting = [0] * total
+        for node, deps in strategy.dependencies.items():
+            for dep in set(deps):
+                self._dependents[dep].append(node)
+                self._waiting[node] += 1
+
+    def initial(self) -> list[int]:
+        return [i for i in range(self._total) if self._waiting[i] == 0]
+
+    def ended(self, index: int, succeeded: bool) -> tuple[list[int], list[int]]:
+        if not succeeded:
+            return [], self._unreachable_from(index)
+        ready = []
+        for node in self._dependents[index]:
+            self._waiting[node] -= 1
+            if self._waiting[node] == 0:
+                ready.append(node)
+        return ready, []
 
     def _unreachable_from(self, index: int) -> list[int]:
         """Every transitive dependent of a command that did not complete."""
@@ -143,7 +201,7 @@ class PlanSchedule:
             node = queue.popleft()
             if self._waiting[node] < 0:
                 continue
-            self._waiting[node] = -1  # marks it as never to run
+            self._waiting[node] = -1
             out.append(node)
             queue.extend(self._dependents[node])
         return out

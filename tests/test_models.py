@@ -224,10 +224,10 @@ def test_public_names_are_exactly_all_and_sorted() -> None:
 
 def test_events_built_on_the_fast_path_equal_validated_ones() -> None:
     """Line events the engine builds without validation are the same models, with the same JSON."""
-    from cloudops_execution_engine._model import trusted, utcnow
+    from cloudops_execution_engine._model import construct_unchecked, utcnow
 
     values = {"event_type": "stdout", "execution_id": UUID(int=5), "line": "é", "timestamp": utcnow()}
-    fast = trusted(StdoutEvent, dict(values), set(values))
+    fast = construct_unchecked(StdoutEvent, dict(values), set(values))
     slow = StdoutEvent(**values)
     assert fast == slow
     assert fast.model_dump_json() == slow.model_dump_json()

@@ -24,6 +24,13 @@ from cloudops_execution_engine import (
     ProgressEvent,
     SerialStrategy,
 )
+from cloudops_execution_engine.plans import (
+    GraphSchedule,
+    ParallelSchedule,
+    SerialSchedule,
+    check_plan,
+    schedule_for,
+)
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -306,3 +313,76 @@ async def test_plan_json_from_another_service_runs(engine: ExecutionEngine) -> N
     result: Any = await engine.wait(pid, timeout=30)
     assert [r.stdout for r in result.results] == ["a\n", "b\n"]
     assert result.status is C
+
+
+# -- schedules, without an engine ----------------------------------------------
+
+
+def plan_of(strategy: Any, size: int) -> ExecutionPlan:
+    return ExecutionPlan(commands=[run("true") for _ in range(size)], strategy=strategy)
+
+
+def test_serial_schedule_releases_one_at_a_time_and_drops_the_rest_on_failure() -> None:
+    """One command at a time, in order; the first that does not complete drops the rest."""
+    schedule = schedule_for(plan_of(SerialStrategy(), 4))
+    assert isinstance(schedule, SerialSchedule)
+    assert schedule.limit == 1
+    assert schedule.initial() == [0]
+    assert schedule.ended(0, True) == ([1], [])
+    assert schedule.ended(1, False) == ([], [2, 3])
+    assert schedule.ended(2, False) == ([], [])
+
+
+def test_serial_schedule_without_stop_on_error_goes_on_after_a_failure() -> None:
+    """Without `stop_on_error` a failure releases the next command like a success."""
+    schedule = schedule_for(plan_of(SerialStrategy(stop_on_error=False), 3))
+    assert schedule.initial() == [0]
+    assert schedule.ended(0, False) == ([1], [])
+    assert schedule.ended(1, True) == ([2], [])
+    assert schedule.ended(2, False) == ([], [])
+
+
+def test_parallel_schedule_starts_everything_under_its_limit() -> None:
+    """Every command is ready at once; `max_concurrency` is the limit, None leaves only the engine's."""
+    schedule = schedule_for(plan_of(ParallelStrategy(max_concurrency=2), 3))
+    assert isinstance(schedule, ParallelSchedule)
+    assert schedule.limit == 2
+    assert schedule.initial() == [0, 1, 2]
+    assert schedule.ended(0, False) == ([], [])
+    assert schedule_for(plan_of(ParallelStrategy(), 1)).limit is None
+
+
+def test_graph_schedule_releases_a_command_when_its_last_dependency_completes() -> None:
+    """A diamond: 3 waits for 1 and 2, which wait for 0; a repeated edge counts once."""
+    schedule = schedule_for(plan_of(DependencyGraphStrategy(dependencies={1: [0, 0], 2: [0], 3: [1, 2]}), 4))
+    assert isinstance(schedule, GraphSchedule)
+    assert schedule.limit is None
+    assert schedule.initial() == [0]
+    assert sorted(schedule.ended(0, True)[0]) == [1, 2]
+    assert schedule.ended(1, True) == ([], [])
+    assert schedule.ended(2, True) == ([3], [])
+
+
+def test_graph_schedule_drops_every_transitive_dependent_of_a_failure_once() -> None:
+    """Independent branches go on; a dependent reachable twice is dropped once and never released."""
+    deps = {1: [0], 2: [0], 3: [1, 2], 4: [3], 6: [5]}
+    schedule = schedule_for(plan_of(DependencyGraphStrategy(dependencies=deps), 7))
+    assert schedule.initial() == [0, 5]
+    assert schedule.ended(0, True) == ([1, 2], [])
+    assert schedule.ended(1, False) == ([], [3, 4])
+    assert schedule.ended(2, True) == ([], [])
+    assert schedule.ended(5, True) == ([6], [])
+
+
+class UnknownStrategy:
+    type = "round_robin"
+
+
+def test_an_unknown_strategy_fails_loudly_rather_than_running_as_another() -> None:
+    """A strategy no schedule is written for is an error, not a parallel plan."""
+    strategy: Any = UnknownStrategy()
+    plan = ExecutionPlan.model_construct(commands=[run("true")], strategy=strategy, id=UUID(int=1))
+    with pytest.raises(AssertionError, match="UnknownStrategy"):
+        check_plan(plan)
+    with pytest.raises(AssertionError, match="UnknownStrategy"):
+        schedule_for(plan)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psutil
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, wait_until
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionRequest, ExecutionResult, ExecutionStatus
+from cloudops_execution_engine.actors import process_tree
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -126,3 +130,55 @@ async def test_output_of_a_grandchild_after_the_main_process_exits_is_kept(
     assert isinstance(result, ExecutionResult)
     assert result.status is ExecutionStatus.COMPLETED
     assert result.stdout == "from-main\nfrom-grandchild\n"
+
+
+class _Unsignallable:
+    """Stands in for a process that refuses a signal the way psutil reports it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def send_signal(self, sig: int) -> None:
+        raise self.error
+
+
+def test_signalling_passes_over_only_vanished_and_forbidden_processes() -> None:
+    """As the module says: gone or not ours to signal is passed over, and the rest still get the signal."""
+    got: list[int] = []
+
+    class Listener:
+        def send_signal(self, sig: int) -> None:
+            got.append(sig)
+
+    procs: list[Any] = [
+        _Unsignallable(psutil.NoSuchProcess(1)),
+        _Unsignallable(psutil.ZombieProcess(2)),
+        _Unsignallable(psutil.AccessDenied(3)),
+        _Unsignallable(ProcessLookupError()),
+        Listener(),
+    ]
+    process_tree.signal_processes(procs, signal.SIGTERM)
+    process_tree.stop_and_kill(procs)
+    assert got == [signal.SIGTERM, signal.SIGSTOP, signal.SIGKILL]
+    with pytest.raises(ValueError, match="pid 0"):
+        process_tree.signal_processes([cast(Any, _Unsignallable(ValueError("pid 0")))], signal.SIGTERM)
+
+
+def test_descendants_are_listed_deepest_first_and_stop_and_kill_ends_them() -> None:
+    """What a worker that stops at once kills: every descendant, children before their parents."""
+    script = "sh -c 'sleep 30 & wait' & sleep 30 & wait"  # a child sh with its sleep, and a sleep
+    top = subprocess.Popen(["sh", "-c", script])
+    try:
+        wait_until(lambda: len(process_tree.descendants(top.pid)) == 3, 10, "the tree to be started")
+        found = process_tree.descendants(top.pid)
+        position = {proc.pid: i for i, proc in enumerate(found)}
+        for proc in found:
+            parent = proc.ppid()
+            if parent in position:
+                assert position[proc.pid] < position[parent], "a child comes before its parent"
+        process_tree.stop_and_kill(found)
+        wait_until(lambda: all(gone(proc.pid) for proc in found), 10, "the descendants to die")
+    finally:
+        top.kill()
+        top.wait(10)
+    assert process_tree.descendants(top.pid) == []

@@ -35,6 +35,7 @@ from cloudops_execution_engine import (
     PlanExecutionResult,
     RayConfig,
 )
+from cloudops_execution_engine.engine import LogNode
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
@@ -115,6 +116,10 @@ async def test_plan_fans_out_over_two_worker_actors(tmp_path: Path, ray_address:
         # Handlers run on their own queues: the last event may trail the result.
         await recorder.until(lambda _: len(progress()) == 4)
         assert progress() == [1, 2, 3, 4]
+        import ray
+
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+        alive_nodes = {node["NodeID"] for node in nodes if node.get("Alive")}
         workers = set()
         for command in plan.commands:
             types = recorder.types_of(command.id)
@@ -123,6 +128,9 @@ async def test_plan_fans_out_over_two_worker_actors(tmp_path: Path, ray_address:
             assert second == "second line"
             workers.add(int(first.split()[1]))
             assert engine.get_log_node(command.id) == "127.0.0.1"
+            node = engine.get_log_node(command.id)
+            assert isinstance(node, LogNode)
+            assert node.node_id in alive_nodes, "the log's node is not one of the cluster's"
         assert len(workers) == 2, "the plan ran on one worker only"
         for pid in workers:
             assert is_worker_actor(actor_of(pid))

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from cloudops_execution_engine.actors import process_tree
-from cloudops_execution_engine.actors.worker import _utf8_boundary
+from cloudops_execution_engine.actors.output import utf8_boundary as _utf8_boundary
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -88,11 +88,9 @@ class _Channel(_Listener):
 
     def put(self, item: Any) -> None:
         self.items.append(item)
-        waiter = self.waiter
-        if waiter is not None:
+        if self.waiter is not None:
+            _wake(self.waiter)
             self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def _wait(self) -> None:
         self.waiter = asyncio.get_running_loop().create_future()
@@ -251,11 +249,9 @@ class Subscription(_Listener):
 
     def _put(self, item: Any) -> None:
         self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None:
+        if self._waiter is not None:
+            _wake(self._waiter)
             self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
         if self.watcher is not None:
             self.watcher(self, (item,))
 
@@ -265,11 +261,9 @@ class Subscription(_Listener):
             self.pending += weight
             if self.counted and self.pending >= self.bus.LOW_WATER:
                 self.bus._loaded(self)
-        waiter = self._waiter
-        if waiter is not None:
+        if self._waiter is not None:
+            _wake(self._waiter)
             self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
         if self.watcher is not None:
             self.watcher(self, events)
 
@@ -609,3 +603,8 @@ def _loop_running() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

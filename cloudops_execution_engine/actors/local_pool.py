@@ -9,6 +9,11 @@ or the sentinel.
 Starting a worker can fail for want of file descriptors or processes; every
 such failure is a `WorkerStartError` naming the cause, and leaves nothing
 open or running behind it.
+
+Nothing here blocks the host loop while a worker ends: its exit is awaited on
+the sentinel, and the moment between the sentinel and the exit status is
+bridged by polling, as `subprocess.Popen.wait(timeout)` polls. Only
+`abandon`, which runs when the loop is closed, waits in place.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -34,6 +39,7 @@ from .pool import (
     WorkerHandle,
     WorkerPool,
     WorkerStartError,
+    resolve_if_pending,
 )
 from .process_tree import describe_exit
 from .worker import worker_main
@@ -41,13 +47,18 @@ from .worker import worker_main
 __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "WorkerTarget", "start_worker_process"]
 
 EXIT_TIMEOUT = 5.0
+# How long an exit status may trail the sentinel (see `_await_exit`).
+_REAP_GAP = 1.0
+_POLL_FIRST = 0.0005
+_POLL_MAX = 0.05
 
 # What a worker process runs: `worker_main`, or anything with its signature
 # that can be imported by name in a spawned child.
 WorkerTarget = Callable[[Connection, Connection, bool], None]
 
-# Tasks that report a worker's death: the loop keeps only weak references.
-_reporting: set[asyncio.Task[None]] = set()
+# Tasks that report a worker's death or reap a worker that failed to start:
+# the loop keeps only weak references.
+_background: set[asyncio.Task[None]] = set()
 
 
 def start_worker_process(
@@ -119,9 +130,19 @@ class ProcessWorkerHandle(WorkerHandle):
         for fd in (self._rfd, self._wfd):
             os.close(fd)
         self.process.kill()
-        self.process.join(EXIT_TIMEOUT)
+        # Reaped in the background: the loop that could not watch the
+        # process must not wait for it either, so no sentinel, only polling.
+        self._in_background(self._reap_killed())
+
+    async def _reap_killed(self) -> None:
+        await self._reaped(EXIT_TIMEOUT)
         with contextlib.suppress(ValueError):
             self.process.close()
+
+    def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(job)
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     def send(self, wire: list[Any]) -> None:
         if not self._dead:
@@ -149,7 +170,8 @@ class ProcessWorkerHandle(WorkerHandle):
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        # End of input: the worker kills every tree it holds and exits.
+        # End of input: the worker kills every tree it holds and exits. The
+        # loop is closed, so waiting in place holds up nothing that could run.
         self.process.join(EXIT_TIMEOUT)
         if self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, AttributeError):
@@ -167,9 +189,7 @@ class ProcessWorkerHandle(WorkerHandle):
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        task = self._loop.create_task(self._report_death(how))
-        _reporting.add(task)
-        task.add_done_callback(_reporting.discard)
+        self._in_background(self._report_death(how))
 
     async def _report_death(self, how: str) -> None:
         try:
@@ -212,7 +232,7 @@ class ProcessWorkerHandle(WorkerHandle):
             return True
         done = self._loop.create_future()
         sentinel = self.process.sentinel
-        self._loop.add_reader(sentinel, _resolve, done)
+        self._loop.add_reader(sentinel, resolve_if_pending, done)
         try:
             await asyncio.wait_for(done, timeout)
         except TimeoutError:
@@ -220,9 +240,20 @@ class ProcessWorkerHandle(WorkerHandle):
         finally:
             self._loop.remove_reader(sentinel)
         # The sentinel fires when the child closes its files on the way out, a
-        # moment before it can be reaped: a short blocking join bridges that gap.
-        self.process.join(1.0)
-        return self.process.exitcode is not None
+        # moment before it can be reaped.
+        return await self._reaped(_REAP_GAP)
+
+    async def _reaped(self, timeout: float) -> bool:
+        """Whether the process was reaped within `timeout`; asks without blocking, at growing intervals."""
+        deadline = self._loop.time() + timeout
+        delay = _POLL_FIRST
+        while self.process.exitcode is None:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX)
+        return True
 
     async def stop(self) -> None:
         if not self._dead:
@@ -231,11 +262,6 @@ class ProcessWorkerHandle(WorkerHandle):
             await self._await_exit(EXIT_TIMEOUT)
             self.die("was shut down")
         await self._reported
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class LocalWorkerPool(WorkerPool[ProcessWorkerHandle]):

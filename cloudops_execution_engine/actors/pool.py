@@ -1,12 +1,49 @@
-"""What every worker pool shares, whatever carries its frames.
+"""The contract every worker pool keeps, whatever carries its frames, and what they share.
 
 A pool holds `WorkerHandle`s: the supervisor's end of one worker. The local
 pool (`local_pool.py`) runs workers as child processes over pipes; the Ray
 pool (`ray_pool.py`) runs the same worker next to an actor on a cluster node
-and relays the same frames. Either way a handle decodes frames with the same
-checks, answers `wait_ready` once the worker's `Hello` arrives, and dies
-exactly once: the pool then tells the supervisor, which fails what the worker
-held, and starts a successor.
+and relays the same frames. A new backend (Kubernetes pods, Dask workers) is
+a `WorkerHandle` and a `WorkerPool` subclass that keep the promises below; the
+supervisor relies on nothing else.
+
+A handle (one worker):
+
+- start: its constructor starts the worker and the transport to it, and sets
+  `alive`; or it raises `WorkerStartError` naming the cause, with nothing left
+  running or open. The worker is ready once its `Hello` has come, which
+  `wait_ready` awaits (with a time limit) and which sets `ready`.
+- receive: every byte the worker writes reaches `_feed`, in order. `_feed`
+  checks and decodes the frames, takes the `Hello` and `Pong`s, hands every
+  other message to the supervisor, and makes a malformed frame a death.
+- send: `send(wire)` queues one message and returns at once: frames reach the
+  worker in the order sent, and once the handle is dead they are dropped.
+- die: `die(how)` starts with `_mark_dead(how)` and does nothing more when
+  that says the handle was dead already, so a death happens once however many
+  paths notice it. It then shuts the transport, makes sure the worker is
+  ending, and reports: exactly once, and never from within `die` (a caller
+  may be in the middle of the supervisor's own bookkeeping), it calls the
+  pool's `on_death(handle, message)`, the message naming the worker, where it
+  ran and why it ended ("Worker process 4242 died (killed by signal
+  SIGKILL(-9))"). Only then may the supervisor fail what the worker held.
+- stop: `stop()` asks the worker to finish (`Shutdown`), waits a bounded
+  time, then dies "was shut down", and returns once that death is reported.
+- abandon: `abandon()` runs when the event loop is closed; it must not touch
+  the loop, and lets the worker go so that it kills its trees and exits.
+
+A pool (all workers of one engine):
+
+- start: `start()` starts `size` handles (`_adopt` each, then `_start_all`) and
+  returns once every one is ready; on failure, `WorkerStartError`, and none
+  is left running (`_discard`).
+- replace: a dead worker that had said hello is replaced by `_successor(dead)`,
+  which `_handle_death` starts in the background and retries (see below).
+- clean up: `clean_up_after(dead, markers, sessions)` ends the command trees a
+  dead worker left running, before its executions are failed.
+- logs: a worker writes its executions' logs where it runs. `read_log` reads
+  one back and `log_location` names the node whose disk holds it; the
+  defaults read this machine's disk and name no node.
+- stop: `stop()` stops every worker and every replacement under way.
 
 A successor that cannot be started (out of file descriptors or processes, a
 worker that dies or stays silent before its hello) is retried with capped
@@ -26,7 +63,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ..logfiles import read_log
+from ..logfiles import LogNode, read_log
 from ..protocol import FrameDecoder, Hello, Message, Ping, Pong, ProtocolError, SetEnv, decode_message
 
 __all__ = [
@@ -37,6 +74,7 @@ __all__ = [
     "WorkerHandle",
     "WorkerPool",
     "WorkerStartError",
+    "resolve_if_pending",
 ]
 
 logger = logging.getLogger("cloudops_execution_engine.pool")
@@ -55,11 +93,11 @@ OnRecovered = Callable[[], None]
 
 
 class WorkerStartError(Exception):
-    pass
+    """A worker could not be started; the supervisor raises it as `SpawnFailed`."""
 
 
 class WorkerHandle(ABC):
-    """The supervisor's end of one worker."""
+    """The supervisor's end of one worker; a subclass keeps the promises of the module's docstring."""
 
     def __init__(self, index: int, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
         self.index = index
@@ -72,7 +110,7 @@ class WorkerHandle(ABC):
         self.pings = 0
         self.alive = False
         self.ready = False
-        self.served = False  # said hello: its death calls for a successor
+        self.said_hello = False  # and so may have held work: its death calls for a successor
         self.pid = 0
         self.last_env: dict[bytes, bytes] | None = None
         self._hello: asyncio.Future[None] = loop.create_future()
@@ -80,18 +118,21 @@ class WorkerHandle(ABC):
 
     @abstractmethod
     def send(self, wire: list[Any]) -> None:
-        """Queue one message for the worker; a dead worker drops it."""
+        """Queue one message for the worker without blocking, in order; a dead worker drops it."""
 
     @abstractmethod
     def die(self, how: str) -> None:
-        """Stop using this worker for good; the pool learns why once it is gone."""
+        """Stop using this worker for good (`_mark_dead` first); later, report its death once."""
 
     @abstractmethod
     async def stop(self) -> None:
-        """Ask the worker to finish and exit; end it if it does not."""
+        """Ask the worker to finish, end it if it does not in time; return once its death is reported."""
 
     def abandon(self) -> None:
-        """Let the worker go without the event loop, which is closed; it kills its trees and exits."""
+        """Let the worker go without the event loop, which is closed; it kills its trees and exits.
+
+        A handle whose transport needs closing overrides this, without touching the loop.
+        """
         self.alive = self.ready = False
 
     def send_env(self, env: dict[bytes, bytes]) -> None:
@@ -109,7 +150,7 @@ class WorkerHandle(ABC):
             raise WorkerStartError(f"worker {self.index} did not start within {timeout:g}s") from None
         except WorkerStartError as exc:
             raise WorkerStartError(await self._start_failure(exc)) from None
-        self.ready = self.served = True
+        self.ready = self.said_hello = True
 
     async def _start_failure(self, exc: WorkerStartError) -> str:
         """Why the worker died before its hello; a handle that can learn more (an exit status) says so."""
@@ -160,6 +201,14 @@ H = TypeVar("H", bound=WorkerHandle)
 
 
 class WorkerPool(ABC, Generic[H]):
+    """All workers of one engine; a subclass keeps the promises of the module's docstring.
+
+    The supervisor passes three callbacks: `on_message(handle, message)` for
+    every message a worker sends past its hello, `on_death(handle, why)` once
+    per dead worker that had said hello, and `on_ready(handle)` when a
+    successor is ready for work.
+    """
+
     def __init__(
         self,
         size: int,
@@ -189,11 +238,14 @@ class WorkerPool(ABC, Generic[H]):
 
     @abstractmethod
     async def start(self) -> None:
-        """Start `size` workers and wait until each has said hello."""
+        """Start `size` workers, wait until each has said hello; `WorkerStartError` leaving none running."""
 
     @abstractmethod
     async def _successor(self, dead: H) -> H:
-        """A new handle to take the place of `dead`."""
+        """A new handle to take the place of `dead`, started as its constructor starts one.
+
+        `WorkerStartError` (or `OSError`) when it cannot be had; the pool retries.
+        """
 
     @abstractmethod
     def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> Awaitable[None]:
@@ -206,8 +258,8 @@ class WorkerPool(ABC, Generic[H]):
         """A log file's text; `worker` is the one that wrote it, None if none ever ran it."""
         return await asyncio.to_thread(read_log, path, missing_ok)
 
-    def log_location(self, worker: WorkerHandle | None) -> str | None:
-        """Where `worker` keeps its log files when that is not this machine; None when it is."""
+    def log_location(self, worker: WorkerHandle | None) -> LogNode | None:
+        """The node whose disk has `worker`'s log files when that is not this machine; None when it is."""
         return None
 
     async def _start_all(self, handles: list[H]) -> None:
@@ -252,7 +304,7 @@ class WorkerPool(ABC, Generic[H]):
         dead: H = handle  # type: ignore[assignment]  # only this pool's handles report here
         if dead in self.workers:
             self.workers.remove(dead)
-        if not dead.served:
+        if not dead.said_hello:
             # It never said hello, so it never held work: whoever started it
             # learns of the failure from `wait_ready` and retries or gives up.
             return
@@ -318,6 +370,12 @@ class WorkerPool(ABC, Generic[H]):
         await asyncio.gather(*self._replacing, return_exceptions=True)
         await asyncio.gather(*(h.stop() for h in list(self.workers)), return_exceptions=True)
         self.workers.clear()
+
+
+def resolve_if_pending(future: asyncio.Future[None]) -> None:
+    """Complete `future`, unless something (a cancellation, an earlier call) settled it first."""
+    if not future.done():
+        future.set_result(None)
 
 
 def _notify(callback: Callable[..., None], *args: Any) -> None:

@@ -1,4 +1,4 @@
-"""Finding and killing the whole process tree of a command.
+"""Finding a command's process tree, and the signals that kill it.
 
 A command runs in its own session, with `CLOUDOPS_EXECUTION_ID` in its
 environment, and (on Linux) as the child subreaper of its own descendants. Its
@@ -10,9 +10,26 @@ subreaper above it): those recognised by the inherited marker or the session
 id are the command's, and so is any process that no running command claims,
 as it can only have come from a command that has ended.
 
-Kills go deepest first so that a parent cannot respawn a child it just lost.
-Only `NoSuchProcess` and `ProcessLookupError` are ignored: a process that
-vanished while we looked at it is exactly what we wanted.
+This module finds trees (`tree_of`, `descendants`, `find_abandoned`) and sends
+signals (`signal_processes`, `signal_group`, `stop_and_kill`); when and in
+what order a tree gets them is the policy in `killing`, which every path that
+stops a tree in a worker goes through. `kill_abandoned`, for a host whose
+worker died, runs the same final step, `stop_and_kill`, in a blocking loop of
+its own, as it cannot reap what it kills.
+
+Trees are listed deepest first, so that a parent cannot respawn a child it
+just lost. What is ignored, and nothing else:
+- a process that vanished while we looked at it or signalled it
+  (`NoSuchProcess`, which includes `ZombieProcess`, and `ProcessLookupError`):
+  exactly what we wanted;
+- a process we may not signal (`AccessDenied`, `PermissionError`: a program
+  that changed its real user id, such as `sudo`, in the tree). Raising would end
+  the worker and every other command it runs; the kill policy signals the rest
+  and keeps looking at it until it exits;
+- a process whose environment, session, parent or children cannot be read
+  (`NoSuchProcess`, `AccessDenied`, or the `OSError` of a /proc read or of
+  `getsid`): it carries no marker, is in no session, counts as the top of its
+  branch, or has no children.
 """
 
 from __future__ import annotations
@@ -33,11 +50,14 @@ __all__ = [
     "MARKER_ENV",
     "become_subreaper",
     "children_of",
+    "descendants",
     "describe_exit",
     "find_abandoned",
     "kill_abandoned",
     "live",
+    "signal_group",
     "signal_processes",
+    "stop_and_kill",
     "tree_of",
 ]
 
@@ -82,7 +102,7 @@ def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
     """
     try:
         return proc.environ() or None
-    except (psutil.Error, OSError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
         return {}
 
 
@@ -243,6 +263,15 @@ def _belongs(proc: psutil.Process, session_id: int, marker: str) -> bool | None:
     return None if environ is None else False
 
 
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every descendant of `pid`, deepest first: what a worker leaves if it stops at once."""
+    try:
+        found = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return _deepest_first({proc.pid: proc for proc in found})
+
+
 def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process]:
     """Every process on the machine of the given commands, with descendants.
 
@@ -279,8 +308,7 @@ def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> i
             time.sleep(0.02)
             continue
         empty_looks = 0
-        signal_processes(procs, signal.SIGSTOP)
-        signal_processes(procs, signal.SIGKILL)
+        stop_and_kill(procs)
         killed.update(p.pid for p in procs)
         psutil.wait_procs(procs, timeout=0.5)
     return len(killed)
@@ -297,7 +325,7 @@ def _deepest_first(found: dict[int, psutil.Process]) -> list[psutil.Process]:
             chain.append(current)
             try:
                 parent = found[current].ppid()
-            except psutil.Error:
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 parent = 0
             current = parent if parent in found and parent not in chain else None
         base = depth.get(current, -1) if current is not None else -1
@@ -317,10 +345,14 @@ def live(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
                 alive.append(proc)
         except psutil.NoSuchProcess:
             continue
+        except psutil.AccessDenied:
+            # Its state is hidden from us (hidepid), not its existence.
+            alive.append(proc)
     return alive
 
 
 def signal_processes(procs: Iterable[psutil.Process], sig: int) -> None:
+    """Send `sig` to each process; one that is gone or may not be signalled is passed over."""
     for proc in procs:
         try:
             # psutil checks the creation time first, so a recycled pid is never hit.
@@ -328,7 +360,14 @@ def signal_processes(procs: Iterable[psutil.Process], sig: int) -> None:
         except (psutil.NoSuchProcess, ProcessLookupError):
             continue
         except psutil.AccessDenied:
+            # Not ours to stop (see the module's docstring); the others still are.
             continue
+
+
+def stop_and_kill(procs: list[psutil.Process]) -> None:
+    """SIGSTOP every process, then SIGKILL every one: none can fork while its siblings die."""
+    signal_processes(procs, signal.SIGSTOP)
+    signal_processes(procs, signal.SIGKILL)
 
 
 def signal_group(pgid: int, sig: int) -> None:

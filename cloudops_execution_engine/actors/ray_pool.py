@@ -30,7 +30,8 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config import RayConfig
-from ..errors import IoError
+from ..errors import IoError, map_errors
+from ..logfiles import LogNode
 from ..protocol import Shutdown, encode_frame
 from .pool import (
     HELLO_TIMEOUT,
@@ -41,6 +42,7 @@ from .pool import (
     WorkerHandle,
     WorkerPool,
     WorkerStartError,
+    resolve_if_pending,
 )
 from .ray_node import NodeWorker
 
@@ -312,7 +314,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             return handle
         # Its processes went with the node: nothing there to clean or reach.
         if cleanup is not None:
-            _resolve(cleanup)
+            resolve_if_pending(cleanup)
         if not alive:
             raise WorkerStartError("the Ray cluster has no alive node")
         counts = {node: 0 for node in alive}
@@ -334,12 +336,12 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 self._abandoned[dead] = abandoned
                 self._cleanups[dead] = cleanup
             elif cleanup is not None:
-                _resolve(cleanup)
+                resolve_if_pending(cleanup)
             return
         if cleaned.result():
             logger.warning("killed %d process(es) left on node %s", cleaned.result(), dead.node_address)
         if cleanup is not None:
-            _resolve(cleanup)
+            resolve_if_pending(cleanup)
 
     def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> Awaitable[None]:
         assert isinstance(dead, RayWorkerHandle)
@@ -379,25 +381,27 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         reader = worker if worker.ready else self._live_on(worker.node_id)
         if reader is None:
             raise IoError(f"cannot read log file {path}: no live worker on node {worker.node_address}")
-        try:
+        with map_errors(
+            {RayError: IoError},
+            f"cannot read log file {path} from node {worker.node_address}",
+            describe=_ray_cause,
+        ):
             ok, payload = await reader.actor.read_log.remote(str(path), missing_ok)
-        except RayError as exc:
-            raise IoError(
-                f"cannot read log file {path} from node {worker.node_address}: {_ray_cause(exc)}"
-            ) from exc
         if not ok:
             raise IoError(f"{payload} (on node {worker.node_address})")
         return str(payload)
 
-    def log_location(self, worker: WorkerHandle | None) -> str | None:
-        return worker.node_address if isinstance(worker, RayWorkerHandle) else None
+    def log_location(self, worker: WorkerHandle | None) -> LogNode | None:
+        if not isinstance(worker, RayWorkerHandle):
+            return None
+        return LogNode(worker.node_address, worker.node_id)
 
     async def stop(self) -> None:
         try:
             await super().stop()
         finally:
             for future in self._cleanups.values():
-                _resolve(future)
+                resolve_if_pending(future)
             self._cleanups.clear()
             await self._disconnect()
 
@@ -405,8 +409,3 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         if self._connected:
             self._connected = False
             await asyncio.to_thread(_Connection.release)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

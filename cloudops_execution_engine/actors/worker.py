@@ -1,16 +1,35 @@
 """The worker process: runs commands for the supervisor.
 
-One single-threaded loop per worker (`reactor.Reactor`). It reads `Run`/`Cancel` frames
-from the supervisor's pipe; for each run it opens the log file, spawns the
-command in a new session (`spawning`), reads its stdout and stderr as
-they arrive, and sends back batched `Output` frames and one `Finished` frame.
+    supervisor --Run, Cancel, Credit, Shutdown--> Worker --spawn--> command (own session)
+               <--Started, Output, Finished-----        <--stdout/stderr pipes, SIGCHLD--
+
+One single-threaded loop per worker (`reactor.Reactor`). It reads `Run`/`Cancel`
+frames from the supervisor's pipe; for each run it opens the log file, spawns
+the command in a new session (`spawning`), reads its stdout and stderr as they
+arrive, and sends back batched `Output` frames and one `Finished` frame.
 SIGCHLD drives reaping (`wait4`, which also yields resource usage); being the
 child subreaper, it also reaps orphaned descendants of its commands.
 
+The parts, one concept each:
+- `execution.Lifecycle`: where an execution is (starting, running, exited
+  with its pipes still held, terminating, draining, finished) and what it ends
+  as (`outcome`). Every callback here (a read at end of file, a reap, a timer,
+  a frame) only reports an `Event` through `Worker._on`, the one place that
+  advances an execution and carries out what it answers.
+- `output`: what a read becomes (log lines, event lines, the kept text),
+  as pure functions.
+- `killing.Escalation`: the one way a tree is stopped (SIGTERM, a bounded
+  wait, SIGSTOP and SIGKILL, reaping): for a cancel, a timeout, a descendant
+  that holds the pipes past the grace period after its command ended, the
+  sweep of what a finished command left behind, and the host's death.
+- `process_tree`: which processes are an execution's tree. Commands are
+  subreapers of their own trees; once an execution's main process is reaped,
+  adopted processes that no other tracked execution claims go with it.
+
 An execution is finished when its main process has been reaped, both of its
-pipes are closed, and, if it was cancelled or timed out, its tree is gone.
-When it ends, whatever is left of its tree is terminated too, so a command
-cannot leave processes behind in a long-lived host.
+pipes are closed, and, if it was killed, its tree is gone. When it ends,
+whatever is left of its tree is terminated too, so a command cannot leave
+processes behind in a long-lived host.
 
 Output is sent within a credit the supervisor grants: once the worker has sent
 `OUTPUT_WINDOW` bytes of output that the host has not yet taken, it stops
@@ -30,12 +49,13 @@ import resource
 import signal
 import sys
 import time
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
 
-from ..errors import IoError, SpawnFailed
+from ..errors import IoError, SpawnFailed, mapped
 from ..logfiles import open_log
 from ..protocol import (
     Cancel,
@@ -58,14 +78,45 @@ from ..protocol import (
 from ..protocol.messages import Finished
 from ..protocol.pipe import PipeWriter, read_available
 from . import process_tree
+from .execution import (
+    CANCEL,
+    FINISH,
+    HOST_GONE,
+    KILL,
+    LINGER,
+    LINGER_EXPIRED,
+    LOOK,
+    MAIN_REAPED,
+    NOTHING,
+    OUTPUT_CLOSED,
+    RUNNING,
+    SPAWN_FAILED,
+    SPAWNED,
+    TIMEOUT,
+    TREE_GONE,
+    Event,
+    Lifecycle,
+    outcome,
+)
+from .killing import Escalation
+from .output import (
+    block_lines,
+    keep,
+    kept_text,
+    log_footer,
+    log_header,
+    log_prefix,
+    mark_lines,
+    mark_read,
+    read_lines,
+    split_lines,
+    whole_lines_cut,
+)
 from .reactor import Reactor, Timer
 from .spawning import CommandEnv, spawn, spawner_pid, start_spawner
 
 __all__ = ["OUTPUT_WINDOW", "worker_main"]
 
-# A line without a newline is cut into pieces of this size, so one endless line
-# cannot grow a buffer without bound here or in the host.
-LINE_PIECE = 1024 * 1024
 # Past this many unsent bytes the worker stops reading command output until
 # the supervisor catches up: the commands block on their pipes instead of the
 # worker growing without bound.
@@ -79,35 +130,28 @@ OUTPUT_WINDOW = 4 * 1024 * 1024
 # two pipes that are open for a moment.
 FDS_PER_EXECUTION = 3
 FDS_RESERVED = 64
-_POLL_FIRST = 0.002
 # How long a process whose environment reads as empty (one in the middle of an
 # `exec`) is looked at again before it counts as not a command's: an `exec`
 # takes milliseconds, and one that never shows the marker was started with
 # an empty environment on purpose.
 _UNSURE_FOR = 0.25
-_POLL_MAX = 0.05
+# A worker told to die has no loop left to wait on: it kills everything at once
+# and reaps, looking this often, for at most this long.
+_ABANDON_PAUSE = 0.005
+_ABANDON_FOR = 2.0
 _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 
 
 # Whether commands are child subreapers of their own trees (see `spawning`).
 _COMMANDS_ADOPT = sys.platform.startswith("linux")
-
-_second_text: tuple[int, str] = (-1, "")
-
-
-def _stamp(ts: float) -> str:
-    global _second_text
-    whole = int(ts)
-    second, text = _second_text
-    if second != whole:
-        # strftime is the costly part, and most stamps share their second.
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second_text = (whole, text)
-    return f"{text}.{int((ts - whole) * 1e6):06d}Z"
+# `ru_maxrss` is in kilobytes, but in bytes on macOS.
+_RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 class _StreamState:
-    __slots__ = ("fd", "kept", "name", "open", "partial", "stream", "truncated")
+    """One of a command's pipes; `fd` is -1 once it is closed."""
+
+    __slots__ = ("fd", "kept", "name", "partial", "stream", "truncated")
 
     def __init__(self, fd: int, stream: Stream) -> None:
         self.fd = fd
@@ -116,54 +160,47 @@ class _StreamState:
         self.partial = b""
         self.kept = bytearray()
         self.truncated = False
-        self.open = True
 
 
 class _Execution:
+    """What the worker holds for one execution: its lifecycle, and the resources it has open."""
+
     __slots__ = (
-        "display",
-        "exit_code",
-        "finished",
         "id",
+        "kill",
         "kill_grace",
+        "life",
         "linger_timer",
         "log_fd",
         "marker",
         "max_output",
         "pid",
-        "reaped",
-        "reason",
         "rusage",
-        "spawn_error",
         "started_at",
         "stream_output",
         "streams",
-        "timeout_ms",
         "timeout_timer",
-        "tree_gone",
     )
 
     def __init__(self, run: Run, marker: str) -> None:
         self.id = run.execution_id
         self.marker = marker
-        self.display = run.display
         self.stream_output = run.stream_output
         self.max_output = run.max_output_bytes
         self.kill_grace = run.kill_grace_ms / 1000
-        self.timeout_ms = run.timeout_ms
+        self.life = Lifecycle(run.timeout_ms)
         self.pid = 0
         self.log_fd = -1
         self.streams: list[_StreamState] = []
-        self.reaped = False
-        self.exit_code = -1
         self.rusage: list[float] | None = None
-        self.reason: str | None = None  # "cancelled" or "timeout" once a kill began
-        self.tree_gone = True
-        self.spawn_error: str | None = None
         self.started_at = time.time()
-        self.finished = False
         self.timeout_timer: Timer | None = None
         self.linger_timer: Timer | None = None
+        self.kill: Escalation | None = None
+
+
+def _nothing() -> None:
+    pass
 
 
 class Worker:
@@ -220,13 +257,13 @@ class Worker:
             self._paused = True
             for ex in self._executions.values():
                 for st in ex.streams:
-                    if st.open:
+                    if st.fd >= 0:
                         self.loop.remove_reader(st.fd)
         elif self._paused and backlog < OUT_LOW_WATER and self._credit > 0:
             self._paused = False
             for ex in self._executions.values():
                 for st in ex.streams:
-                    if st.open:
+                    if st.fd >= 0:
                         self.loop.add_reader(st.fd, self._on_output, ex, st)
         if self._closing and not backlog and not self._executions:
             self._finish_serving()
@@ -251,8 +288,8 @@ class Worker:
             self._start(message)
         elif isinstance(message, Cancel):
             ex = self._executions.get(message.execution_id)
-            if ex is not None and not ex.finished:
-                self._terminate(ex, "cancelled")
+            if ex is not None:
+                self._on(ex, CANCEL)
         elif isinstance(message, Ping):
             self._send(Pong(message.seq).to_wire())
         elif isinstance(message, Credit):
@@ -264,7 +301,7 @@ class Worker:
         elif isinstance(message, Shutdown):
             self._closing = True
             for ex in list(self._executions.values()):
-                self._terminate(ex, "cancelled")
+                self._on(ex, CANCEL)
             self._apply_backpressure()
 
     def _abandon(self) -> None:
@@ -274,13 +311,10 @@ class Worker:
         self._serving = False
         self.loop.remove_reader(self._rfd)
         for ex in list(self._executions.values()):
-            ex.reason = ex.reason or "cancelled"
-            process_tree.signal_processes(self._tree(ex), signal.SIGKILL)
-        self._kill_orphans(signal.SIGKILL)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and self._remaining_children():
-            self._reap()
-            time.sleep(0.005)
+            self._on(ex, HOST_GONE)
+        # Every tree is among the worker's descendants, the spawner too: all go, at once.
+        everything = Escalation(self._descendants, self._reap, 0.0)
+        everything.run_blocking(_ABANDON_FOR, _ABANDON_PAUSE, settled=self._no_children)
         self._reap()
         self.loop.stop()
 
@@ -288,7 +322,7 @@ class Worker:
         if self._serving:
             self._serving = False
             # What is still being finished off would outlive the worker otherwise.
-            self._kill_orphans(signal.SIGKILL)
+            Escalation(self._descendants, self._reap, 0.0).begin()
             self._reap()
             self.loop.stop()
 
@@ -301,25 +335,16 @@ class Worker:
         try:
             ex.log_fd = open_log(run.log_path)
         except OSError as exc:
-            ex.spawn_error = str(IoError(f"cannot open log file: {_describe(exc)}"))
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
-            self._complete(ex)
+            self._on(ex, SPAWN_FAILED, error=str(mapped(exc, IoError, "cannot open log file")))
             return
-        display, cwd = run.display, os.fsdecode(run.cwd)
-        if "\n" in display or "\n" in cwd:
-            display, cwd = _header(display), _header(cwd)
-        self._log(
-            ex,
-            f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {_stamp(ex.started_at)}\n",
-        )
+        self._log(ex, log_header(marker, run.display, os.fsdecode(run.cwd), ex.started_at))
         env = self._env.for_command(run.env, marker)
         try:
             pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, self._env.search_path(run.env), self._limits)
         except (OSError, ValueError) as exc:
-            reason = _describe(exc) if isinstance(exc, OSError) else str(exc)
-            ex.spawn_error = str(SpawnFailed(reason))
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
-            self._complete(ex)
+            self._on(ex, SPAWN_FAILED, error=str(mapped(exc, SpawnFailed)))
             return
         ex.pid = pid
         self._by_pid[pid] = ex
@@ -327,8 +352,28 @@ class Worker:
         for st in ex.streams:
             if not self._paused:
                 self.loop.add_reader(st.fd, self._on_output, ex, st)
-        ex.timeout_timer = self.loop.call_later(run.timeout_ms / 1000, self._on_timeout, ex)
+        self._on(ex, SPAWNED)
+        ex.timeout_timer = self.loop.call_later(run.timeout_ms / 1000, self._on, ex, TIMEOUT)
         self._send(Started(ex.id, pid, ex.started_at).to_wire())
+
+    def _on(self, ex: _Execution, event: Event, exit_code: int = -1, error: str | None = None) -> None:
+        """Tell an execution what happened, and do what its lifecycle answers: the one way it moves."""
+        action = ex.life.advance(event, exit_code, error)
+        if action is NOTHING:
+            return
+        if action is FINISH:
+            self._complete(ex)
+        elif action is KILL:
+            self._kill(ex)
+        elif action is LINGER:
+            # The main process is gone but something it started still holds
+            # the pipes: give it the grace period to finish, then end it.
+            ex.linger_timer = self.loop.call_later(ex.kill_grace, self._on, ex, LINGER_EXPIRED)
+        elif action is LOOK:
+            # Finish now rather than at the kill policy's next look.
+            procs, unsure = self._look(ex)
+            if not procs and not unsure:
+                self._on(ex, TREE_GONE)
 
     def _on_output(self, ex: _Execution, st: _StreamState) -> bool:
         """Take one read of a stream; False when there was nothing to read after all."""
@@ -339,80 +384,39 @@ class Worker:
             self._close_stream(ex, st)
             return True
         ts = time.time()
-        if len(st.kept) < ex.max_output:
-            room = ex.max_output - len(st.kept)
-            st.kept += data[:room]
-            if len(data) > room:
-                st.truncated = True
-        else:
+        if keep(st.kept, data, ex.max_output):
             st.truncated = True
         head = st.partial
-        cut = data.rfind(b"\n") + 1
-        if cut and len(data) - cut < LINE_PIECE and b"\r" not in data and not head.endswith(b"\r"):
-            # The usual read: whole lines after the last one's start, no carriage
-            # returns. Marked up in one copy, with no joined buffer.
+        cut = whole_lines_cut(head, data)
+        if cut:
+            # The usual read: marked up in one copy, with no joined buffer.
             st.partial = data[cut:]
-            self._emit_read(ex, st, ts, head, data, cut)
+            prefix = log_prefix(ts, st.name)
+            self._write_log_parts(ex, mark_read(prefix, head, data, cut))
+            if ex.stream_output:
+                self._send_output(ex, st.stream, ts, read_lines(head, data, cut))
             return True
-        buffer = head + data if head else data
-        cut = buffer.rfind(b"\n") + 1
-        rest = buffer[cut:]
-        pieces: list[bytes] = []
-        while len(rest) >= LINE_PIECE:
-            piece = _utf8_boundary(rest, LINE_PIECE)
-            pieces.append(rest[:piece])
-            rest = rest[piece:]
-        st.partial = rest
-        if cut or pieces:
-            self._emit(ex, st, ts, buffer[:cut], pieces)
+        block, pieces, st.partial = split_lines(head, data)
+        if block or pieces:
+            self._emit(ex, st, ts, block, pieces)
         return True
 
-    def _emit_read(
-        self, ex: _Execution, st: _StreamState, ts: float, head: bytes, data: bytes, cut: int
-    ) -> None:
-        """Log and (if streaming) send the lines `head + data[:cut]`, which end in a newline.
-
-        Every newline in `data` gets the next line's prefix after it, in one C-level
-        replace. What follows the last newline (the prefix and the next partial
-        line) is left out of the write by a view, not a copy.
-        """
-        prefix = f"{_stamp(ts)} {st.name} ".encode()
-        marked = data.replace(b"\n", b"\n" + prefix)
-        end = len(marked) - (len(data) - cut) - len(prefix)
-        self._write_log_parts(ex, [prefix, head, memoryview(marked)[:end]])
-        if ex.stream_output:
-            lines = (head + memoryview(data)[:cut]).decode("utf-8", "replace").split("\n")
-            lines.pop()  # the empty string after the last newline
-            self._send_output(ex, st.stream, ts, lines)
-
     def _emit(self, ex: _Execution, st: _StreamState, ts: float, block: bytes, pieces: list[bytes]) -> None:
-        """Log and (if streaming) send whole lines: `block` ends in a newline; `pieces` have none.
-
-        The log is written from bytes with C-level replaces; text is decoded only for events.
-        """
-        prefix = f"{_stamp(ts)} {st.name} ".encode()
-        if b"\r" in block:
-            block = block.replace(b"\r\n", b"\n")
-        log = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if block else b""
-        for piece in pieces:
-            log += prefix + piece + b"\n"
-        self._write_log(ex, log)
+        """Log and (if streaming) send whole lines: `block` ends in a newline; `pieces` have none."""
+        self._write_log(ex, mark_lines(log_prefix(ts, st.name), block, pieces))
         if ex.stream_output:
-            lines = block.decode("utf-8", "replace").split("\n")
-            lines.pop()  # the empty string after the last newline
-            lines += [piece.decode("utf-8", "replace") for piece in pieces]
-            self._send_output(ex, st.stream, ts, lines)
+            self._send_output(ex, st.stream, ts, block_lines(block, pieces))
 
     def _close_stream(self, ex: _Execution, st: _StreamState) -> None:
-        if not st.open:
+        if st.fd < 0:
             return
-        st.open = False
         self.loop.remove_reader(st.fd)
         os.close(st.fd)
+        st.fd = -1
         if st.partial:
             self._emit(ex, st, time.time(), b"", [st.partial])
             st.partial = b""
-        self._maybe_complete(ex)
+        self._on(ex, OUTPUT_CLOSED)
 
     def _reap(self) -> None:
         while True:
@@ -425,72 +429,36 @@ class Worker:
             ex = self._by_pid.pop(pid, None)
             if ex is None:
                 continue  # an adopted orphan; reaping it is all it needed
-            ex.reaped = True
-            ex.exit_code = os.waitstatus_to_exitcode(status)
-            rss_unit = 1 if sys.platform == "darwin" else 1024
-            ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * rss_unit]
-            if ex.reason is None and _any_open(ex):
+            ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * _RSS_UNIT]
+            life = ex.life
+            if life.phase is RUNNING and life.open_pipes:
                 # Its pipes were closed when it exited, before its parent heard of
                 # it: end of output is usually there already, though this turn's
                 # wait did not report it. Take it now rather than on another turn;
                 # while paused too, as one read is bounded by the pipe's size.
                 for st in ex.streams:
-                    if st.open:
+                    if st.fd >= 0:
                         self._on_output(ex, st)
-            if _any_open(ex) and ex.linger_timer is None and ex.reason is None:
-                # The main process is gone but something it started still holds
-                # the pipes: give it the grace period to finish, then end it.
-                ex.linger_timer = self.loop.call_later(ex.kill_grace, self._terminate, ex, None)
-            if ex.reason is not None and not ex.tree_gone:
-                # Usually the whole tree died with the main process: finish now
-                # rather than at the next look of the kill watcher.
-                unsure: list[psutil.Process] = []
-                ex.tree_gone = not process_tree.live(self._tree(ex, unsure)) and not unsure
-            self._maybe_complete(ex)
+            self._on(ex, MAIN_REAPED, os.waitstatus_to_exitcode(status))
 
-    def _on_timeout(self, ex: _Execution) -> None:
-        ex.timeout_timer = None
-        if not ex.finished and ex.reason is None:
-            self._terminate(ex, "timeout")
+    # -- stopping a tree ------------------------------------------------
 
-    def _terminate(self, ex: _Execution, reason: str | None) -> None:
-        """SIGTERM the tree, SIGKILL what is left after the grace period, then report."""
-        if ex.finished:
-            return
-        if reason is not None:
-            if ex.reason is not None:
-                return
-            ex.reason = reason
-        if not ex.pid:
-            return
-        ex.tree_gone = False
-        process_tree.signal_processes(self._tree(ex), signal.SIGTERM)
-        if not ex.reaped:
-            process_tree.signal_group(ex.pid, signal.SIGTERM)
-        deadline = time.monotonic() + ex.kill_grace
-        self.loop.call_later(_POLL_FIRST, self._watch_kill, ex, deadline, _POLL_FIRST)
+    def _kill(self, ex: _Execution) -> None:
+        if ex.linger_timer is not None:
+            ex.linger_timer.cancel()
+            ex.linger_timer = None
+        life = ex.life
+        # The group reaches children forked since a look, but only while its
+        # leader is unreaped: after that, its number may be someone else's.
+        ex.kill = Escalation(
+            partial(self._look, ex), self._reap, ex.kill_grace, lambda: 0 if life.reaped else ex.pid
+        )
+        ex.kill.watch(self.loop, partial(self._tree_gone, ex))
 
-    def _watch_kill(self, ex: _Execution, deadline: float, delay: float) -> None:
-        if ex.finished:
-            return
+    def _tree_gone(self, ex: _Execution) -> None:
+        self._on(ex, TREE_GONE)
         self._reap()
-        unsure: list[psutil.Process] = []
-        procs = process_tree.live(self._tree(ex, unsure))
-        if not procs and (not unsure or time.monotonic() >= deadline):
-            # What is still unsure at the deadline never showed the marker: not ours.
-            ex.tree_gone = True
-            self._reap()
-            self._drain(ex)
-            self._maybe_complete(ex)
-            return
-        if time.monotonic() >= deadline:
-            # Stop them first so that none can fork while its siblings die.
-            process_tree.signal_processes(procs, signal.SIGSTOP)
-            process_tree.signal_processes(procs, signal.SIGKILL)
-            if not ex.reaped:
-                process_tree.signal_group(ex.pid, signal.SIGKILL)
-        delay = min(delay * 2, _POLL_MAX)
-        self.loop.call_later(delay, self._watch_kill, ex, deadline, delay)
+        self._drain(ex)
 
     def _drain(self, ex: _Execution) -> None:
         """Take what a dead tree left in its pipes, even while output is paused.
@@ -501,47 +469,24 @@ class Worker:
         if not self._paused:
             return
         for st in ex.streams:
-            while st.open and self._on_output(ex, st):
+            while st.fd >= 0 and self._on_output(ex, st):
                 pass
 
-    def _maybe_complete(self, ex: _Execution) -> None:
-        if ex.finished or not ex.reaped or not ex.tree_gone or _any_open(ex):
-            return
-        self._complete(ex)
-
     def _complete(self, ex: _Execution) -> None:
-        ex.finished = True
-        for timer in (ex.timeout_timer, ex.linger_timer):
-            if timer is not None:
-                timer.cancel()
-        for st in ex.streams:
-            if st.open:
-                st.open = False
-                self.loop.remove_reader(st.fd)
-                os.close(st.fd)
+        """Report a finished execution, let go of it, and sweep up what it left running."""
+        self._release(ex)
         completed_at = time.time()
-        if ex.spawn_error is not None:
-            status, error, exit_code = "failed", ex.spawn_error, -1
-        elif ex.reason == "timeout":
-            status, error, exit_code = "timeout", f"Execution timeout after {ex.timeout_ms}ms", ex.exit_code
-        elif ex.reason == "cancelled":
-            status, error, exit_code = "cancelled", "Execution cancelled", ex.exit_code
-        elif ex.exit_code == 0:
-            status, error, exit_code = "completed", None, 0
-        else:
-            status, error, exit_code = "failed", f"Command failed with exit code {ex.exit_code}", ex.exit_code
-        self._log(
-            ex,
-            f"# finished: {_stamp(completed_at)} status={status} exit_code={exit_code} "
-            f"duration_ms={(completed_at - ex.started_at) * 1000:.1f}\n"
-            + (f"# error: {error}\n" if error else ""),
-        )
+        status, error, exit_code = outcome(ex.life)
+        self._log(ex, log_footer(ex.started_at, completed_at, status, exit_code, error))
         if ex.log_fd >= 0:
             os.close(ex.log_fd)
             ex.log_fd = -1
-        out, err = ex.streams if ex.streams else (None, None)
-        stdout, stdout_truncated = _kept_text(out, ex.max_output)
-        stderr, stderr_truncated = _kept_text(err, ex.max_output)
+        if ex.streams:
+            out, err = ex.streams
+            stdout, stdout_truncated = kept_text(out.kept, out.truncated, ex.max_output)
+            stderr, stderr_truncated = kept_text(err.kept, err.truncated, ex.max_output)
+        else:
+            stdout, stdout_truncated, stderr, stderr_truncated = "", False, "", False
         self._send(
             Finished(
                 ex.id,
@@ -563,34 +508,32 @@ class Worker:
         if self._closing:
             self._apply_backpressure()
 
+    def _release(self, ex: _Execution) -> None:
+        for timer in (ex.timeout_timer, ex.linger_timer):
+            if timer is not None:
+                timer.cancel()
+        if ex.kill is not None:
+            ex.kill.cancel()
+        for st in ex.streams:
+            if st.fd >= 0:
+                self.loop.remove_reader(st.fd)
+                os.close(st.fd)
+                st.fd = -1
+
     def _sweep(self, ex: _Execution) -> None:
         """End whatever the finished command left running, without holding up its result."""
         children = set(process_tree.children_of(self._pid))
         children.discard(spawner_pid())
-        if ex.reaped and self._by_pid.keys() >= children:
+        if ex.life.reaped and self._by_pid.keys() >= children:
             # The usual case, in one read: the worker's only children are the
             # commands still running, so this one left nothing behind.
             return
-        unsure: list[psutil.Process] = []
-        procs = process_tree.live(self._tree(ex, unsure))
+        procs, unsure = self._look(ex)
         if not procs and not unsure:
             return
         # An unsure process is usually one the command started that is still in
         # its `exec`: look again shortly rather than let it escape.
-        process_tree.signal_processes(procs, signal.SIGTERM)
-        self.loop.call_later(_POLL_FIRST, self._finish_off, ex, time.monotonic() + ex.kill_grace, _POLL_FIRST)
-
-    def _finish_off(self, ex: _Execution, deadline: float, delay: float) -> None:
-        self._reap()
-        unsure: list[psutil.Process] = []
-        left = process_tree.live(self._tree(ex, unsure))
-        past = time.monotonic() >= deadline
-        if not left and (not unsure or past):
-            return
-        # Ones found since the last look have had no SIGTERM yet; a repeat is harmless.
-        process_tree.signal_processes(left, signal.SIGKILL if past else signal.SIGTERM)
-        delay = min(delay * 2, _POLL_MAX)
-        self.loop.call_later(delay, self._finish_off, ex, deadline, delay)
+        Escalation(partial(self._look, ex), self._reap, ex.kill_grace).watch(self.loop, _nothing, procs)
 
     # -- helpers --------------------------------------------------------
 
@@ -623,21 +566,28 @@ class Worker:
             ex.log_fd = -1
 
     def _tree(self, ex: _Execution, unsure: list[psutil.Process] | None = None) -> list[psutil.Process]:
-        others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.reaped]
+        others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.life.reaped]
         others.append(spawner_pid())  # the worker's own helper, no command's
+        reaped = ex.life.reaped
         claimed: tuple[set[str], set[int]] | None = None
-        if ex.reaped and _COMMANDS_ADOPT:
+        if reaped and _COMMANDS_ADOPT:
             # Commands adopt their own orphans while they run, so an orphan that
             # reached the worker and that no other command claims came from one
             # that has ended: this one, if nothing else, and it goes with it.
             rest = [o for o in self._executions.values() if o is not ex]
             claimed = ({o.marker for o in rest}, {o.pid for o in rest if o.pid})
         found = process_tree.tree_of(
-            0 if ex.reaped else ex.pid, ex.pid, ex.marker, self._pid, others, unsure, claimed
+            0 if reaped else ex.pid, ex.pid, ex.marker, self._pid, others, unsure, claimed
         )
         if unsure:
             unsure[:] = [proc for proc in unsure if self._still_unsure(proc)]
         return found
+
+    def _look(self, ex: _Execution) -> tuple[list[psutil.Process], bool]:
+        """What is alive of an execution's tree, and whether a process might yet turn out to be in it."""
+        unsure: list[psutil.Process] = []
+        procs = process_tree.live(self._tree(ex, unsure))
+        return procs, bool(unsure)
 
     def _still_unsure(self, proc: psutil.Process) -> bool:
         now = time.monotonic()
@@ -649,38 +599,11 @@ class Worker:
             self._unsure_since = {k: t for k, t in self._unsure_since.items() if psutil.pid_exists(k[0])}
         return now - self._unsure_since.setdefault(key, now) < _UNSURE_FOR
 
-    def _kill_orphans(self, sig: int) -> None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process_tree.signal_processes(psutil.Process(self._pid).children(recursive=True), sig)
+    def _descendants(self) -> tuple[list[psutil.Process], bool]:
+        return process_tree.live(process_tree.descendants(self._pid)), False
 
-    def _remaining_children(self) -> bool:
-        return bool(process_tree.children_of(self._pid))
-
-
-def _any_open(ex: _Execution) -> bool:
-    # No generator: this is asked several times for every command.
-    for st in ex.streams:  # noqa: SIM110
-        if st.open:
-            return True
-    return False
-
-
-def _kept_text(st: _StreamState | None, limit: int) -> tuple[str, bool]:
-    """A stream's kept output as text of at most `limit` UTF-8 bytes, and whether it was cut.
-
-    Decoding replaces each invalid byte with U+FFFD, three bytes in UTF-8, so
-    the text can be up to three times the bytes kept: it is cut again to the
-    limit, which is what bounds a `Finished` frame (see `frame_limit_for`).
-    """
-    if st is None:
-        return "", False
-    text = st.kept.decode("utf-8", "replace")
-    if "\ufffd" not in text:
-        return text, st.truncated
-    encoded = text.encode()
-    if len(encoded) <= limit:
-        return text, st.truncated
-    return encoded[: _utf8_boundary(encoded, limit)].decode(), True
+    def _no_children(self) -> bool:
+        return not process_tree.children_of(self._pid)
 
 
 def _raise_fd_limit() -> tuple[tuple[tuple[int, int, int], ...], int]:
@@ -702,35 +625,9 @@ def _raise_fd_limit() -> tuple[tuple[tuple[int, int, int], ...], int]:
     return restore, max(1, (usable - FDS_RESERVED) // FDS_PER_EXECUTION)
 
 
-def _header(value: str) -> str:
-    """A header value on `#` lines only: a multi-line script must not read as command output."""
-    return value.replace("\n", "\n#   ")
-
-
 def _uuid_text(raw: bytes) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def _describe(exc: OSError) -> str:
-    text = exc.strerror or str(exc)
-    if exc.filename is not None:
-        return f"{text}: {os.fsdecode(exc.filename)}"
-    return text
-
-
-def _utf8_boundary(data: bytes, limit: int) -> int:
-    """The largest cut at or below `limit` that does not split a UTF-8 sequence.
-
-    A cut lands before a continuation byte only inside a sequence; sequences are
-    at most four bytes, so at most three steps back. Invalid input gets `limit`.
-    """
-    if len(data) <= limit:
-        return len(data)
-    cut = limit
-    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
-        cut -= 1
-    return cut if cut > limit - 4 else limit
 
 
 def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:

@@ -1,12 +1,21 @@
 """The messages between the supervisor and a worker.
 
 Each is a small slotted class that travels as a msgpack array whose first item
-is its `Kind`. `decode_message` checks the shape and type of every field, so a
-frame that decodes as msgpack but does not match a message is a `ProtocolError`
-rather than an `IndexError` or `TypeError` deep in the supervisor.
+is its `Kind`, followed by its fields in the order the class declares them.
+`decode_message` checks the shape and type of every field, so a frame that
+decodes as msgpack but does not match a message is a `ProtocolError` rather
+than an `IndexError` or `TypeError` deep in the supervisor.
 
     supervisor -> worker:  SetEnv, Run, Cancel, Shutdown, Ping, Credit
     worker -> supervisor:  Hello, Started, Output, Finished, Pong
+
+A message is defined once, by its class: each field's annotation is its wire
+type, either a plain type (`str`, `int`, `float` for an int or a float,
+`str | None`, `list[str]`, `dict[bytes, bytes]`, ...) or one of the aliases
+`_Id` (16 bytes), `_StreamNo` and `_Rusage`. From that definition `_message`
+derives the class's `to_wire`, the number of fields its frames carry, the
+field-by-field checks that name the field at fault, and the exact-type check
+compiled into one function per kind, which every frame tries first.
 
 Paths and the host's environment travel as bytes: a host may hold names and
 values that are not UTF-8 (PEP 383 surrogates in Python), and commands get
@@ -15,9 +24,11 @@ them byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 
 from .framing import ProtocolError
 
@@ -60,19 +71,185 @@ class Stream(IntEnum):
     STDERR = 2
 
 
+_NUMBER = (int, float)
+# A stream is compared by value, as `IntEnum` members compare.
+_STREAMS = tuple(Stream)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _is_list_of(item: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(isinstance(v, item) for v in value)
+
+
+def _is_map_of(item: type) -> Callable[[Any], bool]:
+    return lambda value: (
+        isinstance(value, dict) and all(isinstance(k, item) and isinstance(v, item) for k, v in value.items())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _WireType:
+    """How a field of one wire type is checked on the way in.
+
+    `check` is the field-by-field test: it takes anything msgpack may give for
+    the field that means the right thing, such as an int where a float is
+    expected. `fast` is an expression of `{v}` that holds for the exact types a
+    peer sends; it becomes part of one compiled test per kind (with the names
+    in `_FAST_NAMES`), so it must hold for nothing `check` refuses.
+    """
+
+    name: str
+    check: Callable[[Any], bool]
+    fast: str
+
+
+_FAST_NAMES: dict[str, Any] = {
+    "_STREAMS": _STREAMS,
+    "_NUMBERS": frozenset(_NUMBER),
+    "_STR_ONLY": frozenset({str}),
+    "_BYTES_ONLY": frozenset({bytes}),
+}
+_ID = _WireType(
+    "id", lambda v: isinstance(v, bytes) and len(v) == 16, "type({v}) is bytes and len({v}) == 16"
+)
+_STREAM = _WireType("stream", lambda v: v in _STREAMS, "type({v}) is int and {v} in _STREAMS")
+_RUSAGE = _WireType(
+    "rusage",
+    lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(map(_is_number, v))),
+    "{v} is None or (type({v}) is list and len({v}) == 3 and set(map(type, {v})) <= _NUMBERS)",
+)
+# The wire type of each plain annotation; the aliases below name the others.
+_PLAIN: dict[Any, _WireType] = {
+    bytes: _WireType("bytes", lambda v: isinstance(v, bytes), "type({v}) is bytes"),
+    str: _WireType("str", lambda v: isinstance(v, str), "type({v}) is str"),
+    int: _WireType("int", _is_int, "type({v}) is int"),
+    float: _WireType("float", _is_number, "type({v}) is float"),
+    bool: _WireType("bool", lambda v: isinstance(v, bool), "type({v}) is bool"),
+    str | None: _WireType(
+        "str | None", lambda v: v is None or isinstance(v, str), "{v} is None or type({v}) is str"
+    ),
+    list[str]: _WireType(
+        "list[str]", _is_list_of(str), "type({v}) is list and set(map(type, {v})) <= _STR_ONLY"
+    ),
+    dict[str, str]: _WireType(
+        "dict[str, str]",
+        _is_map_of(str),
+        "type({v}) is dict and set(map(type, {v})) <= _STR_ONLY"
+        " and set(map(type, {v}.values())) <= _STR_ONLY",
+    ),
+    dict[bytes, bytes]: _WireType(
+        "dict[bytes, bytes]",
+        _is_map_of(bytes),
+        "type({v}) is dict and set(map(type, {v})) <= _BYTES_ONLY"
+        " and set(map(type, {v}.values())) <= _BYTES_ONLY",
+    ),
+}
+_Id = Annotated[bytes, _ID]
+_StreamNo = Annotated[int, _STREAM]
+_Rusage = Annotated[list[float] | None, _RUSAGE]  # user seconds, system seconds, max RSS bytes
+
+
+class _Message:
+    """What `_message` gives every message class, declared here for type checkers."""
+
+    __slots__ = ()
+
+    def to_wire(self) -> list[Any]:
+        """The msgpack array this message travels as: its kind, then its fields in order."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A message kind as `_decode_checked` sees it."""
+
+    kind: Kind
+    cls: Callable[..., Any]
+    fields: tuple[tuple[str, _WireType], ...]
+
+
+_SHAPES: dict[int, _Shape] = {}
+# Per kind, the exact-type test and the construction in one compiled function
+# that returns None for whatever the test refuses. One expression of
+# `type(x) is T` tests costs a fraction of calling a check per field or
+# comparing a tuple of types, and every frame goes through one of these.
+_FAST: dict[int, Callable[[list[Any]], Any]] = {}
+
+_M = TypeVar("_M", bound=_Message)
+
+
+def _message(kind: Kind) -> Callable[[type[_M]], type[_M]]:
+    """Register a dataclass as the message of `kind`, with encoding and checks derived from its fields."""
+
+    def define(cls: type[_M]) -> type[_M]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass before it is a message")
+        hints = get_type_hints(cls, include_extras=True)
+        fields = tuple((f.name, _wire_type(hints[f.name])) for f in dataclasses.fields(cls))
+        _SHAPES[kind] = _Shape(kind, cls, fields)
+        attributes = ", ".join(f"self.{name}" for name, _ in fields)
+        cls.to_wire = _compile(
+            f"{cls.__name__}.to_wire",
+            f"def to_wire(self):\n    return [kind, {attributes}]\n",
+            {"kind": kind},
+        )
+        cls.to_wire.__doc__ = _Message.to_wire.__doc__
+        args = [f"v{i}" for i in range(1, len(fields) + 1)]
+        test = " and ".join(f"({wire.fast.format(v=v)})" for v, (_, wire) in zip(args, fields, strict=True))
+        _FAST[kind] = _compile(
+            f"decode_{kind.name.lower()}",
+            f"def decode(frame):\n"
+            f"    if len(frame) == {len(args) + 1}:\n"
+            f"        {', '.join(['_', *args])}, = frame\n"
+            f"        if {test or 'True'}:\n"
+            f"            return cls({', '.join(args)})\n"
+            f"    return None\n",
+            {"cls": cls, **_FAST_NAMES},
+        )
+        return cls
+
+    return define
+
+
+def _wire_type(annotation: Any) -> _WireType:
+    if get_origin(annotation) is Annotated:
+        wire = get_args(annotation)[1]
+        if isinstance(wire, _WireType):
+            return wire
+    elif annotation in _PLAIN:
+        return _PLAIN[annotation]
+    raise TypeError(f"no wire type for the annotation {annotation!r}")
+
+
+def _compile(qualname: str, source: str, names: dict[str, Any]) -> Any:
+    """The one function that `source` defines, with `names` as its globals."""
+    code = compile(source, f"<{qualname}>", "exec")
+    exec(code, names)
+    function = names[code.co_names[0]]
+    function.__qualname__ = qualname
+    function.__module__ = __name__
+    return function
+
+
+@_message(Kind.SET_ENV)
 @dataclass(slots=True)
-class SetEnv:
+class SetEnv(_Message):
     """The host's environment; each later `Run` overlays its own variables on it."""
 
     env: dict[bytes, bytes]
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.SET_ENV, self.env]
 
-
+@_message(Kind.RUN)
 @dataclass(slots=True)
-class Run:
-    execution_id: bytes
+class Run(_Message):
+    execution_id: _Id
     argv: list[str]
     env: dict[str, str]
     cwd: bytes
@@ -83,99 +260,71 @@ class Run:
     kill_grace_ms: int
     display: str
 
-    def to_wire(self) -> list[Any]:
-        return [
-            Kind.RUN,
-            self.execution_id,
-            self.argv,
-            self.env,
-            self.cwd,
-            self.timeout_ms,
-            self.log_path,
-            self.stream_output,
-            self.max_output_bytes,
-            self.kill_grace_ms,
-            self.display,
-        ]
 
-
+@_message(Kind.CANCEL)
 @dataclass(slots=True)
-class Cancel:
-    execution_id: bytes
-
-    def to_wire(self) -> list[Any]:
-        return [Kind.CANCEL, self.execution_id]
+class Cancel(_Message):
+    execution_id: _Id
 
 
+@_message(Kind.SHUTDOWN)
 @dataclass(slots=True)
-class Shutdown:
-    def to_wire(self) -> list[Any]:
-        return [Kind.SHUTDOWN]
+class Shutdown(_Message):
+    pass
 
 
+@_message(Kind.PING)
 @dataclass(slots=True)
-class Ping:
+class Ping(_Message):
     """Asks for a `Pong`: a worker that stops answering is stopped or hung."""
 
     seq: int
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.PING, self.seq]
 
-
+@_message(Kind.CREDIT)
 @dataclass(slots=True)
-class Credit:
+class Credit(_Message):
     """Lets the worker send `nbytes` more of output frames: the host has room for them again."""
 
     nbytes: int
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.CREDIT, self.nbytes]
 
-
+@_message(Kind.HELLO)
 @dataclass(slots=True)
-class Hello:
+class Hello(_Message):
     pid: int
     capacity: int  # executions the worker can hold at once within its file descriptor limit
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.HELLO, self.pid, self.capacity]
 
-
+@_message(Kind.PONG)
 @dataclass(slots=True)
-class Pong:
+class Pong(_Message):
     seq: int
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.PONG, self.seq]
 
-
+@_message(Kind.STARTED)
 @dataclass(slots=True)
-class Started:
-    execution_id: bytes
+class Started(_Message):
+    execution_id: _Id
     pid: int  # 0 when the program could not be started
     timestamp: float
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.STARTED, self.execution_id, self.pid, self.timestamp]
 
-
+@_message(Kind.OUTPUT)
 @dataclass(slots=True)
-class Output:
+class Output(_Message):
     """Whole lines of one stream, read together at `timestamp`."""
 
-    execution_id: bytes
-    stream: int
+    execution_id: _Id
+    stream: _StreamNo
     timestamp: float
     lines: list[str]
 
-    def to_wire(self) -> list[Any]:
-        return [Kind.OUTPUT, self.execution_id, self.stream, self.timestamp, self.lines]
 
-
+@_message(Kind.FINISHED)
 @dataclass(slots=True)
-class Finished:
-    execution_id: bytes
+class Finished(_Message):
+    execution_id: _Id
     status: str
     exit_code: int
     stdout: str
@@ -185,23 +334,7 @@ class Finished:
     started_at: float
     completed_at: float
     error: str | None
-    rusage: list[float] | None  # user seconds, system seconds, max RSS bytes
-
-    def to_wire(self) -> list[Any]:
-        return [
-            Kind.FINISHED,
-            self.execution_id,
-            self.status,
-            self.exit_code,
-            self.stdout,
-            self.stderr,
-            self.stdout_truncated,
-            self.stderr_truncated,
-            self.started_at,
-            self.completed_at,
-            self.error,
-            self.rusage,
-        ]
+    rusage: _Rusage
 
 
 def output_weight(lines: list[str]) -> int:
@@ -215,178 +348,37 @@ def output_weight(lines: list[str]) -> int:
 
 Message = SetEnv | Run | Cancel | Shutdown | Ping | Credit | Hello | Started | Output | Finished | Pong
 
-_ID = bytes
-_NUMBER = (int, float)
-
-
-def _is_str_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    )
-
-
-def _is_bytes_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, bytes) and isinstance(v, bytes) for k, v in value.items()
-    )
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, _NUMBER) and not isinstance(value, bool)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, _ID) and len(value) == 16
-
-
-# Per kind: the number of fields after the kind and a check for each.
-_SHAPES: dict[int, tuple[Any, ...]] = {
-    Kind.SET_ENV: (_is_bytes_map,),
-    Kind.RUN: (
-        _is_id,
-        _is_str_list,
-        _is_str_map,
-        lambda v: isinstance(v, bytes),
-        _is_int,
-        lambda v: isinstance(v, bytes),
-        lambda v: isinstance(v, bool),
-        _is_int,
-        _is_int,
-        lambda v: isinstance(v, str),
-    ),
-    Kind.CANCEL: (_is_id,),
-    Kind.SHUTDOWN: (),
-    Kind.PING: (_is_int,),
-    Kind.CREDIT: (_is_int,),
-    Kind.HELLO: (_is_int, _is_int),
-    Kind.PONG: (_is_int,),
-    Kind.STARTED: (_is_id, _is_int, _is_number),
-    Kind.OUTPUT: (_is_id, lambda v: v in (Stream.STDOUT, Stream.STDERR), _is_number, _is_str_list),
-    Kind.FINISHED: (
-        _is_id,
-        lambda v: isinstance(v, str),
-        _is_int,
-        lambda v: isinstance(v, str),
-        lambda v: isinstance(v, str),
-        lambda v: isinstance(v, bool),
-        lambda v: isinstance(v, bool),
-        _is_number,
-        _is_number,
-        lambda v: v is None or isinstance(v, str),
-        lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)),
-    ),
-}
-
-_BUILDERS: dict[int, Any] = {
-    Kind.SET_ENV: SetEnv,
-    Kind.RUN: Run,
-    Kind.CANCEL: Cancel,
-    Kind.SHUTDOWN: Shutdown,
-    Kind.PING: Ping,
-    Kind.CREDIT: Credit,
-    Kind.HELLO: Hello,
-    Kind.PONG: Pong,
-    Kind.STARTED: Started,
-    Kind.OUTPUT: Output,
-    Kind.FINISHED: Finished,
-}
-
-
-_STR_ONLY = frozenset({str})
-_EXACT_NUMBERS = frozenset({int, float})
-
-
-# The exact types of a run of plain fields, compared in one go: a tuple of types
-# built in C is cheaper than a test per field.
-_RUN_PLAIN = (bytes, int, bytes, bool, int, int, str)  # fields 4 to 10
-_FINISHED_PLAIN = (str, int, str, str, bool, bool, float, float)  # fields 2 to 9
-
-
-def _run_ok(f: list[Any]) -> bool:
-    argv, env = f[2], f[3]
-    return (
-        type(argv) is list
-        and type(env) is dict
-        and set(map(type, argv)) <= _STR_ONLY
-        and set(map(type, env)) <= _STR_ONLY
-        and set(map(type, env.values())) <= _STR_ONLY
-        and tuple(map(type, f[4:])) == _RUN_PLAIN
-    )
-
-
-def _started_ok(f: list[Any]) -> bool:
-    return type(f[2]) is int and type(f[3]) is float
-
-
-def _output_ok(f: list[Any]) -> bool:
-    lines = f[4]
-    return (
-        type(f[2]) is int
-        and f[2] in (Stream.STDOUT, Stream.STDERR)
-        and type(f[3]) is float
-        and type(lines) is list
-        and set(map(type, lines)) <= _STR_ONLY
-    )
-
-
-def _finished_ok(f: list[Any]) -> bool:
-    error, usage = f[10], f[11]
-    return (
-        tuple(map(type, f[2:10])) == _FINISHED_PLAIN
-        and (error is None or type(error) is str)
-        and (
-            usage is None
-            or (type(usage) is list and len(usage) == 3 and set(map(type, usage)) <= _EXACT_NUMBERS)
-        )
-    )
-
-
-# The messages sent for every command, checked with exact types in one expression
-# each; anything these do not pass goes through the field-by-field checks, which
-# accept the same and more (an int where a float is expected) and name what is
-# wrong. Every one of them starts with an execution id.
-_FAST: dict[int, tuple[int, Any]] = {
-    Kind.RUN: (11, _run_ok),
-    Kind.STARTED: (4, _started_ok),
-    Kind.OUTPUT: (5, _output_ok),
-    Kind.FINISHED: (12, _finished_ok),
-}
-
 
 def decode_message(frame: Any) -> Message:
     """Turn one decoded frame into its message, or raise `ProtocolError` naming what is wrong."""
     if type(frame) is list and frame and type(frame[0]) is int:
         fast = _FAST.get(frame[0])
-        if fast is not None and len(frame) == fast[0]:
-            first = frame[1]
-            if type(first) is bytes and len(first) == 16 and fast[1](frame):
-                message: Message = _BUILDERS[frame[0]](*frame[1:])
+        if fast is not None:
+            message: Message | None = fast(frame)
+            if message is not None:
                 return message
+    # Whatever the exact types refuse: the field checks accept the same and more
+    # (an int where a float is expected), and name what is wrong.
     return _decode_checked(frame)
 
 
 def _decode_checked(frame: Any) -> Message:
     if not isinstance(frame, list) or not frame or not _is_int(frame[0]):
         raise ProtocolError(f"a message is an array starting with its kind, got {type(frame).__name__}")
-    kind = frame[0]
-    shape = _SHAPES.get(kind)
+    shape = _SHAPES.get(frame[0])
     if shape is None:
-        raise ProtocolError(f"unknown message kind {kind}")
+        raise ProtocolError(f"unknown message kind {frame[0]}")
     fields = frame[1:]
-    if len(fields) != len(shape):
-        raise ProtocolError(f"{Kind(kind).name} message has {len(fields)} fields, expected {len(shape)}")
-    for index, (check, value) in enumerate(zip(shape, fields, strict=True)):
-        if not check(value):
+    if len(fields) != len(shape.fields):
+        raise ProtocolError(
+            f"{shape.kind.name} message has {len(fields)} fields, expected {len(shape.fields)}"
+        )
+    for index, (name, wire) in enumerate(shape.fields):
+        value = fields[index]
+        if not wire.check(value):
             raise ProtocolError(
-                f"{Kind(kind).name} message field {index + 1} has a bad value of type {type(value).__name__}"
+                f"{shape.kind.name} message field {index + 1} ({name}) has a bad value"
+                f" of type {type(value).__name__}"
             )
-    message: Message = _BUILDERS[kind](*fields)
+    message: Message = shape.cls(*fields)
     return message

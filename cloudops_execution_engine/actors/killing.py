@@ -1,0 +1,182 @@
+"""How a process tree is stopped: one escalation, used by every path that stops one.
+
+    begin:  SIGTERM to every process of the tree, and to the command's process
+            group while its leader is unreaped (reaching children forked since
+            the look); with no grace, SIGSTOP and SIGKILL at once instead
+    look:   reap, find what is left; before the deadline, SIGTERM what is new
+            since the last look; past it, SIGSTOP then SIGKILL what is left
+            (and SIGKILL the group), so that none can fork while its
+            siblings die
+    until:  a look finds nothing left, or nothing but processes not yet known
+            to be the tree's (in the middle of an `exec`) and the deadline passed:
+            what never showed the marker by then is not the tree's
+
+The looks come after 2 ms, then at twice the previous pause, at most every
+50 ms: most trees are gone at the first look, and a stubborn one is not polled
+hard for the whole grace period. `watch` runs the looks on the worker's
+reactor; `run_blocking` runs them in a plain loop, for a worker about to exit.
+
+The caller supplies what differs between its uses, as trio's `deliver_cancel`
+is supplied to `open_process`: how to find the tree (`look`), how to reap, the
+grace period, the process group while there is one, and what to do once the
+tree is gone. Cancel, timeout, a lingering descendant, the sweep after a
+command's end, and the host's death (no grace) all go through `Escalation`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from time import monotonic, sleep
+
+import psutil
+
+from . import process_tree
+from .reactor import Reactor, Timer
+
+__all__ = ["POLL_FIRST", "POLL_MAX", "Escalation", "Look"]
+
+POLL_FIRST = 0.002
+POLL_MAX = 0.05
+
+# The live processes of the tree, deepest first, and whether some process might
+# yet turn out to be the tree's (its environment reads as empty: it is in an `exec`).
+Look = Callable[[], tuple[list[psutil.Process], bool]]
+
+
+def _no_group() -> int:
+    return 0
+
+
+def _nothing() -> None:
+    pass
+
+
+def _always() -> bool:
+    return True
+
+
+class Escalation:
+    """Stops one process tree: SIGTERM, a bounded wait, then SIGSTOP and SIGKILL until it is gone."""
+
+    __slots__ = (
+        "_cancelled",
+        "_deadline",
+        "_delay",
+        "_group",
+        "_look",
+        "_on_gone",
+        "_reap",
+        "_termed",
+        "_timer",
+        "grace",
+    )
+
+    def __init__(
+        self,
+        look: Look,
+        reap: Callable[[], None],
+        grace: float,
+        group: Callable[[], int] = _no_group,
+    ) -> None:
+        """`group` gives the process group to signal as a whole, or 0 once its leader was reaped."""
+        self._look = look
+        self._reap = reap
+        self.grace = grace
+        self._group = group
+        self._deadline = 0.0
+        self._delay = POLL_FIRST
+        # Who has had its SIGTERM: psutil processes compare by pid and start time.
+        self._termed: set[psutil.Process] = set()
+        self._timer: Timer | None = None
+        self._cancelled = False
+        self._on_gone: Callable[[], None] = _nothing
+
+    def begin(self, found: list[psutil.Process] | None = None) -> None:
+        """The first blow, to `found` if the caller has just looked; starts the grace period."""
+        procs = found if found is not None else self._look()[0]
+        if self.grace > 0:
+            process_tree.signal_processes(procs, signal.SIGTERM)
+            self._termed.update(procs)
+            pgid = self._group()
+            if pgid:
+                process_tree.signal_group(pgid, signal.SIGTERM)
+        else:
+            self._kill(procs)
+        self._deadline = monotonic() + self.grace
+
+    def look(self) -> bool:
+        """Reap, look at the tree and escalate as the deadline says; True once nothing is left."""
+        self._reap()
+        procs, unsure = self._look()
+        past = monotonic() >= self._deadline
+        if not procs and (not unsure or past):
+            return True
+        if past:
+            self._kill(procs)
+        else:
+            # Started since the last look: they have had no SIGTERM yet.
+            new = [proc for proc in procs if proc not in self._termed]
+            if new:
+                process_tree.signal_processes(new, signal.SIGTERM)
+                self._termed.update(new)
+        return False
+
+    def _kill(self, procs: list[psutil.Process]) -> None:
+        process_tree.stop_and_kill(procs)
+        pgid = self._group()
+        if pgid:
+            process_tree.signal_group(pgid, signal.SIGKILL)
+
+    # -- drivers ---------------------------------------------------------------
+
+    def watch(
+        self, loop: Reactor, on_gone: Callable[[], None], found: list[psutil.Process] | None = None
+    ) -> None:
+        """Begin, then look on `loop`'s timers until the tree is gone; then call `on_gone`."""
+        self._on_gone = on_gone
+        self.begin(found)
+        self._delay = POLL_FIRST
+        self._timer = loop.call_later(POLL_FIRST, self._step, loop)
+
+    def _step(self, loop: Reactor) -> None:
+        self._timer = None
+        gone = self.look()
+        if self._cancelled:
+            # The reap at the start of the look ended the execution.
+            return
+        if gone:
+            on_gone, self._on_gone = self._on_gone, _nothing
+            on_gone()
+            return
+        self._delay = min(self._delay * 2, POLL_MAX)
+        self._timer = loop.call_later(self._delay, self._step, loop)
+
+    def cancel(self) -> None:
+        """Stop looking (the execution ended some other way); what was signalled stays signalled."""
+        self._cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._on_gone = _nothing
+
+    def run_blocking(self, timeout: float, pause: float, settled: Callable[[], bool] = _always) -> bool:
+        """Begin, then look every `pause` seconds until the tree is gone and `settled()`, or `timeout` passed.
+
+        For a worker that is about to exit and has no loop left to wait on. Once
+        the tree is gone, only `reap` and `settled` are called. Returns whether
+        it ended before the timeout.
+        """
+        end = monotonic() + timeout
+        self.begin()
+        gone = False
+        while True:
+            if gone:
+                self._reap()
+            else:
+                gone = self.look()
+            if gone and settled():
+                return True
+            if monotonic() >= end:
+                return False
+            sleep(pause)

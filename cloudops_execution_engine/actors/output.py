@@ -1,0 +1,205 @@
+"""A command's output as text: pure functions, with no file descriptor or process in sight.
+
+The worker reads a command's stdout and stderr as bytes, one read at a time;
+this module says what becomes of a read:
+
+    read -> split into lines (a line longer than `LINE_PIECE` goes in pieces,
+            never cut inside a UTF-8 sequence)
+         -> the log's bytes: each line stamped `<time> <stream> ` (`log_prefix`)
+         -> the event's lines: decoded as UTF-8 with replacement
+         -> the kept bytes for the result: at most `max_output_bytes` (`keep`),
+            and at the end their text, cut again to that size (`kept_text`)
+
+The usual read (whole lines, no carriage return, no overlong line) has a path
+of its own, `whole_lines_cut` / `mark_read` / `read_lines`, that marks up the
+log in one C-level replace and copies nothing else; `split_lines` /
+`mark_lines` / `block_lines` handle everything else. The log's header and
+footer lines are here too.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = [
+    "LINE_PIECE",
+    "block_lines",
+    "escape_header",
+    "keep",
+    "kept_text",
+    "log_footer",
+    "log_header",
+    "log_prefix",
+    "mark_lines",
+    "mark_read",
+    "read_lines",
+    "split_lines",
+    "stamp",
+    "utf8_boundary",
+    "whole_lines_cut",
+]
+
+# A line without a newline is cut into pieces of this size, so one endless line
+# cannot grow a buffer without bound here or in the host.
+LINE_PIECE = 1024 * 1024
+
+_second_text: tuple[int, str] = (-1, "")
+
+
+def stamp(ts: float) -> str:
+    """`ts` (seconds since the epoch) as RFC 3339 UTC with microseconds: `2024-05-01T12:00:00.000001Z`."""
+    global _second_text
+    whole = int(ts)
+    second, text = _second_text
+    if second != whole:
+        # strftime is the costly part, and most stamps share their second.
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second_text = (whole, text)
+    return f"{text}.{int((ts - whole) * 1e6):06d}Z"
+
+
+def log_prefix(ts: float, stream_name: str) -> bytes:
+    """What starts every log line of a read: its time and its stream."""
+    return f"{stamp(ts)} {stream_name} ".encode()
+
+
+def utf8_boundary(data: bytes, limit: int) -> int:
+    """The largest cut at or below `limit` that does not split a UTF-8 sequence.
+
+    A cut lands before a continuation byte only inside a sequence; sequences are
+    at most four bytes, so at most three steps back. Invalid input gets `limit`.
+    """
+    if len(data) <= limit:
+        return len(data)
+    cut = limit
+    while cut > limit - 4 and cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > limit - 4 else limit
+
+
+# -- the usual read ------------------------------------------------------------
+
+
+def whole_lines_cut(head: bytes, data: bytes) -> int:
+    """Where the whole lines of `head + data` end in `data`, if the usual path can take them; else 0.
+
+    `head` is the partial line left by the previous read. The usual path takes
+    reads with a newline, no carriage return (a `\\r\\n` split across reads
+    needs the joined buffer) and a rest shorter than `LINE_PIECE`.
+    """
+    cut = data.rfind(b"\n") + 1
+    if cut and len(data) - cut < LINE_PIECE and b"\r" not in data and not head.endswith(b"\r"):
+        return cut
+    return 0
+
+
+def mark_read(prefix: bytes, head: bytes, data: bytes, cut: int) -> list[bytes | memoryview]:
+    """The log's bytes for the lines `head + data[:cut]`, as parts for one `writev`.
+
+    Every newline in `data` gets the next line's prefix after it, in one C-level
+    replace. What follows the last newline (the prefix and the next partial
+    line) is left out by a view, not a copy.
+    """
+    marked = data.replace(b"\n", b"\n" + prefix)
+    end = len(marked) - (len(data) - cut) - len(prefix)
+    return [prefix, head, memoryview(marked)[:end]]
+
+
+def read_lines(head: bytes, data: bytes, cut: int) -> list[str]:
+    """The lines `head + data[:cut]` as text, without their newlines."""
+    lines = (head + memoryview(data)[:cut]).decode("utf-8", "replace").split("\n")
+    lines.pop()  # the empty string after the last newline
+    return lines
+
+
+# -- every other read ------------------------------------------------------------
+
+
+def split_lines(partial: bytes, data: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """`partial + data` as (whole lines, pieces of an overlong line, the partial line left).
+
+    The whole lines are one block that ends in a newline (or is empty), with
+    `\\r\\n` made `\\n`; the pieces have no newline and are `LINE_PIECE` bytes
+    or a little less, cut between UTF-8 sequences.
+    """
+    buffer = partial + data if partial else data
+    cut = buffer.rfind(b"\n") + 1
+    rest = buffer[cut:]
+    pieces: list[bytes] = []
+    while len(rest) >= LINE_PIECE:
+        piece = utf8_boundary(rest, LINE_PIECE)
+        pieces.append(rest[:piece])
+        rest = rest[piece:]
+    block = buffer[:cut]
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")
+    return block, pieces, rest
+
+
+def mark_lines(prefix: bytes, block: bytes, pieces: list[bytes]) -> bytes:
+    """The log's bytes for a block of whole lines and for pieces, each line stamped with `prefix`."""
+    log = prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n" if block else b""
+    for piece in pieces:
+        log += prefix + piece + b"\n"
+    return log
+
+
+def block_lines(block: bytes, pieces: list[bytes]) -> list[str]:
+    """A block of whole lines and pieces as text, one item a line; decoded only for events."""
+    lines = block.decode("utf-8", "replace").split("\n")
+    lines.pop()  # the empty string after the last newline
+    lines += [piece.decode("utf-8", "replace") for piece in pieces]
+    return lines
+
+
+# -- what a result keeps ------------------------------------------------------------
+
+
+def keep(kept: bytearray, data: bytes, limit: int) -> bool:
+    """Add to `kept` what fits of `data` within `limit` bytes; say whether anything was left out."""
+    room = limit - len(kept)
+    if room <= 0:
+        return True
+    kept += data[:room]
+    return len(data) > room
+
+
+def kept_text(kept: bytes | bytearray, truncated: bool, limit: int) -> tuple[str, bool]:
+    """Kept output as text of at most `limit` UTF-8 bytes, and whether it was cut.
+
+    Decoding replaces each invalid byte with U+FFFD, three bytes in UTF-8, so
+    the text can be up to three times the bytes kept: it is cut again to the
+    limit, which is what bounds a `Finished` frame (see `frame_limit_for`).
+    """
+    if not kept:
+        return "", truncated
+    text = kept.decode("utf-8", "replace")
+    if "\ufffd" not in text:
+        return text, truncated
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text, truncated
+    return encoded[: utf8_boundary(encoded, limit)].decode(), True
+
+
+# -- the log's own lines ------------------------------------------------------------
+
+
+def escape_header(value: str) -> str:
+    """A header value on `#` lines only: a multi-line script must not read as command output."""
+    return value.replace("\n", "\n#   ")
+
+
+def log_header(marker: str, display: str, cwd: str, started_at: float) -> str:
+    """The lines that open an execution's log."""
+    if "\n" in display or "\n" in cwd:
+        display, cwd = escape_header(display), escape_header(cwd)
+    return f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {stamp(started_at)}\n"
+
+
+def log_footer(started_at: float, completed_at: float, status: str, exit_code: int, error: str | None) -> str:
+    """The lines that close an execution's log."""
+    return (
+        f"# finished: {stamp(completed_at)} status={status} exit_code={exit_code} "
+        f"duration_ms={(completed_at - started_at) * 1000:.1f}\n" + (f"# error: {error}\n" if error else "")
+    )

@@ -1,0 +1,182 @@
+"""What the supervisor keeps for each execution and plan while it runs and after it ends.
+
+A `Record` is one command, submitted alone or as part of a plan; a `PlanRun`
+is one plan and its records. Both carry their status and, once ended, their
+result, and let waiters wait for the end. They hold what a `Run` needs and
+what queries answer, never the request model itself, so a finished record
+stays small. Stores (`store.py`) keep them; the scheduler (`scheduler.py`)
+moves them along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._model import utcnow
+from ..plans import Schedule, schedule_for
+from ..requests import ExecutionPlan, ExecutionRequest
+from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
+
+if TYPE_CHECKING:
+    from .pool import WorkerHandle
+
+__all__ = ["COMPLETED", "FAILED", "PENDING", "RUNNING", "Ending", "PlanRun", "Record"]
+
+PENDING = ExecutionStatus.PENDING
+RUNNING = ExecutionStatus.RUNNING
+COMPLETED = ExecutionStatus.COMPLETED
+FAILED = ExecutionStatus.FAILED
+
+
+class Ending:
+    """What waiters of an execution or plan wait on.
+
+    The `asyncio.Event` is made only when someone waits while it runs, and let
+    go once it is set: an Event with its deque costs about 0.8 KB, and a
+    long-lived host keeps many finished executions that nobody waits on.
+    """
+
+    __slots__ = ("_event",)
+    status: ExecutionStatus
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def end_event(self) -> asyncio.Event:
+        event = self._event
+        if event is None:
+            event = asyncio.Event()
+            if self.status.is_final:
+                event.set()
+            else:
+                self._event = event
+        return event
+
+    def mark_ended(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+
+class Record(Ending):
+    """One command: submitted alone or as part of a plan."""
+
+    __slots__ = (
+        "argv",
+        "cwd",
+        "display",
+        "env",
+        "id",
+        "index",
+        "key",
+        "log_path",
+        "pid",
+        "plan",
+        "result",
+        "started_at",
+        "started_ts",
+        "status",
+        "submitted_at",
+        "timeout_ms",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        request: ExecutionRequest,
+        argv: list[str],
+        log_path: Path,
+        timeout_ms: int,
+        index: int = -1,
+    ) -> None:
+        self.id = request.id
+        self.key = request.id.bytes
+        # What the Run needs, not the request: a finished record should not keep the model alive.
+        self.env = request.env
+        self.argv = argv
+        self.cwd = os.fsencode(request.cwd())
+        self.display = request.command.display()
+        self.log_path = log_path
+        self.timeout_ms = timeout_ms
+        self.status = PENDING
+        self.result: ExecutionResult | None = None
+        self.submitted_at = utcnow()
+        self.started_at: datetime | None = None
+        self.started_ts = 0.0  # as the worker sent it, so Finished can reuse started_at
+        self.worker: WorkerHandle | None = None
+        self.pid = 0
+        self.plan: PlanRun | None = None
+        self.index = index
+        super().__init__()
+
+    def summary(self) -> ExecutionSummary:
+        return ExecutionSummary(
+            id=self.id,
+            status=self.status,
+            started_at=self.started_at or self.submitted_at,
+            duration=self.result.duration if self.result else None,
+            kind="command",
+            plan_id=self.plan.id if self.plan else None,
+        )
+
+
+class PlanRun(Ending):
+    """One plan: its records, which of them are ready to start, and its progress."""
+
+    __slots__ = (
+        "cancelled",
+        "ended",
+        "id",
+        "plan",
+        "queued",
+        "ready",
+        "records",
+        "result",
+        "running",
+        "schedule",
+        "started_at",
+        "status",
+    )
+
+    def __init__(self, plan: ExecutionPlan, records: list[Record]) -> None:
+        self.id = plan.id
+        self.plan = plan
+        self.records = records
+        for record in records:
+            record.plan = self
+        self.schedule: Schedule = schedule_for(plan)
+        self.ready: deque[int] = deque()
+        self.running = 0
+        self.ended = 0
+        self.status = RUNNING
+        self.cancelled = False
+        self.queued = False
+        self.started_at = utcnow()
+        self.result: PlanExecutionResult | None = None
+        super().__init__()
+
+    def can_take(self) -> bool:
+        limit = self.schedule.limit
+        return bool(self.ready) and (limit is None or self.running < limit)
+
+    def take(self) -> Record | None:
+        while self.ready:
+            record = self.records[self.ready.popleft()]
+            if record.status is PENDING:
+                self.running += 1
+                return record
+        return None
+
+    def summary(self) -> ExecutionSummary:
+        return ExecutionSummary(
+            id=self.id,
+            status=self.status,
+            started_at=self.started_at,
+            duration=self.result.total_duration if self.result else None,
+            kind="plan",
+        )

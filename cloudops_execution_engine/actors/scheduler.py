@@ -1,0 +1,118 @@
+"""The fair queue, dispatch within the engine's concurrency limit, and plan progression.
+
+The queue holds sources: a single record, or a plan with commands ready to
+start. Dispatch takes one command from the source at the head, then puts a
+plan that still has ready commands at the back. Single requests start in
+arrival order; a large plan cannot starve work submitted after it. A command
+starts only when a worker has room for it and fewer than
+`max_concurrent_executions` run; the rest wait `pending`.
+
+A plan's strategy (its `plans.Schedule`) says which commands are ready at
+first and which an ended command releases or drops; this module only queues
+what it says.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from .pool import WorkerHandle
+from .records import COMPLETED, PENDING, PlanRun, Record
+
+__all__ = ["Scheduler"]
+
+# While more is queued than may run, `execute()` lets the loop turn once per this
+# many submissions: often enough that ended commands are replaced at once, rarely
+# enough that a batch is not slowed by a turn per command.
+_SUBMITS_PER_TURN = 16
+
+
+class Scheduler:
+    def __init__(
+        self,
+        limit: int,
+        pick: Callable[[], WorkerHandle | None],
+        start: Callable[[WorkerHandle, Record], bool],
+    ) -> None:
+        """`pick` names a worker with room, or None; `start` sends it a record, False if it could not."""
+        self._limit = limit
+        self._pick = pick
+        self._start = start
+        self._queue: deque[Record | PlanRun] = deque()
+        self.running = 0
+        self._since_yield = 0
+
+    def add(self, record: Record) -> None:
+        self._queue.append(record)
+        self.dispatch()
+
+    def add_plan(self, run: PlanRun) -> None:
+        run.ready.extend(run.schedule.initial())
+        self.queue_plan(run)
+        self.dispatch()
+
+    def queue_plan(self, run: PlanRun) -> None:
+        if not run.queued and not run.cancelled and run.can_take():
+            run.queued = True
+            self._queue.append(run)
+
+    def dispatch(self) -> None:
+        while self.running < self._limit and self._queue:
+            worker = self._pick()
+            if worker is None:
+                return
+            source = self._queue.popleft()
+            record: Record | None
+            if isinstance(source, PlanRun):
+                source.queued = False
+                record = source.take()
+                self.queue_plan(source)
+            else:
+                record = source if source.status is PENDING else None
+            if record is not None and self._start(worker, record):
+                self.running += 1
+
+    def should_yield(self) -> bool:
+        """Whether `execute()` should let the loop turn: every few submissions while the queue is deep."""
+        if len(self._queue) < self._limit:
+            self._since_yield = 0
+            return False
+        self._since_yield += 1
+        if self._since_yield < _SUBMITS_PER_TURN:
+            return False
+        self._since_yield = 0
+        return True
+
+    def ran(self) -> None:
+        """A command that was started has ended (its worker reported, or died)."""
+        self.running -= 1
+
+    def not_started(self, record: Record) -> None:
+        """`start` refused a record that a plan had counted as running."""
+        if record.plan is not None:
+            record.plan.running -= 1
+
+    def plan_command_ended(self, run: PlanRun, record: Record) -> None:
+        run.ended += 1
+        if record.worker is not None:
+            run.running -= 1
+
+    def release(self, run: PlanRun, record: Record) -> list[Record]:
+        """Queue what `record`'s end makes ready; return the pending commands it drops."""
+        ready, dropped = run.schedule.ended(record.index, record.status is COMPLETED)
+        run.ready.extend(ready)
+        return [run.records[index] for index in dropped if run.records[index].status is PENDING]
+
+    def drain_pending(self) -> Iterator[Record]:
+        """Take every queued command that has not started, emptying the queue (the pool cannot run them)."""
+        while self._queue:
+            source = self._queue.popleft()
+            if isinstance(source, PlanRun):
+                source.queued = False
+                while source.ready:
+                    record = source.records[source.ready.popleft()]
+                    if record.status is PENDING:
+                        yield record
+            elif source.status is PENDING:
+                yield source
