@@ -103,12 +103,14 @@ class Spawner:
         sock = self._sock
         assert sock is not None, "start() first"
         try:
-            socket.send_fds(sock, [header], [out_w, err_w])
+            # One message where it fits, so the spawner wakes once per command.
+            sent = socket.send_fds(sock, [header, body], [out_w, err_w])
         except OSError as exc:
             self.stop()
             raise SpawnerLost(f"the spawner is gone ({exc})") from exc
         try:
-            sock.sendall(body)
+            if sent < len(header) + len(body):
+                sock.sendall((header + body)[sent:])
             answer = b""
             while len(answer) < _ANSWER.size:
                 chunk = sock.recv(_ANSWER.size - len(answer))
