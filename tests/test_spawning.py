@@ -85,7 +85,9 @@ def test_the_command_starts_with_no_signal_ignored_or_blocked(way: str) -> None:
     fields = dict(line.split(":\t") for line in out.splitlines())
     assert code == 0
     assert int(fields["SigBlk"], 16) == 0
-    assert int(fields["SigIgn"], 16) == 0
+    # glibc's own two signals (32 and 33) stay as the host had them: glibc lets no
+    # program set them, and a host started by posix_spawn has them ignored.
+    assert int(fields["SigIgn"], 16) & ~(0b11 << 31) == 0
 
 
 def test_the_command_is_its_own_session_leader(way: str) -> None:

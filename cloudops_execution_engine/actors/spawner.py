@@ -21,7 +21,17 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PROGRAM", "Spawner", "SpawnerLost", "SpawnerStalled", "available"]
+__all__ = [
+    "PROGRAM",
+    "STAGE_CHDIR",
+    "STAGE_EXEC",
+    "STAGE_OTHER",
+    "Spawner",
+    "SpawnerLost",
+    "SpawnerStalled",
+    "available",
+    "start_failure",
+]
 
 PROGRAM = Path(__file__).with_name("_spawner")
 _HEADER = struct.Struct("=5I")
@@ -31,7 +41,8 @@ _LIMIT = struct.Struct("=iqq")
 # milliseconds at worst. One that does not answer in this long is stopped or
 # hung (a command may have sent it SIGSTOP).
 _ANSWER_TIMEOUT = 5.0
-_STAGE_CHDIR, _STAGE_EXEC = 1, 2
+# Where a child's start failed, as `_child.h` numbers the stages.
+STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER = 1, 2, 3
 
 
 def available() -> bool:
@@ -131,7 +142,12 @@ class Spawner:
             return pid
         if pid:
             os.waitpid(pid, 0)  # it exited at once; it is ours to reap
-        name = {_STAGE_CHDIR: cwd, _STAGE_EXEC: program}.get(stage)
-        if name is None:
-            raise OSError(errno, os.strerror(errno))
-        raise OSError(errno, os.strerror(errno), os.fsdecode(name))
+        raise start_failure(stage, errno, program, cwd)
+
+
+def start_failure(stage: int, errno: int, program: bytes, cwd: bytes) -> OSError:
+    """The `OSError` of a child that could not start, naming the file as `subprocess` does."""
+    name = {STAGE_CHDIR: cwd, STAGE_EXEC: program}.get(stage)
+    if name is None:
+        return OSError(errno, os.strerror(errno))
+    return OSError(errno, os.strerror(errno), os.fsdecode(name))

@@ -22,7 +22,17 @@ import struct
 from collections.abc import Callable
 
 from . import process_tree
-from .spawner import PROGRAM, Spawner, SpawnerLost, SpawnerStalled, available
+from .spawner import (
+    PROGRAM,
+    STAGE_CHDIR,
+    STAGE_EXEC,
+    STAGE_OTHER,
+    Spawner,
+    SpawnerLost,
+    SpawnerStalled,
+    available,
+    start_failure,
+)
 
 __all__ = ["CommandEnv", "spawn"]
 
@@ -191,7 +201,6 @@ def _spawn_resolved(
     return pid, out_r, err_r
 
 
-_STAGE_CHDIR, _STAGE_EXEC, _STAGE_OTHER = 1, 2, 3
 _FAILURE = struct.Struct("=ii")
 
 
@@ -232,10 +241,7 @@ def _fork_exec(
         return pid
     os.waitpid(pid, 0)
     stage, errno = _FAILURE.unpack(failure)
-    name = {_STAGE_CHDIR: cwd, _STAGE_EXEC: program}.get(stage)
-    if name is None:
-        raise OSError(errno, os.strerror(errno))
-    raise OSError(errno, os.strerror(errno), os.fsdecode(name))
+    raise start_failure(stage, errno, program, cwd)
 
 
 def _child(
@@ -249,22 +255,22 @@ def _child(
     limits: Limits,
     report_w: int,
 ) -> None:  # pragma: no cover - runs in the forked child only
-    stage = _STAGE_OTHER
+    stage = STAGE_OTHER
     try:
         for sig in (signal.SIGCHLD, signal.SIGTERM, *defaults):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        stage = _STAGE_CHDIR
+        stage = STAGE_CHDIR
         os.chdir(cwd)
-        stage = _STAGE_OTHER
+        stage = STAGE_OTHER
         for resource_id, soft, hard in limits:
             resource.setrlimit(resource_id, (soft, hard))
         process_tree.become_subreaper()
         os.closerange(3, report_w)
         os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
-        stage = _STAGE_EXEC
+        stage = STAGE_EXEC
         os.execve(program, argv, dict(item.split(b"=", 1) for item in env))
     except OSError as exc:
         os.write(report_w, _FAILURE.pack(stage, exc.errno or 0))
