@@ -384,6 +384,35 @@ async def test_the_peak_resident_size_is_the_commands_own(engine: ExecutionEngin
     assert 300 * MIB <= large.resource_usage.max_rss_bytes < 340 * MIB
 
 
+async def test_a_command_that_stops_the_spawner_costs_at_most_one_start(tmp_path: Path) -> None:
+    """The spawner is the worker's other child: a command can stop it. The worker is not lost for it."""
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        bystander = await engine.execute(shell("echo $$ > by.pid; exec sleep 30", working_dir=tmp_path))
+        await pid_from(tmp_path / "by.pid")
+        stop_sibling = (
+            'for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = _spawner ] && '
+            'grep -qx "PPid:\t$PPID" $p/status && kill -STOP ${p#/proc/}; done; true'
+        )
+        stopper = await engine.execute(shell(stop_sibling))
+        assert (await result_of(engine, stopper, 30)).status is ExecutionStatus.COMPLETED
+        # The next start meets the stopped spawner: it may fail, alone, and nothing else may.
+        started = time.monotonic()
+        await result_of(engine, await engine.execute(run("true")), 30)
+        assert time.monotonic() - started < 4, "a stalled spawner held the worker too long"
+        after = await result_of(engine, await engine.execute(shell("echo after")), 30)
+        assert (after.status, after.stdout) == (ExecutionStatus.COMPLETED, "after\n")
+        assert await engine.get_status(bystander) is ExecutionStatus.RUNNING
+        await engine.cancel(bystander)
+        assert (await result_of(engine, bystander, 30)).status is ExecutionStatus.CANCELLED
+
+
+def test_a_stalled_spawner_is_given_up_well_before_its_worker_would_be() -> None:
+    # Two limits that meet: the worker waits for its spawner while the host waits for the worker.
+    from cloudops_execution_engine.actors import spawner, supervisor
+
+    assert spawner._ANSWER_TIMEOUT * 2 <= supervisor._SILENCE_LIMIT
+
+
 # -- 11. a second event loop ---------------------------------------------------------------------------
 
 

@@ -37,10 +37,11 @@ PROGRAM = Path(__file__).with_name("_spawner")
 _HEADER = struct.Struct("=5I")
 _ANSWER = struct.Struct("=3i")
 _LIMIT = struct.Struct("=iqq")
-# The spawner answers as soon as the command has called execve: a few
-# milliseconds at worst. One that does not answer in this long is stopped or
-# hung (a command may have sent it SIGSTOP).
-_ANSWER_TIMEOUT = 5.0
+# The spawner answers as soon as the command has called execve: milliseconds.
+# One that does not answer in this long is stopped or hung (a command can send
+# it SIGSTOP, as it is the worker's child too). Well below the host's limit of
+# silence from a worker, so a stalled spawner costs one start, not the worker.
+_ANSWER_TIMEOUT = 1.0
 # Where a child's start failed, as `_child.h` numbers the stages.
 STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER = 1, 2, 3
 
