@@ -3,7 +3,7 @@
 import logging as _logging
 
 from .commands import AwsCliCommand, Command, ExecCommand, ScriptCommand, ShellCommand
-from .config import ExecutionConfig, RayConfig
+from .config import ExecutionConfig, RayConfig, RetentionPolicy
 from .engine import ExecutionEngine, LogNode
 from .errors import (
     Cancelled,
@@ -43,6 +43,8 @@ from .requests import (
     ExecutionRequest,
     ExecutionStrategy,
     ParallelStrategy,
+    ResourceLimits,
+    RetryPolicy,
     SerialStrategy,
 )
 from .results import (
@@ -97,7 +99,10 @@ __all__ = [
     "PlanExecutionResult",
     "ProgressEvent",
     "RayConfig",
+    "ResourceLimits",
     "ResourceUsage",
+    "RetentionPolicy",
+    "RetryPolicy",
     "ScriptCommand",
     "ScriptNotFound",
     "SerialStrategy",

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from ._model import Model
 
-__all__ = ["ExecutionConfig", "RayConfig", "default_log_dir"]
+__all__ = ["ExecutionConfig", "RayConfig", "RetentionPolicy", "default_log_dir"]
 
 MIB = 1024 * 1024
 U64_MAX = 2**64 - 1  # the Rust fields are u64: a larger value cannot cross to the crate or the wire
@@ -38,6 +38,20 @@ class RayConfig(Model):
     that do not have this package installed."""
 
 
+class RetentionPolicy(Model):
+    """What the engine deletes, oldest first, from the journal and from `log_dir` (`<uuid>.log` only).
+
+    Age counts from an execution's end (a log file's modification time where
+    nothing else is known); `max_log_bytes` is the total size of those files;
+    `max_executions` counts finished executions. A running or pending
+    execution's log is never deleted.
+    """
+
+    max_age_s: float | None = Field(default=None, gt=0)
+    max_executions: int | None = Field(default=None, ge=0)
+    max_log_bytes: int | None = Field(default=None, ge=0)
+
+
 class ExecutionConfig(Model):
     default_timeout_ms: int = Field(default=120_000, gt=0, le=U64_MAX)
     max_timeout_ms: int = Field(default=600_000, gt=0, le=U64_MAX)
@@ -54,6 +68,12 @@ class ExecutionConfig(Model):
     """Finished executions kept for queries; None keeps all. The oldest finished go first."""
     ray: RayConfig | None = None
     """None runs commands on this machine's worker processes; a `RayConfig` runs them on a Ray cluster."""
+    journal: Path | None = None
+    """A SQLite file recording every execution and plan, so that history survives the host."""
+    retention: RetentionPolicy | None = None
+    """What to delete from the journal and `log_dir`, at start and at least once a minute."""
+    secrets: list[str] = Field(default_factory=list, repr=False)
+    """Values masked as `***` wherever the engine writes or emits output."""
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ExecutionConfig:

@@ -57,6 +57,8 @@ class ExecutionResult(Model):
     resource_usage: ResourceUsage | None = None
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    attempts: int = Field(default=1, exclude_if=lambda v: v == 1)
+    """How many times the command ran (more than one under a `RetryPolicy`)."""
 
 
 class ExecutionStats(Model):
@@ -73,6 +75,8 @@ class PlanExecutionResult(Model):
     results: list[ExecutionResult]
     total_duration: Duration
     stats: ExecutionStats
+    resumed_from: UUID | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The plan this one resumed, through `resume_plan`."""
 
 
 class ExecutionSummary(Model):
