@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(BIN)/python examples/run_plan.py examples/deploy.json
+# The demo needs only the command line: the [cli] extra, not the test and dev tools.
+$(VENV)/.installed-cli: pyproject.toml $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[cli]'
+	touch $@
+
+demo: $(VENV)/.installed-cli
+	$(BIN)/cloudops-exec plan examples/deploy.json
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import workloads
+from . import journal_bench, options_bench, otel_bench, workloads
 from .harness import Row, report
+from .targets import evaluate
 
 WORKLOADS = {
     "latency": workloads.latency,
@@ -15,7 +16,11 @@ WORKLOADS = {
     "memory": workloads.memory,
     "output": workloads.output,
     "cancel": workloads.cancel_and_timeout,
+    "startup": workloads.startup,
     "ray": workloads.ray_backend,
+    "otel": otel_bench.otel_overhead,
+    "options": options_bench.options_overhead,
+    "journal": journal_bench.journal,
 }
 
 
@@ -34,7 +39,7 @@ def main() -> None:
         print(f"running {name} ...", flush=True)
         rows += WORKLOADS[name]()
         workloads.clear_logs()
-    report(rows, args.out)
+    report(rows, args.out, evaluate(rows))
 
 
 if __name__ == "__main__":

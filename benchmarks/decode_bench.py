@@ -62,6 +62,12 @@ MESSAGES: dict[str, Message] = {
         16 * 1024 * 1024,
         2000,
         "bash -c 'echo hi'",
+        1,
+        b"",
+        [0],
+        {},
+        [],
+        [],
     ),
 }
 # A frame the exact-type checks pass on to the field-by-field ones.

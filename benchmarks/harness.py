@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -48,7 +48,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def report(rows: list[Row], out: Path) -> None:
+class Judged(Protocol):
+    """A target beside its figure (see `targets.Verdict`)."""
+
+    target: str
+    goal: str
+    measured: str
+    met: bool | None
+
+    @property
+    def word(self) -> str: ...
+
+
+def report(rows: list[Row], out: Path, verdicts: Sequence[Judged] = ()) -> None:
+    """Print the rows, then each target beside its figure; write both, with the machine, as JSON."""
     width = max(len(r.workload) for r in rows)
     swidth = max(len(r.subject) for r in rows)
     print(f"\n{'workload':<{width}}  {'subject':<{swidth}}  {'value':>14}  unit")
@@ -56,6 +69,24 @@ def report(rows: list[Row], out: Path) -> None:
     for r in rows:
         extra = "  " + ", ".join(f"{k}={v}" for k, v in r.extra.items()) if r.extra else ""
         print(f"{r.workload:<{width}}  {r.subject:<{swidth}}  {r.value:>14.3f}  {r.unit}{extra}")
+    if verdicts:
+        _print_targets(verdicts)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=2))
+    judged = [{"target": v.target, "goal": v.goal, "measured": v.measured, "met": v.met} for v in verdicts]
+    out.write_text(
+        json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows], "targets": judged}, indent=2)
+    )
     print(f"\nwritten to {out}")
+
+
+def _print_targets(verdicts: Sequence[Judged]) -> None:
+    twidth = max(len(v.target) for v in verdicts)
+    gwidth = max(len(v.goal) for v in verdicts)
+    mwidth = max(len(v.measured) for v in verdicts)
+    print(f"\n{'target':<{twidth}}  {'goal':<{gwidth}}  {'measured':<{mwidth}}  verdict")
+    print("-" * (twidth + gwidth + mwidth + 20))
+    for v in verdicts:
+        print(f"{v.target:<{twidth}}  {v.goal:<{gwidth}}  {v.measured:<{mwidth}}  {v.word}")
+    met = sum(v.met is True for v in verdicts)
+    missed = sum(v.met is False for v in verdicts)
+    print(f"{met} met, {missed} not met, {len(verdicts) - met - missed} not measured in this run")

@@ -8,9 +8,12 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,11 @@ from cloudops_execution_engine import (
     ExecutionResult,
     ShellCommand,
 )
+from cloudops_execution_engine.config import default_log_dir
 from cloudops_execution_engine.plans import check_plan, schedule_for
 
 from .harness import Row, median, percentile
+from .targets import ENGINE_DEFAULT, ENGINE_TMPFS, LATENCY, STARTUP, THROUGHPUT
 
 TRUE = shutil.which("true") or "/bin/true"
 
@@ -55,6 +60,57 @@ def _config(**extra: Any) -> ExecutionConfig:
     return ExecutionConfig(log_dir=_LOG_DIR, **extra)
 
 
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem `path` is on, from the longest mount point above it."""
+    best, kind = "", "unknown"
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[1]
+            inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def _log_places() -> dict[str, str]:
+    """Where each engine subject's logs go, as the rows say."""
+    default = default_log_dir()
+    return {
+        ENGINE_TMPFS: f"{_LOG_DIR} ({_filesystem(_LOG_DIR)})",
+        ENGINE_DEFAULT: f"{default} ({_filesystem(default)})",
+    }
+
+
+@contextmanager
+def _default_logs() -> Iterator[None]:
+    """The engine's own default log directory; the logs this run adds there are removed after it."""
+    place = default_log_dir()
+    place.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(place))
+    try:
+        yield
+    finally:
+        for name in set(os.listdir(place)) - before:
+            path = place / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _engine_config(engine: str, **extra: Any) -> ExecutionConfig:
+    """The tmpfs engine's config, or the default log directory's (`log_dir` unset)."""
+    return _config(**extra) if engine == ENGINE_TMPFS else ExecutionConfig(**extra)
+
+
+def _with_logs(engine: str, fn: Callable[[], Any]) -> Any:
+    if engine == ENGINE_TMPFS:
+        return fn()
+    with _default_logs():
+        return fn()
+
+
 class _Counter:
     def __init__(self) -> None:
         self.count = 0
@@ -66,9 +122,11 @@ class _Counter:
 # -- throughput -----------------------------------------------------------------
 
 
-async def _engine_throughput(n: int, concurrency: int, **extra: Any) -> float:
+async def _engine_throughput(
+    n: int, concurrency: int, *, engine_kind: str = ENGINE_TMPFS, **extra: Any
+) -> float:
     counter = _Counter()
-    config = _config(max_concurrent_executions=concurrency, **extra)
+    config = _engine_config(engine_kind, max_concurrent_executions=concurrency, **extra)
     engine = ExecutionEngine(config).with_event_handler(counter)
     async with engine:
         start = time.perf_counter()
@@ -77,6 +135,10 @@ async def _engine_throughput(n: int, concurrency: int, **extra: Any) -> float:
             await engine.wait(eid)
         elapsed = time.perf_counter() - start
     return n / elapsed
+
+
+async def _default_dir_throughput(n: int, concurrency: int) -> float:
+    return await _engine_throughput(n, concurrency, engine_kind=ENGINE_DEFAULT)
 
 
 async def _asyncio_throughput(n: int, concurrency: int) -> float:
@@ -202,11 +264,15 @@ def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 7) -> list[Ro
     always runs first, or always right after the same neighbour.
     """
     subjects: dict[str, Any] = {
-        "engine": lambda: asyncio.run(_engine_throughput(n, concurrency)),
+        ENGINE_TMPFS: lambda: asyncio.run(_engine_throughput(n, concurrency)),
+        ENGINE_DEFAULT: lambda: _with_logs(
+            ENGINE_DEFAULT, lambda: asyncio.run(_default_dir_throughput(n, concurrency))
+        ),
         "asyncio+semaphore": lambda: asyncio.run(_asyncio_throughput(n, concurrency)),
         "subprocess.run loop": lambda: _loop_throughput(n),
         "ThreadPoolExecutor(10)": lambda: _pool_throughput(n, ThreadPoolExecutor(concurrency)),
-        "ProcessPoolExecutor": lambda: _pool_throughput(n, ProcessPoolExecutor()),
+        # The same 10 workers as its siblings, not one per core.
+        "ProcessPoolExecutor(10)": lambda: _pool_throughput(n, ProcessPoolExecutor(concurrency)),
         "pebble ProcessPool(10)": lambda: _pebble_throughput(n, concurrency),
         "xargs -P 10": lambda: _xargs_throughput(n, concurrency),
         "GNU parallel -j 10": lambda: _parallel_throughput(n, concurrency),
@@ -221,27 +287,29 @@ def throughput(n: int = 2000, concurrency: int = 10, rounds: int = 7) -> list[Ro
             if value is not None:
                 samples[name].append(value)
     rows = []
-    engine_rate = median(samples["engine"])
+    places = _log_places()
     for name, values in samples.items():
         if not values:
             continue
         rate = median(values)
-        rows.append(
-            Row(
-                "throughput /bin/true x2000 @10",
-                name,
-                rate,
-                "exec/s",
-                {"engine_vs": round(engine_rate / rate, 2), "rounds": [round(v) for v in values]},
-            )
-        )
+        extra: dict[str, Any] = {}
+        if name in places:
+            extra["logs"] = places[name]
+        else:
+            # The engine's ratio to this subject: the median's, and the worst round's.
+            for engine, label in ((ENGINE_TMPFS, "tmpfs"), (ENGINE_DEFAULT, "default_dir")):
+                per_round = [a / b for a, b in zip(samples[engine], values, strict=False)]
+                extra[f"{label}_engine_vs"] = round(median(samples[engine]) / rate, 2)
+                extra[f"{label}_engine_vs_worst_round"] = round(min(per_round), 2)
+        extra["rounds"] = [round(v) for v in values]
+        rows.append(Row(THROUGHPUT, name, rate, "exec/s", extra))
     return rows
 
 
 # -- latency ----------------------------------------------------------------------
 
 
-async def _engine_latency(n: int) -> dict[str, list[float]]:
+async def _engine_latency(n: int, engine_kind: str = ENGINE_TMPFS) -> dict[str, list[float]]:
     started_at: dict[object, float] = {}
     got_started: dict[object, float] = {}
 
@@ -251,7 +319,7 @@ async def _engine_latency(n: int) -> dict[str, list[float]]:
                 got_started[event.execution_id] = time.perf_counter()
 
     out: dict[str, list[float]] = {"execute() call": [], "execute -> started": [], "execute -> completed": []}
-    async with ExecutionEngine(_config()).with_event_handler(Stamp()) as engine:
+    async with ExecutionEngine(_engine_config(engine_kind)).with_event_handler(Stamp()) as engine:
         for i in range(n + 50):
             request = ExecutionRequest(command=ExecCommand(program=TRUE))
             t0 = time.perf_counter()
@@ -284,14 +352,21 @@ async def _asyncio_latency(n: int) -> list[float]:
 
 
 def latency(n: int = 1000) -> list[Row]:
-    engine = asyncio.run(_engine_latency(n))
+    """One command at a time: the engine with its logs on tmpfs and in its default directory, and asyncio."""
+    places = _log_places()
+    engines = {
+        kind: _with_logs(kind, lambda: asyncio.run(_engine_latency(n, kind)))  # noqa: B023
+        for kind in (ENGINE_TMPFS, ENGINE_DEFAULT)
+    }
     peer = asyncio.run(_asyncio_latency(n))
     rows = []
-    for name, values in engine.items():
-        rows.append(Row("latency /bin/true", f"engine {name} p50", median(values) * 1e6, "us"))
-        rows.append(Row("latency /bin/true", f"engine {name} p99", percentile(values, 0.99) * 1e6, "us"))
-    rows.append(Row("latency /bin/true", "asyncio spawn+wait p50", median(peer) * 1e6, "us"))
-    rows.append(Row("latency /bin/true", "asyncio spawn+wait p99", percentile(peer, 0.99) * 1e6, "us"))
+    for kind, measured in engines.items():
+        for name, values in measured.items():
+            logs = {"logs": places[kind]}
+            rows.append(Row(LATENCY, f"{kind} {name} p50", median(values) * 1e6, "us", logs))
+            rows.append(Row(LATENCY, f"{kind} {name} p99", percentile(values, 0.99) * 1e6, "us", logs))
+    rows.append(Row(LATENCY, "asyncio spawn+wait p50", median(peer) * 1e6, "us"))
+    rows.append(Row(LATENCY, "asyncio spawn+wait p99", percentile(peer, 0.99) * 1e6, "us"))
     return rows
 
 
@@ -429,8 +504,8 @@ def output(gib: float = 1.0, handler_lines: int = 2_000_000, rounds: int = 3) ->
     line = "x" * 79
     produce = f"yes {line} | head -c {size}"
 
-    async def to_log() -> float:
-        async with ExecutionEngine(_config(stream_output=False)) as engine:
+    async def to_log(kind: str) -> float:
+        async with ExecutionEngine(_engine_config(kind, stream_output=False)) as engine:
             t0 = time.perf_counter()
             eid = await engine.execute(ExecutionRequest(command=ShellCommand(command=produce)))
             await engine.wait(eid)
@@ -448,28 +523,50 @@ def output(gib: float = 1.0, handler_lines: int = 2_000_000, rounds: int = 3) ->
             await engine.shutdown()  # drains the handler
             return handler_lines / (time.perf_counter() - t0), counter.count
 
-    def shell_redirect() -> float:
-        with tempfile.TemporaryDirectory(dir=_LOG_DIR) as scratch:  # the same filesystem as the log
+    def shell_redirect(kind: str) -> float:
+        # The same filesystem as that engine's log.
+        place = _LOG_DIR if kind == ENGINE_TMPFS else default_log_dir()
+        with tempfile.TemporaryDirectory(dir=place) as scratch:
             t0 = time.perf_counter()
             subprocess.run(["bash", "-c", f"{produce} > {scratch}/out"], check=True)
             return size / (time.perf_counter() - t0)
 
-    baselines, engine_rates, line_rates, delivered = [], [], [], 0
+    kinds = (ENGINE_TMPFS, ENGINE_DEFAULT)
+    baselines: dict[str, list[float]] = {kind: [] for kind in kinds}
+    engine_rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    line_rates, delivered = [], 0
     for _ in range(rounds):
-        baselines.append(shell_redirect())
-        engine_rates.append(asyncio.run(to_log()))
+        for kind in kinds:
+            baselines[kind].append(_with_logs(kind, lambda: shell_redirect(kind)))  # noqa: B023
+            engine_rates[kind].append(_with_logs(kind, lambda: asyncio.run(to_log(kind))))  # noqa: B023
         rate, delivered = asyncio.run(to_handler())
         line_rates.append(rate)
-    baseline, engine_rate, lines_rate = median(baselines), median(engine_rates), median(line_rates)
+    lines_rate = median(line_rates)
+    places = _log_places()
+    rows = []
+    for kind in kinds:
+        baseline, engine_rate = median(baselines[kind]), median(engine_rates[kind])
+        logs = places[kind]
+        rows.append(
+            Row(
+                f"output {gib:g} GiB of 80-byte lines",
+                f"{kind}, to log + result",
+                engine_rate / 2**20,
+                "MiB/s",
+                {"vs_shell_redirect": round(engine_rate / baseline, 2), "logs": logs},
+            )
+        )
+        rows.append(
+            Row(
+                f"output {gib:g} GiB of 80-byte lines",
+                f"shell redirect to a file beside the {kind} logs",
+                baseline / 2**20,
+                "MiB/s",
+                {"file": logs},
+            )
+        )
     return [
-        Row(
-            f"output {gib:g} GiB of 80-byte lines",
-            "engine, to log + result",
-            engine_rate / 2**20,
-            "MiB/s",
-            {"vs_shell_redirect": round(engine_rate / baseline, 2)},
-        ),
-        Row(f"output {gib:g} GiB of 80-byte lines", "shell redirect to a file", baseline / 2**20, "MiB/s"),
+        *rows,
         Row(
             f"output {handler_lines} lines",
             "engine, lines to a counting handler",
@@ -526,6 +623,38 @@ def cancel_and_timeout(trees: int = 20, timeouts: int = 100) -> list[Row]:
     ]
 
 
+# -- start-up -------------------------------------------------------------------------
+
+
+def _wall(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
+def startup(runs: int = 15) -> list[Row]:
+    """A fresh interpreter's `import cloudops_execution_engine`, and the CLI running `true`, wall clock."""
+    timed_import = (
+        "import time; t = time.perf_counter(); import cloudops_execution_engine; "
+        "print(time.perf_counter() - t)"
+    )
+    imports, bare, cli_runs = [], [], []
+    cli = shutil.which("cloudops-exec") or str(Path(sys.executable).with_name("cloudops-exec"))
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-c", timed_import], capture_output=True, text=True, check=True
+        )
+        imports.append(float(done.stdout))
+        bare.append(_wall([sys.executable, "-c", "pass"]))
+        with _default_logs():
+            cli_runs.append(_wall([cli, "run", "--", TRUE]))
+    return [
+        Row(STARTUP, "import cloudops_execution_engine p50", median(imports) * 1e3, "ms"),
+        Row(STARTUP, "cloudops-exec run -- true, wall p50", median(cli_runs) * 1e3, "ms"),
+        Row(STARTUP, "python -c pass, wall p50 (for scale)", median(bare) * 1e3, "ms"),
+    ]
+
+
 # -- the Ray backend ----------------------------------------------------------------
 
 
@@ -549,9 +678,10 @@ def ray_backend(n: int = 2000, concurrency: int = 10, rounds: int = 3) -> list[R
 
     from cloudops_execution_engine import RayConfig
 
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # A cluster of its own: without an address, Ray joins the last one started on this machine.
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
-        remote = {"ray": RayConfig(workers=2)}
+        remote: dict[str, Any] = {"ray": RayConfig(workers=2)}
         subjects: dict[str, Any] = {
             "local pool": lambda: asyncio.run(_engine_throughput(n, concurrency)),
             "Ray, 2 worker actors": lambda: asyncio.run(_engine_throughput(n, concurrency, **remote)),

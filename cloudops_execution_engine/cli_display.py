@@ -1,34 +1,52 @@
-"""How `cloudops-exec plan` shows a plan: a live view on a terminal, plain lines elsewhere."""
+"""How `cloudops-exec plan` shows a plan: a live view on a terminal, plain lines elsewhere.
+
+Both end with the same report: a row per command, a summary, and for each
+command that failed or timed out, how it ended, the last lines it wrote to
+stderr and where its whole log is. On a terminal `NO_COLOR` takes the colour
+away and nothing else.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
-from typing import TextIO
-from uuid import UUID
+from typing import Protocol, TextIO
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
+from .cli_text import exit_label, humane_error, tail, what_happened
 from .events import ExecutionEvent
 from .requests import ExecutionPlan
-from .results import ExecutionStatus, PlanExecutionResult
+from .results import ExecutionResult, ExecutionStatus, PlanExecutionResult
 
-__all__ = ["PlainProgress", "RichProgress", "final_table"]
+ReportRow = tuple[str, ExecutionStatus, str, str, str]
+Failure = tuple[str, list[str], str]
+
+__all__ = ["PlainProgress", "PlanDisplay", "final_report", "short"]
 
 _WIDTH = 60
+_TAIL_LINES = 5
 
 
-def _short(text: str, width: int = _WIDTH) -> str:
+def short(text: str, width: int = _WIDTH) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+class PlanDisplay(Protocol):
+    """What `plan` needs of a display: an event handler that is shown while the plan runs."""
+
+    def shown(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def begin(self) -> None:
+        """The plan was submitted: its clock starts."""
+
+    def end(self) -> None:
+        """The plan has its result: its clock stops, before the engine shuts down."""
+
+    async def on_event(self, event: ExecutionEvent) -> None: ...
+
+
 class PlainProgress:
-    """One line per thing that happens; for logs, pipes and NO_COLOR."""
+    """One line per thing that happens; for logs and pipes."""
 
     def __init__(self, plan: ExecutionPlan, out: TextIO) -> None:
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
@@ -38,19 +56,25 @@ class PlainProgress:
     def shown(self) -> Iterator[None]:
         yield
 
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
     async def on_event(self, event: ExecutionEvent) -> None:
         if event.event_type == "progress":
-            self._write(f"[{event.completed}/{event.total}] finished: {_short(event.current_command or '')}")
+            self._write(f"[{event.completed}/{event.total}] finished: {short(event.current_command or '')}")
             return
         tag = f"#{self.index.get(event.execution_id, '?')}"
         if event.event_type == "started":
-            self._write(f"{tag} started: {_short(event.command)}")
+            self._write(f"{tag} started: {short(event.command)}")
         elif event.event_type in ("stdout", "stderr"):
             self._write(f"{tag} {event.event_type}: {event.line}")
         elif event.event_type == "completed":
             self._write(f"{tag} completed in {event.result.duration.total_seconds():.2f}s")
         elif event.event_type == "failed":
-            self._write(f"{tag} failed: {event.error}")
+            self._write(f"{tag} failed: {humane_error(event.error)}")
         elif event.event_type == "cancelled":
             self._write(f"{tag} cancelled")
 
@@ -59,82 +83,57 @@ class PlainProgress:
         self.out.flush()
 
 
-class RichProgress:
-    """A progress bar and the commands running now, redrawn in place."""
-
-    def __init__(self, plan: ExecutionPlan) -> None:
-        self.plan = plan
-        self.index = {request.id: i for i, request in enumerate(plan.commands)}
-        self.running: dict[UUID, tuple[str, float]] = {}
-        self.console = Console()
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-        )
-        self.task = self.progress.add_task(_short(plan.description or "plan", 40), total=len(plan.commands))
-        self.live = Live(self._render(), console=self.console, refresh_per_second=10, transient=False)
-
-    def _render(self) -> Group:
-        table = Table.grid(padding=(0, 2))
-        now = time.monotonic()
-        for eid, (command, since) in list(self.running.items())[:10]:
-            table.add_row(f"#{self.index[eid]}", f"{now - since:5.1f}s", _short(command))
-        return Group(self.progress, table)
-
-    @contextlib.contextmanager
-    def shown(self) -> Iterator[None]:
-        with self.live:
-            yield
-            self.live.update(self._render())
-
-    async def on_event(self, event: ExecutionEvent) -> None:
-        if event.event_type == "started":
-            self.running[event.execution_id] = (event.command, time.monotonic())
-        elif event.event_type in ("completed", "failed", "cancelled"):
-            self.running.pop(event.execution_id, None)
-        elif event.event_type == "progress":
-            self.progress.update(self.task, completed=event.completed)
-        self.live.update(self._render())
+def _failure_lines(index: int, item: ExecutionResult) -> tuple[str, list[str], str]:
+    """The heading, the last output lines and the log line of one command that did not complete."""
+    heading = f"#{index} {item.status.value}: {what_happened(item)}"
+    lines: list[str] = []
+    for stream, text in (("stderr", item.stderr), ("stdout", item.stdout)):
+        last = tail(text, _TAIL_LINES)
+        if last:
+            lines.append(f"last lines of {stream}:")
+            lines.extend(f"  {line}" for line in last)
+            break
+    return heading, lines, f"log: {item.log_path}"
 
 
-_STYLE = {
-    ExecutionStatus.COMPLETED: "green",
-    ExecutionStatus.FAILED: "red",
-    ExecutionStatus.TIMEOUT: "red",
-    ExecutionStatus.CANCELLED: "yellow",
-}
-
-
-def final_table(plan: ExecutionPlan, result: PlanExecutionResult, fancy: bool, out: TextIO) -> None:
-    rows = []
-    for i, (request, item) in enumerate(zip(plan.commands, result.results, strict=True)):
-        rows.append(
-            (
-                f"#{i}",
-                item.status,
-                f"{item.duration.total_seconds():.2f}s",
-                str(item.exit_code),
-                _short(request.command.display()),
-            )
-        )
-    summary = (
+def _summary(result: PlanExecutionResult) -> str:
+    return (
         f"plan {result.status.value}: {result.stats.completed} completed, {result.stats.failed} failed, "
         f"{result.stats.timeout} timed out, {result.stats.cancelled} cancelled "
         f"in {result.total_duration.total_seconds():.2f}s"
     )
-    if fancy:
-        table = Table("", "status", "duration", "exit", "command")
-        for index, status, duration, code, command in rows:
-            table.add_row(index, f"[{_STYLE.get(status, 'white')}]{status.value}", duration, code, command)
-        console = Console(file=out)
-        console.print(table)
-        console.print(summary)
+
+
+def final_report(
+    commands: list[str], result: PlanExecutionResult, out: TextIO, console: bool, footer: str = ""
+) -> None:
+    """The table, the summary and what went wrong; through Rich (colour unless NO_COLOR) or as plain text.
+
+    `commands` are the plan's commands as text, in its order.
+    """
+    rows = [
+        (f"#{i}", item.status, f"{item.duration.total_seconds():.2f}s", exit_label(item), short(command))
+        for i, (command, item) in enumerate(zip(commands, result.results, strict=True))
+    ]
+    failures = [
+        _failure_lines(i, item)
+        for i, item in enumerate(result.results)
+        if item.status in (ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT)
+    ]
+    if console:
+        from .cli_live import rich_report
+
+        rich_report(rows, _summary(result), failures, out, footer)
         return
-    out.write(f"{'':<4} {'status':<10} {'duration':>9} {'exit':>5}  command\n")
+    out.write(f"{'':<4} {'status':<10} {'duration':>9} {'exit':>11}  command\n")
     for index, status, duration, code, command in rows:
-        out.write(f"{index:<4} {status.value:<10} {duration:>9} {code:>5}  {command}\n")
-    out.write(summary + "\n")
+        out.write(f"{index:<4} {status.value:<10} {duration:>9} {code:>11}  {command}\n")
+    out.write(_summary(result) + "\n")
+    for heading, lines, log in failures:
+        out.write(f"\n{heading}\n")
+        for line in lines:
+            out.write(f"   {line}\n")
+        out.write(f"   {log}\n")
+    if footer:
+        out.write(f"\n{footer}\n")
     out.flush()

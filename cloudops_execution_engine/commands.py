@@ -51,8 +51,12 @@ def _require(what: str, value: str) -> None:
 
 class ScriptCommand(Model):
     type: Literal["script"] = "script"
+    """Always "script": run a script file."""
     path: Path
+    """The script file; a relative path is looked up in the request's working_dir."""
     interpreter: str | None = None
+    """What runs it (split as a shell would, e.g. "python3 -u"); None: its #! line, then its extension,
+    then the file itself."""
     _positional: ClassVar[tuple[str, ...]] = ("path", "interpreter")
 
     def validate(self, cwd: str | os.PathLike[str] | None = None) -> None:  # type: ignore[override]
@@ -114,8 +118,11 @@ def _read_shebang(path: Path) -> list[str] | None:
 
 class ExecCommand(Model):
     type: Literal["exec"] = "exec"
+    """Always "exec": run a program directly, without a shell."""
     program: str
+    """The program: a path, or a name looked up in PATH. Its arguments go in args, not here."""
     args: list[str] = Field(default_factory=list)
+    """The program's arguments, each passed as it is (no shell, no splitting)."""
     _positional: ClassVar[tuple[str, ...]] = ("program", "args")
 
     def validate(self, cwd: str | os.PathLike[str] | None = None) -> None:  # type: ignore[override]
@@ -132,8 +139,11 @@ class ExecCommand(Model):
 
 class ShellCommand(Model):
     type: Literal["shell"] = "shell"
+    """Always "shell": run a command line with a shell."""
     command: str
+    """The command line, run as `<shell> -c <command>`."""
     shell: str = "bash"
+    """The shell program."""
     _positional: ClassVar[tuple[str, ...]] = ("command", "shell")
 
     def validate(self, cwd: str | os.PathLike[str] | None = None) -> None:  # type: ignore[override]
@@ -149,11 +159,18 @@ class ShellCommand(Model):
 
 class AwsCliCommand(Model):
     type: Literal["aws_cli"] = "aws_cli"
+    """Always "aws_cli": run the AWS CLI, without a shell."""
     service: str
+    """The AWS CLI's service, e.g. s3api."""
     operation: str
+    """The service's operation, e.g. list-buckets."""
     args: list[str] = Field(default_factory=list)
+    """More arguments, e.g. ["--bucket", "b"]; ["--endpoint-url", "http://127.0.0.1:5000"] points it at
+    an emulator."""
     profile: str | None = None
+    """Passed as --profile; None: the AWS CLI's default."""
     region: str | None = None
+    """Passed as --region; None: the AWS CLI's default."""
     _positional: ClassVar[tuple[str, ...]] = ("service", "operation", "args", "profile", "region")
 
     def validate(self, cwd: str | os.PathLike[str] | None = None) -> None:  # type: ignore[override]

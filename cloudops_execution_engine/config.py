@@ -7,11 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
-from ._model import Model
+from ._model import F64, U64, Model, StrictBool, Usize
 
-__all__ = ["ExecutionConfig", "RayConfig", "RetentionPolicy", "default_log_dir"]
+__all__ = ["ExecutionConfig", "RayConfig", "RetentionPolicy", "default_journal_path", "default_log_dir"]
 
 MIB = 1024 * 1024
 U64_MAX = 2**64 - 1  # the Rust fields are u64: a larger value cannot cross to the crate or the wire
@@ -21,6 +21,14 @@ def default_log_dir() -> Path:
     return Path(tempfile.gettempdir()) / "cloudops-execution-engine"
 
 
+def default_journal_path() -> Path:
+    """`$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3`; `~/.local/state/...` when unset."""
+    state = os.environ.get("XDG_STATE_HOME")
+    # The XDG spec: a relative path in the variable is invalid and is ignored.
+    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "cloudops-execution-engine" / "journal.sqlite3"
+
+
 class RayConfig(Model):
     """Run commands on the worker actors of a Ray cluster instead of local worker processes."""
 
@@ -28,11 +36,12 @@ class RayConfig(Model):
     """`auto` (the cluster this machine belongs to), a cluster address such as `10.0.0.5:6379` or
     `ray://head:10001`, or `local` to start a cluster inside this process. If Ray is already
     initialised in this process, that connection is used and this is ignored."""
-    workers: int | None = Field(default=None, gt=0)
+    workers: Usize | None = Field(default=None, gt=0)
     """Worker actors; None places one on each alive node. More than the nodes are spread round-robin."""
-    num_cpus: float = Field(default=0.0, ge=0)
+    num_cpus: F64 = Field(default=0.0, ge=0)
     """CPUs each worker actor reserves. The default, none, never holds back other Ray work."""
     namespace: str | None = None
+    """The Ray namespace to connect in; None: Ray's own."""
     runtime_env: dict[str, Any] | None = None
     """Passed to `ray.init` when this engine connects; e.g. `{"py_modules": [...]}` on nodes
     that do not have this package installed."""
@@ -47,24 +56,32 @@ class RetentionPolicy(Model):
     execution's log is never deleted.
     """
 
-    max_age_s: float | None = Field(default=None, gt=0)
-    max_executions: int | None = Field(default=None, ge=0)
-    max_log_bytes: int | None = Field(default=None, ge=0)
+    max_age_s: F64 | None = Field(default=None, gt=0)
+    max_executions: Usize | None = Field(default=None, ge=0)
+    max_log_bytes: U64 | None = Field(default=None, ge=0)
 
 
 class ExecutionConfig(Model):
-    default_timeout_ms: int = Field(default=120_000, gt=0, le=U64_MAX)
-    max_timeout_ms: int = Field(default=600_000, gt=0, le=U64_MAX)
-    stream_output: bool = True
+    # A refused setting's error would quote the input, secrets and all.
+    model_config = ConfigDict(**Model.model_config, hide_input_in_errors=True)
+
+    default_timeout_ms: U64 = Field(default=120_000, gt=0, le=U64_MAX)
+    """Timeout of a request that sets none, in milliseconds."""
+    max_timeout_ms: U64 = Field(default=600_000, gt=0, le=U64_MAX)
+    """The largest timeout_ms a request may set, in milliseconds."""
+    stream_output: StrictBool = True
+    """Emit each line of output as a stdout or stderr event."""
     log_dir: Path | None = None
-    max_concurrent_executions: int = Field(default=10, gt=0)
-    kill_grace_ms: int = Field(default=2000, ge=0)
+    """Where log files go; None: $TMPDIR/cloudops-execution-engine."""
+    max_concurrent_executions: Usize = Field(default=10, gt=0)
+    """Commands running at once, across all plans."""
+    kill_grace_ms: U64 = Field(default=2000, ge=0)
     """Time between SIGTERM and SIGKILL when a tree is killed."""
-    max_output_bytes: int = Field(default=16 * MIB, ge=0)
+    max_output_bytes: Usize = Field(default=16 * MIB, ge=0)
     """Bytes of each stream a result keeps in memory; the log file keeps everything."""
-    workers: int | None = Field(default=None, gt=0)
+    workers: Usize | None = Field(default=None, gt=0)
     """Worker processes in the pool; None picks one per core, within the concurrency limit."""
-    max_retained_executions: int | None = Field(default=None, gt=0)
+    max_retained_executions: Usize | None = Field(default=None, gt=0)
     """Finished executions kept for queries; None keeps all. The oldest finished go first."""
     ray: RayConfig | None = None
     """None runs commands on this machine's worker processes; a `RayConfig` runs them on a Ray cluster."""
@@ -74,6 +91,20 @@ class ExecutionConfig(Model):
     """What to delete from the journal and `log_dir`, at start and at least once a minute."""
     secrets: list[str] = Field(default_factory=list, repr=False)
     """Values masked as `***` wherever the engine writes or emits output."""
+
+    @field_validator("secrets")
+    @classmethod
+    def _maskable(cls, secrets: list[str]) -> list[str]:
+        from .actors.secrets import check_secret  # the engine's parts import this module
+
+        for index, value in enumerate(secrets):
+            check_secret(value, f"secrets[{index}]")
+        return secrets
+
+    @field_serializer("secrets")
+    def _masked(self, secrets: list[str]) -> list[str]:
+        # A dumped config (a log line, a saved setting) must not carry them in clear.
+        return ["***"] * len(secrets)
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ExecutionConfig:

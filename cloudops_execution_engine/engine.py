@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -12,9 +14,10 @@ from uuid import UUID
 import pydantic
 
 from .actors.handlers import STOP, EventBus
+from .actors.records import Record
 from .actors.supervisor import Supervisor
 from .config import ExecutionConfig
-from .errors import InvalidCommand, InvalidPlan, NotFound, map_errors
+from .errors import InvalidCommand, InvalidPlan, IoError, NotFound, map_errors
 from .events import EventHandler, ExecutionEvent
 from .logfiles import LogNode, log_path_for
 from .requests import ExecutionPlan, ExecutionRequest
@@ -134,9 +137,39 @@ class ExecutionEngine:
         self._supervisor.check_usable()
         return await self._supervisor.wait(_coerce_id(execution_id), timeout)
 
-    async def list_executions(self) -> list[ExecutionSummary]:
+    async def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | str | None = None,
+        plan_id: UUID | str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """Executions and plans in submission order, oldest first; the filters given all apply.
+
+        `status` keeps those in that status; `plan_id` keeps that plan's
+        commands; `since` (an aware datetime) keeps those submitted at or after
+        it; `limit`, applied last, keeps the newest `limit`. With a journal,
+        earlier engines' executions and plans are listed too.
+        """
         self._supervisor.check_usable()
-        return self._supervisor.summaries()
+        filters = _list_filters(status, plan_id, since, limit)
+        with map_errors({sqlite3.Error: IoError}, "cannot read journal"):
+            return self._supervisor.summaries(**filters)
+
+    async def resume_plan(self, plan_id: UUID | str) -> UUID:
+        """Run an ended plan again as a new plan: what completed counts as done, the rest runs again.
+
+        The new plan has a new id, the same commands and strategy. Commands that
+        completed keep their ids and results and do not run; the others run with
+        new ids, as the strategy lets them. Its result names the old plan in
+        `resumed_from`. `NotFound` for an id that is not a plan, `NotCompleted`
+        for a plan still running.
+        """
+        self._supervisor.check_open()
+        key = _coerce_id(plan_id)
+        await self._supervisor.start()
+        return self._supervisor.resume_plan(key)
 
     async def cancel(self, execution_id: UUID | str) -> None:
         """Cancel an execution or every unfinished command of a plan."""
@@ -145,11 +178,39 @@ class ExecutionEngine:
     async def read_logs(self, execution_id: UUID | str) -> str:
         """The log file's contents; for a plan, its commands' logs one after another."""
         self._supervisor.check_usable()
-        return await self._supervisor.read_logs(_coerce_id(execution_id))
+        key = _coerce_id(execution_id)
+        try:
+            return await self._supervisor.read_logs(key)
+        except IoError:
+            self._explain_missing_log(key)
+            raise
+
+    def _explain_missing_log(self, key: UUID) -> None:
+        """A finished execution's log that is gone under a retention policy: say so, not just ENOENT."""
+        if self.config.retention is None:
+            return
+        entry = self._supervisor.entry(key)
+        if not isinstance(entry, Record) or not entry.status.is_final or entry.log_path.exists():
+            return
+        raise IoError(
+            f"the log file of {key} ({entry.log_path}) no longer exists: the retention policy removed it"
+        )
 
     def get_log_path(self, execution_id: UUID | str) -> Path:
-        """Where the execution's log file is (or will be); does not check that it exists."""
-        return log_path_for(self.config.resolved_log_dir(), _coerce_id(execution_id))
+        """Where the execution's log file is (or will be); does not check that it exists.
+
+        For an execution an earlier engine recorded in the journal, the path it
+        was written to.
+        """
+        key = _coerce_id(execution_id)
+        try:
+            entry = self._supervisor.entry(key)
+        except (NotFound, IoError):
+            pass
+        else:
+            if isinstance(entry, Record) and entry.log_path != Path():
+                return entry.log_path
+        return log_path_for(self.config.resolved_log_dir(), key)
 
     def get_log_node(self, execution_id: UUID | str) -> LogNode | None:
         """The Ray node whose disk holds the execution's log file; None when it is this machine's.
@@ -171,7 +232,7 @@ class ExecutionEngine:
         self._supervisor.check_usable()
         key = _coerce_id(execution_id)
         entry = self._supervisor.entry(key)
-        if entry.status.is_final:
+        if entry.settled:
             return
         subscription = self._bus.subscribe(key)
         try:
@@ -182,3 +243,27 @@ class ExecutionEngine:
                 yield event
         finally:
             self._bus.unsubscribe(subscription)
+
+
+def _list_filters(
+    status: ExecutionStatus | str | None,
+    plan_id: UUID | str | None,
+    since: datetime | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    """`list_executions`' filters, checked: a wrong one is a `ValueError` or `TypeError`, as asyncio's are."""
+    if status is not None:
+        status = ExecutionStatus(status)
+    if plan_id is not None:
+        plan_id = _coerce_id(plan_id)
+    if since is not None:
+        if not isinstance(since, datetime):
+            raise TypeError(f"since must be a datetime, not {type(since).__name__}")
+        if since.tzinfo is None or since.utcoffset() is None:
+            raise ValueError("since must be an aware datetime (with a timezone)")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+    return {"status": status, "plan_id": plan_id, "since": since, "limit": limit}

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
-import pydantic
+if TYPE_CHECKING:
+    import pydantic
 
 __all__ = [
     "Cancelled",
@@ -226,7 +229,10 @@ def mapped(
     names: `MissingField` for a missing field, `SerializationError` for text
     that is not JSON, else `to` with `<field path>: <message>`.
     """
-    if isinstance(exc, pydantic.ValidationError):
+    # Only a process that has loaded pydantic can hold its errors: a worker,
+    # which never does, does not pay for importing it.
+    loaded = sys.modules.get("pydantic")
+    if loaded is not None and isinstance(exc, loaded.ValidationError):
         return _from_pydantic(exc, to)
     reason = describe(exc)
     return to(f"{context}: {reason}" if context else reason)

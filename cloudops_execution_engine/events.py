@@ -7,7 +7,7 @@ from uuid import UUID
 
 from pydantic import Field
 
-from ._model import Model, UtcDateTime, utcnow
+from ._model import Model, Usize, UtcDateTime, utcnow
 from .results import ExecutionResult
 
 __all__ = [
@@ -25,52 +25,81 @@ __all__ = [
 
 class StartedEvent(Model):
     event_type: Literal["started"] = "started"
+    """Always "started": the command began."""
     execution_id: UUID
+    """The execution it is about."""
     command: str
+    """The command, as text."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class StdoutEvent(Model):
     event_type: Literal["stdout"] = "stdout"
+    """Always "stdout": a line of standard output."""
     execution_id: UUID
+    """The execution it is about."""
     line: str
+    """The line, without its newline."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class StderrEvent(Model):
     event_type: Literal["stderr"] = "stderr"
+    """Always "stderr": a line of standard error."""
     execution_id: UUID
+    """The execution it is about."""
     line: str
+    """The line, without its newline."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class CompletedEvent(Model):
     event_type: Literal["completed"] = "completed"
+    """Always "completed": the command completed."""
     execution_id: UUID
+    """The execution it is about."""
     result: ExecutionResult
+    """Its result."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class FailedEvent(Model):
     event_type: Literal["failed"] = "failed"
+    """Always "failed": the command failed or timed out."""
     execution_id: UUID
+    """The execution it is about."""
     error: str
+    """Why, in words."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class CancelledEvent(Model):
     event_type: Literal["cancelled"] = "cancelled"
+    """Always "cancelled": the command was cancelled."""
     execution_id: UUID
+    """The execution it is about."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 class ProgressEvent(Model):
     event_type: Literal["progress"] = "progress"
+    """Always "progress": one of a plan's commands ended."""
     plan_id: UUID
-    completed: int
-    total: int
+    """The plan it is about."""
+    completed: Usize
+    """Commands of the plan that have ended, whatever their status."""
+    total: Usize
+    """Commands in the plan."""
     current_command: str | None = None
+    """The command that just ended, as text."""
     timestamp: UtcDateTime = Field(default_factory=utcnow)
+    """When the event was made (UTC, RFC 3339)."""
 
 
 ExecutionEvent = Annotated[

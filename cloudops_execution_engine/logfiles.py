@@ -11,7 +11,7 @@ from uuid import UUID
 
 from .errors import IoError, map_errors
 
-__all__ = ["LogNode", "log_path_for", "open_log", "prepare_log_dir", "read_log"]
+__all__ = ["LogNode", "log_path_for", "open_log", "prepare_log_dir", "read_log", "reopen_log"]
 
 # O_EXCL with O_CREAT fails on any existing entry, a symlink or a FIFO
 # included, without following or opening it: only a new inode is ever written.
@@ -19,6 +19,11 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 )
 _CREATE_ATTEMPTS = 5
+# Reopening never follows a symlink, and never waits on a FIFO with no reader
+# (O_NONBLOCK makes that ENXIO); what it opens must then prove to be our file.
+_REOPEN_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+)
 
 
 def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
@@ -46,6 +51,29 @@ def open_log(path: str | bytes) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return os.open(path, _CREATE_FLAGS, 0o600)
+
+
+def reopen_log(path: str | bytes) -> int:
+    """A descriptor appending to the log an earlier attempt of the same execution wrote at `path`.
+
+    Only a regular file of ours with no other name is written to; anything
+    else at the name (nothing at all, on another node; a link or FIFO placed
+    there since) is treated as `open_log` treats it: a new file takes its place.
+    """
+    try:
+        fd = os.open(path, _REOPEN_FLAGS)
+    except OSError:
+        return open_log(path)
+    try:
+        info = os.fstat(fd)
+        ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and ours:
+            os.set_blocking(fd, True)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return open_log(path)
 
 
 def prepare_log_dir(log_dir: Path) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID, uuid4
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, field_serializer
 
-from ._model import Model
+from ._model import F64, I32, U32, U64, Model, StrictBool, Usize, UsizeKeyMap
+from .actors.secrets import MASK, check_secret
 from .commands import Command
 from .config import ExecutionConfig
 from .errors import InvalidCommand, InvalidWorkingDir, TimeoutTooLarge
@@ -41,37 +42,47 @@ class RetryPolicy(Model):
     [delay/2, delay]. `worker_lost` is opt-in: the command may have partly run.
     """
 
-    max_attempts: int = Field(default=3, ge=1)
-    backoff_ms: int = Field(default=1000, ge=0)
-    backoff_multiplier: float = Field(default=2.0, ge=1.0)
-    max_backoff_ms: int = Field(default=60_000, ge=0)
-    jitter: bool = True
+    max_attempts: U32 = Field(default=3, ge=1)
+    """Attempts in all, the first one included."""
+    backoff_ms: U64 = Field(default=1000, ge=0)
+    """Delay before the second attempt, in milliseconds."""
+    backoff_multiplier: F64 = Field(default=2.0, ge=1.0)
+    """Each later delay is the one before it times this."""
+    max_backoff_ms: U64 = Field(default=60_000, ge=0)
+    """The longest delay, in milliseconds."""
+    jitter: StrictBool = True
+    """Draw each delay uniformly from [delay/2, delay]."""
     retry_on: list[RetryCause] = Field(default_factory=_default_retry_on)
+    """Which ends are retried: failed, timeout, worker_lost (its worker or node died; the command may
+    have partly run)."""
 
 
 class ResourceLimits(Model):
     """Kernel limits applied to the command before it runs; what it starts inherits them."""
 
-    memory_bytes: int | None = Field(default=None, gt=0)
-    """Address space (RLIMIT_AS)."""
-    cpu_seconds: int | None = Field(default=None, gt=0)
-    """CPU time (RLIMIT_CPU); SIGXCPU when exceeded."""
-    open_files: int | None = Field(default=None, gt=0)
+    memory_bytes: U64 | None = Field(default=None, gt=0)
+    """Address space, in bytes (RLIMIT_AS)."""
+    cpu_seconds: U64 | None = Field(default=None, gt=0)
+    """CPU time, in seconds (RLIMIT_CPU); SIGXCPU when exceeded."""
+    open_files: U64 | None = Field(default=None, gt=0)
     """File descriptors (RLIMIT_NOFILE)."""
-    processes: int | None = Field(default=None, gt=0)
+    processes: U64 | None = Field(default=None, gt=0)
     """Processes of the command's user (RLIMIT_NPROC)."""
-    file_size_bytes: int | None = Field(default=None, ge=0)
-    """Largest file the command may write (RLIMIT_FSIZE); SIGXFSZ when exceeded."""
-    nice: int | None = Field(default=None, ge=-40, le=40)
+    file_size_bytes: U64 | None = Field(default=None, ge=0)
+    """Largest file the command may write, in bytes (RLIMIT_FSIZE); SIGXFSZ when exceeded."""
+    nice: I32 | None = Field(default=None, ge=-40, le=40)
     """An increment to the scheduling priority, as nice(1)."""
-    cpu_affinity: list[int] | None = None
+    cpu_affinity: list[Usize] | None = None
     """CPU numbers the command may run on, as taskset(1)."""
 
 
 class ExecutionMetadata(Model):
     source: str | None = None
+    """Who or what submitted it; free text."""
     conversation_id: UUID | None = None
+    """A caller's own correlation id."""
     tags: dict[str, str] = Field(default_factory=dict)
+    """Free-form labels."""
 
 
 def _is_none(value: object) -> bool:
@@ -82,24 +93,64 @@ def _is_empty(value: dict[str, str]) -> bool:
     return not value
 
 
+def _bytes_from_serde(value: Any) -> Any:
+    # serde writes a `Vec<u8>` as an array of numbers; a JSON string stays text.
+    if isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value):
+        try:
+            return bytes(value)
+        except ValueError:
+            raise ValueError("stdin bytes must each be in 0..255") from None
+    return value
+
+
+Stdin = Annotated[str | bytes | None, BeforeValidator(_bytes_from_serde)]
+
+
 class ExecutionRequest(Model):
     id: UUID = Field(default_factory=uuid4)
+    """The execution's id; a new UUID when not given."""
     command: Command
+    """What to run: its type is exec, shell, script or aws_cli."""
     env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for the command, over the engine's own environment."""
     working_dir: Path | None = None
-    timeout_ms: int | None = None
+    """The directory the command runs in; None: the host's current directory."""
+    timeout_ms: U64 | None = None
+    """Kill the command's process tree after this many milliseconds; None: the engine's
+    default_timeout_ms (120000, 2 minutes, unless configured)."""
     metadata: ExecutionMetadata = Field(default_factory=ExecutionMetadata)
+    """Free-form information about the request."""
     # The options below are left out of JSON while unset, so a request that uses
     # none of them is the same document the crate writes.
     retry: RetryPolicy | None = Field(default=None, exclude_if=_is_none)
-    success_exit_codes: list[int] = Field(default_factory=lambda: [0], exclude_if=lambda v: v == [0])
+    """Run the command again when an attempt fails or times out; None: it runs once."""
+    success_exit_codes: list[I32] = Field(default_factory=lambda: [0], exclude_if=lambda v: v == [0])
     """Exactly the exit codes that count as `completed`."""
-    stdin: str | bytes | None = Field(default=None, exclude_if=_is_none)
-    """Written to the command's stdin (a `str` as UTF-8), which is then closed."""
+    stdin: Stdin = Field(default=None, exclude_if=_is_none)
+    """Written to the command's stdin (a `str` as UTF-8), which is then closed.
+
+    In JSON a `str` is a string and `bytes` an array of numbers, as serde
+    writes a `Vec<u8>`: either reads back as what it was."""
     limits: ResourceLimits | None = Field(default=None, exclude_if=_is_none)
+    """Kernel limits (memory, CPU time, open files, processes) applied before the command runs."""
     secret_env: dict[str, str] = Field(default_factory=dict, repr=False, exclude_if=_is_empty)
     """Passed like `env`; its values are masked as `***` wherever the engine writes."""
     _positional: ClassVar[tuple[str, ...]] = ("command",)
+
+    @field_serializer("secret_env")
+    def _mask_secret_env(self, value: dict[str, str]) -> dict[str, str]:
+        # Written anywhere (JSON, a journal, a log line) the values are masked;
+        # only the engine reads them, from the attribute.
+        return dict.fromkeys(value, MASK)
+
+    @field_serializer("stdin", when_used="json")
+    def _stdin_as_serde(self, value: str | bytes | None) -> str | list[int] | None:
+        return list(value) if isinstance(value, bytes) else value
+
+    def __repr_args__(self) -> Any:
+        yield from super().__repr_args__()
+        if self.secret_env:
+            yield "secret_env", dict.fromkeys(self.secret_env, MASK)
 
     def validate(self, config: ExecutionConfig) -> None:  # type: ignore[override]
         """Raise the `ValidationError` that says why this request cannot run under `config`."""
@@ -118,6 +169,33 @@ class ExecutionRequest(Model):
                 raise InvalidCommand(f"environment variable name {key!r} is not valid")
             if "\x00" in value:
                 raise InvalidCommand(f"environment variable {key} contains a NUL byte")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        """The per-request options: what pydantic's field types cannot say alone."""
+        for key, value in self.secret_env.items():
+            if not key or "=" in key or "\x00" in key:
+                raise InvalidCommand(f"secret_env variable name {key!r} is not valid")
+            if "\x00" in value:
+                raise InvalidCommand(f"secret_env variable {key} contains a NUL byte")
+            if value == MASK:
+                raise InvalidCommand(
+                    f"secret_env variable {key} is {MASK}: a request read back from JSON (a journal, a "
+                    "file) has its secrets masked; give their values again"
+                )
+            try:
+                check_secret(value, f"the value of secret_env variable {key}")
+            except ValueError as exc:
+                raise InvalidCommand(str(exc)) from None
+        if not self.success_exit_codes:
+            raise InvalidCommand("success_exit_codes must name at least one exit code")
+        for code in self.success_exit_codes:
+            if not _I32_MIN <= code <= _I32_MAX:
+                raise InvalidCommand(f"success_exit_codes holds {code}, which is not an i32 exit code")
+        if isinstance(self.stdin, str):
+            _check_text(self.stdin, "stdin")
+        if self.limits is not None:
+            _check_limits(self.limits)
 
     def effective_timeout_ms(self, config: ExecutionConfig) -> int:
         return self.timeout_ms if self.timeout_ms is not None else config.default_timeout_ms
@@ -131,6 +209,24 @@ class ExecutionRequest(Model):
         return os.getcwd() if self.working_dir is None else os.path.abspath(self.working_dir)
 
 
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_RLIMIT_MAX = 2**63 - 1  # setrlimit takes larger values only as "unlimited"
+CPU_SETSIZE = 1024  # the CPUs a Linux affinity mask can name
+
+
+def _check_limits(limits: ResourceLimits) -> None:
+    for name in ("memory_bytes", "cpu_seconds", "open_files", "processes", "file_size_bytes"):
+        value = getattr(limits, name)
+        if value is not None and value > _RLIMIT_MAX:
+            raise InvalidCommand(f"limits.{name}={value} is larger than a resource limit can be")
+    if limits.cpu_affinity is not None:
+        if not limits.cpu_affinity:
+            raise InvalidCommand("limits.cpu_affinity must name at least one CPU")
+        for cpu in limits.cpu_affinity:
+            if not 0 <= cpu < CPU_SETSIZE:
+                raise InvalidCommand(f"limits.cpu_affinity names CPU {cpu}, outside 0..{CPU_SETSIZE - 1}")
+
+
 def _check_text(text: str, what: str) -> None:
     if not text.isascii():
         try:
@@ -141,19 +237,25 @@ def _check_text(text: str, what: str) -> None:
 
 class SerialStrategy(Model):
     type: Literal["serial"] = "serial"
-    stop_on_error: bool = True
+    """Always "serial": one command after another, in order."""
+    stop_on_error: StrictBool = True
+    """On a failure, cancel the commands not yet started."""
     _positional: ClassVar[tuple[str, ...]] = ("stop_on_error",)
 
 
 class ParallelStrategy(Model):
     type: Literal["parallel"] = "parallel"
-    max_concurrency: int | None = None
+    """Always "parallel": every command at once."""
+    max_concurrency: Usize | None = None
+    """Commands of this plan running at once; None: as many as the engine allows."""
     _positional: ClassVar[tuple[str, ...]] = ("max_concurrency",)
 
 
 class DependencyGraphStrategy(Model):
     type: Literal["dependency_graph"] = "dependency_graph"
-    dependencies: dict[int, list[int]] = Field(default_factory=dict)
+    """Always "dependency_graph": each command when its dependencies have completed."""
+    dependencies: UsizeKeyMap = Field(default_factory=dict)
+    """For a command's index (a string in JSON), the indices of the commands it waits for."""
     _positional: ClassVar[tuple[str, ...]] = ("dependencies",)
 
 
@@ -165,8 +267,13 @@ ExecutionStrategy = Annotated[
 
 class ExecutionPlan(Model):
     id: UUID = Field(default_factory=uuid4)
+    """The plan's id; a new UUID when not given."""
     description: str = ""
+    """What the plan does, in words; the command line shows it."""
     strategy: ExecutionStrategy
+    """How the commands are ordered: serial, parallel or dependency_graph."""
     commands: list[ExecutionRequest]
+    """The commands, each a request; a strategy names them by index, from 0."""
     metadata: ExecutionMetadata = Field(default_factory=ExecutionMetadata)
+    """Free-form information about the plan."""
     _positional: ClassVar[tuple[str, ...]] = ("commands", "strategy")

@@ -28,6 +28,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Coroutine, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -175,8 +176,21 @@ class SyncExecutionEngine:
     ) -> ExecutionResult | PlanExecutionResult:
         return self._call(self._engine.wait(execution_id, timeout))
 
-    def list_executions(self) -> list[ExecutionSummary]:
-        return self._call(self._engine.list_executions())
+    def list_executions(
+        self,
+        *,
+        status: ExecutionStatus | str | None = None,
+        plan_id: UUID | str | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """As `ExecutionEngine.list_executions`: oldest first, filters combined, the newest `limit`."""
+        listing = self._engine.list_executions(status=status, plan_id=plan_id, since=since, limit=limit)
+        return self._call(listing)
+
+    def resume_plan(self, plan_id: UUID | str) -> UUID:
+        """As `ExecutionEngine.resume_plan`: a new plan in which what completed counts as done."""
+        return self._call(self._engine.resume_plan(plan_id))
 
     def cancel(self, execution_id: UUID | str) -> None:
         self._call(self._engine.cancel(execution_id))
@@ -227,7 +241,7 @@ class SyncExecutionEngine:
         key = _coerce_id(execution_id)
         stream = self._early.adopt(key)
         if stream is None:
-            if supervisor.entry(key).status.is_final:
+            if supervisor.entry(key).settled:
                 return None
             stream = self._bus.subscribe(key)
         holder.append(stream)

@@ -241,6 +241,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
+def stop_ray_cluster(temp: str) -> None:
+    """Kill the processes of the Ray cluster whose session lives under `temp`, and their children.
+
+    Not `ray stop`: that ends every Ray cluster on the machine, other test runs' included.
+    """
+    own = []
+    for proc in psutil.process_iter():
+        try:
+            if any(temp in arg for arg in proc.cmdline()):
+                own.append(proc)
+        except psutil.Error:
+            continue
+    doomed = {proc.pid: proc for proc in own}
+    for proc in own:
+        try:
+            doomed.update((child.pid, child) for child in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    for proc in doomed.values():
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(list(doomed.values()), timeout=10)
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     """A Ray head for the session, on loopback, with token authentication; this process connected to it.
@@ -280,7 +306,7 @@ def ray_address() -> Iterator[str]:
         yield address
     finally:
         ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], timeout=120, capture_output=True)
+        stop_ray_cluster(temp)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 from conftest import HELPERS, PYTHON, gone, wait_until
 
 from cloudops_execution_engine import CommandFailed, ExecutionResult, ExecutionStatus, SpawnFailed
-from cloudops_execution_engine.cli import _exit_code_for
+from cloudops_execution_engine.cli_text import exit_code_for
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -35,7 +32,7 @@ def cli(*args: str, tmp_path: Path, **kwargs: Any) -> subprocess.CompletedProces
         text=True,
         timeout=60,
         cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")},
         **kwargs,
     )
 
@@ -67,10 +64,26 @@ def test_run_exit_codes(tmp_path: Path, args: list[str], code: int) -> None:
 def test_a_command_killed_by_sighup_is_not_reported_as_unstartable(tmp_path: Path) -> None:
     """SIGHUP gives the same -1 as a spawn failure; the CLI tells them apart by the error."""
     hung_up = cli("run", "--", "bash", "-c", "kill -HUP $$", tmp_path=tmp_path)
-    assert (hung_up.returncode, hung_up.stderr) == (129, "cloudops-exec: Command failed with exit code -1\n")
+    assert hung_up.returncode == 129
+    assert hung_up.stderr.splitlines()[0] == "cloudops-exec: killed by SIGHUP"
     missing = cli("run", "--", "no-such-program-xyz", tmp_path=tmp_path)
     assert missing.returncode == 127
-    assert missing.stderr.startswith(f"cloudops-exec: {SpawnFailed('')}")
+    expected = "cloudops-exec: did not start: No such file or directory: no-such-program-xyz"
+    assert missing.stderr.startswith(expected)
+    assert str(SpawnFailed("")) not in missing.stderr, "people read 'did not start', not the error's prefix"
+
+
+def test_run_names_the_signal_and_the_log_on_failure(tmp_path: Path) -> None:
+    """A killed command reads `killed by SIGKILL`, and the log file's path follows (it exists)."""
+    done = cli("run", "--", "bash", "-c", "echo partial; kill -KILL $$", tmp_path=tmp_path)
+    assert done.returncode == 137
+    lines = done.stderr.splitlines()
+    assert lines[0] == "cloudops-exec: killed by SIGKILL"
+    assert lines[1].startswith("cloudops-exec: log: ")
+    log = Path(lines[1].removeprefix("cloudops-exec: log: "))
+    assert "partial" in log.read_text()
+    ok = cli("run", "--", "true", tmp_path=tmp_path)
+    assert (ok.returncode, ok.stderr) == (0, ""), "a run that succeeds says nothing"
 
 
 def _result(status: ExecutionStatus, exit_code: int, error: str | None) -> ExecutionResult:
@@ -103,7 +116,7 @@ def _result(status: ExecutionStatus, exit_code: int, error: str | None) -> Execu
 )
 def test_exit_code_mapping(status: ExecutionStatus, exit_code: int, error: str | None, code: int) -> None:
     """Every kind of end maps to one code; -1 alone never decides, and a made-up -1 names no signal."""
-    assert _exit_code_for(_result(status, exit_code, error)) == code
+    assert exit_code_for(_result(status, exit_code, error)) == code
 
 
 def test_run_env_cwd_and_shell(tmp_path: Path) -> None:
@@ -200,7 +213,7 @@ def cli_process(*args: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
+        env={**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")},
     )
     try:
         yield proc
@@ -247,52 +260,27 @@ def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
         assert "#1   cancelled" in rest
 
 
-def run_on_terminal(args: list[str], tmp_path: Path, **extra_env: str) -> tuple[int, str]:
-    """Run the CLI with a pseudo-terminal as stdin, stdout and stderr; return its code and screen output."""
-    leader, follower = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    env.update(TERM="xterm-256color", COLUMNS="120", LINES="40", TMPDIR=str(tmp_path), **extra_env)
-    proc = subprocess.Popen(
-        [*CLI, *args], stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, env=env
+def test_plan_piped_says_each_failure_as_a_terminal_does(tmp_path: Path) -> None:
+    """In a pipe failures read `killed by SIGKILL`, `did not start`; the report has their stderr and logs."""
+    plan = tmp_path / "failing.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "strategy": {"type": "parallel"},
+                "commands": [
+                    {"command": {"type": "shell", "command": "echo 'ERROR: disk full' >&2; kill -KILL $$"}},
+                    {"command": {"type": "exec", "program": "no-such-program-xyz"}},
+                ],
+            }
+        )
     )
-    os.close(follower)
-    output = b""
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 1)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        code = proc.wait(30)
-    finally:
-        proc.kill()
-        proc.wait(10)
-        os.close(leader)
-    return code, output.decode("utf-8", "replace")
-
-
-def test_progress_display_on_a_terminal(tmp_path: Path) -> None:
-    """On a pseudo-terminal the plan shows a live bar and a coloured final table."""
-    code, text = run_on_terminal(["plan", "examples/parallel_fanout.json"], tmp_path)
-    assert code == 0
-    assert "8/8" in text
-    assert "━" in text, "no progress bar was drawn"
-    assert "\x1b[" in text, "no terminal control sequences: not a live display"
-    assert "completed" in text
-
-
-def test_no_color_on_a_terminal_gives_plain_lines(tmp_path: Path) -> None:
-    code, text = run_on_terminal(["plan", "examples/parallel_fanout.json"], tmp_path, NO_COLOR="1")
-    assert code == 0
-    assert "[8/8] finished" in text
-    assert "\x1b[" not in text
-    assert "━" not in text
+    done = cli("plan", str(plan), tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "#0 failed: killed by SIGKILL" in done.stdout
+    assert "#1 failed: did not start: No such file or directory: no-such-program-xyz" in done.stdout
+    report = done.stdout.split("plan failed:", 1)[1]
+    assert "ERROR: disk full" in report
+    logs = [line.split("log: ", 1)[1] for line in report.splitlines() if line.strip().startswith("log: ")]
+    assert len(logs) == 2
+    assert all(Path(log).is_file() for log in logs)
+    assert "SIGKILL" in next(line for line in done.stdout.splitlines() if line.startswith("#0   failed"))

@@ -178,7 +178,10 @@ async def test_aws_cli_not_installed_is_a_spawn_failure(engine: ExecutionEngine)
     result = await finish(engine, request)
     assert result.status is ExecutionStatus.FAILED
     assert result.exit_code == -1
-    assert result.error == "Process spawn failed: No such file or directory: aws"
+    assert result.error == (
+        "Process spawn failed: No such file or directory: aws"
+        " (the AWS CLI is not installed: pip install 'cloudops-execution-engine[aws]')"
+    )
 
 
 @pytest.mark.parametrize(

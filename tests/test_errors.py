@@ -95,7 +95,7 @@ TO_IO: ErrorMapping = {OSError: cee.IoError}
 TO_SPAWN: ErrorMapping = {OSError: cee.SpawnFailed, ValueError: cee.SpawnFailed}
 TO_INVALID: ErrorMapping = {pydantic.ValidationError: cee.InvalidCommand}
 LOG = "cannot open log file"
-NOT_AN_INT = "timeout_ms: Input should be a valid integer, unable to parse string as an integer"
+NOT_AN_INT = "timeout_ms: Input should be a valid integer"
 EXEC = {"type": "exec", "program": "ls"}
 
 # (lower-layer failure, mapping, context, the error it becomes, its message)

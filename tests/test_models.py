@@ -83,14 +83,16 @@ def test_rust_request_parses_and_round_trips() -> None:
 
 
 def test_rust_result_with_nanoseconds_parses() -> None:
-    """chrono's nine fractional digits round to microseconds; Duration is {secs, nanos}."""
+    """chrono's nine fractional digits are kept exactly; Duration is {secs, nanos}."""
     result = ExecutionResult.model_validate_json(RUST_RESULT)
     assert result.duration == timedelta(seconds=1, microseconds=500000)
-    assert result.started_at == datetime(2024, 5, 1, 12, 0, 0, 123457, tzinfo=UTC)
+    assert isinstance(result.started_at, datetime)
+    assert result.started_at.replace(microsecond=123456) == datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    assert result.started_at.nanosecond == 123456789  # type: ignore[attr-defined]
     assert result.started_at.tzinfo is not None
     dumped = json.loads(result.model_dump_json())
     assert dumped["duration"] == {"secs": 1, "nanos": 500000000}
-    assert dumped["started_at"] == "2024-05-01T12:00:00.123457Z"
+    assert dumped["started_at"] == "2024-05-01T12:00:00.123456789Z"
     assert dumped["resource_usage"] is None
     assert ExecutionResult.model_validate_json(result.model_dump_json()) == result
 

@@ -34,7 +34,10 @@ pytestmark = pytest.mark.timeout(60)
 
 ID = bytes(range(16))
 MESSAGES: list[Message] = [
-    Run(ID, ["echo", "hi"], {"A": "1"}, b"/tmp", 1000, b"/tmp/x.log", True, 100, 50, "echo hi"),
+    Run(
+        *(ID, ["echo", "hi"], {"A": "1"}, b"/tmp", 1000, b"/tmp/x.log", True, 100, 50, "echo hi", 1),
+        *(b"in", [0, 3], {"cpu_seconds": 2}, [0], ["s3cret"]),
+    ),
     SetEnv({b"PATH": b"/bin", b"ODD\xff": b"\xfe"}),
     Ping(7),
     Pong(7),
@@ -221,7 +224,9 @@ ACCEPTED: dict[str, list[str]] = {
     "bool": ["false"],
     "str | None": ["str", "none"],
     "list[str]": ["str list"],
+    "list[int]": ["int list"],
     "dict[str, str]": ["str map"],
+    "dict[str, int]": ["int map"],
     "dict[bytes, bytes]": ["bytes map"],
     "stream": ["small int"],
     "rusage": ["number triple", "none"],

@@ -9,6 +9,7 @@
 #define CLOUDOPS_CHILD_H
 
 #include <errno.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -29,7 +30,16 @@ struct limit {
     struct rlimit value;
 };
 
-enum stage { STAGE_NONE = 0, STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER };
+/* STAGE_LIMITS: a resource limit, the nice increment or the CPU affinity was refused. */
+enum stage { STAGE_NONE = 0, STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER, STAGE_LIMITS };
+
+/* What the command gets besides its limits: a stdin (-1: the one inherited), a
+ * nice increment (0: none) and a CPU set (NULL: the one inherited). */
+struct extras {
+    int in_fd;
+    int nice;
+    const cpu_set_t *affinity;
+};
 
 struct failure {
     volatile int stage;
@@ -45,7 +55,7 @@ static struct failure failed;
 static void __attribute__((noinline, noreturn, unused))
 child(const char *path, char *const argv[], char *const envp[], const char *cwd, int out_fd, int err_fd,
       const int *defaults, long n_defaults, const struct limit *limits, long n_limits,
-      const sigset_t *old_mask)
+      const struct extras *extras, const sigset_t *old_mask)
 {
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
@@ -66,7 +76,8 @@ child(const char *path, char *const argv[], char *const envp[], const char *cwd,
     for (long i = 0; i < n_defaults; i++) {
         sigaction(defaults[i], &dfl, NULL);
     }
-    if (setsid() < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0) {
+    if (setsid() < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0 ||
+        (extras->in_fd >= 0 && dup2(extras->in_fd, 0) < 0)) {
         failed.error = errno;
         failed.stage = STAGE_OTHER;
         _exit(127);
@@ -76,10 +87,24 @@ child(const char *path, char *const argv[], char *const envp[], const char *cwd,
         failed.stage = STAGE_CHDIR;
         _exit(127);
     }
+    if (extras->affinity != NULL && sched_setaffinity(0, sizeof(cpu_set_t), extras->affinity) != 0) {
+        failed.error = errno;
+        failed.stage = STAGE_LIMITS;
+        _exit(127);
+    }
+    if (extras->nice != 0) {
+        /* nice() may return -1 as the new value: only errno tells a failure. */
+        errno = 0;
+        if (nice(extras->nice) == -1 && errno != 0) {
+            failed.error = errno;
+            failed.stage = STAGE_LIMITS;
+            _exit(127);
+        }
+    }
     for (long i = 0; i < n_limits; i++) {
         if (setrlimit(limits[i].resource, &limits[i].value) != 0) {
             failed.error = errno;
-            failed.stage = STAGE_OTHER;
+            failed.stage = STAGE_LIMITS;
             _exit(127);
         }
     }

@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
@@ -66,11 +67,36 @@ static PyObject *
 spawn(PyObject *module, PyObject *args)
 {
     const char *path, *cwd;
-    PyObject *argv_seq, *env_seq, *defaults_seq, *limits_seq;
+    PyObject *argv_seq, *env_seq, *defaults_seq, *limits_seq, *affinity_seq = NULL;
     int out_fd, err_fd;
-    if (!PyArg_ParseTuple(args, "yOOyiiOO:spawn", &path, &argv_seq, &env_seq, &cwd, &out_fd, &err_fd,
-                          &defaults_seq, &limits_seq)) {
+    struct extras extras = {-1, 0, NULL};
+    if (!PyArg_ParseTuple(args, "yOOyiiOO|iiO:spawn", &path, &argv_seq, &env_seq, &cwd, &out_fd, &err_fd,
+                          &defaults_seq, &limits_seq, &extras.in_fd, &extras.nice, &affinity_seq)) {
         return NULL;
+    }
+    cpu_set_t affinity;
+    if (affinity_seq != NULL && affinity_seq != Py_None) {
+        Py_ssize_t n_cpus = PySequence_Size(affinity_seq);
+        if (n_cpus < 0) {
+            return NULL;
+        }
+        if (n_cpus > 0) {
+            CPU_ZERO(&affinity);
+            for (Py_ssize_t i = 0; i < n_cpus; i++) {
+                PyObject *item = PySequence_GetItem(affinity_seq, i);
+                long cpu = item == NULL ? -1 : PyLong_AsLong(item);
+                Py_XDECREF(item);
+                if (PyErr_Occurred()) {
+                    return NULL;
+                }
+                if (cpu < 0 || cpu >= CPU_SETSIZE) {
+                    PyErr_Format(PyExc_ValueError, "CPU %ld is outside 0..%d", cpu, CPU_SETSIZE - 1);
+                    return NULL;
+                }
+                CPU_SET((int)cpu, &affinity);
+            }
+            extras.affinity = &affinity;
+        }
     }
     struct limit limits[16];
     Py_ssize_t n_limits = PySequence_Size(limits_seq);
@@ -131,7 +157,8 @@ spawn(PyObject *module, PyObject *args)
     sigprocmask(SIG_BLOCK, &all, &old_mask);
     pid_t pid = vfork();
     if (pid == 0) {
-        child(path, argv, envp, cwd, out_fd, err_fd, defaults, n_defaults, limits, n_limits, &old_mask);
+        child(path, argv, envp, cwd, out_fd, err_fd, defaults, n_defaults, limits, n_limits, &extras,
+              &old_mask);
     }
     int fork_error = errno;
     sigprocmask(SIG_SETMASK, &old_mask, NULL);
@@ -149,6 +176,16 @@ spawn(PyObject *module, PyObject *args)
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
         }
         errno = failed.error;
+        if (failed.stage == STAGE_LIMITS) {
+            char text[160];
+            snprintf(text, sizeof text, "cannot apply the command's limits: %s", strerror(failed.error));
+            PyObject *error = PyObject_CallFunction(PyExc_OSError, "is", failed.error, text);
+            if (error != NULL) {
+                PyErr_SetObject(PyExc_OSError, error);
+                Py_DECREF(error);
+            }
+            return NULL;
+        }
         const char *name = failed.stage == STAGE_CHDIR ? cwd : failed.stage == STAGE_EXEC ? path : NULL;
         if (name == NULL) {
             return PyErr_SetFromErrno(PyExc_OSError);
@@ -166,10 +203,13 @@ spawn(PyObject *module, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS,
-     "spawn(path, argv, env, cwd, stdout_fd, stderr_fd, default_signals, limits) -> pid\n\n"
+     "spawn(path, argv, env, cwd, stdout_fd, stderr_fd, default_signals, limits, stdin_fd=-1, nice=0,\n"
+     "      affinity=()) -> pid\n\n"
      "Start `path` in a new session in `cwd`, with `stdout_fd` and `stderr_fd` as its\n"
      "standard output and error, the signals in `default_signals` at their defaults,\n"
-     "each (resource, soft, hard) of `limits` set, as the child subreaper of its own\n"
+     "each (resource, soft, hard) of `limits` set, `stdin_fd` as its standard input\n"
+     "(-1: the worker's), its nice value raised by `nice`, only the CPUs in `affinity`\n"
+     "(empty: those it inherits), as the child subreaper of its own\n"
      "descendants, and with no fd but 0, 1 and 2 open across the exec.\n"
      "`argv` and `env` are sequences of bytes, `env` of b\"NAME=value\" items."},
     {NULL, NULL, 0, NULL},

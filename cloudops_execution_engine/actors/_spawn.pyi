@@ -7,4 +7,7 @@ def spawn(
     stderr_fd: int,
     default_signals: tuple[int, ...],
     limits: tuple[tuple[int, int, int], ...],
+    stdin_fd: int = -1,
+    nice: int = 0,
+    affinity: tuple[int, ...] = (),
 ) -> int: ...

@@ -16,9 +16,11 @@
  * The worker talks to us over our stdout, a stream socket (a command's own stdout is
  * set in its child). A request is a header of
  * five u32 (the length of the rest, argc, envc, the number of signals to
- * default and of limits) with the command's stdout and stderr pipes attached
- * as SCM_RIGHTS, then the path, cwd, argv and env as NUL-terminated strings,
- * the signals as i32 and the limits as (i32, i64, i64). The answer is three
+ * default and of limits), the nice increment as i32 and the number of CPUs
+ * to pin it to as u32, with the command's stdout and stderr pipes (and its
+ * stdin, when it has one) attached as SCM_RIGHTS, then the path, cwd, argv
+ * and env as NUL-terminated strings, the signals as i32, the limits as
+ * (i32, i64, i64) and the CPUs as i32. The answer is three
  * i32: the pid, and the stage and errno of a failed start (0 and 0 otherwise).
  * End of input, or our parent's death, ends us.
  */
@@ -36,6 +38,8 @@
 
 struct header {
     uint32_t length, argc, envc, n_defaults, n_limits;
+    int32_t nice;
+    uint32_t n_cpus;
 };
 
 struct answer {
@@ -50,6 +54,8 @@ struct start {
     long n_defaults;
     struct limit limits[MAX_LIMITS];
     long n_limits;
+    cpu_set_t affinity;
+    struct extras extras;
     sigset_t old_mask;
 };
 
@@ -60,7 +66,7 @@ run_child(void *arg)
 {
     struct start *s = arg;
     child(s->path, s->argv, s->envp, s->cwd, s->out_fd, s->err_fd, s->defaults, s->n_defaults, s->limits,
-          s->n_limits, &s->old_mask);
+          s->n_limits, &s->extras, &s->old_mask);
 }
 
 static int
@@ -99,11 +105,12 @@ write_full(int fd, const void *buffer, size_t size)
     return 0;
 }
 
-/* The header and the two pipes; -1 at end of input or on a malformed request. */
+/* The header and the two or three pipes (`fds[2]` is -1 without a stdin); -1 at end of input or on a
+ * malformed request. */
 static int
-read_header(struct header *h, int fds[2])
+read_header(struct header *h, int fds[3])
 {
-    char control[CMSG_SPACE(2 * sizeof(int))];
+    char control[CMSG_SPACE(3 * sizeof(int))];
     struct iovec iov = {h, sizeof *h};
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -118,13 +125,23 @@ read_header(struct header *h, int fds[2])
         return -1;
     }
     struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    if (cmsg == NULL || cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len != CMSG_LEN(2 * sizeof(int))) {
+    if (cmsg == NULL || cmsg->cmsg_type != SCM_RIGHTS) {
         return -1;
     }
-    memcpy(fds, CMSG_DATA(cmsg), 2 * sizeof(int));
+    fds[2] = -1;
+    if (cmsg->cmsg_len == CMSG_LEN(3 * sizeof(int))) {
+        memcpy(fds, CMSG_DATA(cmsg), 3 * sizeof(int));
+    } else if (cmsg->cmsg_len == CMSG_LEN(2 * sizeof(int))) {
+        memcpy(fds, CMSG_DATA(cmsg), 2 * sizeof(int));
+    } else {
+        return -1;
+    }
     if ((size_t)n < sizeof *h && read_full(CONTROL, (char *)h + n, sizeof *h - (size_t)n) != 0) {
         close(fds[0]);
         close(fds[1]);
+        if (fds[2] >= 0) {
+            close(fds[2]);
+        }
         return -1;
     }
     return 0;
@@ -148,7 +165,7 @@ take_strings(char **at, const char *end, char **out, uint32_t count)
 
 /* Start one command; the answer says how it went. -1 when the request was malformed. */
 static int
-start_one(const struct header *h, char *body, int out_fd, int err_fd, struct answer *answer)
+start_one(const struct header *h, char *body, const int fds[3], struct answer *answer)
 {
     static struct start s;
     char *at = body, *end = body + h->length;
@@ -163,7 +180,8 @@ start_one(const struct header *h, char *body, int out_fd, int err_fd, struct ans
     s.defaults = calloc((size_t)h->n_defaults + 1, sizeof(int));
     int ok = s.argv != NULL && s.envp != NULL && s.defaults != NULL &&
              take_strings(&at, end, s.argv, h->argc) == 0 && take_strings(&at, end, s.envp, h->envc) == 0 &&
-             (size_t)(end - at) == h->n_defaults * 4 + h->n_limits * 20;
+             h->n_cpus <= CPU_SETSIZE &&
+             (size_t)(end - at) == (size_t)h->n_defaults * 4 + (size_t)h->n_limits * 20 + (size_t)h->n_cpus * 4;
     if (ok) {
         memcpy(s.defaults, at, h->n_defaults * 4);
         at += h->n_defaults * 4;
@@ -177,10 +195,25 @@ start_one(const struct header *h, char *body, int out_fd, int err_fd, struct ans
             s.limits[i].value.rlim_cur = soft < 0 ? RLIM_INFINITY : (rlim_t)soft;
             s.limits[i].value.rlim_max = hard < 0 ? RLIM_INFINITY : (rlim_t)hard;
         }
+        CPU_ZERO(&s.affinity);
+        for (uint32_t i = 0; i < h->n_cpus; i++, at += 4) {
+            int32_t cpu;
+            memcpy(&cpu, at, 4);
+            if (cpu < 0 || cpu >= CPU_SETSIZE) {
+                ok = 0;
+                break;
+            }
+            CPU_SET(cpu, &s.affinity);
+        }
+        s.extras.in_fd = fds[2];
+        s.extras.nice = h->nice;
+        s.extras.affinity = h->n_cpus ? &s.affinity : NULL;
         s.n_defaults = h->n_defaults;
         s.n_limits = h->n_limits;
-        s.out_fd = out_fd;
-        s.err_fd = err_fd;
+        s.out_fd = fds[0];
+        s.err_fd = fds[1];
+    }
+    if (ok) {
         failed.stage = STAGE_NONE;
         failed.error = 0;
         sigset_t all;
@@ -211,7 +244,7 @@ main(void)
     signal(SIGPIPE, SIG_IGN);
     for (;;) {
         struct header h;
-        int fds[2];
+        int fds[3];
         if (read_header(&h, fds) != 0) {
             return 0;
         }
@@ -219,11 +252,14 @@ main(void)
         int ok = body != NULL && read_full(CONTROL, body, h.length) == 0;
         struct answer answer = {0, 0, 0};
         if (ok) {
-            ok = start_one(&h, body, fds[0], fds[1], &answer) == 0;
+            ok = start_one(&h, body, fds, &answer) == 0;
         }
         free(body);
         close(fds[0]);
         close(fds[1]);
+        if (fds[2] >= 0) {
+            close(fds[2]);
+        }
         /* A malformed request means the stream is lost: stop, and the worker starts commands itself. */
         if (!ok || write_full(CONTROL, &answer, sizeof answer) != 0) {
             return 3;

@@ -1,5 +1,12 @@
 """What a request must satisfy before it is admitted: it must fit an exec and cross the pipe.
 
+`Admission.options` also turns a request's per-request options into the plain
+values a `Run` carries (`RunOptions`): stdin as bytes, the limits as numbers,
+the secrets to mask. A stdin larger than `MAX_STDIN_BYTES` is refused: the
+whole `Run` must fit one frame of the worker's `DEFAULT_MAX_FRAME`, beside
+the command's arguments and environment (at most the exec limit, and as much
+again for the command's display).
+
 Checked at `execute()`, so that a request the kernel or the wire would refuse
 fails there with `InvalidCommand`, alone, and never later in a worker where it
 could cost other executions. The host's environment counts too, as every
@@ -11,11 +18,22 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidCommand
+from ..protocol import DEFAULT_MAX_FRAME
+from .secrets import masker_for
 
-__all__ = ["Admission", "HostEnvironment"]
+if TYPE_CHECKING:
+    from ..requests import ExecutionRequest
+
+__all__ = ["MAX_STDIN_BYTES", "NO_OPTIONS", "Admission", "HostEnvironment", "RunOptions"]
+
+# Half of a worker's frame limit: with the exec's own limit (2 MiB on a usual
+# Linux) twice over, the `Run` stays well inside one frame.
+MAX_STDIN_BYTES = 16 * 1024 * 1024
+# Room in a `Run` frame for everything but the strings counted here.
+_RUN_ROOM = 64 * 1024
 
 # What the kernel takes across one execve besides the strings: a pointer each.
 _POINTER = 8
@@ -48,13 +66,82 @@ class HostEnvironment:
         return self._copy
 
 
+class RunOptions:
+    """A request's per-request options as a `Run` carries them; one shared `NO_OPTIONS` when none is set."""
+
+    __slots__ = ("cpu_affinity", "limits", "secret_env", "secrets", "stdin", "success_exit_codes")
+
+    def __init__(
+        self,
+        stdin: bytes = b"",
+        success_exit_codes: list[int] | None = None,
+        limits: dict[str, int] | None = None,
+        cpu_affinity: list[int] | None = None,
+        secrets: list[str] | None = None,
+        secret_env: dict[str, str] | None = None,
+    ) -> None:
+        self.stdin = stdin
+        self.success_exit_codes = success_exit_codes if success_exit_codes is not None else [0]
+        self.limits = limits if limits is not None else {}
+        self.cpu_affinity = cpu_affinity if cpu_affinity is not None else []
+        self.secrets = secrets if secrets is not None else []
+        self.secret_env = secret_env if secret_env is not None else {}
+
+    def mask(self, text: str) -> str:
+        """`text` with this request's secrets masked: for what the host writes itself (the command line)."""
+        masker = masker_for(tuple(self.secrets))
+        return masker.mask_text(text) if masker is not None else text
+
+
+NO_OPTIONS = RunOptions()
+
+
 class Admission:
-    def __init__(self, environment: HostEnvironment) -> None:
+    def __init__(self, environment: HostEnvironment, secrets: list[str] | None = None) -> None:
         self._environment = environment
         self._limit = min(_arg_max(), _MAX_REQUEST)
+        self._secrets = list(secrets or ())
+        # What a request that sets no option of its own gets: shared, not one per request.
+        self._plain = RunOptions(secrets=self._secrets) if self._secrets else NO_OPTIONS
 
-    def check(self, argv: list[str], env: dict[str, str]) -> None:
-        """Refuse what the kernel would refuse at exec, or what could not cross the pipe.
+    def options(self, request: ExecutionRequest, argv: list[str]) -> RunOptions:
+        """Check a request's options and the size of its whole `Run`; their wire values.
+
+        `argv` is the request's, checked by `check` already; it counts again here
+        for the display the `Run` also carries.
+        """
+        env = {**request.env, **request.secret_env} if request.secret_env else request.env
+        size = self.check(argv, env)
+        stdin = request.stdin
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        if len(data) > MAX_STDIN_BYTES:
+            raise InvalidCommand(
+                f"stdin is {len(data)} bytes, more than the {MAX_STDIN_BYTES} a request may carry"
+            )
+        secrets = [*self._secrets, *request.secret_env.values()]
+        total = 2 * size + len(data) + sum(len(s.encode()) for s in secrets) + _RUN_ROOM
+        if total > DEFAULT_MAX_FRAME:
+            raise InvalidCommand(
+                f"the request (command, environment, stdin and secrets) takes about {total} bytes, "
+                f"more than the {DEFAULT_MAX_FRAME} one message to a worker may hold"
+            )
+        limits = request.limits
+        values: dict[str, int] = {}
+        affinity: list[int] = []
+        if limits is not None:
+            values = {
+                name: value
+                for name, value in limits.model_dump(exclude={"cpu_affinity"}).items()
+                if value is not None
+            }
+            affinity = list(limits.cpu_affinity or ())
+        codes = request.success_exit_codes
+        if not (data or values or affinity or request.secret_env) and codes == [0]:
+            return self._plain
+        return RunOptions(data, list(codes), values, affinity, secrets, dict(request.secret_env))
+
+    def check(self, argv: list[str], env: dict[str, str]) -> int:
+        """Refuse what the kernel would refuse at exec, or what could not cross the pipe; the size it takes.
 
         The count is the kernel's: every argument and `NAME=value` string with its
         NUL and its pointer, the host's environment included. One string over the
@@ -82,6 +169,7 @@ class Admission:
                 f"one argument or environment variable takes {longest} bytes, "
                 f"more than the {_MAX_ARG_STRLEN} an exec may take for one"
             )
+        return size
 
 
 def _utf8(text: str, what: str) -> bytes:

@@ -160,14 +160,17 @@ class Lifecycle:
         return NOTHING
 
 
-def outcome(life: Lifecycle) -> tuple[str, str | None, int]:
-    """What a finished execution reports: its status, its error message and its exit code."""
+def outcome(life: Lifecycle, success: list[int] | tuple[int, ...] = (0,)) -> tuple[str, str | None, int]:
+    """What a finished execution reports: its status, its error message and its exit code.
+
+    `success` holds exactly the exit codes that count as completed.
+    """
     if life.error is not None:
         return "failed", life.error, -1
     if life.reason is TIMEOUT:
         return "timeout", f"Execution timeout after {life.timeout_ms}ms", life.exit_code
     if life.reason is CANCEL:
         return "cancelled", "Execution cancelled", life.exit_code
-    if life.exit_code == 0:
-        return "completed", None, 0
+    if life.exit_code in success:
+        return "completed", None, life.exit_code
     return "failed", f"Command failed with exit code {life.exit_code}", life.exit_code

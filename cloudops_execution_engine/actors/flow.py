@@ -10,10 +10,9 @@ writes: host memory stays bounded and no event is dropped.
 
 from __future__ import annotations
 
-from ..protocol import Credit
+from ..protocol import OUTPUT_WINDOW, Credit
 from .handlers import EventBus
 from .pool import WorkerHandle
-from .worker import OUTPUT_WINDOW
 
 __all__ = ["OutputCredit"]
 

@@ -32,18 +32,22 @@ import inspect
 import logging
 import queue
 import threading
+import types
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
 from ..events import ExecutionEvent
+from .telemetry import correlate
 
 __all__ = ["EventBus", "Subscription", "is_coroutine_handler"]
 
 logger = logging.getLogger("cloudops_execution_engine.events")
 
 STOP = object()  # ends a channel or a subscriber's stream
+
+_COROUTINE = types.CoroutineType
 
 # After a drain has given up on a handler, how long its thread gets to return
 # from the call it is in before it is left behind (it is a daemon thread).
@@ -114,7 +118,9 @@ class _Channel(_Listener):
             for event in events:
                 try:
                     outcome = deliver(event)
-                    if inspect.isawaitable(outcome):
+                    # A coroutine (an `async def` handler) or None (a plain one)
+                    # without the general test: this runs once per output line.
+                    if type(outcome) is _COROUTINE or (outcome is not None and inspect.isawaitable(outcome)):
                         await outcome
                 except asyncio.CancelledError:
                     if _being_cancelled():
@@ -578,8 +584,14 @@ def _name_of(handler: Any) -> str:
 
 
 def _log_handler_error(handler: Any, event: Any) -> None:
+    about = getattr(event, "execution_id", None) or getattr(event, "plan_id", None)
+    suffix, extra = correlate([about] if about is not None else [])
     logger.exception(
-        "event handler %r raised on %s; it keeps receiving events", handler, type(event).__name__
+        "event handler %r raised on %s; it keeps receiving events%s",
+        handler,
+        type(event).__name__,
+        suffix,
+        extra=extra,
     )
 
 

@@ -1,8 +1,9 @@
 """How a process tree is stopped: one escalation, used by every path that stops one.
 
-    begin:  SIGTERM to every process of the tree, and to the command's process
-            group while its leader is unreaped (reaching children forked since
-            the look); with no grace, SIGSTOP and SIGKILL at once instead
+    begin:  SIGTERM to the command's process group while its leader is
+            unreaped (one call that reaches most of a tree at once), then to
+            every process of the tree (those that left the group too); with
+            no grace, SIGSTOP and SIGKILL at once instead
     look:   reap, find what is left; before the deadline, SIGTERM what is new
             since the last look; past it, SIGSTOP then SIGKILL what is left
             (and SIGKILL the group), so that none can fork while its
@@ -13,8 +14,11 @@
 
 The looks come after 2 ms, then at twice the previous pause, at most every
 50 ms: most trees are gone at the first look, and a stubborn one is not polled
-hard for the whole grace period. `watch` runs the looks on the worker's
-reactor; `run_blocking` runs them in a plain loop, for a worker about to exit.
+hard for the whole grace period. Between them, the worker hurries a look
+whenever it reaps an orphan (`hurry`), so that the end of a tree that takes a
+while to die is seen when it happens rather than at the next look. `watch`
+runs the looks on the worker's reactor; `run_blocking` runs them in a plain
+loop, for a worker about to exit.
 
 The caller supplies what differs between its uses, as trio's `deliver_cancel`
 is supplied to `open_process`: how to find the tree (`look`), how to reap, the
@@ -26,12 +30,11 @@ command's end, and the host's death (no grace) all go through `Escalation`.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import monotonic, sleep
 
-import psutil
-
 from . import process_tree
+from .process_tree import Signallable
 from .reactor import Reactor, Timer
 
 __all__ = ["POLL_FIRST", "POLL_MAX", "Escalation", "Look"]
@@ -41,7 +44,7 @@ POLL_MAX = 0.05
 
 # The live processes of the tree, deepest first, and whether some process might
 # yet turn out to be the tree's (its environment reads as empty: it is in an `exec`).
-Look = Callable[[], tuple[list[psutil.Process], bool]]
+Look = Callable[[], tuple[Sequence[Signallable], bool]]
 
 
 def _no_group() -> int:
@@ -86,21 +89,24 @@ class Escalation:
         self._group = group
         self._deadline = 0.0
         self._delay = POLL_FIRST
-        # Who has had its SIGTERM: psutil processes compare by pid and start time.
-        self._termed: set[psutil.Process] = set()
+        # Who has had its SIGTERM: processes compare by pid and start time.
+        self._termed: set[Signallable] = set()
         self._timer: Timer | None = None
         self._cancelled = False
         self._on_gone: Callable[[], None] = _nothing
 
-    def begin(self, found: list[psutil.Process] | None = None) -> None:
+    def begin(self, found: Sequence[Signallable] | None = None) -> None:
         """The first blow, to `found` if the caller has just looked; starts the grace period."""
+        if self.grace > 0:
+            # The group first: one call reaches most of a tree, which can start
+            # dying while the look below walks it (a millisecond for 100 processes).
+            pgid = self._group()
+            if pgid:
+                process_tree.signal_group(pgid, signal.SIGTERM)
         procs = found if found is not None else self._look()[0]
         if self.grace > 0:
             process_tree.signal_processes(procs, signal.SIGTERM)
             self._termed.update(procs)
-            pgid = self._group()
-            if pgid:
-                process_tree.signal_group(pgid, signal.SIGTERM)
         else:
             self._kill(procs)
         self._deadline = monotonic() + self.grace
@@ -122,7 +128,7 @@ class Escalation:
                 self._termed.update(new)
         return False
 
-    def _kill(self, procs: list[psutil.Process]) -> None:
+    def _kill(self, procs: Sequence[Signallable]) -> None:
         process_tree.stop_and_kill(procs)
         pgid = self._group()
         if pgid:
@@ -131,7 +137,7 @@ class Escalation:
     # -- drivers ---------------------------------------------------------------
 
     def watch(
-        self, loop: Reactor, on_gone: Callable[[], None], found: list[psutil.Process] | None = None
+        self, loop: Reactor, on_gone: Callable[[], None], found: Sequence[Signallable] | None = None
     ) -> None:
         """Begin, then look on `loop`'s timers until the tree is gone; then call `on_gone`."""
         self._on_gone = on_gone
@@ -151,6 +157,22 @@ class Escalation:
             return
         self._delay = min(self._delay * 2, POLL_MAX)
         self._timer = loop.call_later(self._delay, self._step, loop)
+
+    def hurry(self) -> None:
+        """Look now, between the scheduled looks: part of the tree was just reaped, perhaps the last of it.
+
+        The schedule stays as it was; only a `watch` still looking is hurried.
+        """
+        if self._timer is None:
+            return
+        gone = self.look()
+        if self._cancelled or not gone:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        on_gone, self._on_gone = self._on_gone, _nothing
+        on_gone()
 
     def cancel(self) -> None:
         """Stop looking (the execution ended some other way); what was signalled stays signalled."""

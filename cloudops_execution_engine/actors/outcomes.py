@@ -13,7 +13,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from pydantic import BaseModel
+
 from .._model import construct_unchecked, utc_from_timestamp, utcnow
+from ..errors import Cancelled
 from ..events import (
     CancelledEvent,
     CompletedEvent,
@@ -29,6 +32,7 @@ from ..results import ExecutionResult, ExecutionStats, ExecutionStatus, PlanExec
 from .records import PlanRun, Record
 
 __all__ = [
+    "cancelled_between_attempts",
     "end_event",
     "line_events",
     "plan_result",
@@ -59,21 +63,33 @@ def started_event(record: Record) -> StartedEvent:
     return construct_unchecked(StartedEvent, values, _STARTED_FIELDS)
 
 
+# The slots `construct_unchecked` fills, set through their descriptors: on the
+# per-line path, a third less than a call to it with `object.__setattr__`.
+_SET_DICT, _SET_FIELDS, _SET_EXTRA, _SET_PRIVATE = (
+    vars(BaseModel)[name].__set__
+    for name in ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+)
+
+
 def line_events(record_id: UUID, stream: int, timestamp: float, lines: list[str]) -> list[ExecutionEvent]:
+    """One event per line, made as `construct_unchecked` makes them."""
     stamp = utc_from_timestamp(timestamp)
     kind: type[StdoutEvent | StderrEvent]
     if stream == Stream.STDOUT:
         kind, tag = StdoutEvent, "stdout"
     else:
         kind, tag = StderrEvent, "stderr"
-    return [
-        construct_unchecked(
-            kind,
-            {"event_type": tag, "execution_id": record_id, "line": line, "timestamp": stamp},
-            _LINE_FIELDS,
-        )
-        for line in lines
-    ]
+    new, fields = kind.__new__, _LINE_FIELDS
+    events: list[ExecutionEvent] = []
+    add = events.append
+    for line in lines:
+        event = new(kind)
+        _SET_DICT(event, {"event_type": tag, "execution_id": record_id, "line": line, "timestamp": stamp})
+        _SET_FIELDS(event, fields)
+        _SET_EXTRA(event, None)
+        _SET_PRIVATE(event, None)
+        add(event)
+    return events
 
 
 def result(
@@ -110,6 +126,7 @@ def result(
         else None,
         "stdout_truncated": stdout_truncated,
         "stderr_truncated": stderr_truncated,
+        "attempts": record.attempt,
     }
     return construct_unchecked(ExecutionResult, values, _RESULT_FIELDS)
 
@@ -137,6 +154,26 @@ def result_without_worker(record: Record, status: ExecutionStatus, error: str) -
     """The result of a command that no worker reported on: never started, or its worker died."""
     now = utcnow()
     return result(record, status, record.started_at or now, now, error=error)
+
+
+def cancelled_between_attempts(record: Record, last: ExecutionResult | None) -> ExecutionResult:
+    """A retried execution cancelled while no attempt ran: `cancelled`, with the last attempt's output.
+
+    Also the result when a cancel reached an attempt that had just ended on its
+    own and would have been run again: the execution as a whole was cancelled.
+    """
+    error = str(Cancelled())
+    if last is None:
+        return result_without_worker(record, ExecutionStatus.CANCELLED, error)
+    now = utcnow()
+    changes = {
+        "status": ExecutionStatus.CANCELLED,
+        "error": error,
+        "completed_at": now,
+        "duration": now - last.started_at,
+        "attempts": record.attempt,
+    }
+    return last.model_copy(update=changes)
 
 
 def end_event(record_id: UUID, result: ExecutionResult) -> Any:
@@ -196,4 +233,5 @@ def plan_result(run: PlanRun) -> PlanExecutionResult:
         results=results,
         total_duration=utcnow() - run.started_at,
         stats=stats,
+        resumed_from=run.resumed_from,
     )

@@ -15,11 +15,19 @@ of its own, `whole_lines_cut` / `mark_read` / `read_lines`, that marks up the
 log in one C-level replace and copies nothing else; `split_lines` /
 `mark_lines` / `block_lines` handle everything else. The log's header and
 footer lines are here too.
+
+With secrets to mask (a `Masker`), a read that holds one takes the second
+path, which masks whole lines and pieces before anything is logged, sent or
+decoded; pieces of an endless line are then cut only where no secret spans
+the cut, once `hold` more bytes have been read (see `secrets`). The kept
+bytes are masked when the result is made (`masked_kept`).
 """
 
 from __future__ import annotations
 
 import time
+
+from .secrets import Masker
 
 __all__ = [
     "LINE_PIECE",
@@ -32,9 +40,11 @@ __all__ = [
     "log_prefix",
     "mark_lines",
     "mark_read",
+    "masked_kept",
     "read_lines",
     "split_lines",
     "stamp",
+    "takes_masking",
     "utf8_boundary",
     "whole_lines_cut",
 ]
@@ -115,24 +125,44 @@ def read_lines(head: bytes, data: bytes, cut: int) -> list[str]:
 # -- every other read ------------------------------------------------------------
 
 
-def split_lines(partial: bytes, data: bytes) -> tuple[bytes, list[bytes], bytes]:
+def takes_masking(head: bytes, data: bytes, cut: int, masker: Masker | None) -> bool:
+    """Whether a read must take the masking path (`split_lines` with the masker) rather than the usual one.
+
+    It must when it holds a secret, or when it has no whole line (`cut` is 0,
+    as `whole_lines_cut` says): a piece of an endless line may then be cut,
+    and only the masking path keeps a secret whole across a cut.
+    """
+    return masker is not None and (not cut or masker.hit(head + data if head else data))
+
+
+def split_lines(
+    partial: bytes, data: bytes, masker: Masker | None = None
+) -> tuple[bytes, list[bytes], bytes]:
     """`partial + data` as (whole lines, pieces of an overlong line, the partial line left).
 
     The whole lines are one block that ends in a newline (or is empty), with
     `\\r\\n` made `\\n`; the pieces have no newline and are `LINE_PIECE` bytes
-    or a little less, cut between UTF-8 sequences.
+    or a little less, cut between UTF-8 sequences. With a `masker`, the block
+    and the pieces come masked, and the partial line left stays raw.
     """
     buffer = partial + data if partial else data
     cut = buffer.rfind(b"\n") + 1
     rest = buffer[cut:]
     pieces: list[bytes] = []
-    while len(rest) >= LINE_PIECE:
+    hold = masker.hold if masker is not None else 0
+    while len(rest) >= LINE_PIECE + hold:
         piece = utf8_boundary(rest, LINE_PIECE)
-        pieces.append(rest[:piece])
+        if masker is not None:
+            piece = masker.piece_cut(rest, piece)
+            pieces.append(masker.mask(rest[:piece]))
+        else:
+            pieces.append(rest[:piece])
         rest = rest[piece:]
     block = buffer[:cut]
     if b"\r" in block:
         block = block.replace(b"\r\n", b"\n")
+    if masker is not None and block:
+        block = masker.mask(block)
     return block, pieces, rest
 
 
@@ -162,6 +192,21 @@ def keep(kept: bytearray, data: bytes, limit: int) -> bool:
         return True
     kept += data[:room]
     return len(data) > room
+
+
+def masked_kept(kept: bytes | bytearray, truncated: bool, limit: int, masker: Masker) -> tuple[bytes, bool]:
+    """Kept output with its secrets masked, at most `limit` bytes, and whether it was cut.
+
+    `kept` holds up to `masker.hold` bytes past the limit, so that a secret
+    that starts before the limit is masked whole rather than cut to a prefix.
+    """
+    if not truncated:
+        masked = masker.mask(bytes(kept))
+        if len(masked) <= limit:
+            return masked, False
+    else:
+        masked = masker.mask_upto(kept, limit)
+    return masked[: utf8_boundary(masked, limit)], True
 
 
 def kept_text(kept: bytes | bytearray, truncated: bool, limit: int) -> tuple[str, bool]:

@@ -65,6 +65,7 @@ from typing import Any, Generic, TypeVar
 
 from ..logfiles import LogNode, read_log
 from ..protocol import FrameDecoder, Hello, Message, Ping, Pong, ProtocolError, SetEnv, decode_message
+from .telemetry import correlate
 
 __all__ = [
     "BROKEN_AFTER",
@@ -383,4 +384,12 @@ def _notify(callback: Callable[..., None], *args: Any) -> None:
     try:
         callback(*args)
     except Exception:
-        logger.exception("pool callback %r failed", callback)
+        # The executions it was about: a message's, or those a dead worker held.
+        about: list[bytes] = []
+        for arg in args:
+            if isinstance(arg, WorkerHandle):
+                about += arg.held
+            elif isinstance(getattr(arg, "execution_id", None), bytes):
+                about.append(arg.execution_id)
+        suffix, extra = correlate(about)
+        logger.exception("pool callback %r failed%s", callback, suffix, extra=extra)

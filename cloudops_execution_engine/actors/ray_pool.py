@@ -3,15 +3,22 @@
 The supervisor does not change: it sends the same frames and receives the same
 messages. Each `RayWorkerHandle` carries them to a `NodeWorker` actor
 (`ray_node.py`), which relays them to an ordinary worker process on its node.
-Frames written in one turn of the host loop go in one `send` call; what the
-worker writes comes back through the actor's streaming generator, in order.
+The frames themselves do not go through Ray: each handle has a TCP connection
+of its own to its actor (`ray_link.py`), authenticated with a key made for that
+actor, which the actor relays to and from its worker's pipes. Ray still
+places, supervises and ends the actors, and serves the logs.
 
-A handle dies when its stream ends or fails (`RayActorError` when the actor or
-its node dies), when it times out starting, or when it sends a malformed
-frame. Its executions fail, naming the node, and are never retried: a command
-is not known to be safe to run twice. The successor is placed on the same
-node, and before it starts its worker it kills what the dead one's commands
-left behind; if that node is gone, the successor goes to another.
+A handle dies when its connection ends or breaks (the actor or its worker
+ended, or the node died), when Ray fails its start (`RayActorError`), when it
+times out starting, or when it sends a malformed frame. The pool also tries each node's
+raylet port every half second: a raylet that answered once and now refuses
+means the node is dead, which Ray's own health check takes about 15 s to say,
+and every handle there dies "its node died" at once.
+
+A dead handle's executions fail, naming the node, and are never retried: a
+command is not known to be safe to run twice. The successor is placed on the
+same node, and before it starts its worker it kills what the dead one's
+commands left behind; if that node is gone, the successor goes to another.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future as ConcurrentFuture
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,8 @@ from ..config import RayConfig
 from ..errors import IoError, map_errors
 from ..logfiles import LogNode
 from ..protocol import Shutdown, encode_frame
+from ..protocol.pipe import PipeWriter, read_available
+from . import ray_link
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -45,12 +55,20 @@ from .pool import (
     resolve_if_pending,
 )
 from .ray_node import NodeWorker
+from .telemetry import correlate
 
 __all__ = ["RayWorkerHandle", "RayWorkerPool"]
 
 logger = logging.getLogger("cloudops_execution_engine.ray")
 
 _STOP_TIMEOUT = 10.0
+# Each node holding workers has its raylet's port tried this often. A raylet
+# that accepted before and now refuses is gone, and its node with it: Ray's own
+# health check takes about 15 s to say so. A node that is merely slow still
+# accepts (the kernel answers for a stalled raylet), and one that does not
+# answer at all is left to the supervisor's heartbeat.
+_PROBE_INTERVAL = 0.5
+_PROBE_TIMEOUT = 1.0
 _MAX_CONCURRENCY = 1000  # calls in flight per actor: sends, the stream, log reads
 
 
@@ -114,9 +132,39 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self._prefix)
 
 
-def _alive_nodes() -> list[str]:
+class _Raylet:
+    """Where a node's raylet listens, and whether it has ever answered there."""
+
+    __slots__ = ("address", "port", "reached")
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self.reached = False
+
+
+def _alive_nodes() -> dict[str, _Raylet]:
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
-    return [node["NodeID"] for node in nodes if node.get("Alive")]
+    return {
+        node["NodeID"]: _Raylet(str(node["NodeManagerAddress"]), int(node["NodeManagerPort"]))
+        for node in nodes
+        if node.get("Alive")
+    }
+
+
+async def _reach(raylet: _Raylet) -> bool | None:
+    """True if the raylet's port accepts a connection, False if it is refused, None if unknown."""
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(raylet.address, raylet.port)
+    except ConnectionRefusedError:
+        return False
+    except (OSError, TimeoutError):
+        return None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _ray_cause(exc: BaseException) -> str:
@@ -126,11 +174,13 @@ def _ray_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _retrieved(future: ConcurrentFuture[Any]) -> None:
-    # A failed send is seen as the end of the actor's stream; reading the
-    # outcome here keeps Ray from reporting it as an unhandled error.
-    if not future.cancelled():
-        future.exception()
+def _close_connected(pending: asyncio.Future[int]) -> None:
+    if not pending.cancelled() and pending.exception() is None:
+        os.close(pending.result())
+
+
+NodeGone = Callable[[str], Awaitable[str | None]]
+"""Given a node id, why that node is dead (its raylet refuses connections), or None if it seems alive."""
 
 
 class RayWorkerHandle(WorkerHandle):
@@ -145,16 +195,21 @@ class RayWorkerHandle(WorkerHandle):
         config: RayConfig,
         log_dir: str,
         abandoned: tuple[set[str], set[int]] = (set(), set()),
+        node_gone: NodeGone | None = None,
     ) -> None:
         super().__init__(index, loop, on_message)
         self._on_death = on_death
+        self._node_gone = node_gone
         self.node_id = node_id
         self.node_address = node_id[:8]
         self.cleaned: asyncio.Future[int] = loop.create_future()
-        self._outbox: list[bytes] = []
-        self._seq = 0
-        self._flush_scheduled = False
+        self._outbox: list[bytes] = []  # frames sent before the connection is up
+        self._fd = -1  # the connection to the actor, once made
+        self._writer: PipeWriter | None = None
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._failures: set[asyncio.Task[None]] = set()
         self._reported: asyncio.Future[None] = loop.create_future()
+        self._authkey = secrets.token_bytes(32)
         markers, sessions = abandoned
         self.actor = actor_class.options(
             num_cpus=config.num_cpus,
@@ -162,7 +217,7 @@ class RayWorkerHandle(WorkerHandle):
             max_restarts=0,
             max_task_retries=0,
             max_concurrency=_MAX_CONCURRENCY,
-        ).remote(log_dir, sorted(markers), sorted(sessions))
+        ).remote(log_dir, sorted(markers), sorted(sessions), self._authkey)
         self.alive = True
         self._relay_task = loop.create_task(self._relay())
 
@@ -175,52 +230,111 @@ class RayWorkerHandle(WorkerHandle):
             self.node_address = str(info["address"])
             if not self.cleaned.done():
                 self.cleaned.set_result(int(info["cleaned"]))
-            async for ref in self.actor.stream.options(num_returns="streaming").remote():
-                self._feed(await ref)
-                if self._dead:
-                    return
+            port = int(info["port"])
+            try:
+                fd = await self._connect(port)
+            except Exception as exc:
+                self.die(f"cannot connect to it at {self.node_address}:{port} ({exc or type(exc).__name__})")
+                return
+            self._open(fd)
+            await self._closed
             # Detached, the worker is not the actor's child: its exit status is not to be had.
-            self.die("its worker process exited")
+            self.die(await self._death_cause("its connection closed: the actor or its worker process ended"))
         except asyncio.CancelledError:
             raise
         except RayError as exc:
-            self.die(_ray_cause(exc))
+            self.die(await self._death_cause(_ray_cause(exc)))
         except Exception as exc:
-            logger.exception("relay of %s failed", self.describe())
+            suffix, extra = correlate(self.held)
+            logger.exception("relay of %s failed%s", self.describe(), suffix, extra=extra)
             self.die(f"relay failed: {exc}")
+
+    async def _connect(self, port: int) -> int:
+        pending = self._loop.run_in_executor(None, ray_link.connect, self.node_address, port, self._authkey)
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending), ray_link.HANDSHAKE_TIMEOUT + 5)
+        except BaseException:
+            # Given up on (or cancelled): whatever the thread still connects is closed.
+            pending.add_done_callback(_close_connected)
+            raise
+
+    def _open(self, fd: int) -> None:
+        self._fd = fd
+        self._writer = PipeWriter(self._loop, fd, self._connection_broken)
+        if self._outbox:
+            self._writer.write(b"".join(self._outbox))
+            self._outbox.clear()
+        self._loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        data = read_available(self._fd)
+        if data is None:
+            return
+        if not data:
+            self._loop.remove_reader(self._fd)
+            resolve_if_pending(self._closed)
+            return
+        self._feed(data)
 
     def send(self, wire: list[Any]) -> None:
         if self._dead:
             return
-        self._outbox.append(encode_frame(wire))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._writer is not None:
+            self._writer.write(encode_frame(wire))
+        else:
+            self._outbox.append(encode_frame(wire))
 
     def send_env(self, env: dict[bytes, bytes]) -> None:
         # Commands on a node get that node's environment (as Ray tasks do),
         # set by the actor; the host's PATH or HOME may mean nothing there.
         return
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._dead or not self._outbox:
+    def _connection_broken(self, exc: OSError) -> None:
+        if self._dead:
             return
-        data = b"".join(self._outbox)
-        self._outbox.clear()
-        self._seq += 1
-        self.actor.send.remote(self._seq, data).future().add_done_callback(_retrieved)
+        task = self._loop.create_task(self._die_of(f"its connection broke ({exc})"))
+        self._failures.add(task)
+        task.add_done_callback(self._failures.discard)
+
+    async def _die_of(self, cause: str) -> None:
+        self.die(await self._death_cause(cause))
+
+    async def _death_cause(self, cause: str) -> str:
+        """The cause given, unless the node is gone: then that, which Ray takes about 15 s to say."""
+        if self._node_gone is not None and not self._dead:
+            return await self._node_gone(self.node_id) or cause
+        return cause
 
     def die(self, how: str) -> None:
         if not self._mark_dead(how):
             return
-        if self._relay_task is not asyncio.current_task():
-            self._relay_task.cancel()
+        current = asyncio.current_task()
+        for task in (self._relay_task, *self._failures):
+            if task is not current:
+                task.cancel()
         if not self.cleaned.done():
             self.cleaned.cancel()
+        self._disconnect()
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
         self._loop.call_soon(self._report_death, how)
+
+    def _disconnect(self, loop_open: bool = True) -> None:
+        if self._fd < 0:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        if loop_open:
+            self._loop.remove_reader(self._fd)
+        # The actor sees the end of the stream and closes its worker's input:
+        # the worker then ends its trees, even if Ray's kill does not arrive.
+        os.close(self._fd)
+        self._fd = -1
+
+    def abandon(self) -> None:
+        # The loop is closed: its selector is gone, and only the fd is left to close.
+        self._disconnect(loop_open=False)
+        super().abandon()
 
     def _report_death(self, how: str) -> None:
         try:
@@ -267,13 +381,16 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         self._connected = False
         self._abandoned: dict[RayWorkerHandle, tuple[set[str], set[int]]] = {}
         self._cleanups: dict[RayWorkerHandle, asyncio.Future[None]] = {}
+        self._raylets: dict[str, _Raylet] = {}  # by node id
+        self._dead_nodes: set[str] = set()  # found dead here, before Ray's own health check says so
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(_Connection.acquire, self._config)
         self._connected = True
         try:
             self._actor_class = ray.remote(NodeWorker)
-            nodes = await asyncio.to_thread(_alive_nodes)
+            nodes = await self._alive_nodes()
             if not nodes:
                 raise WorkerStartError("the Ray cluster has no alive node")
             self.size = self._config.workers or len(nodes)
@@ -285,9 +402,57 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 await self._discard(handles)
                 raise
             await self._start_all(handles)
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_nodes())
         except BaseException:
             await self._disconnect()
             raise
+
+    async def _alive_nodes(self) -> list[str]:
+        """The nodes Ray calls alive, less those found dead here; where their raylets listen is kept."""
+        alive = await asyncio.to_thread(_alive_nodes)
+        new = [raylet for node_id, raylet in alive.items() if node_id not in self._raylets]
+        for node_id, raylet in alive.items():
+            self._raylets.setdefault(node_id, raylet)
+        # Tried once now, so that a node that dies before the watcher's first
+        # round is known to have had a raylet that answered.
+        for raylet, reached in zip(new, await asyncio.gather(*(_reach(r) for r in new)), strict=True):
+            raylet.reached = reached is True
+        return [node_id for node_id in alive if node_id not in self._dead_nodes]
+
+    async def _watch_nodes(self) -> None:
+        """Fail the workers of a node whose raylet is gone, long before Ray's health check would."""
+        while True:
+            try:
+                nodes = list({worker.node_id for worker in self.workers if worker.alive} - self._dead_nodes)
+                causes = await asyncio.gather(*(self._node_gone(node_id) for node_id in nodes))
+                for node_id, why in zip(nodes, causes, strict=True):
+                    if why is None:
+                        continue
+                    for worker in list(self.workers):
+                        if worker.node_id == node_id:
+                            worker.die(why)
+            except Exception:
+                logger.exception("watching the Ray nodes failed")
+            await asyncio.sleep(_PROBE_INTERVAL)
+
+    async def _node_gone(self, node_id: str) -> str | None:
+        """Why the node is dead, or None if it may be alive.
+
+        Only a raylet that once accepted a connection and now refuses one is
+        taken for dead: a port that never answered here (a firewall, a Ray
+        client far from the cluster) says nothing either way.
+        """
+        raylet = self._raylets.get(node_id)
+        if raylet is None:
+            return None
+        if node_id not in self._dead_nodes:
+            reached = await _reach(raylet)
+            if reached:
+                raylet.reached = True
+            if reached is not False or not raylet.reached:
+                return None
+            self._dead_nodes.add(node_id)
+        return f"its node died: its raylet at {raylet.address}:{raylet.port} refuses connections"
 
     def _new_handle(
         self, node_id: str, abandoned: tuple[set[str], set[int]] = (set(), set())
@@ -302,12 +467,13 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             self._config,
             self._log_dir,
             abandoned,
+            self._node_gone,
         )
 
     async def _successor(self, dead: RayWorkerHandle) -> RayWorkerHandle:
         abandoned = self._abandoned.pop(dead, (set(), set()))
         cleanup = self._cleanups.pop(dead, None)
-        alive = await asyncio.to_thread(_alive_nodes)
+        alive = await self._alive_nodes()
         if dead.node_id in alive:
             handle = self._new_handle(dead.node_id, abandoned)
             handle.cleaned.add_done_callback(lambda cleaned: self._cleaned(cleaned, dead, abandoned, cleanup))
@@ -339,7 +505,14 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 resolve_if_pending(cleanup)
             return
         if cleaned.result():
-            logger.warning("killed %d process(es) left on node %s", cleaned.result(), dead.node_address)
+            suffix, extra = correlate(abandoned[0])
+            logger.warning(
+                "killed %d process(es) left on node %s%s",
+                cleaned.result(),
+                dead.node_address,
+                suffix,
+                extra=extra,
+            )
         if cleanup is not None:
             resolve_if_pending(cleanup)
 
@@ -353,7 +526,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         peer = self._live_on(dead.node_id)
         if peer is not None:
             ref = peer.actor.clean_up.remote(sorted(markers), sorted(sessions))
-            return self._await_cleanup(ref, dead)
+            return self._await_cleanup(ref, dead, markers)
         if self._closing:
             # No successor will come: the dead worker process kills its
             # trees itself when its actor's pipe closes.
@@ -363,11 +536,14 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         self._cleanups[dead] = done
         return done
 
-    async def _await_cleanup(self, ref: Any, dead: RayWorkerHandle) -> None:
+    async def _await_cleanup(self, ref: Any, dead: RayWorkerHandle, markers: set[str]) -> None:
         try:
             await ref
         except RayError as exc:
-            logger.error("cleaning up after %s failed: %s", dead.describe(), _ray_cause(exc))
+            suffix, extra = correlate(markers)
+            logger.error(
+                "cleaning up after %s failed: %s%s", dead.describe(), _ray_cause(exc), suffix, extra=extra
+            )
 
     def _live_on(self, node_id: str) -> RayWorkerHandle | None:
         for worker in self.workers:
@@ -406,6 +582,10 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             await self._disconnect()
 
     async def _disconnect(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
+            self._watcher = None
         if self._connected:
             self._connected = False
             await asyncio.to_thread(_Connection.release)

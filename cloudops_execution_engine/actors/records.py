@@ -16,13 +16,18 @@ from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 from .._model import utcnow
 from ..plans import Schedule, schedule_for
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
+from .admission import NO_OPTIONS
+from .retries import Retrying
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from .pool import WorkerHandle
 
 __all__ = ["COMPLETED", "FAILED", "PENDING", "RUNNING", "Ending", "PlanRun", "Record"]
@@ -41,23 +46,27 @@ class Ending:
     long-lived host keeps many finished executions that nobody waits on.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "settled")
     status: ExecutionStatus
 
     def __init__(self) -> None:
         self._event: asyncio.Event | None = None
+        # Set once the end has been announced: after the store made the result
+        # durable, which may come a little after the status became final.
+        self.settled = False
 
     def end_event(self) -> asyncio.Event:
         event = self._event
         if event is None:
             event = asyncio.Event()
-            if self.status.is_final:
+            if self.settled:
                 event.set()
             else:
                 self._event = event
         return event
 
     def mark_ended(self) -> None:
+        self.settled = True
         if self._event is not None:
             self._event.set()
             self._event = None
@@ -68,6 +77,7 @@ class Record(Ending):
 
     __slots__ = (
         "argv",
+        "attempt",
         "cwd",
         "display",
         "env",
@@ -75,14 +85,18 @@ class Record(Ending):
         "index",
         "key",
         "log_path",
+        "options",
         "pid",
         "plan",
         "result",
+        "retry",
+        "span",
         "started_at",
         "started_ts",
         "status",
         "submitted_at",
         "timeout_ms",
+        "trace_id",
         "worker",
     )
 
@@ -112,6 +126,15 @@ class Record(Ending):
         self.pid = 0
         self.plan: PlanRun | None = None
         self.index = index
+        # The per-request options as the Run carries them (`admission.RunOptions`).
+        self.options = NO_OPTIONS
+        # The attempt running now, or the last one made (more than 1 only under a `RetryPolicy`).
+        self.attempt = 1
+        self.retry = Retrying(request.retry) if request.retry is not None else None
+        # Its OpenTelemetry span while it runs, when the host traces (telemetry.py); once
+        # ended only the span's trace id is kept, for log lines: an ended span is kilobytes.
+        self.span: Span | None = None
+        self.trace_id = 0
         super().__init__()
 
     def summary(self) -> ExecutionSummary:
@@ -137,10 +160,13 @@ class PlanRun(Ending):
         "ready",
         "records",
         "result",
+        "resumed_from",
         "running",
         "schedule",
+        "span",
         "started_at",
         "status",
+        "trace_id",
     )
 
     def __init__(self, plan: ExecutionPlan, records: list[Record]) -> None:
@@ -158,6 +184,9 @@ class PlanRun(Ending):
         self.queued = False
         self.started_at = utcnow()
         self.result: PlanExecutionResult | None = None
+        self.resumed_from: UUID | None = None  # the plan this one resumes (`resume_plan`)
+        self.span: Span | None = None
+        self.trace_id = 0
         super().__init__()
 
     def can_take(self) -> bool:

@@ -34,12 +34,20 @@ class Scheduler:
         limit: int,
         pick: Callable[[], WorkerHandle | None],
         start: Callable[[WorkerHandle, Record], bool],
+        pick_again: Callable[[Record], WorkerHandle | None] | None = None,
     ) -> None:
-        """`pick` names a worker with room, or None; `start` sends it a record, False if it could not."""
+        """`pick` names a worker with room, or None; `start` sends it a record, False if it could not.
+
+        `pick_again` names the worker for another attempt of a record (one near its logs), or None.
+        """
         self._limit = limit
         self._pick = pick
         self._start = start
+        self._pick_again = pick_again or (lambda _record: pick())
         self._queue: deque[Record | PlanRun] = deque()
+        # Executions whose backoff is over, waiting for their next attempt. They
+        # go first: each was admitted before anything still in the queue.
+        self._retries: deque[Record] = deque()
         self.running = 0
         self._since_yield = 0
 
@@ -57,7 +65,23 @@ class Scheduler:
             run.queued = True
             self._queue.append(run)
 
+    def retry(self, record: Record) -> None:
+        """Queue the next attempt of a record that is still running."""
+        self._retries.append(record)
+        self.dispatch()
+
+    def forget_retry(self, record: Record) -> None:
+        """Take back a queued attempt (its execution was cancelled)."""
+        if record in self._retries:
+            self._retries.remove(record)
+
     def dispatch(self) -> None:
+        while self._retries and self.running < self._limit:
+            worker = self._pick_again(self._retries[0])
+            if worker is None:
+                return
+            if self._start(worker, self._retries.popleft()):
+                self.running += 1
         while self.running < self._limit and self._queue:
             worker = self._pick()
             if worker is None:
@@ -105,7 +129,9 @@ class Scheduler:
         return [run.records[index] for index in dropped if run.records[index].status is PENDING]
 
     def drain_pending(self) -> Iterator[Record]:
-        """Take every queued command that has not started, emptying the queue (the pool cannot run them)."""
+        """Take every queued command and later attempt that has not started (the pool cannot run them)."""
+        while self._retries:
+            yield self._retries.popleft()
         while self._queue:
             source = self._queue.popleft()
             if isinstance(source, PlanRun):

@@ -25,6 +25,7 @@ __all__ = [
     "PROGRAM",
     "STAGE_CHDIR",
     "STAGE_EXEC",
+    "STAGE_LIMITS",
     "STAGE_OTHER",
     "Spawner",
     "SpawnerLost",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 PROGRAM = Path(__file__).with_name("_spawner")
-_HEADER = struct.Struct("=5I")
+_HEADER = struct.Struct("=5IiI")
 _ANSWER = struct.Struct("=3i")
 _LIMIT = struct.Struct("=iqq")
 # The spawner answers as soon as the command has called execve: milliseconds.
@@ -43,7 +44,7 @@ _LIMIT = struct.Struct("=iqq")
 # silence from a worker, so a stalled spawner costs one start, not the worker.
 _ANSWER_TIMEOUT = 1.0
 # Where a child's start failed, as `_child.h` numbers the stages.
-STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER = 1, 2, 3
+STAGE_CHDIR, STAGE_EXEC, STAGE_OTHER, STAGE_LIMITS = 1, 2, 3, 4
 
 
 def available() -> bool:
@@ -98,9 +99,14 @@ class Spawner:
         err_w: int,
         defaults: tuple[int, ...],
         limits: tuple[tuple[int, int, int], ...],
+        stdin_fd: int = -1,
+        nice: int = 0,
+        affinity: tuple[int, ...] = (),
     ) -> int:
         """Start one command as this process's child; its pid, or the `OSError` of a failed start.
 
+        `stdin_fd` becomes its standard input (-1: the spawner's, /dev/null);
+        `nice` raises its nice value; `affinity`, when not empty, is its CPU set.
         `SpawnerLost` means the request never reached the spawner, so nothing
         was started and the caller may start the command itself.
         """
@@ -111,12 +117,14 @@ class Spawner:
         body = b"\0".join(strings) + b"\0"
         body += struct.pack(f"={len(defaults)}i", *defaults)
         body += b"".join(_LIMIT.pack(*limit) for limit in limits)
-        header = _HEADER.pack(len(body), len(argv), len(env), len(defaults), len(limits))
+        body += struct.pack(f"={len(affinity)}i", *affinity)
+        header = _HEADER.pack(len(body), len(argv), len(env), len(defaults), len(limits), nice, len(affinity))
+        fds = [out_w, err_w] if stdin_fd < 0 else [out_w, err_w, stdin_fd]
         sock = self._sock
         assert sock is not None, "start() first"
         try:
             # One message where it fits, so the spawner wakes once per command.
-            sent = socket.send_fds(sock, [header, body], [out_w, err_w])
+            sent = socket.send_fds(sock, [header, body], fds)
         except OSError as exc:
             self.stop()
             raise SpawnerLost(f"the spawner is gone ({exc})") from exc
@@ -148,6 +156,8 @@ class Spawner:
 
 def start_failure(stage: int, errno: int, program: bytes, cwd: bytes) -> OSError:
     """The `OSError` of a child that could not start, naming the file as `subprocess` does."""
+    if stage == STAGE_LIMITS:
+        return OSError(errno, f"cannot apply the command's limits: {os.strerror(errno)}")
     name = {STAGE_CHDIR: cwd, STAGE_EXEC: program}.get(stage)
     if name is None:
         return OSError(errno, os.strerror(errno))

@@ -1,8 +1,9 @@
 """Starting a command's process: its environment, its program's path, and the start itself.
 
 A command starts in a new session, in its working directory, with a pipe each
-for its standard output and error and the worker's `/dev/null` as its input,
-with the given resource limits, and (on Linux) as the child subreaper of its
+for its standard output and error and the worker's `/dev/null` as its input
+(or the read end of a pipe the caller gives it), with the given resource
+limits, nice increment and CPU set, and (on Linux) as the child subreaper of its
 own descendants, so that nothing it starts can leave its tree while it runs.
 Only fds 0, 1 and 2 cross into it. Where the `_spawn` extension was built it
 starts with vfork and execve (see `_spawn.c` for why that is cheaper);
@@ -14,6 +15,7 @@ peak resident size is its own.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -21,11 +23,13 @@ import signal
 import struct
 from collections.abc import Callable
 
+from ..errors import describe_failure
 from . import process_tree
 from .spawner import (
     PROGRAM,
     STAGE_CHDIR,
     STAGE_EXEC,
+    STAGE_LIMITS,
     STAGE_OTHER,
     Spawner,
     SpawnerLost,
@@ -37,7 +41,10 @@ from .spawner import (
 __all__ = ["CommandEnv", "spawn"]
 
 Limits = tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is RLIM_INFINITY
-NativeSpawn = Callable[[bytes, list[bytes], list[bytes], bytes, int, int, tuple[int, ...], Limits], int]
+NativeSpawn = Callable[
+    [bytes, list[bytes], list[bytes], bytes, int, int, tuple[int, ...], Limits, int, int, tuple[int, ...]],
+    int,
+]
 
 native: NativeSpawn | None  # what `spawn` starts commands with; None: `_fork_exec`
 try:
@@ -46,9 +53,12 @@ except ImportError:  # not built: no compiler at install time, or not a POSIX sy
     native = None
 
 # Python ignores SIGPIPE and SIGXFSZ and a worker ignores SIGINT; ignored
-# dispositions survive exec, so the command gets the defaults.
+# dispositions survive exec, so the command gets the defaults. SIGXCPU too,
+# should the host have ignored it: the CPU limit ends a command by it.
 _DEFAULT_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGQUIT") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGXCPU", "SIGQUIT")
+    if hasattr(signal, name)
 )
 _MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
 
@@ -86,7 +96,9 @@ def _launch_spawner() -> None:
     # Started as a command is, so it has no signal ignored, which its commands
     # would inherit; its stdout is the control socket.
     _spawner.start(
-        lambda sock: native(_spawner_path, [_spawner_path], [], b"/", sock, 2, _DEFAULT_SIGNALS, ())
+        lambda sock: native(
+            _spawner_path, [_spawner_path], [], b"/", sock, 2, _DEFAULT_SIGNALS, (), -1, 0, ()
+        )
     )
 
 
@@ -99,13 +111,18 @@ def _start_with_spawner(
     err_w: int,
     defaults: tuple[int, ...],
     limits: Limits,
+    stdin_fd: int,
+    nice: int,
+    affinity: tuple[int, ...],
 ) -> int | None:
     """Start the command through the spawner; None when it cannot take it and nothing was started."""
     global use_spawner, _spawner_losses
     try:
         if not _spawner.pid:
             _launch_spawner()
-        return _spawner.start_command(program, argv, env, cwd, out_w, err_w, defaults, limits)
+        return _spawner.start_command(
+            program, argv, env, cwd, out_w, err_w, defaults, limits, stdin_fd, nice, affinity
+        )
     except SpawnerLost:
         _spawner_losses += 1
         use_spawner = _spawner_losses < _SPAWNER_LOSSES
@@ -147,6 +164,17 @@ class CommandEnv:
 
 _resolved: dict[tuple[str, str], str] = {}
 
+# Programs a plan names that come from an extra, and how to get them.
+_INSTALL_HINTS = {"aws": "the AWS CLI is not installed: pip install 'cloudops-execution-engine[aws]'"}
+
+
+def describe_start_failure(exc: BaseException) -> str:
+    """A failed start's reason, with how to install the program when it is one we know."""
+    reason = describe_failure(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename in _INSTALL_HINTS:
+        reason += f" ({_INSTALL_HINTS[exc.filename]})"
+    return reason
+
 
 def _resolve_program(program: str, search: str) -> str:
     """Look `program` up in `search` (the command's own PATH), as execvpe would, remembering hits."""
@@ -163,20 +191,38 @@ def _resolve_program(program: str, search: str) -> str:
 
 
 def spawn(
-    argv: list[str], env: list[bytes], cwd: bytes, search: str, limits: Limits = ()
+    argv: list[str],
+    env: list[bytes],
+    cwd: bytes,
+    search: str,
+    limits: Limits = (),
+    stdin_fd: int = -1,
+    nice: int = 0,
+    affinity: tuple[int, ...] = (),
 ) -> tuple[int, int, int]:
-    """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr."""
+    """Start `argv` in a new session; return its pid and the read ends of its stdout and stderr.
+
+    `stdin_fd` (the caller's to close) becomes its standard input; -1 leaves it `/dev/null`.
+    """
+    extras = (stdin_fd, nice, affinity)
     try:
-        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits)
+        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits, *extras)
     except FileNotFoundError:
         # A remembered program may have moved since; look again once.
         if _resolved.pop((argv[0], search), None) is None:
             raise
-        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits)
+        return _spawn_resolved(_resolve_program(argv[0], search), argv, env, cwd, limits, *extras)
 
 
 def _spawn_resolved(
-    program: str, argv: list[str], env: list[bytes], cwd: bytes, limits: Limits
+    program: str,
+    argv: list[str],
+    env: list[bytes],
+    cwd: bytes,
+    limits: Limits,
+    stdin_fd: int,
+    nice: int,
+    affinity: tuple[int, ...],
 ) -> tuple[int, int, int]:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -185,10 +231,14 @@ def _spawn_resolved(
         path = os.fsencode(program)
         pid = None
         if use_spawner:
-            pid = _start_with_spawner(path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
+            pid = _start_with_spawner(
+                path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits, stdin_fd, nice, affinity
+            )
         if pid is None:
             start = native if native is not None else _fork_exec
-            pid = start(path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits)
+            pid = start(
+                path, args, env, cwd, out_w, err_w, _DEFAULT_SIGNALS, limits, stdin_fd, nice, affinity
+            )
     except BaseException:
         os.close(out_r)
         os.close(err_r)
@@ -213,6 +263,9 @@ def _fork_exec(
     err_w: int,
     defaults: tuple[int, ...],
     limits: Limits,
+    stdin_fd: int = -1,
+    nice: int = 0,
+    affinity: tuple[int, ...] = (),
 ) -> int:
     """What `_spawn.spawn` does, in Python: the same child, the same errors, only slower.
 
@@ -227,7 +280,9 @@ def _fork_exec(
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child either execs or exits
-            _child(program, argv, env, cwd, out_w, err_w, defaults, limits, report_w)
+            _child(
+                program, argv, env, cwd, out_w, err_w, defaults, limits, (stdin_fd, nice, affinity), report_w
+            )
         os.close(report_w)
         report_w = -1
         failure = b""
@@ -240,8 +295,8 @@ def _fork_exec(
     if len(failure) < _FAILURE.size:
         return pid
     os.waitpid(pid, 0)
-    stage, errno = _FAILURE.unpack(failure)
-    raise start_failure(stage, errno, program, cwd)
+    stage, error = _FAILURE.unpack(failure)
+    raise start_failure(stage, error, program, cwd)
 
 
 def _child(
@@ -253,20 +308,29 @@ def _child(
     err_w: int,
     defaults: tuple[int, ...],
     limits: Limits,
+    extras: tuple[int, int, tuple[int, ...]],
     report_w: int,
 ) -> None:  # pragma: no cover - runs in the forked child only
     stage = STAGE_OTHER
+    stdin_fd, nice, affinity = extras
     try:
         for sig in (signal.SIGCHLD, signal.SIGTERM, *defaults):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
+        if stdin_fd >= 0:
+            os.dup2(stdin_fd, 0)
         stage = STAGE_CHDIR
         os.chdir(cwd)
-        stage = STAGE_OTHER
+        stage = STAGE_LIMITS
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+        if nice:
+            os.nice(nice)
         for resource_id, soft, hard in limits:
             resource.setrlimit(resource_id, (soft, hard))
+        stage = STAGE_OTHER
         process_tree.become_subreaper()
         os.closerange(3, report_w)
         os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
@@ -274,5 +338,9 @@ def _child(
         os.execve(program, argv, dict(item.split(b"=", 1) for item in env))
     except OSError as exc:
         os.write(report_w, _FAILURE.pack(stage, exc.errno or 0))
+    except ValueError as exc:
+        # `resource.setrlimit` says EPERM and EINVAL as ValueError.
+        refused = errno.EPERM if "not allowed" in str(exc) else errno.EINVAL
+        os.write(report_w, _FAILURE.pack(stage, refused))
     finally:
         os._exit(127)

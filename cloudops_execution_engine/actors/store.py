@@ -10,27 +10,44 @@ forgets the oldest finished entries beyond `max_retained_executions`.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from ..errors import NotFound
-from ..results import ExecutionSummary
+from ..requests import ExecutionRequest
+from ..results import ExecutionStatus, ExecutionSummary, PlanExecutionResult
 from .records import PlanRun, Record
+from .retention import Retention, Sweeps, now, run_job
 
-__all__ = ["MemoryStore", "Store"]
+__all__ = ["MemoryStore", "Store", "matches", "select_newest"]
 
 
 class Store(Protocol):
     """What the supervisor needs of a store of executions and plans."""
 
+    async def open(self) -> None:
+        """Make ready before the engine starts (a journal: lock, migrate, recover)."""
+
+    async def close(self) -> None:
+        """Everything told has been written; let go of what was opened."""
+
+    def abandon(self) -> None:
+        """`close` without the event loop, which has closed."""
+
     def __contains__(self, entry_id: UUID) -> bool: ...
 
-    def add(self, record: Record) -> None:
-        """Keep a single execution, just submitted."""
+    def add(self, record: Record, request: ExecutionRequest) -> None:
+        """Keep a single execution, just submitted as `request`."""
 
     def add_plan(self, run: PlanRun) -> None:
         """Keep a plan and each of its executions, just submitted."""
+
+    def started(self, record: Record) -> None:
+        """`record`'s command has started (its `pid` and `started_at` are set)."""
 
     def record(self, entry_id: UUID) -> Record:
         """An execution (alone or in a plan); `NotFound` otherwise."""
@@ -42,40 +59,81 @@ class Store(Protocol):
         """An execution or a plan; `NotFound` otherwise."""
 
     def records(self) -> list[Record]:
-        """Every execution kept, in submission order."""
+        """Every execution this engine keeps in memory, in submission order."""
 
     def plans(self) -> list[PlanRun]:
-        """Every plan kept, in submission order."""
+        """Every plan this engine keeps in memory, in submission order."""
 
-    def ended(self, entry: Record | PlanRun) -> None:
-        """`entry` has its final result, which nobody has been told of yet."""
+    def live_ids(self) -> set[UUID]:
+        """The executions and plans not yet ended."""
+
+    def ended(self, entry: Record | PlanRun, then: Callable[[Any], None]) -> None:
+        """`entry` has its final result, which nobody has been told of yet.
+
+        `then(entry)` tells them: the store calls it once the result is kept as
+        it promises (at once in memory; once committed for a journal), on the
+        loop, in the order the ends came.
+        """
 
     def retire(self, entry: Record | PlanRun) -> None:
         """`entry` has ended and everyone has been told: it may be forgotten under retention."""
 
-    def summaries(self) -> list[ExecutionSummary]:
-        """A summary of every execution and plan kept, oldest submission first."""
+    def summaries(
+        self,
+        status: ExecutionStatus | None = None,
+        plan_id: UUID | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ExecutionSummary]:
+        """Summaries of what matches every filter given, oldest submission first; the newest `limit`."""
 
 
 class MemoryStore:
-    """Executions and plans in dicts, with retention by count of finished entries."""
+    """Executions and plans in dicts, with retention by count (and age) of finished entries."""
 
-    def __init__(self, max_retained: int | None = None) -> None:
+    def __init__(self, max_retained: int | None = None, retention: Retention | None = None) -> None:
         self._records: dict[UUID, Record] = {}
         self._plans: dict[UUID, PlanRun] = {}
         self._retired: deque[UUID] = deque()
         self._max_retained = max_retained
+        self._track_retired = retention is not None or max_retained is not None
+        self.retention = retention
+        self._sweeps = Sweeps()
+
+    async def open(self) -> None:
+        retention = self.retention
+        if retention is not None:
+            await asyncio.to_thread(run_job, retention.logs_job(set(), now()))
+            self._sweeps.start(self.sweep)
+
+    def sweep(self) -> None:
+        """Apply the retention policy to memory now, and to the log directory in a thread."""
+        retention = self.retention
+        if retention is None:
+            return
+        moment = now()
+        self.trim(retention.cutoff(moment), retention.policy.max_executions)
+        self._sweeps.run_in_thread(run_job, retention.logs_job(self.live_ids(), moment))
+
+    async def close(self) -> None:
+        await self._sweeps.stop()
+
+    def abandon(self) -> None:
+        self._sweeps.abandon()
 
     def __contains__(self, entry_id: UUID) -> bool:
         return entry_id in self._records or entry_id in self._plans
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Record, request: ExecutionRequest | None = None) -> None:
         self._records[record.id] = record
 
     def add_plan(self, run: PlanRun) -> None:
         self._plans[run.id] = run
         for record in run.records:
             self._records[record.id] = record
+
+    def started(self, record: Record) -> None:
+        return
 
     def record(self, entry_id: UUID) -> Record:
         record = self._records.get(entry_id)
@@ -101,25 +159,108 @@ class MemoryStore:
     def plans(self) -> list[PlanRun]:
         return list(self._plans.values())
 
-    def ended(self, entry: Record | PlanRun) -> None:
+    def live_ids(self) -> set[UUID]:
+        live = {key for key, record in self._records.items() if not record.settled}
+        live.update(key for key, run in self._plans.items() if not run.settled)
+        return live
+
+    def ended(self, entry: Record | PlanRun, then: Callable[[Any], None]) -> None:
         # The record itself holds the result.
-        return
+        then(entry)
 
     def retire(self, entry: Record | PlanRun) -> None:
-        limit = self._max_retained
-        if limit is None:
+        if not self._track_retired:
             return
         self._retired.append(entry.id)
-        while len(self._retired) > limit:
-            old = self._retired.popleft()
-            plan = self._plans.pop(old, None)
-            if plan is not None:
-                for record in plan.records:
-                    self._records.pop(record.id, None)
-            else:
-                self._records.pop(old, None)
+        limit = self._max_retained
+        if limit is not None:
+            while len(self._retired) > limit:
+                self._forget(self._retired.popleft())
 
-    def summaries(self) -> list[ExecutionSummary]:
+    def _forget(self, old: UUID) -> None:
+        plan = self._plans.pop(old, None)
+        if plan is not None:
+            for record in plan.records:
+                if self._records.get(record.id) is record:
+                    del self._records[record.id]
+        else:
+            self._records.pop(old, None)
+
+    def trim(self, ended_before: datetime | None, keep: int | None) -> int:
+        """Forget finished entries that ended before `ended_before`, and all but the newest `keep`.
+
+        A plan counts as its commands. Returns how many entries were forgotten.
+        """
+        forgotten = 0
+        retired = self._retired
+        if ended_before is not None:
+            while retired and _ended_at(
+                self._records.get(retired[0]) or self._plans.get(retired[0]), ended_before
+            ):
+                self._forget(retired.popleft())
+                forgotten += 1
+        if keep is not None:
+            while retired and self._finished_commands() > keep:
+                self._forget(retired.popleft())
+                forgotten += 1
+        return forgotten
+
+    def _finished_commands(self) -> int:
+        count = 0
+        for key in self._retired:
+            run = self._plans.get(key)
+            count += len(run.records) if run is not None else 1
+        return count
+
+    def summaries(
+        self,
+        status: ExecutionStatus | None = None,
+        plan_id: UUID | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ExecutionSummary]:
         items: list[Record | PlanRun] = [*self._plans.values(), *self._records.values()]
-        items.sort(key=lambda e: e.submitted_at if isinstance(e, Record) else e.started_at)
-        return [item.summary() for item in items]
+        if status is not None or plan_id is not None or since is not None:
+            items = [item for item in items if matches(item, status, plan_id, since)]
+        items.sort(key=_submitted)
+        return [item.summary() for _, item in select_newest([(0, item) for item in items], limit)]
+
+
+def _submitted(item: Record | PlanRun) -> datetime:
+    return item.submitted_at if isinstance(item, Record) else item.started_at
+
+
+def _ended_at(item: Record | PlanRun | None, before: datetime) -> bool:
+    """Whether `item` (None: already forgotten) ended before `before`."""
+    if item is None:
+        return True
+    result = item.result
+    if result is None:
+        return False
+    if isinstance(result, PlanExecutionResult):
+        assert isinstance(item, PlanRun)
+        return item.started_at + result.total_duration < before
+    return (result.completed_at or result.started_at) < before
+
+
+def matches(
+    item: Record | PlanRun, status: ExecutionStatus | None, plan_id: UUID | None, since: datetime | None
+) -> bool:
+    """Whether `item` passes the filters of `list_executions`."""
+    if status is not None and item.status is not status:
+        return False
+    if plan_id is not None and (not isinstance(item, Record) or item.plan is None or item.plan.id != plan_id):
+        return False
+    return since is None or _submitted(item) >= since
+
+
+_T = TypeVar("_T")
+
+
+def select_newest(items: list[tuple[int, _T]], limit: int | None) -> list[tuple[int, _T]]:
+    """The last `limit` of `items` (all with None); `items` are oldest first."""
+    if limit is None:
+        return items
+    if limit <= 0:
+        return []
+    return items[-limit:]

@@ -16,6 +16,7 @@ hears its workers and tells the rest. Each concern lives in a module of its own:
 - `scheduler.py`: the fair queue, dispatch within the concurrency limit, plan
   progression;
 - `outcomes.py`: every event and result the engine builds;
+- `retries.py`: whether an attempt runs again under a `RetryPolicy`, and when;
 - `admission.py`: what a request must satisfy to be admitted;
 - `flow.py`: the output credit that bounds host memory when listeners are slow;
 - `pool.py` and its backends: the worker processes, their pipes and deaths.
@@ -43,6 +44,7 @@ from ..errors import (
     InvalidPlan,
     IoError,
     NotCompleted,
+    NotFound,
     NotRunning,
     SpawnFailed,
     ValidationError,
@@ -54,15 +56,18 @@ from ..plans import check_plan
 from ..protocol import Cancel, Finished, Message, Output, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
-from . import outcomes
-from .admission import Admission, HostEnvironment
+from . import outcomes, resume, retries
+from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
+from .journal import store_for
 from .local_pool import LocalWorkerPool
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
 from .records import PENDING, RUNNING, PlanRun, Record
 from .scheduler import Scheduler
-from .store import MemoryStore, Store
+from .store import Store
+from .telemetry import Telemetry, correlate
+from .telemetry import load as load_telemetry
 
 __all__ = ["EngineState", "Supervisor"]
 
@@ -93,22 +98,26 @@ class Supervisor:
         self.config = config
         self.bus = bus
         self.log_dir = config.resolved_log_dir()
-        self._store: Store = store if store is not None else MemoryStore(config.max_retained_executions)
+        self._store: Store = store if store is not None else store_for(config)
         self._running_by_key: dict[bytes, Record] = {}
-        self._scheduler = Scheduler(config.max_concurrent_executions, self._pick, self._send_run)
+        self._scheduler = Scheduler(
+            config.max_concurrent_executions, self._pick, self._send_run, pick_again=self._pick_again
+        )
         self._pool: WorkerPool[Any] | None = None
         self._state = EngineState.NEW
         self._start_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._environment = HostEnvironment()
-        self._admission = Admission(self._environment)
+        self._admission = Admission(self._environment, config.secrets)
         self._max_frame = frame_limit_for(config.max_output_bytes)
         self._credit = OutputCredit(bus)
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broken: str | None = None
         self._winding_down: asyncio.Task[None] | None = None
+        # None unless OpenTelemetry is installed: then every hook below is skipped by one check.
+        self._telemetry: Telemetry | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -158,6 +167,7 @@ class Supervisor:
             for worker in list(self._pool.workers):
                 worker.abandon()
             self._pool.workers.clear()
+        self._store.abandon()
 
     async def start(self) -> None:
         if self._state is EngineState.RUNNING:
@@ -170,11 +180,19 @@ class Supervisor:
                 self.check_open()
                 return
             prepare_log_dir(self.log_dir)
+            # A journal is opened and recovered before anything starts: if it
+            # cannot be, the engine is not started at all.
+            await self._store.open()
+            self._telemetry = load_telemetry(self._store)
             self._loop = asyncio.get_running_loop()
             self.bus.start()
             pool = self._new_pool()
-            with map_errors({WorkerStartError: SpawnFailed}):
-                await pool.start()
+            try:
+                with map_errors({WorkerStartError: SpawnFailed}):
+                    await pool.start()
+            except BaseException:
+                await self._store.close()  # a journal's lock is not kept by an engine that did not start
+                raise
             self._pool = pool
             for worker in pool.workers:
                 worker.set_max_frame(self._max_frame)
@@ -209,10 +227,13 @@ class Supervisor:
         a worker starts again.
         """
         self._broken = cause
-        logger.error("no worker can be started (%s); queued executions fail", cause)
         error = str(SpawnFailed(cause))
+        failed = []
         for record in self._scheduler.drain_pending():
+            failed.append(record.id)
             self._finalize(record, outcomes.result_without_worker(record, FAILED, error))
+        suffix, extra = correlate(failed)
+        logger.error("no worker can be started (%s); queued executions fail%s", cause, suffix, extra=extra)
 
     def _on_pool_recovered(self) -> None:
         self._broken = None
@@ -247,20 +268,35 @@ class Supervisor:
                                 plan.cancelled = True
                         for record in self._store.records():
                             self._cancel_record(record)
-                    waits = [r.end_event().wait() for r in self._store.records() if not r.status.is_final]
-                    waits += [p.end_event().wait() for p in self._store.plans() if not p.status.is_final]
+                    waits = [r.end_event().wait() for r in self._store.records() if not r.settled]
+                    waits += [p.end_event().wait() for p in self._store.plans() if not p.settled]
                     bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
                     try:
                         await asyncio.wait_for(asyncio.gather(*waits), bound)
                     except TimeoutError:
-                        logger.error("executions still running %.0fs into shutdown; killing workers", bound)
+                        suffix, extra = correlate(
+                            r.id for r in self._store.records() if not r.status.is_final
+                        )
+                        logger.error(
+                            "executions still running %.0fs into shutdown; killing workers%s",
+                            bound,
+                            suffix,
+                            extra=extra,
+                        )
                         for worker in list(pool.workers):
                             worker.die("did not stop its commands at shutdown")
                         ending = asyncio.gather(*(r.end_event().wait() for r in self._store.records()))
                         try:
                             await asyncio.wait_for(ending, _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN)
                         except TimeoutError:
-                            logger.error("executions of dead workers did not end; stopping the pool anyway")
+                            suffix, extra = correlate(
+                                r.id for r in self._store.records() if not r.status.is_final
+                            )
+                            logger.error(
+                                "executions of dead workers did not end; stopping the pool anyway%s",
+                                suffix,
+                                extra=extra,
+                            )
             finally:
                 # Even when this task itself is cancelled (its loop closing):
                 # no worker, and so no command, outlives the engine.
@@ -268,10 +304,27 @@ class Supervisor:
                     await asyncio.gather(*self._background, return_exceptions=True)
                     await pool.stop()
                     await asyncio.gather(*self._background, return_exceptions=True)
+            # Ends are told once the store has kept them: every one is told before the handlers stop.
+            entries = [*self._store.records(), *self._store.plans()]
+            unsettled = [entry.end_event().wait() for entry in entries if not entry.settled]
+            if unsettled:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*unsettled), _DRAIN_TIMEOUT)
+                except TimeoutError:
+                    suffix, extra = correlate(r.id for r in self._store.records() if not r.settled)
+                    logger.error(
+                        "the store did not confirm every end within %.0fs of shutdown%s",
+                        _DRAIN_TIMEOUT,
+                        suffix,
+                        extra=extra,
+                    )
             await self.bus.drain(_DRAIN_TIMEOUT)
         finally:
             self._state = EngineState.CLOSED
-            self._closed.set()
+            try:
+                await self._store.close()
+            finally:
+                self._closed.set()
 
     # -- submitting -----------------------------------------------------
 
@@ -282,7 +335,9 @@ class Supervisor:
         if request.id in self._store:
             raise InvalidCommand(f"an execution with id {request.id} already exists")
         record = self._new_record(request)
-        self._store.add(record)
+        self._store.add(record, request)
+        if self._telemetry is not None:
+            self._telemetry.submitted(record)
         self._scheduler.add(record)
         return record.id
 
@@ -308,31 +363,78 @@ class Supervisor:
                 raise InvalidPlan(f"command {index} ({request.id}): {exc}") from exc
         run = PlanRun(plan, records)
         self._store.add_plan(run)
+        if self._telemetry is not None:
+            self._telemetry.plan_submitted(run)
         self._scheduler.add_plan(run)
+        return plan.id
+
+    def resume_plan(self, plan_id: UUID) -> UUID:
+        """Start a new plan of an ended plan's commands, those that completed counted as done (`resume`)."""
+        self.check_open()
+        if self._broken is not None:
+            raise SpawnFailed(self._broken)
+        old = self._store.plan(plan_id)
+        if not old.settled:
+            raise NotCompleted(plan_id)
+        plan, reused = resume.plan_to_resume(old)
+        records: list[Record] = []
+        for index, request in enumerate(plan.commands):
+            done = reused.get(index)
+            if done is not None:
+                timeout_ms = request.effective_timeout_ms(self.config)
+                records.append(resume.reused_record(request, done, index, timeout_ms))
+                continue
+            try:
+                request.validate(self.config)
+                records.append(self._new_record(request, index=index))
+            except ValidationError as exc:
+                raise InvalidPlan(f"command {index} ({request.id}): {exc}") from exc
+        run = PlanRun(plan, records)
+        resume.prepare_resumed(run, reused, old.id)
+        self._store.add_plan(run)
+        if self._telemetry is not None:
+            self._telemetry.plan_submitted(run)
+        self._scheduler.add_plan(run)
+        if run.ended == len(run.records):
+            self._end_plan(run)
         return plan.id
 
     def _new_record(self, request: ExecutionRequest, index: int = -1) -> Record:
         argv = request.argv()
-        self._admission.check(argv, request.env)
-        return Record(
+        options = self._admission.options(request, argv)
+        record = Record(
             request,
             argv,
             log_path_for(self.log_dir, request.id),
             request.effective_timeout_ms(self.config),
             index=index,
         )
+        record.options = options
+        if options.secrets:
+            record.display = options.mask(record.display)
+        return record
 
     def _pick(self) -> WorkerHandle | None:
         return self._pool.pick() if self._pool is not None else None
 
     def _send_run(self, worker: WorkerHandle, record: Record) -> bool:
+        retry = record.retry
+        if retry is not None and retry.queued:
+            retry.queued = False
+            record.attempt += 1
+        env = record.env if retry is None else retries.attempt_env(record.env, record.attempt)
+        if self._telemetry is not None:
+            env = self._telemetry.env_for(record, env)
+        options = record.options
+        if options.secret_env:
+            env = {**env, **options.secret_env}
         worker.send_env(self._environment.current())
         try:
             worker.send(
                 Run(
                     record.key,
                     record.argv,
-                    record.env,
+                    env,
                     record.cwd,
                     record.timeout_ms,
                     os.fsencode(record.log_path),
@@ -340,19 +442,30 @@ class Supervisor:
                     self.config.max_output_bytes,
                     self.config.kill_grace_ms,
                     record.display,
+                    record.attempt,
+                    options.stdin,
+                    options.success_exit_codes,
+                    options.limits,
+                    options.cpu_affinity,
+                    options.secrets,
                 ).to_wire()
             )
         except (ValueError, TypeError, OverflowError) as exc:
             # Admission lets nothing through that cannot be encoded; should
             # anything slip past, it fails alone rather than block the queue.
-            self._scheduler.not_started(record)
+            if record.worker is None:  # a later attempt's plan slot is given back when it ends
+                self._scheduler.not_started(record)
             self._finalize(
                 record, outcomes.result_without_worker(record, FAILED, str(mapped(exc, SpawnFailed)))
             )
             return False
         # Sent once and never again: a retained record need not keep its argv,
         # one object fewer per execution for the host's garbage collector to age.
-        record.argv = _SENT_ARGV
+        if retry is None or record.attempt >= retry.policy.max_attempts:
+            record.argv = _SENT_ARGV
+            record.options = NO_OPTIONS  # a stdin of megabytes among them
+        if self._telemetry is not None:
+            self._telemetry.dispatched(record)
         record.status = RUNNING
         record.worker = worker
         worker.held.add(record.key)
@@ -376,6 +489,9 @@ class Supervisor:
         record.pid = message.pid
         record.started_at = utc_from_timestamp(message.timestamp)
         record.started_ts = message.timestamp
+        self._store.started(record)
+        if self._telemetry is not None:
+            self._telemetry.started(record, record.attempt)
         if self.bus.active:
             self._publish(record, outcomes.started_event(record))
 
@@ -396,8 +512,73 @@ class Supervisor:
             return
         worker.held.discard(record.key)
         self._scheduler.ran()
-        self._finalize(record, outcomes.result_of_finished(record, message))
+        result = outcomes.result_of_finished(record, message)
+        if record.retry is None or not self._retry_later(record, result, retries.cause_of(result.status)):
+            self._finalize(record, result)
         self._scheduler.dispatch()
+
+    # -- retries ------------------------------------------------------------
+
+    def _retry_later(self, record: Record, result: ExecutionResult, cause: retries.Cause) -> bool:
+        """Start the backoff before another attempt if the policy asks for one; False if this was the last.
+
+        The execution stays `running` and gives back its concurrency slot while
+        it waits. A cancel that came while the attempt ended on its own ends it
+        `cancelled` here instead.
+        """
+        retry = record.retry
+        if retry is None or self._pool is None or self._state is EngineState.CLOSED:
+            return False
+        delay = retries.next_delay(retry.policy, record.attempt, cause)
+        if delay is None:
+            return False
+        if retry.cancelled:
+            self._finalize(record, outcomes.cancelled_between_attempts(record, result))
+            return True
+        retry.last = result
+        retry.timer = asyncio.get_running_loop().call_later(delay, self._retry_now, record)
+        return True
+
+    def _retry_now(self, record: Record) -> None:
+        """The backoff is over: queue the next attempt, ahead of work not yet started."""
+        retry = record.retry
+        assert retry is not None
+        retry.timer = None
+        if self._broken is not None:
+            error = str(SpawnFailed(self._broken))
+            self._finalize(record, outcomes.result_without_worker(record, FAILED, error))
+            return
+        retry.queued = True
+        self._scheduler.retry(record)
+
+    def _pick_again(self, record: Record) -> WorkerHandle | None:
+        """A worker for a later attempt: on the node that has the earlier attempts' log, when one has room."""
+        pool: WorkerPool[Any] | None = self._pool
+        if pool is None:
+            return None
+        last = record.worker
+        node = pool.log_location(last) if last is not None else None
+        if node is not None:
+            for worker in pool.workers:
+                here = pool.log_location(worker)
+                if here is not None and here.node_id == node.node_id and _has_room(worker):
+                    found: WorkerHandle = worker
+                    return found
+        return self._pick()
+
+    def _cancel_between_attempts(self, record: Record) -> bool:
+        """Cancel a retried execution; True when it ended at once, as it waited between attempts."""
+        retry = record.retry
+        assert retry is not None
+        retry.cancelled = True
+        if not retry.between_attempts:
+            return False
+        retry.stop_timer()
+        if retry.queued:
+            retry.queued = False
+            self._scheduler.forget_retry(record)
+        self._finalize(record, outcomes.cancelled_between_attempts(record, retry.last))
+        return True
 
     # -- ending executions ------------------------------------------------
 
@@ -408,15 +589,26 @@ class Supervisor:
             self.bus.publish(event, record.id)
 
     def _finalize(self, record: Record, result: ExecutionResult) -> None:
+        if self._telemetry is not None:
+            self._telemetry.ended(record, result, self._pool)
         record.result = result
         record.status = result.status
-        self._store.ended(record)
+        # The end is told once the store has kept the result (a journal: committed it).
+        self._store.ended(record, self._announce_end)
+
+    def _announce_end(self, record: Record) -> None:
+        result = record.result
+        assert result is not None
         if self.bus.active:
             self._publish(record, outcomes.end_event(record.id, result))
         self.bus.end_stream(record.id)
         record.mark_ended()
         if record.plan is not None:
             self._plan_command_ended(record.plan, record)
+            if self._loop is not None:
+                # The end may be told after its caller dispatched (a journal commits first):
+                # what it made ready is started on the next turn.
+                self._loop.call_soon(self._scheduler.dispatch)
         else:
             self._store.retire(record)
 
@@ -424,8 +616,12 @@ class Supervisor:
         self._finalize(record, outcomes.result_without_worker(record, CANCELLED, str(Cancelled())))
 
     def _cancel_record(self, record: Record) -> None:
+        if self._telemetry is not None:
+            self._telemetry.cancelling(record)
         if record.status is PENDING:
             self._cancel_unstarted(record)
+        elif record.status is RUNNING and record.retry is not None and self._cancel_between_attempts(record):
+            return
         elif record.status is RUNNING and record.worker is not None:
             record.worker.send(Cancel(record.key).to_wire())
 
@@ -439,11 +635,18 @@ class Supervisor:
                     self._cancel_unstarted(dependent)
             self._scheduler.queue_plan(run)
         if run.ended == len(run.records):
-            run.result = outcomes.plan_result(run)
-            self._store.ended(run)
-            self.bus.end_stream(run.id)
-            run.mark_ended()
-            self._store.retire(run)
+            self._end_plan(run)
+
+    def _end_plan(self, run: PlanRun) -> None:
+        run.result = outcomes.plan_result(run)
+        if self._telemetry is not None:
+            self._telemetry.plan_ended(run)
+        self._store.ended(run, self._announce_plan_end)
+
+    def _announce_plan_end(self, run: PlanRun) -> None:
+        self.bus.end_stream(run.id)
+        run.mark_ended()
+        self._store.retire(run)
 
     # -- worker lifecycle -------------------------------------------------
 
@@ -480,8 +683,11 @@ class Supervisor:
         # Asked now, before the pool starts a successor: a remote pool cleans up
         # through the successor it places on the same node.
         cleanup = self._pool.clean_up_after(worker, {str(r.id) for r in held}, {r.pid for r in held if r.pid})
-        if self._state is EngineState.RUNNING:
-            logger.warning("%s; %d execution(s) it held fail", why, len(held))
+        if self._state is EngineState.RUNNING:  # not a worker stopped at shutdown
+            if self._telemetry is not None:
+                self._telemetry.worker_died()
+            suffix, extra = correlate(r.id for r in held)
+            logger.warning("%s; %d execution(s) it held fail%s", why, len(held), suffix, extra=extra)
         task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why, cleanup))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -492,14 +698,20 @@ class Supervisor:
             await asyncio.wait_for(cleanup, _ABANDONED_KILL_TIMEOUT)
         except TimeoutError:
             if held:
-                logger.error("could not confirm the end of every process left by a dead worker")
+                suffix, extra = correlate(r.id for r in held)
+                logger.error(
+                    "could not confirm the end of every process left by a dead worker%s", suffix, extra=extra
+                )
         except Exception:
-            logger.exception("cleaning up after a dead worker failed")
+            suffix, extra = correlate(r.id for r in held)
+            logger.exception("cleaning up after a dead worker failed%s", suffix, extra=extra)
         finally:
             error = f"{why} while running this execution"
             for record in held:
                 self._scheduler.ran()
-                self._finalize(record, outcomes.result_without_worker(record, FAILED, error))
+                lost = outcomes.result_without_worker(record, FAILED, error)
+                if record.retry is None or not self._retry_later(record, lost, "worker_lost"):
+                    self._finalize(record, lost)
             self._scheduler.dispatch()
 
     # -- queries ------------------------------------------------------------
@@ -511,10 +723,23 @@ class Supervisor:
         return self._store.entry(entry_id).status
 
     def result(self, entry_id: UUID) -> ExecutionResult:
-        record = self._store.record(entry_id)
+        try:
+            record = self._store.record(entry_id)
+        except NotFound as exc:
+            if self._is_plan(entry_id):
+                # The id is known, just not as a single command: say where its result is.
+                exc.args = (f"{exc} is a plan: get_plan_result() (or wait()) returns its result",)
+            raise
         if record.result is None:
             raise NotCompleted(entry_id)
         return record.result
+
+    def _is_plan(self, entry_id: UUID) -> bool:
+        try:
+            self._store.plan(entry_id)
+        except NotFound:
+            return False
+        return True
 
     def plan_result(self, plan_id: UUID) -> PlanExecutionResult:
         run = self._store.plan(plan_id)
@@ -524,7 +749,7 @@ class Supervisor:
 
     async def wait(self, entry_id: UUID, timeout: float | None) -> ExecutionResult | PlanExecutionResult:
         entry = self._store.entry(entry_id)
-        if not entry.status.is_final:
+        if not entry.settled:
             if timeout is None:
                 await entry.end_event().wait()
             else:
@@ -532,8 +757,8 @@ class Supervisor:
         assert entry.result is not None
         return entry.result
 
-    def summaries(self) -> list[ExecutionSummary]:
-        return self._store.summaries()
+    def summaries(self, **filters: Any) -> list[ExecutionSummary]:
+        return self._store.summaries(**filters)
 
     def cancel(self, entry_id: UUID) -> None:
         self.check_open()
@@ -563,6 +788,10 @@ class Supervisor:
         """The node holding a command's log when it is not this machine."""
         record = self._store.record(entry_id)
         return self._pool.log_location(record.worker) if self._pool is not None else None
+
+
+def _has_room(worker: WorkerHandle) -> bool:
+    return worker.ready and len(worker.held) < worker.capacity
 
 
 def _ray_missing(reason: str) -> SpawnFailed:

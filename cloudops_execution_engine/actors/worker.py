@@ -56,8 +56,9 @@ from typing import Any
 import psutil
 
 from ..errors import IoError, SpawnFailed, mapped
-from ..logfiles import open_log
+from ..logfiles import open_log, reopen_log
 from ..protocol import (
+    OUTPUT_WINDOW,
     Cancel,
     Credit,
     FrameDecoder,
@@ -99,6 +100,7 @@ from .execution import (
     outcome,
 )
 from .killing import Escalation
+from .limits import LimitRefused, command_settings, stopped_by
 from .output import (
     block_lines,
     keep,
@@ -108,27 +110,28 @@ from .output import (
     log_prefix,
     mark_lines,
     mark_read,
+    masked_kept,
     read_lines,
     split_lines,
+    takes_masking,
     whole_lines_cut,
 )
 from .reactor import Reactor, Timer
-from .spawning import CommandEnv, spawn, spawner_pid, start_spawner
+from .secrets import Masker, masker_for
+from .spawning import CommandEnv, describe_start_failure, spawn, spawner_pid, start_spawner
+from .stdin import StdinFeed
 
-__all__ = ["OUTPUT_WINDOW", "worker_main"]
+__all__ = ["worker_main"]
 
 # Past this many unsent bytes the worker stops reading command output until
 # the supervisor catches up: the commands block on their pipes instead of the
 # worker growing without bound.
 OUT_HIGH_WATER = 8 * 1024 * 1024
 OUT_LOW_WATER = 1024 * 1024
-# Output (as `output_weight` counts it) the worker may have sent that the host
-# has not yet given back as `Credit`.
-OUTPUT_WINDOW = 4 * 1024 * 1024
 # File descriptors an execution holds while it runs (its two pipes and its log),
 # and those kept back for the worker itself: its pipes, /proc reads, a spawn's
 # two pipes that are open for a moment.
-FDS_PER_EXECUTION = 3
+FDS_PER_EXECUTION = 4  # and the pipe of its stdin, when it has one
 FDS_RESERVED = 64
 # How long a process whose environment reads as empty (one in the middle of an
 # `exec`) is looked at again before it counts as not a command's: an `exec`
@@ -166,19 +169,25 @@ class _Execution:
     """What the worker holds for one execution: its lifecycle, and the resources it has open."""
 
     __slots__ = (
+        "hold",
         "id",
         "kill",
         "kill_grace",
         "life",
+        "limits",
         "linger_timer",
         "log_fd",
         "marker",
+        "masker",
         "max_output",
         "pid",
         "rusage",
         "started_at",
+        "started_mono",
+        "stdin",
         "stream_output",
         "streams",
+        "success",
         "timeout_timer",
     )
 
@@ -194,9 +203,16 @@ class _Execution:
         self.streams: list[_StreamState] = []
         self.rusage: list[float] | None = None
         self.started_at = time.time()
+        self.started_mono = time.monotonic()
         self.timeout_timer: Timer | None = None
         self.linger_timer: Timer | None = None
         self.kill: Escalation | None = None
+        self.stdin: StdinFeed | None = None
+        self.success = run.success_exit_codes
+        self.limits = run.limits
+        self.masker: Masker | None = masker_for(tuple(run.secrets)) if run.secrets else None
+        # Bytes kept past `max_output` so a secret there is masked whole (see `masked_kept`).
+        self.hold = self.masker.hold if self.masker is not None else 0
 
 
 def _nothing() -> None:
@@ -218,6 +234,7 @@ class Worker:
         self._closing = False
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
+        self._hurrying = False
         self.loop = Reactor()
 
     def serve(self) -> None:
@@ -333,19 +350,37 @@ class Worker:
         ex = _Execution(run, marker)
         self._executions[ex.id] = ex
         try:
-            ex.log_fd = open_log(run.log_path)
+            ex.log_fd = open_log(run.log_path) if run.attempt <= 1 else reopen_log(run.log_path)
         except OSError as exc:
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
             self._on(ex, SPAWN_FAILED, error=str(mapped(exc, IoError, "cannot open log file")))
             return
-        self._log(ex, log_header(marker, run.display, os.fsdecode(run.cwd), ex.started_at))
+        if run.attempt > 1:
+            # Every attempt goes into the one log, each under a line of its own.
+            self._log(ex, f"# --- attempt {run.attempt} ---\n")
+        self._log(ex, self._masked(ex, log_header(marker, run.display, os.fsdecode(run.cwd), ex.started_at)))
         env = self._env.for_command(run.env, marker)
+        stdin_r = stdin_w = -1
         try:
-            pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, self._env.search_path(run.env), self._limits)
+            limits, nice, cpus = command_settings(run.limits, run.cpu_affinity, self._limits)
+            if run.stdin:
+                stdin_r, stdin_w = os.pipe()
+            search = self._env.search_path(run.env)
+            pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, search, limits, stdin_r, nice, cpus)
         except (OSError, ValueError) as exc:
+            if stdin_w >= 0:
+                os.close(stdin_w)
+            reason = str(SpawnFailed(str(exc))) if isinstance(exc, LimitRefused) else None
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
-            self._on(ex, SPAWN_FAILED, error=str(mapped(exc, SpawnFailed)))
+            error = reason or str(mapped(exc, SpawnFailed, describe=describe_start_failure))
+            self._on(ex, SPAWN_FAILED, error=error)
             return
+        finally:
+            if stdin_r >= 0:
+                os.close(stdin_r)
+        if stdin_w >= 0:
+            # The command holds its end now: ours is written as the pipe takes it.
+            ex.stdin = StdinFeed(self.loop, stdin_w, run.stdin)
         ex.pid = pid
         self._by_pid[pid] = ex
         ex.streams = [_StreamState(out_fd, Stream.STDOUT), _StreamState(err_fd, Stream.STDERR)]
@@ -353,7 +388,9 @@ class Worker:
             if not self._paused:
                 self.loop.add_reader(st.fd, self._on_output, ex, st)
         self._on(ex, SPAWNED)
-        ex.timeout_timer = self.loop.call_later(run.timeout_ms / 1000, self._on, ex, TIMEOUT)
+        # Due `timeout_ms` after the start the result reports, not after the spawn returned.
+        due = run.timeout_ms / 1000 - (time.monotonic() - ex.started_mono)
+        ex.timeout_timer = self.loop.call_later(max(0.0, due), self._on, ex, TIMEOUT)
         self._send(Started(ex.id, pid, ex.started_at).to_wire())
 
     def _on(self, ex: _Execution, event: Event, exit_code: int = -1, error: str | None = None) -> None:
@@ -384,10 +421,15 @@ class Worker:
             self._close_stream(ex, st)
             return True
         ts = time.time()
-        if keep(st.kept, data, ex.max_output):
+        if keep(st.kept, data, ex.max_output + ex.hold):
             st.truncated = True
         head = st.partial
         cut = whole_lines_cut(head, data)
+        if takes_masking(head, data, cut, ex.masker):
+            block, pieces, st.partial = split_lines(head, data, ex.masker)
+            if block or pieces:
+                self._emit(ex, st, ts, block, pieces)
+            return True
         if cut:
             # The usual read: marked up in one copy, with no joined buffer.
             st.partial = data[cut:]
@@ -414,21 +456,24 @@ class Worker:
         os.close(st.fd)
         st.fd = -1
         if st.partial:
-            self._emit(ex, st, time.time(), b"", [st.partial])
+            rest = ex.masker.mask(st.partial) if ex.masker is not None else st.partial
+            self._emit(ex, st, time.time(), b"", [rest])
             st.partial = b""
         self._on(ex, OUTPUT_CLOSED)
 
     def _reap(self) -> None:
+        adopted = False
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             ex = self._by_pid.pop(pid, None)
             if ex is None:
-                continue  # an adopted orphan; reaping it is all it needed
+                adopted = True  # an adopted orphan; reaping it is all it needed
+                continue
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * _RSS_UNIT]
             life = ex.life
             if life.phase is RUNNING and life.open_pipes:
@@ -440,6 +485,16 @@ class Worker:
                     if st.fd >= 0:
                         self._on_output(ex, st)
             self._on(ex, MAIN_REAPED, os.waitstatus_to_exitcode(status))
+        if adopted and not self._hurrying:
+            # Perhaps the last of a tree being killed: look once this turn is done.
+            self._hurrying = True
+            self.loop.call_soon(self._hurry_kills)
+
+    def _hurry_kills(self) -> None:
+        self._hurrying = False
+        for ex in list(self._executions.values()):
+            if ex.kill is not None:
+                ex.kill.hurry()
 
     # -- stopping a tree ------------------------------------------------
 
@@ -476,13 +531,21 @@ class Worker:
         """Report a finished execution, let go of it, and sweep up what it left running."""
         self._release(ex)
         completed_at = time.time()
-        status, error, exit_code = outcome(ex.life)
+        status, error, exit_code = outcome(ex.life, ex.success)
+        if status == "failed" and ex.life.error is None:
+            cpu = ex.rusage[0] + ex.rusage[1] if ex.rusage else None
+            error = stopped_by(exit_code, ex.limits, cpu) or error
+        if error is not None and ex.masker is not None:
+            error = ex.masker.mask_text(error)
         self._log(ex, log_footer(ex.started_at, completed_at, status, exit_code, error))
         if ex.log_fd >= 0:
             os.close(ex.log_fd)
             ex.log_fd = -1
         if ex.streams:
             out, err = ex.streams
+            if ex.masker is not None:
+                out.kept[:], out.truncated = masked_kept(out.kept, out.truncated, ex.max_output, ex.masker)
+                err.kept[:], err.truncated = masked_kept(err.kept, err.truncated, ex.max_output, ex.masker)
             stdout, stdout_truncated = kept_text(out.kept, out.truncated, ex.max_output)
             stderr, stderr_truncated = kept_text(err.kept, err.truncated, ex.max_output)
         else:
@@ -512,6 +575,8 @@ class Worker:
         for timer in (ex.timeout_timer, ex.linger_timer):
             if timer is not None:
                 timer.cancel()
+        if ex.stdin is not None:
+            ex.stdin.close()
         if ex.kill is not None:
             ex.kill.cancel()
         for st in ex.streams:
@@ -536,6 +601,10 @@ class Worker:
         Escalation(partial(self._look, ex), self._reap, ex.kill_grace).watch(self.loop, _nothing, procs)
 
     # -- helpers --------------------------------------------------------
+
+    @staticmethod
+    def _masked(ex: _Execution, text: str) -> str:
+        return ex.masker.mask_text(text) if ex.masker is not None else text
 
     def _log(self, ex: _Execution, text: str) -> None:
         self._write_log(ex, text.encode("utf-8", "replace"))
@@ -565,7 +634,7 @@ class Worker:
             os.close(ex.log_fd)
             ex.log_fd = -1
 
-    def _tree(self, ex: _Execution, unsure: list[psutil.Process] | None = None) -> list[psutil.Process]:
+    def _tree(self, ex: _Execution, unsure: list[process_tree.Proc] | None = None) -> list[process_tree.Proc]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.life.reaped]
         others.append(spawner_pid())  # the worker's own helper, no command's
         reaped = ex.life.reaped
@@ -583,13 +652,13 @@ class Worker:
             unsure[:] = [proc for proc in unsure if self._still_unsure(proc)]
         return found
 
-    def _look(self, ex: _Execution) -> tuple[list[psutil.Process], bool]:
+    def _look(self, ex: _Execution) -> tuple[list[process_tree.Proc], bool]:
         """What is alive of an execution's tree, and whether a process might yet turn out to be in it."""
-        unsure: list[psutil.Process] = []
+        unsure: list[process_tree.Proc] = []
         procs = process_tree.live(self._tree(ex, unsure))
         return procs, bool(unsure)
 
-    def _still_unsure(self, proc: psutil.Process) -> bool:
+    def _still_unsure(self, proc: process_tree.Proc) -> bool:
         now = time.monotonic()
         try:
             key = (proc.pid, proc.create_time())

@@ -2,6 +2,7 @@
 
 from .framing import DEFAULT_MAX_FRAME, FrameDecoder, ProtocolError, encode_frame, frame_limit_for
 from .messages import (
+    OUTPUT_WINDOW,
     Cancel,
     Credit,
     Finished,
@@ -22,6 +23,7 @@ from .messages import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "OUTPUT_WINDOW",
     "Cancel",
     "Credit",
     "Finished",

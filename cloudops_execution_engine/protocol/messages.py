@@ -33,6 +33,7 @@ from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 from .framing import ProtocolError
 
 __all__ = [
+    "OUTPUT_WINDOW",
     "Cancel",
     "Credit",
     "Finished",
@@ -115,6 +116,7 @@ _FAST_NAMES: dict[str, Any] = {
     "_NUMBERS": frozenset(_NUMBER),
     "_STR_ONLY": frozenset({str}),
     "_BYTES_ONLY": frozenset({bytes}),
+    "_INT_ONLY": frozenset({int}),
 }
 _ID = _WireType(
     "id", lambda v: isinstance(v, bytes) and len(v) == 16, "type({v}) is bytes and len({v}) == 16"
@@ -137,6 +139,17 @@ _PLAIN: dict[Any, _WireType] = {
     ),
     list[str]: _WireType(
         "list[str]", _is_list_of(str), "type({v}) is list and set(map(type, {v})) <= _STR_ONLY"
+    ),
+    list[int]: _WireType(
+        "list[int]",
+        lambda v: isinstance(v, list) and all(map(_is_int, v)),
+        "type({v}) is list and set(map(type, {v})) <= _INT_ONLY",
+    ),
+    dict[str, int]: _WireType(
+        "dict[str, int]",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(x) for k, x in v.items()),
+        "type({v}) is dict and set(map(type, {v})) <= _STR_ONLY"
+        " and set(map(type, {v}.values())) <= _INT_ONLY",
     ),
     dict[str, str]: _WireType(
         "dict[str, str]",
@@ -259,6 +272,12 @@ class Run(_Message):
     max_output_bytes: int
     kill_grace_ms: int
     display: str
+    attempt: int  # from 1; a later attempt appends to the log the earlier ones wrote
+    stdin: bytes  # written to the command's stdin; empty: it reads /dev/null
+    success_exit_codes: list[int]
+    limits: dict[str, int]  # `ResourceLimits` fields that are set, but cpu_affinity
+    cpu_affinity: list[int]  # empty: the CPUs the worker has
+    secrets: list[str]  # masked as *** in everything the worker writes or sends
 
 
 @_message(Kind.CANCEL)
@@ -279,6 +298,11 @@ class Ping(_Message):
     """Asks for a `Pong`: a worker that stops answering is stopped or hung."""
 
     seq: int
+
+
+# Output (as `output_weight` counts it) a worker may have sent that the host
+# has not yet given back as `Credit`: both ends must agree on it.
+OUTPUT_WINDOW = 4 * 1024 * 1024
 
 
 @_message(Kind.CREDIT)

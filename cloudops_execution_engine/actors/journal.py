@@ -1,0 +1,422 @@
+"""`JournalStore`: the store that records every execution and plan in a SQLite journal.
+
+What this engine runs lives in a `MemoryStore` as without a journal, and each
+change is queued for the journal's writer thread (`journal_writer`): a
+submission, a start (with the command's pid, which recovery needs), an end.
+An end is announced (terminal event, waiters woken) only once the writer has
+committed it, so nobody learns of a result that a crash of the host could
+still lose. Queries for what the memory store does not hold, executions and
+plans of earlier engines or ones it has let go of, read the journal through a
+connection of their own; WAL mode lets them read while the writer writes.
+
+Opening (at `start()`): the lock (`journal_lock`), the schema
+(`journal_schema`), a row for this engine in `runs`, and recovery of what a
+dead owner left unfinished (`journal_recovery`). Anything unreadable or
+corrupt is an `IoError` naming the file, and the engine does not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from ..config import ExecutionConfig
+from ..errors import IoError, NotFound, map_errors
+from ..requests import ExecutionRequest
+from ..results import ExecutionStatus, ExecutionSummary
+from .journal_lock import JournalLock
+from .journal_recovery import recover
+from .journal_rows import (
+    ENTRY_COLUMNS,
+    SUMMARY_COLUMNS,
+    apply_batch,
+    now_us,
+    op_added,
+    op_closed,
+    op_ended,
+    op_plan_added,
+    op_started,
+    plan_from_row,
+    record_from_row,
+    summary_from_row,
+    us_of,
+)
+from .journal_schema import migrate
+from .journal_writer import JournalWriter
+from .records import PlanRun, Record
+from .retention import Retention, Sweeps, now, run_job
+from .store import MemoryStore, Store, matches, select_newest
+
+__all__ = ["JournalStore", "open_connection", "store_for"]
+
+
+def store_for(config: ExecutionConfig) -> Store:
+    """The store `config` asks for: a journal when it names one, else memory; with its retention."""
+    log_dir = config.resolved_log_dir()
+    retention = Retention(config.retention, log_dir) if config.retention is not None else None
+    if config.journal is None:
+        return MemoryStore(config.max_retained_executions, retention)
+    memory = MemoryStore(config.max_retained_executions)
+    return JournalStore(Path(config.journal), memory, config.default_timeout_ms, retention)
+
+
+_WRITER_JOIN_TIMEOUT = 30.0
+_EXISTS = "SELECT 1 FROM entries WHERE id = ?"
+
+
+def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode, in autocommit (transactions are begun explicitly)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.DatabaseError(f"cannot switch to WAL mode (the journal is in {mode} mode)")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class JournalStore:
+    """Executions and plans in memory and in a journal file (module docstring)."""
+
+    def __init__(
+        self, path: Path, memory: MemoryStore, timeout_ms: int, retention: Retention | None = None
+    ) -> None:
+        self.path = Path(os.path.expanduser(path))
+        self.retention = retention
+        self._sweeps = Sweeps()
+        self._sweeping = False
+        self._writer_conn: sqlite3.Connection | None = None
+        self._memory = memory
+        self._timeout_ms = timeout_ms
+        self._lock = JournalLock(self.path)
+        self._writer: JournalWriter | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._reads = threading.RLock()  # `get_log_path` may read from another thread
+        self._run = 0
+        self._next_seq = 1
+        # Entries submitted here whose end is not yet durable: their journal
+        # rows may be behind, so queries take them from memory. Value: seq.
+        # Keyed by the id's bytes, whose hash is cached (a UUID's is computed in Python each time).
+        self._live: dict[bytes, tuple[int, Record | PlanRun]] = {}
+        self._known = KnownIds()
+        self.recovered = 0
+
+    # -- opening and closing ------------------------------------------------
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        writer_conn = await asyncio.to_thread(self._open_blocking)
+        self._writer_conn = writer_conn
+        self._writer = JournalWriter(writer_conn, apply_batch, loop, "cloudops-journal-writer")
+        if self.retention is not None:
+            self._sweeps.start(self.sweep)
+
+    def sweep(self) -> None:
+        """Apply the retention policy: to memory now, to the journal and logs on the writer thread."""
+        retention = self.retention
+        if retention is None or self._writer is None or self._writer_conn is None or self._sweeping:
+            return
+        moment = now()
+        self._memory.trim(retention.cutoff(moment), retention.policy.max_executions)
+        self._sweeping = True
+        self._writer.put_job(self._tracked(retention.journal_job(self._writer_conn, self.live_ids(), moment)))
+
+    def _tracked(self, job: Iterator[None]) -> Iterator[None]:
+        try:
+            yield from job
+        finally:
+            self._sweeping = False
+
+    def _open_blocking(self) -> sqlite3.Connection:
+        with map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"):
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock.acquire()
+        conn: sqlite3.Connection | None = None
+        try:
+            with map_errors({sqlite3.Error: IoError, OSError: IoError}, f"cannot open journal {self.path}"):
+                conn = open_connection(self.path)
+                migrate(conn, self.path)
+                self._run = int(
+                    conn.execute(
+                        "INSERT INTO runs (pid, hostname, opened_us) VALUES (?, ?, ?) RETURNING run",
+                        (os.getpid(), socket.gethostname(), now_us()),
+                    ).fetchone()[0]
+                )
+                self.recovered = recover(conn)
+                self._known = KnownIds.of(conn)
+                if self.retention is not None:
+                    run_job(self.retention.journal_job(conn, set(), now()))
+                self._next_seq = int(
+                    conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM entries").fetchone()[0]
+                )
+                with contextlib.suppress(OSError):
+                    os.chmod(self.path, 0o600)
+                self._reader = open_connection(self.path, readonly=True)
+            return conn
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._lock.release()
+            raise
+
+    async def close(self) -> None:
+        await self._sweeps.stop()
+        writer = self._writer
+        if writer is None:
+            return
+        writer.put((op_closed(self._run), None, None))
+        writer.stop()
+        await asyncio.to_thread(writer.join, _WRITER_JOIN_TIMEOUT)
+        self._finish()
+
+    def abandon(self) -> None:
+        self._sweeps.abandon()
+        writer = self._writer
+        if writer is None:
+            return
+        writer.stop()
+        writer.join(_WRITER_JOIN_TIMEOUT)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._writer = None
+        self._writer_conn = None
+        if self._reader is not None:
+            with self._reads:
+                self._reader.close()
+                self._reader = None
+        self._lock.release()
+
+    def add_job(self, job: Iterator[None]) -> bool:
+        """Run a maintenance job on the writer thread; False when the journal is not open."""
+        if self._writer is None:
+            return False
+        self._writer.put_job(job)
+        return True
+
+    # -- what the supervisor tells ------------------------------------------------
+
+    def __contains__(self, entry_id: UUID) -> bool:
+        if entry_id in self._memory:
+            return True
+        # Asked on every execute(): a query costs tens of microseconds, the filter well under one.
+        if not self._known.may_hold(entry_id.bytes):
+            return False
+        reader = self._reader
+        if reader is None:
+            return False
+        try:
+            with self._reads:
+                return reader.execute(_EXISTS, (entry_id.bytes,)).fetchone() is not None
+        except sqlite3.Error as exc:
+            raise IoError(f"cannot read journal {self.path}: {exc}") from exc
+
+    def add(self, record: Record, request: ExecutionRequest) -> None:
+        self._memory.add(record, request)
+        self._known.add(record.key)
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._live[record.key] = (seq, record)
+        self._put(op_added(seq, self._run, record, request))
+
+    def add_plan(self, run: PlanRun) -> None:
+        self._memory.add_plan(run)
+        self._known.add(run.id.bytes)
+        seqs: list[int] = []
+        for record in run.records:
+            if not record.settled:
+                self._known.add(record.key)
+                seq = self._next_seq
+                self._next_seq = seq + 1
+                self._live[record.key] = (seq, record)
+                seqs.append(seq)
+        plan_seq = self._next_seq
+        self._next_seq = plan_seq + 1
+        self._live[run.id.bytes] = (plan_seq, run)
+        self._put(op_plan_added(self._run, run, seqs, plan_seq))
+
+    def started(self, record: Record) -> None:
+        live = self._live.get(record.key)
+        if live is not None:
+            started = record.started_at
+            self._put(op_started(live[0], record.pid, us_of(started) if started else now_us()))
+
+    def ended(self, entry: Record | PlanRun, then: Callable[[Any], None]) -> None:
+        writer = self._writer
+        live = self._live.get(entry.key if isinstance(entry, Record) else entry.id.bytes)
+        if writer is None or live is None:
+            then(entry)
+            return
+        writer.put((op_ended(live[0], entry), self._settle, (entry, then)))
+
+    def _settle(self, item: tuple[Record | PlanRun, Callable[[Any], None]]) -> None:
+        entry, then = item
+        self._live.pop(entry.key if isinstance(entry, Record) else entry.id.bytes, None)
+        then(entry)
+
+    def retire(self, entry: Record | PlanRun) -> None:
+        self._memory.retire(entry)
+
+    def _put(self, write: tuple[Any, ...]) -> None:
+        if self._writer is not None:
+            self._writer.put((write, None, None))
+
+    # -- queries -------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        return self._memory.records()
+
+    def plans(self) -> list[PlanRun]:
+        return self._memory.plans()
+
+    def live_ids(self) -> set[UUID]:
+        return self._memory.live_ids()
+
+    def record(self, entry_id: UUID) -> Record:
+        try:
+            return self._memory.record(entry_id)
+        except NotFound:
+            found = self._from_journal(entry_id)
+        if not isinstance(found, Record):
+            raise NotFound(entry_id)
+        return found
+
+    def plan(self, entry_id: UUID) -> PlanRun:
+        try:
+            return self._memory.plan(entry_id)
+        except NotFound:
+            found = self._from_journal(entry_id)
+        if not isinstance(found, PlanRun):
+            raise NotFound(entry_id)
+        return found
+
+    def entry(self, entry_id: UUID) -> Record | PlanRun:
+        try:
+            return self._memory.entry(entry_id)
+        except NotFound:
+            return self._from_journal(entry_id)
+
+    def _from_journal(self, entry_id: UUID) -> Record | PlanRun:
+        row = self._row(entry_id, ENTRY_COLUMNS)
+        if row is None:
+            raise NotFound(entry_id)
+        with self._reading():
+            if row[0] == "plan":
+                return plan_from_row(row, self._timeout_ms)
+            plan_json = None
+            if row[7] is None and row[2] is not None:
+                plan_row = self._row(UUID(bytes=row[2]), "request")
+                plan_json = plan_row[0] if plan_row is not None else None
+            return record_from_row(entry_id, row, plan_json, self._timeout_ms)
+
+    def _row(self, entry_id: UUID, columns: str) -> tuple[Any, ...] | None:
+        with self._reading() as reader:
+            row = reader.execute(f"SELECT {columns} FROM entries WHERE id = ?", (entry_id.bytes,)).fetchone()
+        return tuple(row) if row is not None else None
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with (
+            self._reads,
+            map_errors({sqlite3.Error: IoError, ValueError: IoError}, f"cannot read journal {self.path}"),
+        ):
+            if self._reader is None:
+                raise IoError(f"journal {self.path} is not open")
+            yield self._reader
+
+    def summaries(
+        self,
+        status: ExecutionStatus | None = None,
+        plan_id: UUID | None = None,
+        since: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[ExecutionSummary]:
+        live = [(seq, entry) for seq, entry in self._live.values() if matches(entry, status, plan_id, since)]
+        skip = set(self._live)
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        if plan_id is not None:
+            where.append("plan_id = ?")
+            params.append(plan_id.bytes)
+        if since is not None:
+            where.append("submitted_us >= ?")
+            params.append(us_of(since))
+        sql = f"SELECT {SUMMARY_COLUMNS} FROM entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit + len(skip))
+        with self._reading() as reader:
+            rows = reader.execute(sql, params).fetchall()
+        journalled = [(row[0], row) for row in rows if row[1] not in skip]
+        merged: list[tuple[int, Any]] = [*journalled, *live]
+        merged.sort(key=lambda item: item[0])
+        chosen = select_newest(merged, limit)
+        return [
+            item.summary() if isinstance(item, Record | PlanRun) else summary_from_row(item)
+            for _, item in chosen
+        ]
+
+
+class KnownIds:
+    """A Bloom filter of the ids in the journal: "not there" for a new id without asking SQLite.
+
+    Built when the journal is opened and told of every id added since. It
+    answers "maybe" for every id the journal holds, and for about one new id
+    in a hundred with a million rows, which is then looked up. Positions come
+    from Python's hash of the id's bytes, so ids that are not random (a
+    counter, a time-based UUID) spread as well as random ones.
+    """
+
+    __slots__ = ("_bits", "_mask")
+
+    def __init__(self, rows: int = 0) -> None:
+        size = 1 << 20  # bits; 16 per row, a power of two
+        while size < 16 * rows:
+            size <<= 1
+        self._mask = size - 1
+        self._bits = bytearray(size >> 3)
+
+    @classmethod
+    def of(cls, conn: sqlite3.Connection) -> KnownIds:
+        rows = int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+        known = cls(rows)
+        for (key,) in conn.execute("SELECT id FROM entries"):
+            known.add(key)
+        return known
+
+    def add(self, key: bytes) -> None:
+        h = hash(key)
+        mask = self._mask
+        first, second = h & mask, (h >> 32) & mask
+        bits = self._bits
+        bits[first >> 3] |= 1 << (first & 7)
+        bits[second >> 3] |= 1 << (second & 7)
+
+    def may_hold(self, key: bytes) -> bool:
+        h = hash(key)
+        mask = self._mask
+        first, second = h & mask, (h >> 32) & mask
+        bits = self._bits
+        return bool(bits[first >> 3] & (1 << (first & 7))) and bool(bits[second >> 3] & (1 << (second & 7)))

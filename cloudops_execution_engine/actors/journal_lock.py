@@ -1,0 +1,107 @@
+"""One engine per journal: an exclusive `flock` on a sidecar file that holds the owner's pid.
+
+The lock belongs to the open file description, which the kernel closes when
+its process dies however it dies, so a SIGKILLed owner never leaves the
+journal locked. The descriptor is close-on-exec, and workers are started by
+spawning a fresh interpreter, so no child inherits the lock. The pid written
+in the file is only for the message a second engine gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from ..errors import IoError, map_errors
+
+__all__ = ["JournalLock", "lock_path_for"]
+
+_EXITING_HOLDER_WAIT = 2.0
+_PF_EXITING = 0x4
+
+
+def lock_path_for(journal: Path) -> Path:
+    return journal.with_name(journal.name + ".lock")
+
+
+class JournalLock:
+    """Held from `acquire` to `release`."""
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal
+        self.path = lock_path_for(journal)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `IoError` naming the pid of the engine that has it."""
+        with map_errors({OSError: IoError}, f"cannot lock journal {self.journal}"):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _lock_or_wait_for_the_dead(fd)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise IoError(
+                    f"journal {self.journal} is in use by another engine (pid {holder}); "
+                    "one engine at a time may open a journal"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+
+def _lock_or_wait_for_the_dead(fd: int) -> None:
+    """Take the lock; while its holder is a process that is exiting, wait for the kernel to release it.
+
+    A holder killed a moment ago still holds its descriptors until its exit
+    has run: a successor started right after the kill must not be refused.
+    """
+    deadline = time.monotonic() + _EXITING_HOLDER_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            if time.monotonic() > deadline or not holder.isdigit() or not _exiting(int(holder)):
+                raise
+        time.sleep(0.01)
+
+
+def _exiting(pid: int) -> bool:
+    """Whether `pid` is gone, a zombie, or in its exit (the kernel's PF_EXITING): its locks are going."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    state, flags = fields[0], int(fields[6])
+    return state in (b"Z", b"X", b"x") or bool(flags & _PF_EXITING)
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"

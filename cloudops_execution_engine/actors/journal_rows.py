@@ -1,0 +1,339 @@
+"""How executions and plans become journal rows, and rows become what queries answer with.
+
+The `write_*` functions run on the writer thread, inside its transaction; the
+`*_from_row` functions run where a query is answered.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from .._model import construct_unchecked
+from ..requests import ExecutionPlan, ExecutionRequest
+from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
+from .records import PlanRun, Record
+
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "apply_batch",
+    "datetime_from_us",
+    "now_us",
+    "op_added",
+    "op_closed",
+    "op_ended",
+    "op_plan_added",
+    "op_started",
+    "plan_from_row",
+    "record_from_row",
+    "summary_from_row",
+    "us_of",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+_SUMMARY_FIELDS = set(ExecutionSummary.model_fields)
+
+SUMMARY_COLUMNS = "seq, id, kind, plan_id, status, submitted_us, started_us, duration_ns"
+ENTRY_COLUMNS = "kind, status, plan_id, idx, submitted_us, started_us, log_path, request, result"
+
+
+def us_of(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICRO
+
+
+def datetime_from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _duration_ns(duration: timedelta) -> int:
+    return (duration // _MICRO) * 1000
+
+
+# -- writing (the writer thread) ----------------------------------------------
+#
+# The store queues operations; the writer hands each batch to `apply_batch`,
+# which writes the batch's end state: an execution submitted and ended within
+# one batch (the common case for short commands under load) is one INSERT of
+# its final row, not an INSERT and two UPDATEs. Rows are addressed by `seq`,
+# the rowid, so an update finds its row without the id index.
+
+ADD, ADD_PLAN, STARTED, ENDED, CLOSED = range(5)
+
+_INSERT = (
+    "INSERT INTO entries (seq, id, kind, plan_id, idx, run, status, submitted_us, started_us, ended_us, "
+    "duration_ns, pid, log_path, request, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_ENDED = (
+    "UPDATE entries SET status = ?, started_us = coalesce(?, started_us), ended_us = ?, duration_ns = ?, "
+    "pid = coalesce(?, pid), result = ? WHERE seq = ?"
+)
+_UPDATE_STARTED = (
+    "UPDATE entries SET status = 'running', pid = ?, started_us = ? WHERE seq = ? AND status = 'pending'"
+)
+
+
+def op_added(seq: int, run: int, record: Record, request: ExecutionRequest) -> tuple[Any, ...]:
+    return (ADD, seq, run, record, request)
+
+
+def op_plan_added(run: int, plan_run: PlanRun, seqs: list[int], plan_seq: int) -> tuple[Any, ...]:
+    """`seqs`: one per command of the plan that is new (not reused from a resumed plan), in order."""
+    return (ADD_PLAN, run, plan_run, seqs, plan_seq)
+
+
+def op_started(seq: int, pid: int, started_us: int) -> tuple[Any, ...]:
+    return (STARTED, seq, pid, started_us)
+
+
+def op_ended(seq: int, entry: Record | PlanRun) -> tuple[Any, ...]:
+    return (ENDED, seq, entry)
+
+
+def op_closed(run: int) -> tuple[Any, ...]:
+    return (CLOSED, run)
+
+
+def _final(entry: Record | PlanRun, pid: int | None) -> tuple[Any, ...]:
+    """(status, started_us, ended_us, duration_ns, pid, result JSON) of an ended entry."""
+    if isinstance(entry, Record):
+        result = entry.result
+        assert result is not None
+        ended = result.completed_at or datetime.now(UTC)
+        return (
+            result.status.value,
+            us_of(result.started_at),
+            us_of(ended),
+            _duration_ns(result.duration),
+            entry.pid or pid,
+            result.model_dump_json(),
+        )
+    plan_result = entry.result
+    assert plan_result is not None
+    return (
+        plan_result.status.value,
+        None,
+        now_us(),
+        _duration_ns(plan_result.total_duration),
+        None,
+        plan_result.model_dump_json(),
+    )
+
+
+def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
+    """Write a batch of operations (in the writer's transaction)."""
+    ended: dict[int, Record | PlanRun] = {}
+    started: dict[int, tuple[int, int]] = {}
+    for op in ops:
+        if op[0] == ENDED:
+            ended[op[1]] = op[2]
+        elif op[0] == STARTED:
+            started[op[1]] = (op[2], op[3])
+    inserts: list[tuple[Any, ...]] = []
+    relinks: list[tuple[Any, ...]] = []
+    closes: list[tuple[Any, ...]] = []
+
+    def row(
+        seq: int,
+        entry: Record | PlanRun,
+        kind: str,
+        plan_key: bytes | None,
+        index: int,
+        run: int,
+        **values: Any,
+    ) -> tuple[Any, ...]:
+        done = ended.pop(seq, None)
+        began = started.pop(seq, None)
+        if done is not None:
+            status, started_us, ended_us, duration_ns, pid, result = _final(done, began[0] if began else None)
+        elif began is not None:
+            status, started_us, ended_us, duration_ns, pid, result = (
+                "running",
+                began[1],
+                None,
+                None,
+                began[0],
+                None,
+            )
+        else:
+            status, started_us, ended_us, duration_ns, pid, result = (
+                values["status"],
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        return (
+            seq,
+            entry.id.bytes,
+            kind,
+            plan_key,
+            index,
+            run,
+            status,
+            values["submitted_us"],
+            started_us,
+            ended_us,
+            duration_ns,
+            pid,
+            values["log_path"],
+            values["request"],
+            result,
+        )
+
+    for op in ops:
+        kind = op[0]
+        if kind == ADD:
+            _, seq, run, record, request = op
+            inserts.append(
+                row(
+                    seq,
+                    record,
+                    "command",
+                    None,
+                    -1,
+                    run,
+                    status="pending",
+                    submitted_us=us_of(record.submitted_at),
+                    log_path=str(record.log_path),
+                    request=request.model_dump_json(),
+                )
+            )
+        elif kind == ADD_PLAN:
+            _, run, plan_run, seqs, plan_seq = op
+            plan_key = plan_run.id.bytes
+            new = iter(seqs)
+            for record in plan_run.records:
+                if record.settled:
+                    # Completed in the plan this one resumes: the same execution, now this plan's.
+                    relinks.append((plan_key, record.index, record.key))
+                    continue
+                inserts.append(
+                    row(
+                        next(new),
+                        record,
+                        "command",
+                        plan_key,
+                        record.index,
+                        run,
+                        status="pending",
+                        submitted_us=us_of(record.submitted_at),
+                        log_path=str(record.log_path),
+                        request=None,
+                    )
+                )
+            inserts.append(
+                row(
+                    plan_seq,
+                    plan_run,
+                    "plan",
+                    None,
+                    -1,
+                    run,
+                    status="running",
+                    submitted_us=us_of(plan_run.started_at),
+                    log_path=None,
+                    request=plan_run.plan.model_dump_json(),
+                )
+            )
+        elif kind == CLOSED:
+            closes.append((now_us(), op[1]))
+    if inserts:
+        conn.executemany(_INSERT, inserts)
+    if relinks:
+        conn.executemany("UPDATE entries SET plan_id = ?, idx = ? WHERE id = ?", relinks)
+    if started:
+        conn.executemany(
+            _UPDATE_STARTED,
+            [(pid, started_us, seq) for seq, (pid, started_us) in started.items() if seq not in ended],
+        )
+    if ended:
+        updates = []
+        for seq, entry in ended.items():
+            began = started.get(seq)
+            updates.append((*_final(entry, began[0] if began else None), seq))
+        conn.executemany(_UPDATE_ENDED, updates)
+    if closes:
+        conn.executemany("UPDATE runs SET closed_us = ? WHERE run = ?", closes)
+
+
+# -- reading --------------------------------------------------------------------
+
+
+def summary_from_row(row: tuple[Any, ...]) -> ExecutionSummary:
+    """A summary from the `SUMMARY_COLUMNS` of a row."""
+    _seq, key, kind, plan_key, status, submitted_us, started_us, duration_ns = row
+    values = {
+        "id": UUID(bytes=key),
+        "status": ExecutionStatus(status),
+        "started_at": datetime_from_us(
+            started_us if started_us is not None and kind == "command" else submitted_us
+        ),
+        "duration": timedelta(microseconds=duration_ns // 1000) if duration_ns is not None else None,
+        "kind": kind,
+        "plan_id": UUID(bytes=plan_key) if plan_key is not None else None,
+    }
+    return construct_unchecked(ExecutionSummary, values, _SUMMARY_FIELDS)
+
+
+def record_from_row(
+    execution_id: UUID, row: tuple[Any, ...], plan_json: str | None, timeout_ms: int
+) -> Record:
+    """An ended execution of an earlier engine, as the supervisor's queries read records.
+
+    `plan_json` is the plan's own row's request, for a command of a plan.
+    """
+    _kind, status, _plan_key, index, submitted_us, started_us, log_path, request_json, result_json = row
+    if request_json is not None:
+        request = ExecutionRequest.model_validate_json(request_json)
+    else:
+        assert plan_json is not None
+        request = ExecutionPlan.model_validate_json(plan_json).commands[index]
+    record = Record(request, [], Path(log_path) if log_path else Path(), timeout_ms, index=index)
+    record.status = ExecutionStatus(status)
+    record.submitted_at = datetime_from_us(submitted_us)
+    record.started_at = datetime_from_us(started_us) if started_us is not None else None
+    if result_json is not None:
+        record.result = ExecutionResult.model_validate_json(result_json)
+    record.mark_ended()
+    assert record.id == execution_id
+    return record
+
+
+def plan_from_row(row: tuple[Any, ...], timeout_ms: int) -> PlanRun:
+    """An ended plan of an earlier engine, with its commands as records."""
+    _kind, status, _plan_key, _index, submitted_us, _started_us, _log_path, plan_json, result_json = row
+    plan = ExecutionPlan.model_validate_json(plan_json)
+    result = PlanExecutionResult.model_validate_json(result_json) if result_json is not None else None
+    records: list[Record] = []
+    for index, request in enumerate(plan.commands):
+        own = result.results[index] if result is not None and index < len(result.results) else None
+        record = Record(request, [], own.log_path if own else Path(), timeout_ms, index=index)
+        if own is not None:
+            record.id = own.id
+            record.key = own.id.bytes
+            record.result = own
+            record.status = own.status
+            record.started_at = own.started_at
+        else:
+            record.status = ExecutionStatus.CANCELLED
+        record.mark_ended()
+        records.append(record)
+    run = PlanRun(plan, records)
+    run.status = ExecutionStatus(status)
+    run.started_at = datetime_from_us(submitted_us)
+    run.result = result
+    if result is not None:
+        run.resumed_from = result.resumed_from
+    run.ended = len(records)
+    run.mark_ended()
+    return run

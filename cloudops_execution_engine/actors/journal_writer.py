@@ -1,0 +1,170 @@
+"""The journal's one writer: a thread that commits what the host loop queues, in order, in batches.
+
+The loop only appends an operation to a deque and, for an execution's end,
+names what to run once it is durable. The thread takes everything queued,
+applies it in one transaction, commits, and hands the loop every callback of
+that batch in a single wake-up. Commits are in queue order and each batch is
+one transaction, so once a record is durable every record queued before it is
+too. Building the JSON of requests and results happens on this thread, not on
+the loop.
+
+With `synchronous=NORMAL` in WAL mode a commit is in the operating system's
+hands when `COMMIT` returns: it survives the host process being killed, not
+the machine losing power.
+
+Long jobs (retention's deletions) are generators: the thread runs one step
+of such a job between batches, so that a large deletion never holds back the
+commits that `wait()` and the handlers wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["JournalWriter", "Op"]
+
+logger = logging.getLogger("cloudops_execution_engine.journal")
+
+# An operation: what to write (a tuple `apply` understands), and what to call
+# on the loop (with its argument) once the batch holding it has committed, if anything.
+Op = tuple[tuple[Any, ...], Callable[[Any], None] | None, Any]
+# Writes a batch's operations, in order, inside the batch's transaction.
+Apply = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], None]
+
+Job = Iterator[None]
+
+# Group commit: when the last commit was less than _BUSY seconds ago and from
+# _FLOW to _BATCH operations wait, the thread waits _GATHER seconds for more.
+_FLOW = 8
+_BATCH = 256
+_BUSY = 0.01
+_GATHER = 0.004
+
+
+class JournalWriter:
+    """The thread that owns the journal's writing connection."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, apply: Apply, loop: asyncio.AbstractEventLoop, name: str
+    ) -> None:
+        self._conn = conn
+        self._apply = apply
+        self._loop = loop
+        self._ops: deque[Op] = deque()
+        self._jobs: deque[Job] = deque()
+        self._wake = threading.Event()
+        self._idle = False
+        self._last_commit = 0.0
+        self._stopping = False
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, op: Op) -> None:
+        """Queue `op` (from the loop's thread)."""
+        self._ops.append(op)
+        # Woken only when it sleeps: setting the Event takes a lock and wakes a
+        # thread, a cost the loop would otherwise pay for every operation.
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def put_job(self, job: Job) -> None:
+        """Queue a long job, run a step at a time between batches."""
+        self._jobs.append(job)
+        self._idle = False
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Let the thread commit what is queued and end."""
+        self._stopping = True
+        self._idle = False
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _main(self) -> None:
+        ops = self._ops
+        try:
+            while True:
+                if not ops and not self._stopping:
+                    # Said before looking again: an operation queued after the look sets the Event.
+                    self._idle = True
+                    if not ops:
+                        self._wake.wait()
+                    self._wake.clear()
+                    self._idle = False
+                if _FLOW <= len(ops) < _BATCH and time.monotonic() - self._last_commit < _BUSY:
+                    # A flow (many operations came during the last commit): a moment's wait
+                    # gathers a larger batch, far less work per execution for a few ms more
+                    # before an end is told. One execution at a time never waits here.
+                    time.sleep(_GATHER)
+                if ops:
+                    self._commit_batch()
+                    self._last_commit = time.monotonic()
+                if self._jobs and not self._stopping:
+                    self._job_step()
+                    if self._jobs:
+                        self._wake.set()
+                if self._stopping and not ops:
+                    return
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+
+    def _commit_batch(self) -> None:
+        ops = self._ops
+        batch: list[Op] = []
+        while ops:
+            batch.append(ops.popleft())
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            self._apply(conn, [write for write, _then, _arg in batch])
+            conn.execute("COMMIT")
+        except Exception as exc:
+            # The engine goes on without durability rather than leave waiters
+            # hanging; the failure is logged and kept for queries to report.
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.exception("writing to the journal failed; results of this batch are not durable")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        done = [(then, arg) for _write, then, arg in batch if then is not None]
+        if done:
+            self._post(done)
+
+    def _job_step(self) -> None:
+        job = self._jobs[0]
+        try:
+            next(job)
+        except StopIteration:
+            self._jobs.popleft()
+        except Exception:
+            self._jobs.popleft()
+            logger.exception("a journal maintenance job failed")
+            with contextlib.suppress(sqlite3.Error):
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+
+    def _post(self, done: list[tuple[Callable[[Any], None], Any]]) -> None:
+        # RuntimeError: the loop has closed (the engine was abandoned); nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_run_all, done)
+
+
+def _run_all(done: list[tuple[Callable[[Any], None], Any]]) -> None:
+    for then, arg in done:
+        try:
+            then(arg)
+        except Exception:
+            logger.exception("announcing a journalled end failed")

@@ -1,0 +1,137 @@
+"""A request's `ResourceLimits` as the worker applies them, and what a command stopped by one ends with.
+
+The host sends the limits as plain numbers (`Run.limits`, named as the
+`ResourceLimits` fields); the worker turns them into `setrlimit` calls for the
+command's child, between its fork and its exec, on whichever node it runs.
+A limit is set as both soft and hard, so the command cannot raise it again;
+the CPU limit's hard value is one second more, so the command first gets
+SIGXCPU (which ends it, unless it handles it) and SIGKILL a second later.
+
+Limits are checked here, against the worker's own hard limits, so that one
+the kernel would refuse fails with an error that names it rather than an
+errno from inside the child.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+__all__ = ["LIMIT_NAMES", "LimitRefused", "command_settings", "stopped_by"]
+
+Limits = tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is RLIM_INFINITY
+
+# `ResourceLimits` field -> (resource, what it is called in errors).
+_RLIMITS: dict[str, tuple[int, str]] = {
+    "memory_bytes": (resource.RLIMIT_AS, "RLIMIT_AS"),
+    "cpu_seconds": (resource.RLIMIT_CPU, "RLIMIT_CPU"),
+    "open_files": (resource.RLIMIT_NOFILE, "RLIMIT_NOFILE"),
+    "processes": (resource.RLIMIT_NPROC, "RLIMIT_NPROC"),
+    "file_size_bytes": (resource.RLIMIT_FSIZE, "RLIMIT_FSIZE"),
+}
+LIMIT_NAMES = (*_RLIMITS, "nice")
+_NICE_MAX = 19
+_NICE_MIN = -20
+
+
+class LimitRefused(ValueError):
+    """A limit the kernel would refuse for this worker's commands."""
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _rlimit(resource_id: int, name: str, label: str, value: int, extra: int) -> tuple[int, int, int]:
+    _soft, hard = resource.getrlimit(resource_id)
+    wanted = value + extra
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        if value > hard and not _is_root():
+            raise LimitRefused(
+                f"limits.{name}={value} is above the hard limit {hard} ({label}) this worker runs under; "
+                "only a privileged worker can raise it"
+            )
+        if not _is_root():
+            wanted = value
+    if resource_id == resource.RLIMIT_NOFILE:
+        ceiling = _nr_open()
+        if ceiling and value > ceiling:
+            raise LimitRefused(f"limits.{name}={value} is above the kernel's ceiling fs.nr_open={ceiling}")
+        wanted = value
+    return (resource_id, value, wanted)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def command_settings(
+    limits: dict[str, int], cpu_affinity: list[int], base: Limits
+) -> tuple[Limits, int, tuple[int, ...]]:
+    """The rlimits, nice increment and CPU set of a command; raises `LimitRefused` for one that cannot be.
+
+    `base` is what every command gets anyway (the worker's restored fd limit);
+    a limit of the request replaces the same resource there.
+    """
+    chosen: dict[int, tuple[int, int, int]] = {item[0]: item for item in base}
+    for name, value in limits.items():
+        if name == "nice":
+            continue
+        known = _RLIMITS.get(name)
+        if known is None:
+            raise LimitRefused(f"unknown limit {name!r}")
+        resource_id, label = known
+        chosen[resource_id] = _rlimit(resource_id, name, label, value, 1 if name == "cpu_seconds" else 0)
+    nice = limits.get("nice", 0)
+    if nice < 0 and not _is_root():
+        target = os.getpriority(os.PRIO_PROCESS, 0) + nice
+        allowed = 20 - resource.getrlimit(resource.RLIMIT_NICE)[0]
+        if max(target, _NICE_MIN) < allowed:
+            raise LimitRefused(
+                f"limits.nice={nice} would raise the command's priority, which this worker may not "
+                "(it needs CAP_SYS_NICE or a higher RLIMIT_NICE)"
+            )
+    cpus: tuple[int, ...] = ()
+    if cpu_affinity:
+        offered = os.sched_getaffinity(0)
+        missing = sorted(set(cpu_affinity) - offered)
+        if missing:
+            raise LimitRefused(
+                f"limits.cpu_affinity names CPU(s) {missing} that this worker may not use "
+                f"(it may use {sorted(offered)})"
+            )
+        cpus = tuple(sorted(set(cpu_affinity)))
+    return tuple(chosen.values()), max(min(nice, 2 * _NICE_MAX + 1), 2 * _NICE_MIN), cpus
+
+
+_BY_SIGNAL: dict[int, tuple[str, str]] = {
+    int(signal.SIGXCPU): ("cpu_seconds", "CPU time limit exceeded"),
+    int(signal.SIGXFSZ): ("file_size_bytes", "File size limit exceeded"),
+}
+# A shell reports a child that a signal ended as its own exit code 128 + the signal.
+_SHELL_SIGNAL = 128
+
+
+def stopped_by(exit_code: int, limits: dict[str, int], cpu_used: float | None) -> str | None:
+    """The error of a command a limit stopped, or None when none did.
+
+    SIGXCPU and SIGXFSZ name their limit; so does the exit code a shell gives
+    for a child they ended, when the request set that limit. A command that
+    handled SIGXCPU is killed at the CPU limit's hard value (SIGKILL): its CPU
+    time tells.
+    """
+    named = _BY_SIGNAL.get(-exit_code)
+    if named is not None:
+        return named[1]
+    named = _BY_SIGNAL.get(exit_code - _SHELL_SIGNAL)
+    if named is not None and named[0] in limits:
+        return named[1]
+    cpu = limits.get("cpu_seconds")
+    if exit_code == -signal.SIGKILL and cpu is not None and cpu_used is not None and cpu_used >= cpu:
+        return "CPU time limit exceeded"
+    return None

@@ -1,0 +1,126 @@
+"""Masking secret values as `***` in what the engine writes: output, logs, errors.
+
+A `Masker` holds one compiled alternation of the secrets' UTF-8 bytes, longest
+first, so that at any position the longest secret wins and a secret that
+contains another is masked whole. Most output holds no secret at all: `hit`
+answers that with one C-level substring search per secret, and only output
+that holds one is rewritten.
+
+Output is masked as bytes, before it is decoded, logged or kept, and only at
+places where no secret can be cut in two: a whole line, or a piece of an
+endless line cut where no occurrence spans the cut (`piece_cut`). Secrets
+never hold a newline or a carriage return (they are refused at validation),
+so line boundaries never cut one. Replacing a secret with `***` can make a new
+occurrence of a secret that itself holds `*`; masking repeats until none is
+left, which ends because every replacement shortens the text (secrets are at
+least `MIN_SECRET` characters long).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "masker_for"]
+
+MASK = "***"
+MIN_SECRET = 4
+_MASK_BYTES = MASK.encode()
+
+
+def check_secret(value: str, what: str) -> None:
+    """Raise `ValueError` naming `what` if `value` cannot be masked reliably."""
+    if len(value) < MIN_SECRET:
+        raise ValueError(
+            f"{what} is {len(value)} character(s) long; secrets must be at least {MIN_SECRET} "
+            "characters, as shorter ones would mask ordinary text"
+        )
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"{what} holds a line break; output is masked line by line, so it could not be")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text: {exc.reason} at {exc.start}") from None
+
+
+class Masker:
+    """Replaces every occurrence of the given secrets with `***`."""
+
+    __slots__ = ("_needles", "_pattern", "_text_pattern", "hold")
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        unique = sorted({s for s in secrets if s}, key=lambda s: (-len(s.encode()), s))
+        if not unique:
+            raise ValueError("a Masker needs at least one secret")
+        self._needles = tuple(s.encode() for s in unique)
+        self._pattern = re.compile(b"|".join(re.escape(n) for n in self._needles))
+        self._text_pattern = re.compile("|".join(re.escape(s) for s in unique))
+        # Bytes of a line held back before a piece is cut, so that an occurrence
+        # that starts before the cut is whole in what has been read.
+        self.hold = len(self._needles[0]) - 1
+
+    def hit(self, data: bytes | bytearray | memoryview) -> bool:
+        """Whether `data` holds any secret: the usual answer, no, costs a substring search per secret."""
+        return any(needle in data for needle in self._needles)
+
+    def mask(self, data: bytes) -> bytes:
+        """`data` with every secret replaced by `***`."""
+        if not self.hit(data):
+            return data
+        count = 1
+        while count:
+            data, count = self._pattern.subn(_MASK_BYTES, data)
+        return data
+
+    def mask_text(self, text: str) -> str:
+        """`text` with every secret replaced by `***`; for error texts, command lines and paths."""
+        count = 1
+        while count:
+            text, count = self._text_pattern.subn(MASK, text)
+        return text
+
+    def mask_upto(self, data: bytes | bytearray, limit: int) -> bytes:
+        """The masked text of `data[:limit]`, where an occurrence that starts before `limit` counts whole.
+
+        `data` should hold `hold` bytes past `limit` where it can, so that an
+        occurrence that starts before the limit is seen whole: its bytes are
+        then masked rather than cut into a prefix. The result may be a little
+        longer than `limit` (a mask that crosses it); the caller cuts it.
+        """
+        raw = bytes(data)
+        if len(raw) <= limit:
+            return self.mask(raw)
+        # Not inside a UTF-8 sequence: back over at most three continuation bytes.
+        lowest = limit - 3
+        while limit > max(lowest, 0) and (raw[limit] & 0xC0) == 0x80:
+            limit -= 1
+        end = limit
+        for match in self._pattern.finditer(raw, 0, limit + self.hold):
+            if match.start() >= limit:
+                break
+            end = max(end, match.end())
+        return self.mask(raw[:end])
+
+    def piece_cut(self, data: bytes, cut: int) -> int:
+        """A cut at or near `cut` that no occurrence of a secret spans, scanning `data` from its start.
+
+        `data` must start where no occurrence spans (a line's start, or an
+        earlier cut) and hold `hold` bytes past `cut`, so that masking the two
+        sides apart masks exactly what masking them together would.
+        """
+        if not self.hit(data):
+            return cut
+        for match in self._pattern.finditer(data, 0, cut + self.hold):
+            start, end = match.span()
+            if start >= cut:
+                break
+            if end > cut:
+                return start if start > 0 else end
+        return cut
+
+
+@lru_cache(maxsize=64)
+def masker_for(secrets: tuple[str, ...]) -> Masker | None:
+    """The masker for a set of secrets, compiled once per set; None when there is nothing to mask."""
+    return Masker(secrets) if secrets else None

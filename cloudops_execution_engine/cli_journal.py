@@ -1,0 +1,354 @@
+"""`cloudops-exec history`, `show` and `logs`: what earlier runs recorded in the journal.
+
+`run` and `plan` record into the default journal
+(`$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3`) unless given
+`--journal PATH` or `--no-journal`. One engine at a time may hold a journal:
+a `run` that finds it held (another `run` or `plan` is going on) runs all the
+same, unrecorded, and says so; `logs` of a command still running reads its
+log file directly, so `logs --follow` works while the journal is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
+from uuid import UUID
+
+import click
+
+from .cli_display import short
+from .cli_text import EXIT_FAILED, EXIT_INVALID
+
+if TYPE_CHECKING:
+    from .config import ExecutionConfig
+    from .engine import ExecutionEngine
+    from .events import EventHandler
+    from .results import ExecutionResult, ExecutionSummary, PlanExecutionResult
+
+    Result: TypeAlias = ExecutionResult | PlanExecutionResult
+
+__all__ = ["history", "journal_for", "journal_options", "logs", "show", "started_engine"]
+
+_T = TypeVar("_T")
+_STATUSES = ["pending", "running", "completed", "failed", "cancelled", "timeout"]
+_FOLLOW_POLL_S = 0.1
+_HEADER_BYTES = 4096  # a log's header lines are at its start
+_DEFAULT_JOURNAL = "$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3"
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"cloudops-exec: {message}", err=True)
+    sys.exit(code)
+
+
+def journal_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--journal PATH` and `--no-journal`, for the commands that run something."""
+    command = click.option("--no-journal", is_flag=True, help="Do not record this run in the journal.")(
+        command
+    )
+    return click.option(
+        "--journal",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="PATH",
+        help=f"Record into this journal file.  [default: {_DEFAULT_JOURNAL}]",
+    )(command)
+
+
+def journal_for(journal: Path | None, no_journal: bool) -> Path | None:
+    """The journal `run` and `plan` record into: `--journal`, else the default; None with `--no-journal`."""
+    if no_journal:
+        return None
+    if journal is None:
+        from .config import default_journal_path
+
+        journal = default_journal_path()
+    # The engine creates the file; the state directory may not exist yet on
+    # a new machine. If it cannot be made, the engine says why and the run
+    # goes on unrecorded.
+    with contextlib.suppress(OSError):
+        journal.parent.mkdir(parents=True, exist_ok=True)
+    return journal
+
+
+@contextlib.contextmanager
+def _workers_born_ignoring_sigint() -> Iterator[None]:
+    """SIGINT ignored while the engine starts its workers.
+
+    Ctrl-C reaches the terminal's whole process group: a worker still
+    importing would die of it with a traceback before it gets to ignore it
+    itself. An ignored signal stays ignored across exec, so workers are born
+    ignoring it; the host hears Ctrl-C again once they are up.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+async def started_engine(config: ExecutionConfig, handlers: list[EventHandler]) -> ExecutionEngine:
+    """A started engine; one that cannot have its journal runs without it, and says so."""
+    from .engine import ExecutionEngine
+    from .errors import IoError
+
+    engine = ExecutionEngine(config)
+    for handler in handlers:
+        engine.with_event_handler(handler)
+    try:
+        with _workers_born_ignoring_sigint():
+            await engine.start()
+    except IoError as exc:
+        if config.journal is None:
+            raise
+        await engine.shutdown()
+        # The run matters more than its record: a second `run` beside a long
+        # `plan` (each holding the journal in turn) must not fail for it.
+        click.echo(f"cloudops-exec: not recorded: {exc.reason}", err=True)
+        return await started_engine(config.model_copy(update={"journal": None}), handlers)
+    return engine
+
+
+def _journal_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--journal",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="PATH",
+        help=f"The journal to read.  [default: {_DEFAULT_JOURNAL}]",
+    )(command)
+
+
+def _command_of(log_path: Path) -> str:
+    """The command line a log file's header names; a command that never ran has no log."""
+    try:
+        with log_path.open("rb") as handle:
+            head = handle.read(_HEADER_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return "(no log: it did not run)"
+    for line in head.splitlines():
+        if line.startswith("# command: "):
+            return line.removeprefix("# command: ")
+    return ""
+
+
+def _local(moment: datetime) -> str:
+    return moment.astimezone().strftime("%m-%d %H:%M:%S")
+
+
+def _seconds(summary: ExecutionSummary) -> str:
+    return "" if summary.duration is None else f"{summary.duration.total_seconds():.2f}s"
+
+
+@click.command(short_help="List the commands and plans recorded in the journal.")
+@click.option("--status", type=click.Choice(_STATUSES), help="Only those in this status.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    metavar="N",
+    help="The newest N; 0 for all.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON summary per line.")
+@_journal_option
+def history(status: str | None, limit: int, as_json: bool, journal: Path | None) -> None:
+    """The commands and plans recorded in the journal, oldest first."""
+
+    async def summaries(engine: ExecutionEngine) -> list[tuple[ExecutionSummary, str]]:
+        found = await engine.list_executions(status=status, limit=limit or None)
+        return [
+            (item, "" if item.kind == "plan" else _command_of(engine.get_log_path(item.id))) for item in found
+        ]
+
+    rows = _reading(journal, summaries)
+    if as_json:
+        for summary, _ in rows:
+            click.echo(summary.model_dump_json())
+        return
+    if not rows:
+        click.echo("nothing recorded" + (f" with status {status}" if status else ""), err=True)
+        return
+    table: list[tuple[str, ...]] = [
+        (
+            str(s.id),
+            s.status.value,
+            _local(s.started_at),
+            _seconds(s),
+            str(s.plan_id)[:8] if s.plan_id else "",
+            "(plan)" if s.kind == "plan" else short(command, 60),
+        )
+        for s, command in rows
+    ]
+    heads: tuple[str, ...] = ("id", "status", "started", "duration", "plan", "command")
+    widths = [max([len(head), *(len(row[i]) for row in table)]) for i, head in enumerate(heads)]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        grid = Table(box=None, padding=(0, 2, 0, 0), header_style="bold")
+        for head, width in zip(heads, widths, strict=True):
+            # Whole ids, to paste into `show`: on a narrow terminal the command gives way.
+            grid.add_column(head, no_wrap=True, min_width=None if head == "command" else width)
+        colours = {"completed": "green", "failed": "red", "timeout": "red", "cancelled": "yellow"}
+        for row in table:
+            cells = [escape(cell) for cell in row]
+            cells[1] = f"[{colours.get(row[1], 'default')}]{cells[1]}"
+            grid.add_row(*cells)
+        Console().print(grid)
+        return
+    for row in [heads, *table]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _uuid(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        _fail(f"{value!r} is not an id (ids are UUIDs, as `cloudops-exec history` lists them)", EXIT_INVALID)
+
+
+@click.command(short_help="Say how a recorded command or plan ended.")
+@click.argument("execution_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON (the Rust crate's serde JSON).")
+@_journal_option
+def show(execution_id: str, as_json: bool, journal: Path | None) -> None:
+    """How a recorded command or plan ended: status, exit, error, log file; a plan's table."""
+    from .cli_display import final_report
+    from .cli_text import exit_label, what_happened
+    from .errors import NotFound
+    from .results import ExecutionStatus, PlanExecutionResult
+
+    key = _uuid(execution_id)
+
+    async def look(engine: ExecutionEngine) -> tuple[ExecutionStatus, Result | None]:
+        status = await engine.get_status(key)
+        if not status.is_final:
+            return status, None
+        try:
+            return status, await engine.get_plan_result(key)
+        except NotFound:  # not a plan: a command
+            return status, await engine.get_result(key)
+
+    status, result = _reading(journal, look)
+    if result is None:
+        click.echo(f"{key}: {status.value}")
+        return
+    if as_json:
+        click.echo(result.model_dump_json())
+        return
+    if isinstance(result, PlanExecutionResult):
+        commands = [_command_of(item.log_path) for item in result.results]
+        final_report(commands, result, sys.stdout, console=sys.stdout.isatty())
+        return
+    lines = [
+        ("id", str(result.id)),
+        ("command", _command_of(result.log_path)),
+        ("status", result.status.value),
+        ("exit", exit_label(result)),
+        ("started", _local(result.started_at)),
+        ("duration", f"{result.duration.total_seconds():.2f}s"),
+        ("log", str(result.log_path)),
+    ]
+    if result.status is not ExecutionStatus.COMPLETED:
+        lines.insert(4, ("ended", what_happened(result)))
+    for name, value in lines:
+        click.echo(f"{name + ':':<10}{value}")
+
+
+@click.command(short_help="Print a recorded command's log (--follow while it runs).")
+@click.argument("execution_id", metavar="ID")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing what the command writes until it ends.")
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where its run put log files, when it gave --log-dir; used while the journal is in use.",
+)
+@_journal_option
+def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | None) -> None:
+    """A recorded command's log file (a plan's: each command's, one after another)."""
+    from .config import default_log_dir
+
+    key = _uuid(execution_id)
+    log_file = (log_dir or default_log_dir()) / f"{key}.log"
+    if follow and log_file.is_file():
+        # The running command's engine holds the journal; its log file is
+        # enough to follow, and its last line says when it has ended.
+        _follow(log_file)
+        return
+
+    async def read(engine: ExecutionEngine) -> str:
+        return await engine.read_logs(key)
+
+    def from_file(reason: str) -> str:
+        if not log_file.is_file():
+            _fail(reason)
+        return log_file.read_text(errors="replace")
+
+    click.echo(_reading(journal, read, from_file), nl=False)
+
+
+def _reading(
+    journal: Path | None,
+    use: Callable[[ExecutionEngine], Awaitable[_T]],
+    when_held: Callable[[str], _T] | None = None,
+) -> _T:
+    """Open the journal with an engine, run `use` and close it; errors said plainly.
+
+    A journal held by a running `run` or `plan` goes to `when_held` (with the
+    reason) where the caller can do without it.
+    """
+    from .config import ExecutionConfig
+    from .engine import ExecutionEngine
+    from .errors import ExecutionError, IoError
+
+    path = journal_for(journal, False)
+    assert path is not None
+    if not path.exists():
+        _fail(f"no journal at {path}: nothing has been recorded there yet")
+
+    async def main() -> _T:
+        async with ExecutionEngine(ExecutionConfig(journal=path, workers=1)) as engine:
+            return await use(engine)
+
+    try:
+        return asyncio.run(main())
+    except IoError as exc:
+        if "in use" not in exc.reason:
+            _fail(str(exc))
+        if when_held is not None:
+            return when_held(str(exc))
+        _fail(f"{exc}\n  (a run or plan records into it while it runs: ask again when it has ended)")
+    except ExecutionError as exc:
+        _fail(str(exc))
+
+
+def _follow(log_file: Path) -> None:
+    """Print `log_file` as it grows, until its `# finished:` line."""
+    out = sys.stdout
+    with log_file.open("r", errors="replace") as handle:
+        pending = ""
+        try:
+            while True:
+                chunk = handle.read()
+                if not chunk:
+                    time.sleep(_FOLLOW_POLL_S)
+                    continue
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    out.write(line + "\n")
+                    if line.startswith("# finished: "):
+                        rest = handle.read()  # an error line follows the footer at once
+                        out.write(pending + rest)
+                        out.flush()
+                        return
+                out.flush()
+        except KeyboardInterrupt:
+            sys.exit(130)

@@ -1,0 +1,139 @@
+"""The live view of a plan on a terminal, and the report after it, drawn with Rich.
+
+Imported only when stdout is a terminal: piped runs never load Rich.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TextIO
+from uuid import UUID
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from .cli_display import Failure, ReportRow, short
+from .events import ExecutionEvent
+from .requests import ExecutionPlan
+from .results import ExecutionStatus
+
+__all__ = ["LiveProgress", "rich_report"]
+
+_RUNNING_ROWS = 10
+
+
+class _ElapsedColumn(ProgressColumn):
+    """The plan's own time in tenths of a second (Rich's own column counts whole seconds)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.elapsed or 0.0:.1f}s", style="progress.elapsed")
+
+
+@dataclass
+class _Running:
+    command: str
+    since: float
+    last_line: str = ""
+
+
+class LiveProgress:
+    """A progress bar and the commands running now with their clocks, redrawn ten times a second."""
+
+    def __init__(self, plan: ExecutionPlan) -> None:
+        self.plan = plan
+        self.index = {request.id: i for i, request in enumerate(plan.commands)}
+        self.running: dict[UUID, _Running] = {}
+        self.console = Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _ElapsedColumn(),
+            console=self.console,
+        )
+        # The clock starts when the plan does, not when the engine begins to start.
+        self.task = self.progress.add_task(
+            short(plan.description or "plan", 40), total=len(plan.commands), start=False
+        )
+        # Rendered afresh on every refresh, so that a command's clock moves
+        # while it runs without a word of output.
+        self.live = Live(
+            get_renderable=self._render, console=self.console, refresh_per_second=10, transient=False
+        )
+
+    def _render(self) -> RenderableType:
+        table = Table.grid(padding=(0, 2))
+        now = time.monotonic()
+        for eid, running in list(self.running.items())[:_RUNNING_ROWS]:
+            table.add_row(
+                f"#{self.index[eid]}",
+                f"{now - running.since:5.1f}s",
+                short(running.command, 40),
+                f"[dim]{escape(short(running.last_line, 50))}",
+            )
+        return Group(self.progress, table)
+
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[None]:
+        with self.live:
+            yield
+
+    def begin(self) -> None:
+        self.progress.start_task(self.task)
+
+    def end(self) -> None:
+        self.progress.stop_task(self.task)
+        self.live.refresh()
+
+    async def on_event(self, event: ExecutionEvent) -> None:
+        if event.event_type == "started":
+            self.running[event.execution_id] = _Running(event.command, time.monotonic())
+        elif event.event_type in ("stdout", "stderr"):
+            running = self.running.get(event.execution_id)
+            if running is not None:
+                running.last_line = event.line
+            return
+        elif event.event_type in ("completed", "failed", "cancelled"):
+            self.running.pop(event.execution_id, None)
+        elif event.event_type == "progress":
+            self.progress.update(self.task, completed=event.completed)
+        self.live.refresh()
+
+
+_STYLE = {
+    ExecutionStatus.COMPLETED: "green",
+    ExecutionStatus.FAILED: "red",
+    ExecutionStatus.TIMEOUT: "red",
+    ExecutionStatus.CANCELLED: "yellow",
+}
+
+
+def rich_report(
+    rows: list[ReportRow],
+    summary: str,
+    failures: list[Failure],
+    out: TextIO,
+    footer: str = "",
+) -> None:
+    """The final report (see `cli_display.final_report`), coloured unless NO_COLOR is set."""
+    console = Console(file=out)
+    table = Table("", "status", "duration", "exit", "command")
+    for index, status, duration, code, command in rows:
+        style = _STYLE.get(status, "white")
+        table.add_row(index, f"[{style}]{status.value}", duration, code, escape(command))
+    console.print(table)
+    console.print(summary, highlight=False)
+    for heading, lines, log in failures:
+        console.print(f"\n[bold red]{escape(heading)}", highlight=False)
+        for line in lines:
+            console.print(f"   {escape(line)}", highlight=False, soft_wrap=True)
+        console.print(f"   [dim]{escape(log)}", highlight=False, soft_wrap=True)
+    if footer:
+        console.print(f"\n{escape(footer)}", highlight=False, soft_wrap=True)

@@ -1,0 +1,156 @@
+"""`cloudops-exec history`, `show` and `logs`, over what `run` and `plan` recorded in the journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PYTHON
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
+
+ROOT = Path(__file__).parent.parent
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "cloudops_execution_engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=environment(tmp_path),
+    )
+
+
+def history(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    done = cli("history", "--json", *args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> dict[str, str]:
+    """A journal with a run that completed, a run killed by SIGKILL and a plan, by their ids."""
+    ok = cli("run", "--events", "ndjson", "--", "echo", "hello journal", tmp_path=tmp_path)
+    killed = cli(
+        "run", "--events", "ndjson", "--", "bash", "-c", "echo dying >&2; kill -KILL $$", tmp_path=tmp_path
+    )
+    plan = cli("plan", "--events", "ndjson", "examples/diamond.json", tmp_path=tmp_path)
+    assert (ok.returncode, killed.returncode, plan.returncode) == (0, 137, 0)
+    first = json.loads(ok.stdout.splitlines()[0])
+    dead = json.loads(killed.stdout.splitlines()[0])
+    progress = [json.loads(line) for line in plan.stdout.splitlines() if '"progress"' in line]
+    assert f"details: cloudops-exec show {progress[0]['plan_id']}" in plan.stderr
+    return {"ok": first["execution_id"], "killed": dead["execution_id"], "plan": progress[0]["plan_id"]}
+
+
+def test_run_and_plan_record_into_the_default_journal(tmp_path: Path, recorded: dict[str, str]) -> None:
+    """`history --json` lists every run, the plan and its commands, oldest first; filters apply."""
+    assert (tmp_path / "state" / "cloudops-execution-engine" / "journal.sqlite3").is_file()
+    summaries = history(tmp_path)
+    ids = [s["id"] for s in summaries]
+    assert ids[:2] == [recorded["ok"], recorded["killed"]]
+    assert recorded["plan"] in ids
+    assert len(summaries) == 2 + 1 + 4, "two runs, the plan and its four commands"
+    assert [s["id"] for s in history(tmp_path, "--status", "failed")] == [recorded["killed"]]
+    assert len(history(tmp_path, "--limit", "2")) == 2
+    table = cli("history", tmp_path=tmp_path).stdout
+    assert "echo 'hello journal'" in table
+    assert "echo released" in table
+    assert table.splitlines()[0].split() == ["id", "status", "started", "duration", "plan", "command"]
+
+
+def test_show_and_logs_tell_how_a_recorded_run_ended(tmp_path: Path, recorded: dict[str, str]) -> None:
+    """`show` says how it ended (signal named) and where its log is; `logs` prints that log."""
+    shown = cli("show", recorded["killed"], tmp_path=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(line.split(None, 1) for line in shown.stdout.splitlines())
+    assert fields["status:"] == "failed"
+    assert fields["exit:"] == "SIGKILL"
+    assert fields["ended:"] == "killed by SIGKILL"
+    assert "dying" in Path(fields["log:"]).read_text()
+    as_json = json.loads(cli("show", "--json", recorded["killed"], tmp_path=tmp_path).stdout)
+    assert as_json["exit_code"] == -9, "JSON keeps the contract's number"
+    plan = cli("show", recorded["plan"], tmp_path=tmp_path)
+    assert "plan completed: 4 completed" in plan.stdout
+    assert "echo released" in plan.stdout
+    log = cli("logs", recorded["ok"], tmp_path=tmp_path)
+    assert log.returncode == 0
+    assert "stdout hello journal" in log.stdout
+    assert "# finished:" in log.stdout
+    missing = cli("show", "not-an-id", tmp_path=tmp_path)
+    assert missing.returncode == 2
+    assert "is not an id" in missing.stderr
+
+
+def test_no_journal_and_journal_path(tmp_path: Path) -> None:
+    """`--no-journal` records nothing; `--journal PATH` records there, and `history --journal` reads it."""
+    assert cli("run", "--no-journal", "--", "true", tmp_path=tmp_path).returncode == 0
+    assert not (tmp_path / "state").exists()
+    mine = tmp_path / "mine.sqlite3"
+    assert cli("run", "--journal", str(mine), "--", "true", tmp_path=tmp_path).returncode == 0
+    assert len(history(tmp_path, "--journal", str(mine))) == 1
+    nowhere = cli("history", tmp_path=tmp_path)
+    assert nowhere.returncode == 1
+    assert "no journal at" in nowhere.stderr
+
+
+def test_a_run_beside_a_running_plan_and_logs_follow(tmp_path: Path) -> None:
+    """While a plan holds the journal, a `run` still runs (unrecorded, and says so); `logs -f` follows."""
+    flag = tmp_path / "go-on"
+    step = f"echo begun; while [ ! -e {flag} ]; do sleep 0.05; done; echo ended-here"
+    plan = tmp_path / "held.json"
+    plan.write_text(
+        json.dumps(
+            {"strategy": {"type": "serial"}, "commands": [{"command": {"type": "shell", "command": step}}]}
+        )
+    )
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "cloudops_execution_engine", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+            env=environment(tmp_path),
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        running = start("plan", "--events", "ndjson", str(plan))
+        assert running.stdout is not None
+        started = json.loads(running.stdout.readline())
+        assert started["event_type"] == "started"
+        beside = cli("run", "--", "echo", "beside", tmp_path=tmp_path)
+        assert beside.returncode == 0
+        assert beside.stdout == "beside\n"
+        assert "not recorded: " in beside.stderr
+        assert "in use by another engine" in beside.stderr
+        follower = start("logs", "--follow", started["execution_id"])
+        assert follower.stdout is not None
+        while "stdout begun" not in follower.stdout.readline():
+            pass
+        flag.touch()
+        rest = follower.stdout.read()
+        assert follower.wait(30) == 0
+        assert "stdout ended-here" in rest
+        assert "# finished: " in rest
+        assert running.wait(30) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+            if proc.stdout:
+                proc.stdout.close()

@@ -1,0 +1,212 @@
+"""`cloudops-exec plan` on a pseudo-terminal: the screen as a user sees it once the command has ended.
+
+The CLI's output is fed to a terminal emulator (pyte) so the assertions read
+the final screen, after every redraw of the live view, not the byte stream.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import termios
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyte
+import pytest
+from conftest import PYTHON
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
+
+ROOT = Path(__file__).parent.parent
+COLUMNS, LINES = 120, 60
+# SGR parameters that set a colour: 30-38 and 40-48 (foreground, background), 90-97 and 100-107 (bright).
+_SGR = re.compile(r"\x1b\[([0-9;]*)m")
+_COLOUR_CODES = {*range(30, 39), *range(40, 49), *range(90, 98), *range(100, 108)}
+
+
+@dataclass
+class Screen:
+    code: int
+    raw: str
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def on_terminal(args: list[str], tmp_path: Path, **extra_env: str) -> Screen:
+    """Run the CLI with a pseudo-terminal as stdin, stdout and stderr; its code, bytes and final screen."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
+    env.update(
+        TERM="xterm-256color", TMPDIR=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"), **extra_env
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "cloudops_execution_engine", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=ROOT,
+        env=env,
+    )
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not chunk:
+                break
+            output += chunk
+        code = proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.close(leader)
+    screen = pyte.Screen(COLUMNS, LINES)
+    pyte.ByteStream(screen).feed(output)
+    lines = [line.rstrip() for line in screen.display]
+    while lines and not lines[-1]:
+        lines.pop()
+    return Screen(code, output.decode("utf-8", "replace"), lines)
+
+
+def write_plan(tmp_path: Path, commands: list[dict[str, Any]], **fields: Any) -> Path:
+    plan = tmp_path / "plan.json"
+    strategy = fields.pop("strategy", {"type": "parallel"})
+    plan.write_text(json.dumps({"strategy": strategy, "commands": commands, **fields}))
+    return plan
+
+
+def shell(command: str, **fields: Any) -> dict[str, Any]:
+    return {"command": {"type": "shell", "command": command}, **fields}
+
+
+def colours(raw: str) -> list[str]:
+    """The colour-setting SGR sequences in `raw`."""
+    found = []
+    for match in _SGR.finditer(raw):
+        params = [int(p) for p in match.group(1).split(";") if p.isdigit()]
+        if any(p in _COLOUR_CODES for p in params):
+            found.append(match.group(0))
+    return found
+
+
+def test_an_invalid_plans_error_stays_on_the_screen(tmp_path: Path) -> None:
+    """A cycle or a too-large timeout is said on the terminal (exit 2), not wiped by the live view."""
+    cyclic = write_plan(
+        tmp_path,
+        [shell("true"), shell("true")],
+        strategy={"type": "dependency_graph", "dependencies": {"0": [1], "1": [0]}},
+    )
+    screen = on_terminal(["plan", str(cyclic)], tmp_path)
+    assert screen.code == 2
+    assert "dependency cycle: 0 -> 1 -> 0" in screen.text
+    hour = write_plan(tmp_path, [shell("true", timeout_ms=3_600_000)])
+    screen = on_terminal(["plan", str(hour)], tmp_path)
+    assert screen.code == 2
+    assert "commands.0.timeout_ms" in screen.text
+    assert "--max-timeout 3600000" in screen.text
+
+
+def test_a_failed_commands_stderr_and_log_are_on_the_final_screen(tmp_path: Path) -> None:
+    """Each failed command shows how it ended, its last stderr lines and its log path; signals by name."""
+    plan = write_plan(
+        tmp_path,
+        [
+            shell("echo writing; echo 'ERROR: disk full' >&2; exit 3"),
+            shell("kill -KILL $$"),
+            {"command": {"type": "exec", "program": "no-such-program-xyz"}},
+            shell("echo fine"),
+        ],
+    )
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 1
+    text = screen.text
+    assert "ERROR: disk full" in text
+    assert "#0 failed: Command failed with exit code 3" in text
+    assert "#1 failed: killed by SIGKILL" in text
+    assert "#2 failed: did not start: " in text
+    assert "No such file or directory: no-such-program-xyz" in text
+    # A long path wraps at the screen's edge: read the paths from the bytes written.
+    logs = re.findall(r"log: (\S+\.log)", screen.raw)
+    assert len(logs) == 3
+    assert all(Path(log).is_file() for log in logs)
+    assert "ERROR: disk full" in Path(logs[0]).read_text()
+    row = next(line for line in screen.lines if "kill -KILL" in line)
+    assert "SIGKILL" in row
+    assert "-9" not in row, "the table names the signal instead of the contract's number"
+    assert "not started" in next(line for line in screen.lines if "│ no-such-program-xyz" in line)
+
+
+def _without_clocks(lines: list[str]) -> list[str]:
+    """The screen's words, with durations, ids and box drawing taken out."""
+    unwrapped: list[str] = []
+    for line in lines:
+        if unwrapped and len(unwrapped[-1]) % COLUMNS == 0 and unwrapped[-1]:
+            unwrapped[-1] += line  # the terminal wrapped a line that was too long for it
+        else:
+            unwrapped.append(line)
+    words = []
+    for line in unwrapped:
+        line = re.sub(r"\d+\.\d+s", "Ns", line)
+        line = re.sub(r"[0-9a-f-]{36}", "ID", line)
+        line = re.sub(r"[━─│┃┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇╈╿╷╵]+", " ", line)
+        line = " ".join(line.split())
+        if line:
+            words.append(line)
+    return words
+
+
+def test_no_color_removes_colour_and_nothing_else(tmp_path: Path) -> None:
+    """With NO_COLOR the terminal shows the same view and report, without a colour sequence."""
+    plan = write_plan(tmp_path, [shell("echo 'ERROR: disk full' >&2; exit 3"), shell("echo fine")])
+    coloured = on_terminal(["plan", str(plan)], tmp_path)
+    plain = on_terminal(["plan", str(plan)], tmp_path, NO_COLOR="1")
+    assert coloured.code == plain.code == 1
+    assert colours(coloured.raw), "the ordinary view has colour"
+    assert not colours(plain.raw), f"NO_COLOR still coloured: {colours(plain.raw)[:3]}"
+    assert _without_clocks(plain.lines) == _without_clocks(coloured.lines)
+    assert "ERROR: disk full" in plain.text
+    assert "━" in plain.raw, "NO_COLOR still draws the live bar"
+
+
+def test_a_running_commands_clock_moves_without_events(tmp_path: Path) -> None:
+    """A silent `sleep` shows its time growing in the live table, not 0.0s until it ends."""
+    plan = write_plan(tmp_path, [shell("sleep 1.5")])
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 0
+    shown = [float(s) for s in re.findall(r"#0\s+(\d+\.\d)s\s+sleep 1\.5", screen.raw)]
+    assert shown, "the running command was never shown"
+    assert max(shown) >= 1.0, f"the clock stood still: {sorted(set(shown))}"
+
+
+def test_the_bar_counts_the_plans_time_not_the_engines(tmp_path: Path) -> None:
+    """The bar's elapsed time is the plan's, without the engine's start and shutdown."""
+    plan = write_plan(tmp_path, [shell("sleep 0.5"), shell("sleep 0.3")], description="timed")
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 0
+    bar = re.search(r"timed .* 2/2\s+(\d+\.\d)s", screen.text)
+    total = re.search(r"plan completed: .* in (\d+\.\d+)s", screen.text)
+    assert bar, screen.text
+    assert total, screen.text
+    assert abs(float(bar.group(1)) - float(total.group(1))) <= 0.25, screen.text

@@ -1,0 +1,501 @@
+"""The journal: history that outlives the engine, its durability point, filters, locking, damage, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import psutil
+import pytest
+from conftest import HELPERS, PYTHON, config, gone, host_children, shell, wait_until
+
+from cloudops_execution_engine import (
+    DependencyGraphStrategy,
+    ExecutionConfig,
+    ExecutionEngine,
+    ExecutionPlan,
+    ExecutionResult,
+    ExecutionStatus,
+    IoError,
+    NotCompleted,
+    NotFound,
+    PlanExecutionResult,
+    SerialStrategy,
+    SyncExecutionEngine,
+)
+from cloudops_execution_engine.actors.journal_schema import SCHEMA_VERSION
+from cloudops_execution_engine.config import default_journal_path
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+C = ExecutionStatus.COMPLETED
+F = ExecutionStatus.FAILED
+X = ExecutionStatus.CANCELLED
+
+
+def journalled(tmp_path: Path, **overrides: Any) -> ExecutionConfig:
+    return config(tmp_path, journal=tmp_path / "journal.sqlite3", **overrides)
+
+
+def row(journal: Path, execution_id: UUID) -> tuple[str, str | None] | None:
+    """(status, result JSON) of an execution as another reader of the journal file sees it."""
+    with sqlite3.connect(journal) as conn:
+        found = conn.execute(
+            "SELECT status, result FROM entries WHERE id = ?", (execution_id.bytes,)
+        ).fetchone()
+    conn.close()
+    return None if found is None else (found[0], found[1])
+
+
+def plan_of(*commands: str, strategy: Any = None) -> ExecutionPlan:
+    return ExecutionPlan(commands=[shell(c) for c in commands], strategy=strategy or SerialStrategy())
+
+
+# -- history --------------------------------------------------------------------------
+
+
+async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran(tmp_path: Path) -> None:
+    """get_status, get_result, get_plan_result, wait, list_executions, read_logs, get_log_path: past runs."""
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        ok = await first.execute(shell("echo hello from the past"))
+        bad = await first.execute(shell("echo oops >&2; exit 4"))
+        plan = await first.execute_plan(plan_of("echo one", "echo two"))
+        results = {eid: await first.wait(eid, timeout=20) for eid in (ok, bad, plan)}
+        listing = await first.list_executions()
+        log_path = first.get_log_path(ok)
+
+    other_logs = tmp_path / "elsewhere"
+    async with ExecutionEngine(journalled(tmp_path, log_dir=other_logs)) as second:
+        assert await second.get_status(ok) is C
+        assert await second.get_status(bad) is F
+        assert await second.get_status(plan) is C
+        assert await second.get_result(ok) == results[ok]
+        assert (await second.get_result(bad)).error == "Command failed with exit code 4"
+        assert await second.get_plan_result(plan) == results[plan]
+        assert await asyncio.wait_for(second.wait(ok), 1) == results[ok]
+        assert await asyncio.wait_for(second.wait(plan), 1) == results[plan]
+        assert await second.list_executions() == listing
+        assert "hello from the past" in await second.read_logs(ok)
+        # The log is where the earlier engine wrote it, not in this engine's log_dir.
+        assert second.get_log_path(ok) == log_path
+        with pytest.raises(NotFound):
+            await second.get_status(uuid4())
+
+
+async def test_history_of_earlier_engines_comes_first_and_new_work_is_listed_after_it(tmp_path: Path) -> None:
+    """Submission order across engines: the journal's rows, then what this engine submitted."""
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        old = [await first.execute(shell("true")) for _ in range(3)]
+        for eid in old:
+            await first.wait(eid, timeout=20)
+    async with ExecutionEngine(journalled(tmp_path)) as second:
+        running = await second.execute(shell("sleep 30"))
+        done = await second.execute(shell("true"))
+        await second.wait(done, timeout=20)
+        listing = await second.list_executions()
+        assert [s.id for s in listing] == [*old, running, done]
+        assert [s.status for s in listing][-2:] in (
+            [ExecutionStatus.RUNNING, C],
+            [ExecutionStatus.PENDING, C],
+        )
+        await second.cancel(running)
+
+
+async def test_a_result_is_in_the_journal_before_its_terminal_event_and_before_wait_returns(
+    tmp_path: Path,
+) -> None:
+    """The durability point: a handler told of an end, and a caller of wait(), find the result committed."""
+    journal = tmp_path / "journal.sqlite3"
+    seen: dict[UUID, tuple[str, str | None] | None] = {}
+
+    async def on_event(event: Any) -> None:
+        if event.event_type in ("completed", "failed", "cancelled"):
+            seen[event.execution_id] = row(journal, event.execution_id)
+
+    engine = ExecutionEngine(journalled(tmp_path)).with_event_handler(on_event)  # type: ignore[arg-type]
+    async with engine:
+        ids = [await engine.execute(shell(f"echo {i}; exit {i % 2}")) for i in range(20)]
+        for eid in ids:
+            result = await engine.wait(eid, timeout=20)
+            assert isinstance(result, ExecutionResult)
+            committed = row(journal, eid)
+            assert committed is not None
+            assert committed[0] == result.status.value
+            assert committed[1] is not None
+            assert ExecutionResult.model_validate_json(committed[1]) == result
+        wait_until(lambda: len(seen) == len(ids), 10, "every terminal event")
+    for eid in ids:
+        told = seen[eid]
+        assert told is not None, f"{eid}: the handler was told before the submission was committed"
+        assert told[0] in ("completed", "failed"), f"{eid}: the handler was told before the end was committed"
+        assert told[1] is not None
+
+
+# -- list_executions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_journal", [True, False])
+async def test_list_executions_filters_combine_and_limit_keeps_the_newest(
+    tmp_path: Path, with_journal: bool
+) -> None:
+    """status, plan_id, since and limit, alone and together, oldest first."""
+    settings = journalled(tmp_path) if with_journal else config(tmp_path)
+    async with ExecutionEngine(settings) as engine:
+        early = [await engine.execute(shell("true")), await engine.execute(shell("exit 1"))]
+        for eid in early:
+            await engine.wait(eid, timeout=20)
+        since = datetime.now(UTC)
+        late = [await engine.execute(shell("true")), await engine.execute(shell("exit 1"))]
+        plan = plan_of("true", "exit 2", "true", strategy=SerialStrategy(stop_on_error=False))
+        await engine.execute_plan(plan)
+        for eid in late:
+            await engine.wait(eid, timeout=20)
+        await engine.wait(plan.id, timeout=20)
+
+        everything = await engine.list_executions()
+        assert [s.id for s in everything] == [*early, *late, *(c.id for c in plan.commands), plan.id]
+        completed = await engine.list_executions(status=C)
+        assert [s.id for s in completed] == [early[0], late[0], plan.commands[0].id, plan.commands[2].id]
+        failed = [early[1], late[1], plan.commands[1].id, plan.id]
+        assert [s.id for s in await engine.list_executions(status=F)] == failed
+        assert [s.id for s in await engine.list_executions(since=since)] == [s.id for s in everything][2:]
+        in_plan = await engine.list_executions(plan_id=plan.id)
+        assert [s.id for s in in_plan] == [c.id for c in plan.commands]
+        assert all(s.plan_id == plan.id for s in in_plan)
+        assert [s.id for s in await engine.list_executions(plan_id=plan.id, status=F)] == [
+            plan.commands[1].id
+        ]
+        assert [s.id for s in await engine.list_executions(status=F, since=since, limit=2)] == failed[2:]
+        assert [s.id for s in await engine.list_executions(limit=2)] == [plan.commands[2].id, plan.id]
+        assert await engine.list_executions(limit=0) == []
+        assert await engine.list_executions(status="failed") == await engine.list_executions(status=F)
+        with pytest.raises(ValueError, match="aware"):
+            await engine.list_executions(since=datetime.now())
+        with pytest.raises(ValueError, match="negative"):
+            await engine.list_executions(limit=-1)
+
+    if with_journal:
+        async with ExecutionEngine(settings) as again:
+            assert await again.list_executions() == everything
+            assert await again.list_executions(status=C) == completed
+            assert await again.list_executions(plan_id=plan.id) == in_plan
+            assert [s.id for s in await again.list_executions(limit=2)] == [plan.commands[2].id, plan.id]
+
+
+# -- one engine per journal --------------------------------------------------------------
+
+
+async def test_a_second_engine_on_a_journal_in_use_gets_io_error_naming_the_holder(tmp_path: Path) -> None:
+    """Same process: the second engine is refused, naming this pid; it may open once the first shut down."""
+    async with ExecutionEngine(journalled(tmp_path)):
+        second = ExecutionEngine(journalled(tmp_path))
+        with pytest.raises(IoError, match=rf"pid {os.getpid()}\b") as refused:
+            await second.start()
+        assert str(tmp_path / "journal.sqlite3") in str(refused.value)
+    async with second:
+        assert await second.list_executions() == []
+
+
+def holder(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Another process holding the journal (journal_holder.py), once its command has started."""
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            str(HELPERS / "journal_holder.py"),
+            str(tmp_path / "journal.sqlite3"),
+            str(tmp_path / "logs"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == f"holding {proc.pid}"
+    return proc, json.loads(proc.stdout.readline())
+
+
+async def test_another_process_holding_the_journal_is_named_and_its_sigkill_frees_it(tmp_path: Path) -> None:
+    """A holder in another process is named by pid; SIGKILLed, it leaves no stuck lock."""
+    proc, _started = holder(tmp_path)
+    try:
+        with pytest.raises(IoError, match=rf"in use by another engine \(pid {proc.pid}\)"):
+            await ExecutionEngine(journalled(tmp_path)).start()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        summaries = await engine.list_executions()
+        assert summaries
+        assert all(s.status is F for s in summaries)
+        result = await engine.get_result(summaries[0].id)
+        assert result.error is not None
+        assert result.error.startswith("Interrupted:")
+        assert f"pid {proc.pid}" in result.error
+
+
+# -- damage ------------------------------------------------------------------------------
+
+
+async def test_a_file_that_is_not_a_journal_is_refused_with_its_path_and_nothing_starts(
+    tmp_path: Path,
+) -> None:
+    """Garbage in the file: IoError naming it at start, no worker left behind, and the file untouched."""
+    journal = tmp_path / "journal.sqlite3"
+    garbage = os.urandom(8192)
+    journal.write_bytes(garbage)
+    engine = ExecutionEngine(journalled(tmp_path))
+    before = host_children()
+    with pytest.raises(IoError, match=str(journal)):
+        await engine.start()
+    assert host_children() <= before, "a worker was started for an engine that cannot start"
+    assert journal.read_bytes() == garbage
+    with pytest.raises(IoError, match=str(journal)):
+        await engine.execute(shell("true"))
+    await engine.shutdown()
+
+
+async def test_a_journal_corrupted_inside_is_refused_with_its_path(tmp_path: Path) -> None:
+    """Pages overwritten inside a real journal: IoError naming the file, never a half-started engine."""
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        for eid in [await engine.execute(shell("true")) for _ in range(30)]:
+            await engine.wait(eid, timeout=20)
+    data = bytearray(journal.read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    for offset in range(page, len(data), page):
+        data[offset : offset + 64] = os.urandom(64)
+    journal.write_bytes(bytes(data))
+    before = host_children()
+    with pytest.raises(IoError, match=str(journal)):
+        await ExecutionEngine(journalled(tmp_path)).start()
+    assert host_children() <= before, "a worker was started for an engine that cannot start"
+
+
+async def test_a_journal_path_that_cannot_be_opened_is_refused_with_its_path(tmp_path: Path) -> None:
+    """A directory where the file should be is an IoError naming it."""
+    (tmp_path / "journal.sqlite3").mkdir()
+    with pytest.raises(IoError, match=str(tmp_path / "journal.sqlite3")):
+        await ExecutionEngine(journalled(tmp_path)).start()
+
+
+async def test_a_journal_written_by_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
+    """user_version above what this release knows: IoError naming the path and the versions."""
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path)):
+        pass
+    conn = sqlite3.connect(journal)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(IoError, match="newer") as refused:
+        await ExecutionEngine(journalled(tmp_path)).start()
+    assert str(journal) in str(refused.value)
+    conn = sqlite3.connect(journal)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    conn.close()
+
+
+async def test_an_empty_file_is_created_as_a_journal_in_wal_mode_at_the_current_schema(
+    tmp_path: Path,
+) -> None:
+    """A missing or empty file becomes a journal: WAL mode, user_version = the schema version, owner-only."""
+    journal = tmp_path / "state" / "journal.sqlite3"
+    async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+    conn = sqlite3.connect(journal)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    assert journal.stat().st_mode & 0o077 == 0
+
+
+# -- recovery --------------------------------------------------------------------------
+
+
+async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_the_host(
+    tmp_path: Path,
+) -> None:
+    """Host SIGKILLed while its worker is stopped (nothing cleans up): recovery kills the tree, fails it."""
+    proc, started = holder(tmp_path)
+    worker: psutil.Process | None = None
+    try:
+        command = psutil.Process(started["pid"])
+        wait_until(lambda: len(command.children()) == 2, 10, "the command's two children")
+        tree = [command.pid] + [p.pid for p in command.children(recursive=True)]
+        worker = command.parent()
+        assert worker is not None
+        worker.send_signal(signal.SIGSTOP)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert not any(gone(pid) for pid in tree), (
+            "the tree should outlive its host while its worker is stopped"
+        )
+        async with ExecutionEngine(journalled(tmp_path)) as engine:
+            # Done by the time start() returned.
+            assert all(gone(pid) for pid in tree)
+            for key in (started["id"], started["plan"]):
+                assert await engine.get_status(key) is F
+            result = await engine.get_result(started["id"])
+            assert result.error is not None
+            assert result.error.startswith("Interrupted:")
+            assert f"pid {proc.pid}" in result.error
+            plan = await engine.get_plan_result(started["plan"])
+            assert plan.status is F
+            assert all(r.status in (F, C) for r in plan.results)
+            assert await engine.list_executions(status=ExecutionStatus.RUNNING) == []
+            assert await engine.list_executions(status=ExecutionStatus.PENDING) == []
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if worker is not None:
+            try:
+                worker.kill()
+                worker.wait(10)
+            except psutil.NoSuchProcess:
+                pass
+
+
+# -- resume_plan ------------------------------------------------------------------------
+
+
+def flaky(tmp_path: Path, name: str) -> str:
+    """A command that fails until `tmp_path/name.ok` exists, and counts its runs in `tmp_path/name.runs`."""
+    return f"echo run >> {tmp_path / name}.runs; test -e {tmp_path / name}.ok"
+
+
+def runs(tmp_path: Path, name: str) -> int:
+    path = tmp_path / f"{name}.runs"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+async def test_resume_plan_reuses_what_completed_and_runs_the_rest_with_new_ids(tmp_path: Path) -> None:
+    """Serial with stop_on_error: the completed first command keeps its id and result, and does not run."""
+    (tmp_path / "a.ok").touch()
+    (tmp_path / "c.ok").touch()
+    plan = plan_of(flaky(tmp_path, "a"), flaky(tmp_path, "b"), flaky(tmp_path, "c"))
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        await engine.execute_plan(plan)
+        old = await engine.wait(plan.id, timeout=20)
+        assert isinstance(old, PlanExecutionResult)
+        assert [r.status for r in old.results] == [C, F, X]
+        (tmp_path / "b.ok").touch()
+        new_id = await engine.resume_plan(plan.id)
+        assert new_id != plan.id
+        new = await engine.wait(new_id, timeout=20)
+        assert isinstance(new, PlanExecutionResult)
+        assert new.plan_id == new_id
+        assert new.status is C
+        assert new.resumed_from == plan.id
+        assert [r.status for r in new.results] == [C, C, C]
+        assert new.results[0] == old.results[0]
+        assert new.results[1].id != plan.commands[1].id
+        assert new.results[2].id != plan.commands[2].id
+        assert (runs(tmp_path, "a"), runs(tmp_path, "b"), runs(tmp_path, "c")) == (1, 2, 1)
+        assert (await engine.get_plan_result(new_id)).resumed_from == plan.id
+        listed = [s.id for s in await engine.list_executions(plan_id=new_id)]
+        assert sorted(listed) == sorted(r.id for r in new.results)
+        assert "resumed_from" not in json.loads(old.model_dump_json())
+        assert json.loads(new.model_dump_json())["resumed_from"] == str(plan.id)
+
+
+async def test_resume_plan_of_an_earlier_engine_resumes_the_dependency_graph(tmp_path: Path) -> None:
+    """A graph plan from the journal: the completed branch is done, the failed one and its dependents run."""
+    (tmp_path / "a.ok").touch()
+    (tmp_path / "d.ok").touch()
+    plan = plan_of(
+        flaky(tmp_path, "a"),
+        flaky(tmp_path, "b"),
+        flaky(tmp_path, "c"),
+        flaky(tmp_path, "d"),
+        strategy=DependencyGraphStrategy(dependencies={2: [0, 1], 3: [0]}),
+    )
+    (tmp_path / "c.ok").touch()
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        await first.execute_plan(plan)
+        old = await first.wait(plan.id, timeout=20)
+        assert isinstance(old, PlanExecutionResult)
+        assert [r.status for r in old.results] == [C, F, X, C]
+    (tmp_path / "b.ok").touch()
+    async with ExecutionEngine(journalled(tmp_path)) as second:
+        new_id = await second.resume_plan(plan.id)
+        new = await second.wait(new_id, timeout=20)
+        assert isinstance(new, PlanExecutionResult)
+        assert [r.status for r in new.results] == [C, C, C, C]
+        assert new.results[0] == old.results[0]
+        assert new.results[3] == old.results[3]
+        assert (runs(tmp_path, "a"), runs(tmp_path, "b"), runs(tmp_path, "c"), runs(tmp_path, "d")) == (
+            1,
+            2,
+            1,
+            1,
+        )
+        assert new.resumed_from == plan.id
+    async with ExecutionEngine(journalled(tmp_path)) as third:
+        assert (await third.get_plan_result(new_id)).resumed_from == plan.id
+
+
+async def test_resume_plan_of_a_completed_plan_ends_at_once_and_refuses_what_is_not_an_ended_plan(
+    tmp_path: Path,
+) -> None:
+    """All completed: nothing runs. A command's or unknown id is NotFound; a running plan NotCompleted."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        plan = plan_of(flaky(tmp_path, "a"))
+        (tmp_path / "a.ok").touch()
+        await engine.execute_plan(plan)
+        await engine.wait(plan.id, timeout=20)
+        again = await engine.wait(await engine.resume_plan(plan.id), timeout=20)
+        assert isinstance(again, PlanExecutionResult)
+        assert again.status is C
+        assert runs(tmp_path, "a") == 1
+        with pytest.raises(NotFound):
+            await engine.resume_plan(plan.commands[0].id)
+        with pytest.raises(NotFound):
+            await engine.resume_plan(uuid4())
+        slow = plan_of("sleep 30")
+        await engine.execute_plan(slow)
+        with pytest.raises(NotCompleted):
+            await engine.resume_plan(slow.id)
+        await engine.cancel(slow.id)
+
+
+def test_the_blocking_engine_lists_with_filters_and_resumes_plans(tmp_path: Path) -> None:
+    """SyncExecutionEngine has list_executions' filters and resume_plan."""
+    with SyncExecutionEngine(journalled(tmp_path)) as engine:
+        plan = plan_of(flaky(tmp_path, "a"))
+        engine.execute_plan(plan)
+        engine.wait(plan.id, timeout=20)
+        (tmp_path / "a.ok").touch()
+        new_id = engine.resume_plan(plan.id)
+        result = engine.wait(new_id, timeout=20)
+        assert isinstance(result, PlanExecutionResult)
+        assert result.status is C
+        assert [s.id for s in engine.list_executions(status=C, limit=1)] == [new_id]
+        assert [s.id for s in engine.list_executions(plan_id=plan.id)] == [plan.commands[0].id]
+
+
+def test_the_default_journal_path_follows_xdg_state_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3, else ~/.local/state/..."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_journal_path() == tmp_path / "state" / "cloudops-execution-engine" / "journal.sqlite3"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".local" / "state" / "cloudops-execution-engine" / "journal.sqlite3"
+    assert default_journal_path() == expected
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")  # invalid per the XDG spec: ignored
+    assert default_journal_path() == expected

@@ -1,0 +1,284 @@
+"""`ResourceLimits`: set before the command runs, on every way a command starts, named when they stop it.
+
+The first tests start commands directly, the spawner's way, the C helper's way
+and the fork fallback's, and expect the same limits, nice value, CPU set and
+errors from each. The rest run through the engine and check what a user sees:
+the command stopped, its execution `failed`, the error naming the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, result_of, run, shell
+
+from cloudops_execution_engine import (
+    ExecutionEngine,
+    ExecutionStatus,
+    InvalidCommand,
+    ResourceLimits,
+)
+from cloudops_execution_engine.actors import spawning
+from cloudops_execution_engine.actors.limits import LimitRefused, command_settings
+from cloudops_execution_engine.actors.spawning import spawn
+
+pytestmark = pytest.mark.timeout(30)
+
+SH = shutil.which("sh") or "/bin/sh"
+SETPRIV = shutil.which("setpriv")
+NOBODY = 65534
+
+
+@pytest.fixture(params=["spawner", "native", "fork"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each of the three ways a worker starts a command (as in test_spawning)."""
+    if request.param != "spawner":
+        monkeypatch.setattr(spawning, "use_spawner", False)
+    elif not spawning.use_spawner:
+        pytest.fail("the spawner was not built; `pip install -e .` builds it with the system's compiler")
+    else:
+        _run([SH, "-c", "true"])
+    if request.param == "fork":
+        monkeypatch.setattr(spawning, "native", None)
+    elif spawning.native is None:
+        pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
+    yield str(request.param)
+    helper = spawning.spawner_pid()
+    spawning.stop_spawner()
+    if helper:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper, 0)
+
+
+def _run(
+    argv: list[str], limits: spawning.Limits = (), nice: int = 0, affinity: tuple[int, ...] = ()
+) -> tuple[int, str, str]:
+    """Start `argv` with the given settings, read both pipes to their end, reap it."""
+    pid, out_fd, err_fd = spawn(argv, [], b"/", os.defpath, limits, -1, nice, affinity)
+    outputs = []
+    for fd in (out_fd, err_fd):
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        os.close(fd)
+        outputs.append(b"".join(chunks).decode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]
+
+
+def _limits_of(text: str) -> dict[str, tuple[str, str]]:
+    """/proc/<pid>/limits as {name: (soft, hard)}."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        name, soft, hard = line[:26].strip(), *line[26:].split()[:2]
+        found[name] = (soft, hard)
+    return found
+
+
+def test_every_setting_reaches_the_command(way: str) -> None:
+    """The rlimits `command_settings` builds, the nice increment and the CPU set are the command's own."""
+    wanted = {
+        "memory_bytes": 1 << 30,
+        "cpu_seconds": 50,
+        "open_files": 99,
+        "processes": 77,
+        "file_size_bytes": 123456,
+        "nice": 3,
+    }
+    limits, nice, cpus = command_settings(wanted, [0], ())
+    base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    code, out, err = _run([SH, "-c", "cat /proc/self/limits; echo; cut -d' ' -f19 /proc/self/stat;"
+                           " grep Cpus_allowed_list /proc/self/status"], limits, nice, cpus)  # fmt: skip
+    assert code == 0, err
+    table, stat = out.split("\n\n")
+    got = _limits_of(table)
+    assert got["Max address space"] == (str(1 << 30), str(1 << 30))
+    # One second of hard limit past the soft one: SIGXCPU first, SIGKILL only if it is ignored.
+    assert got["Max cpu time"] == ("50", "51")
+    assert got["Max open files"] == ("99", "99")
+    assert got["Max processes"] == ("77", "77")
+    assert got["Max file size"] == ("123456", "123456")
+    nice_line, cpus_line = stat.split("\n")[:2]
+    assert int(nice_line) == base_nice + 3
+    assert cpus_line.split()[-1] == "0"
+
+
+def test_the_stdin_pipe_is_the_commands_input(way: str) -> None:
+    """Given a pipe's read end, the command reads it as fd 0 (the caller keeps and closes its own copy)."""
+    stdin_r, stdin_w = os.pipe()
+    try:
+        pid, out_fd, err_fd = spawn([SH, "-c", "cat; echo done"], [], b"/", os.defpath, (), stdin_r)
+    finally:
+        os.close(stdin_r)
+    os.write(stdin_w, b"fed through the pipe\n")
+    os.close(stdin_w)
+    os.set_blocking(out_fd, True)
+    chunks = []
+    while chunk := os.read(out_fd, 65536):
+        chunks.append(chunk)
+    os.close(out_fd)
+    os.close(err_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"".join(chunks) == b"fed through the pipe\ndone\n"
+
+
+def test_a_limit_the_kernel_refuses_is_a_clear_start_failure(way: str) -> None:
+    """A limit that fails in the child is an OSError that says a limit was refused, on every way."""
+    ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+    with pytest.raises(OSError, match="cannot apply the command's limits") as info:
+        _run([SH, "-c", "true"], ((resource.RLIMIT_NOFILE, ceiling + 1, ceiling + 1),))
+    assert info.value.errno is not None
+
+
+def test_the_worker_names_a_limit_it_cannot_apply() -> None:
+    """CPUs the worker may not use and an fd limit above the kernel's ceiling are refused by name."""
+    with pytest.raises(LimitRefused, match=r"cpu_affinity names CPU\(s\) \[1000\]"):
+        command_settings({}, [1000], ())
+    with pytest.raises(LimitRefused, match=r"open_files=.* fs\.nr_open"):
+        command_settings({"open_files": 2**40}, [], ())
+
+
+# -- through the engine ---------------------------------------------------------
+
+
+async def test_cpu_seconds_stops_a_busy_command(engine: ExecutionEngine) -> None:
+    """A command that burns CPU past cpu_seconds=1 ends failed with "CPU time limit exceeded"."""
+    request = run(PYTHON, "-c", "while True: pass", limits=ResourceLimits(cpu_seconds=1), timeout_ms=20_000)
+    result = await result_of(engine, await engine.execute(request), 25)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error == "CPU time limit exceeded"
+    assert result.resource_usage is not None
+    # About the second it was allowed (the kernel's accounting and rusage's sampling differ a little).
+    assert result.resource_usage.user_cpu_s + result.resource_usage.system_cpu_s >= 0.5
+
+
+async def test_cpu_seconds_is_named_when_a_shell_reports_its_child(engine: ExecutionEngine) -> None:
+    """A shell's 128+SIGXCPU for a child the limit stopped names the limit too."""
+    script = f"{PYTHON} -c 'while True: pass'; exit $?"
+    request = shell(script, limits=ResourceLimits(cpu_seconds=1), timeout_ms=20_000)
+    result = await result_of(engine, await engine.execute(request), 25)
+    assert (result.status, result.error) == (ExecutionStatus.FAILED, "CPU time limit exceeded")
+
+
+async def test_memory_bytes_stops_an_allocation(engine: ExecutionEngine) -> None:
+    """Past memory_bytes (RLIMIT_AS) an allocation fails: Python raises MemoryError and exits 1."""
+    code = "x = bytearray(512 * 1024 * 1024); print('allocated')"
+    request = run(PYTHON, "-c", code, limits=ResourceLimits(memory_bytes=256 * 1024 * 1024))
+    result = await result_of(engine, await engine.execute(request), 20)
+    assert result.status is ExecutionStatus.FAILED
+    assert "MemoryError" in result.stderr
+    assert "allocated" not in result.stdout
+    assert result.error == "Command failed with exit code 1"
+    unlimited = await result_of(engine, await engine.execute(run(PYTHON, "-c", code)), 20)
+    assert unlimited.stdout == "allocated\n", "the same command runs without the limit"
+
+
+async def test_file_size_bytes_stops_a_writer(engine: ExecutionEngine, tmp_path: Path) -> None:
+    """Writing past file_size_bytes ends the command by SIGXFSZ: "File size limit exceeded"."""
+    target = tmp_path / "big"
+    # dd, not Python: Python ignores SIGXFSZ and sees EFBIG from write() instead.
+    request = run(
+        "dd", "if=/dev/zero", f"of={target}", "bs=1000", "count=100",
+        limits=ResourceLimits(file_size_bytes=10_000),
+    )  # fmt: skip
+    result = await result_of(engine, await engine.execute(request), 20)
+    assert (result.status, result.error) == (ExecutionStatus.FAILED, "File size limit exceeded")
+    assert result.exit_code == -25
+    assert target.stat().st_size == 10_000
+
+
+async def test_open_files_limits_descriptors(engine: ExecutionEngine) -> None:
+    """With open_files=20 the command cannot hold 50 files open."""
+    code = "import sys\nfs = [open('/dev/null') for _ in range(50)]\nprint(len(fs))"
+    result = await result_of(
+        engine, await engine.execute(run(PYTHON, "-c", code, limits=ResourceLimits(open_files=20))), 20
+    )
+    assert result.status is ExecutionStatus.FAILED
+    assert "Too many open files" in result.stderr
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="setpriv (util-linux) is needed to leave root")
+async def test_processes_stops_a_fork_loop(engine: ExecutionEngine) -> None:
+    """processes=N (RLIMIT_NPROC) stops a command forking past N processes of its user.
+
+    The kernel does not hold root to RLIMIT_NPROC, so as root the command
+    first gives up root with setpriv, keeping the limit the engine set; the
+    fork loop then runs as an unprivileged user, as it would for a host that
+    is not root.
+    """
+    loop = (
+        "import os, sys, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    while n < 200:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(5); os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as exc:\n"
+        "    print(n, exc.errno, file=sys.stderr); sys.exit(7)\n"
+        "print(n)\n"
+    )
+    argv = [PYTHON, "-c", loop]
+    if os.geteuid() == 0:
+        assert SETPRIV is not None
+        argv = [SETPRIV, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+    request = run(*argv, limits=ResourceLimits(processes=10), timeout_ms=20_000)
+    result = await result_of(engine, await engine.execute(request), 25)
+    assert result.status is ExecutionStatus.FAILED, result.stdout
+    assert result.exit_code == 7
+    forked, errno_value = result.stderr.split()[-2:]
+    assert int(forked) < 10
+    assert int(errno_value) == 11  # EAGAIN: the limit, not anything else
+
+
+async def test_nice_and_cpu_affinity_reach_the_command(engine: ExecutionEngine) -> None:
+    """nice=7 lowers the command's priority by 7; cpu_affinity=[0] pins it to CPU 0."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    request = run(
+        PYTHON,
+        "-c",
+        "import os; print(os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)))",
+        limits=ResourceLimits(nice=7, cpu_affinity=[0]),
+    )
+    result = await result_of(engine, await engine.execute(request), 20)
+    assert result.status is ExecutionStatus.COMPLETED, result.error
+    assert result.stdout == f"{min(base + 7, 19)} [0]\n"
+
+
+async def test_a_limit_the_node_cannot_grant_fails_by_name(engine: ExecutionEngine) -> None:
+    """A CPU the worker may not use fails the execution with an error that names the setting."""
+    cpus = len(os.sched_getaffinity(0))
+    request = run("true", limits=ResourceLimits(cpu_affinity=[cpus + 5]))
+    result = await result_of(engine, await engine.execute(request), 20)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert f"cpu_affinity names CPU(s) [{cpus + 5}]" in result.error
+
+
+async def test_limits_out_of_range_are_refused_at_execute(engine: ExecutionEngine) -> None:
+    """An empty CPU list, a CPU beyond any mask, or a limit past what setrlimit takes: InvalidCommand."""
+    for limits in (
+        ResourceLimits(cpu_affinity=[]),
+        ResourceLimits(cpu_affinity=[4096]),
+        ResourceLimits(memory_bytes=2**63),
+    ):
+        with pytest.raises(InvalidCommand, match="limits"):
+            await engine.execute(run("true", limits=limits))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux limits")
+async def test_limits_apply_to_what_the_command_starts(engine: ExecutionEngine) -> None:
+    """A child of the command inherits the limits: they are set before exec, not on the one process."""
+    result = await result_of(
+        engine, await engine.execute(shell("sh -c 'ulimit -n'", limits=ResourceLimits(open_files=42))), 20
+    )
+    assert result.stdout == "42\n"

@@ -1,0 +1,181 @@
+"""Retention: what a RetentionPolicy deletes from the journal, log_dir and memory, and what it never touches.
+
+Commands run one after another here, so that the order they end in, which
+decides what is oldest, is the order they were submitted in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from conftest import config, shell
+
+from cloudops_execution_engine import (
+    ExecutionEngine,
+    ExecutionPlan,
+    ExecutionStatus,
+    IoError,
+    NotFound,
+    RetentionPolicy,
+    SerialStrategy,
+)
+from cloudops_execution_engine.actors import retention
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
+
+DAY = 86_400.0
+
+
+def journalled(tmp_path: Path, **overrides: Any) -> Any:
+    return config(tmp_path, journal=tmp_path / "journal.sqlite3", **overrides)
+
+
+def bystanders(log_dir: Path) -> dict[Path, bytes]:
+    """Files in log_dir that are not `<uuid>.log`: retention must leave them alone, however old."""
+    files = {
+        log_dir / "notes.txt": b"keep me",
+        log_dir / "not-a-uuid.log": b"keep me too",
+        log_dir / f"{uuid4()}.log.bak": b"and me",
+        log_dir / f"{str(uuid4()).upper()}.log": b"not our spelling",
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+        os.utime(path, (time.time() - 10 * DAY, time.time() - 10 * DAY))
+    return files
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Poll a condition while the engine's loop runs; fail naming it if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def gone(path: Path) -> bool:
+    return not path.exists()
+
+
+def age(path: Path, days: float) -> None:
+    moment = time.time() - days * DAY
+    os.utime(path, (moment, moment))
+
+
+async def run_all(engine: ExecutionEngine, *commands: str) -> list[UUID]:
+    """Run each command to its end, one after another."""
+    ids = []
+    for command in commands:
+        eid = await engine.execute(shell(command))
+        await engine.wait(eid, timeout=20)
+        ids.append(eid)
+    return ids
+
+
+async def test_max_executions_keeps_the_newest_rows_and_logs_and_nothing_else_is_touched(
+    tmp_path: Path,
+) -> None:
+    """At start: journal rows and logs beyond the newest N go, oldest first; other files in log_dir stay."""
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        ids = await run_all(engine, *(f"echo {i}" for i in range(6)))
+        log_paths = [engine.get_log_path(eid) for eid in ids]
+    others = bystanders(tmp_path / "logs")
+    policy = RetentionPolicy(max_executions=2)
+    async with ExecutionEngine(journalled(tmp_path, retention=policy)) as engine:
+        assert [s.id for s in await engine.list_executions()] == ids[-2:]
+        for eid in ids[:-2]:
+            with pytest.raises(NotFound):
+                await engine.get_status(eid)
+        assert [p.exists() for p in log_paths] == [False] * 4 + [True] * 2
+        assert "echo 5" in await engine.read_logs(ids[-1])
+    assert {p: p.read_bytes() for p in others} == others
+
+
+async def test_max_age_deletes_what_ended_long_ago_whole_plans_included(tmp_path: Path) -> None:
+    """Rows and logs of executions (and plans with their commands) that ended before the cutoff go."""
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        old = await run_all(engine, "echo old")
+        plan = ExecutionPlan(commands=[shell("echo a"), shell("echo b")], strategy=SerialStrategy())
+        await engine.execute_plan(plan)
+        await engine.wait(plan.id, timeout=20)
+        new = await run_all(engine, "echo new")
+        old_logs = [engine.get_log_path(i) for i in [*old, *(c.id for c in plan.commands)]]
+    # Ten days pass for the first command and the plan.
+    conn = sqlite3.connect(journal)
+    stale = [i.bytes for i in [*old, plan.id, *(c.id for c in plan.commands)]]
+    shift = int(10 * DAY * 1_000_000)
+    conn.executemany("UPDATE entries SET ended_us = ended_us - ? WHERE id = ?", [(shift, k) for k in stale])
+    conn.commit()
+    conn.close()
+    for path in old_logs:
+        age(path, 10)
+    async with ExecutionEngine(journalled(tmp_path, retention=RetentionPolicy(max_age_s=DAY))) as engine:
+        assert [s.id for s in await engine.list_executions()] == new
+        for gone_id in [*old, plan.id, *(c.id for c in plan.commands)]:
+            with pytest.raises(NotFound):
+                await engine.get_status(gone_id)
+        assert not any(p.exists() for p in old_logs)
+        assert engine.get_log_path(new[0]).exists()
+
+
+async def test_max_log_bytes_deletes_the_oldest_logs_until_the_total_fits(tmp_path: Path) -> None:
+    """Without a journal: the oldest `<uuid>.log` files go until their total is within the limit."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        ids = await run_all(engine, *(f"head -c 20000 /dev/zero | tr '\\0' x; echo {i}" for i in range(5)))
+        paths = [engine.get_log_path(eid) for eid in ids]
+    for days, path in zip([5, 4, 3, 2, 1], paths, strict=True):
+        age(path, days)
+    sizes = [p.stat().st_size for p in paths]
+    limit = sum(sizes[-2:]) + 100
+    async with ExecutionEngine(config(tmp_path, retention=RetentionPolicy(max_log_bytes=limit))):
+        assert [p.exists() for p in paths] == [False, False, False, True, True]
+    assert sum(p.stat().st_size for p in paths if p.exists()) <= limit
+
+
+async def test_a_running_executions_log_is_never_deleted_and_sweeps_repeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic sweep deletes finished logs, however strict the policy, and never a running one's."""
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    policy = RetentionPolicy(max_executions=0, max_log_bytes=0, max_age_s=0.001)
+    async with ExecutionEngine(config(tmp_path, retention=policy)) as engine:
+        running = await engine.execute(shell("echo started; sleep 30"))
+        await until(engine.get_log_path(running).exists, "the running command's log")
+        age(engine.get_log_path(running), 10)
+        for _ in range(3):
+            [done] = await run_all(engine, "echo finished")
+            log = engine.get_log_path(done)
+            await until(functools.partial(gone, log), "a sweep to delete the finished log")
+            assert engine.get_log_path(running).exists()
+            assert await engine.get_status(running) is ExecutionStatus.RUNNING
+        await engine.cancel(running)
+
+
+async def test_without_a_journal_memory_is_trimmed_and_a_removed_log_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory store forgets beyond max_executions; read_logs of a log retention removed says so."""
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    async with ExecutionEngine(config(tmp_path, retention=RetentionPolicy(max_log_bytes=0))) as engine:
+        [eid] = await run_all(engine, "echo bye")
+        await until(lambda: not engine.get_log_path(eid).exists(), "the sweep to remove the log")
+        with pytest.raises(IoError, match="retention"):
+            await engine.read_logs(eid)
+    async with ExecutionEngine(config(tmp_path, retention=RetentionPolicy(max_executions=2))) as engine:
+        ids = await run_all(engine, *(f"echo {i}" for i in range(5)))
+        deadline = time.monotonic() + 10
+        while [s.id for s in await engine.list_executions()] != ids[-2:]:
+            assert time.monotonic() < deadline, "memory was not trimmed to the newest two"
+            await asyncio.sleep(0.01)
+        await until(lambda: not engine.get_log_path(ids[0]).exists(), "the sweep to remove the oldest log")
+        assert engine.get_log_path(ids[-1]).exists()

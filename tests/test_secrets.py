@@ -1,0 +1,319 @@
+"""Secrets (`secret_env` values and `ExecutionConfig.secrets`) never appear in what the engine writes.
+
+They are masked as `***` in output events, results, log files, error texts
+and the command line, in `repr()` and `model_dump_json()` of the request.
+The property tests feed random secrets and random output, cut at random
+points, first through the worker's own text functions (with a small piece
+size, so that pieces of an endless line are cut often), then through the
+engine, with real 1 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PYTHON, Recorder, config, result_of, run, shell
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudops_execution_engine import (
+    ExecCommand,
+    ExecutionConfig,
+    ExecutionEngine,
+    ExecutionRequest,
+    ExecutionStatus,
+    InvalidCommand,
+    SyncExecutionEngine,
+)
+from cloudops_execution_engine.actors import output
+from cloudops_execution_engine.actors.output import (
+    block_lines,
+    keep,
+    kept_text,
+    mark_lines,
+    mark_read,
+    masked_kept,
+    read_lines,
+    split_lines,
+    takes_masking,
+    whole_lines_cut,
+)
+from cloudops_execution_engine.actors.secrets import Masker
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "hunter2-s3cr3t"
+GLOBAL = "company-wide-token"
+
+
+# -- the worker's text functions, at every cut ----------------------------------------------
+
+
+def _through_reads(reads: list[bytes], masker: Masker, max_output: int) -> dict[str, Any]:
+    """What the worker makes of a stream read in `reads`: as its `_on_output` and `_close_stream` do."""
+    partial = b""
+    stream = b""  # the lines as sent, pieces joined as they were in the output
+    log = b""
+    events: list[str] = []
+    kept = bytearray()
+    truncated = False
+    for data in reads:
+        if keep(kept, data, max_output + masker.hold):
+            truncated = True
+        cut = whole_lines_cut(partial, data)
+        if takes_masking(partial, data, cut, masker):
+            block, pieces, partial = split_lines(partial, data, masker)
+        elif cut:
+            log += b"".join(mark_read(b"", partial, data, cut))
+            events += read_lines(partial, data, cut)
+            stream += partial + data[:cut]
+            partial = data[cut:]
+            continue
+        else:
+            block, pieces, partial = split_lines(partial, data)
+        log += mark_lines(b"", block, pieces)
+        events += block_lines(block, pieces)
+        stream += block + b"".join(pieces)
+    if partial:
+        rest = masker.mask(partial)
+        log += mark_lines(b"", b"", [rest])
+        events += block_lines(b"", [rest])
+        stream += rest
+    kept_bytes, truncated = masked_kept(kept, truncated, max_output, masker)
+    text, truncated = kept_text(kept_bytes, truncated, max_output)
+    return {"stream": stream, "log": log, "events": events, "kept": text, "truncated": truncated}
+
+
+_SECRET_TEXT = st.text(alphabet="abcdAB12é-", min_size=4, max_size=9)
+_FILLER = st.text(alphabet="abcdAB12é-*x\n", max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    secrets=st.lists(_SECRET_TEXT, min_size=1, max_size=4, unique=True),
+    parts=st.lists(st.tuples(_FILLER, st.integers(0, 3)), max_size=12),
+    cuts=st.lists(st.integers(1, 60), max_size=30),
+    max_output=st.integers(0, 120),
+)
+def test_no_secret_survives_any_cut_of_the_output(
+    secrets: list[str], parts: list[tuple[str, int]], cuts: list[int], max_output: int
+) -> None:
+    """Random secrets in random output, read in random pieces: every secret masked, and only secrets."""
+    raw = "".join(filler + secrets[i % len(secrets)] for filler, i in parts).encode()
+    reads, at = [], 0
+    for size in cuts:
+        if at >= len(raw):
+            break
+        reads.append(raw[at : at + size])
+        at += size
+    if at < len(raw):
+        reads.append(raw[at:])
+    masker = Masker(secrets)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output, "LINE_PIECE", 16)  # pieces every 16 bytes: cuts everywhere
+        seen = _through_reads(reads, masker, max_output)
+    whole = b"\n".join(masker.mask(line) for line in raw.split(b"\n"))
+    # Cut into pieces or not, the stream is exactly the output with each line masked.
+    assert seen["stream"] == whole
+    for secret in secrets:
+        encoded = secret.encode()
+        assert encoded not in seen["stream"]
+        assert encoded not in seen["log"]
+        assert all(secret not in line for line in seen["events"])
+        assert secret not in seen["kept"]
+    # The result keeps a prefix of that, within the limit; all of it when it fits.
+    assert whole.decode().startswith(seen["kept"])
+    assert len(seen["kept"].encode()) <= max_output
+    if len(raw) <= max_output + masker.hold and len(whole) <= max_output:
+        assert (seen["kept"], seen["truncated"]) == (whole.decode(), False)
+    else:
+        assert seen["truncated"] == (seen["kept"] != whole.decode())
+
+
+def test_masker_prefers_the_longest_secret_and_masks_text() -> None:
+    """Of overlapping secrets the longest is masked whole; text masking matches bytes masking."""
+    masker = Masker(["abcd", "abcdefgh"])
+    assert masker.mask(b"xxabcdefghxx abcd") == b"xx***xx ***"
+    assert masker.mask_text("é abcdefgh") == "é ***"
+    assert not masker.hit(b"abc")
+
+
+# -- through the engine ---------------------------------------------------------------------
+
+
+def _log_text(log_dir: Path, execution_id: Any) -> str:
+    return (log_dir / f"{execution_id}.log").read_text(errors="replace")
+
+
+async def test_secrets_are_masked_in_events_results_logs_and_the_command_line(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """secret_env reaches the command; its values and config.secrets are *** wherever they would show."""
+    cfg = config(tmp_path, secrets=[GLOBAL])
+    async with ExecutionEngine(cfg).with_event_handler(recorder) as engine:
+        request = shell(
+            f'echo "token=$TOKEN"; echo "{GLOBAL}" >&2; echo "{SECRET}{SECRET}"; exit 3',
+            secret_env={"TOKEN": SECRET},
+        )
+        execution = await engine.execute(request)
+        result = await result_of(engine, execution, 20)
+        await recorder.until_final(execution)
+        log = await engine.read_logs(execution)
+    assert result.stdout == "token=***\n******\n"
+    assert result.stderr == "***\n"
+    assert result.error == "Command failed with exit code 3"
+    events = recorder.of(execution)
+    dumped = "".join(event.model_dump_json() for event in events) + result.model_dump_json() + log
+    assert "token=***" in dumped
+    for secret in (SECRET, GLOBAL):
+        assert secret not in dumped
+    started = next(e for e in events if e.event_type == "started")
+    assert started.command.startswith('echo "token=$TOKEN"; echo "***" >&2; echo "******"')
+    assert "token=***" in log
+    assert "# command: " in log
+
+
+async def test_an_error_text_is_masked(engine: ExecutionEngine) -> None:
+    """A program that cannot start is named in the error, with the secret in its path masked."""
+    request = ExecutionRequest(
+        command=ExecCommand(program=f"/nonexistent/{SECRET}/tool"), secret_env={"T": SECRET}
+    )
+    result = await result_of(engine, await engine.execute(request), 20)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error is not None
+    assert "/nonexistent/***/tool" in result.error
+    assert SECRET not in result.error
+
+
+async def test_a_secret_across_a_piece_of_an_endless_line_is_masked(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """A secret that straddles the 1 MiB cut of a line with no newline is masked, not split in two."""
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(recorder) as engine:
+        for offset in (1, 5, len(SECRET) - 1):
+            code = (
+                "import os, sys\n"
+                f"os.write(1, b'x' * ({output.LINE_PIECE} - {offset}))\n"
+                f"os.write(1, sys.argv[1].encode() + b'y' * 100 + sys.argv[1].encode())\n"
+            )
+            execution = await engine.execute(run(PYTHON, "-c", code, SECRET, secret_env={"S": SECRET}))
+            result = await result_of(engine, execution, 20)
+            await recorder.until_final(execution)
+            lines = [e.line for e in recorder.of(execution) if e.event_type == "stdout"]
+            assert len(lines) == 2, "the line came in two pieces"
+            joined = "".join(lines)
+            assert joined == "x" * (output.LINE_PIECE - offset) + "***" + "y" * 100 + "***"
+            assert result.stdout == joined
+            log = _log_text(tmp_path / "logs", execution)
+            assert SECRET not in log
+            assert log.count("***") == 3, "two in the output, one in the logged command line"
+
+
+def test_request_repr_and_json_keep_keys_and_mask_values() -> None:
+    """repr() and model_dump_json() show secret_env's keys with *** values; the engine still has the value."""
+    request = ExecutionRequest(
+        command=ExecCommand(program="true"), secret_env={"TOKEN": SECRET, "KEY": GLOBAL}
+    )
+    assert SECRET not in repr(request)
+    assert GLOBAL not in repr(request)
+    assert "secret_env={'TOKEN': '***', 'KEY': '***'}" in repr(request)
+    assert SECRET not in str(request)
+    document = json.loads(request.model_dump_json())
+    assert document["secret_env"] == {"TOKEN": "***", "KEY": "***"}
+    assert request.model_dump()["secret_env"] == {"TOKEN": "***", "KEY": "***"}
+    assert request.secret_env["TOKEN"] == SECRET
+
+
+async def test_short_or_multiline_secrets_are_refused(engine: ExecutionEngine) -> None:
+    """A secret under 4 characters would mask ordinary text; one with a newline cannot be masked by line.
+
+    A request read back from its JSON has `***` for each secret: it is refused, saying why.
+    """
+    with pytest.raises(InvalidCommand, match="at least 4 characters"):
+        await engine.execute(run("true", secret_env={"T": "abc"}))
+    with pytest.raises(InvalidCommand, match="line break"):
+        await engine.execute(run("true", secret_env={"T": "abcd\nefgh"}))
+    read_back = ExecutionRequest.model_validate_json(run("true", secret_env={"T": SECRET}).model_dump_json())
+    with pytest.raises(InvalidCommand, match="give their values again"):
+        await engine.execute(read_back)
+    with pytest.raises(ValueError, match=r"secrets\[1\].*at least 4 characters") as info:
+        ExecutionConfig(secrets=["long-enough", "xyz"])
+    assert "xyz" not in str(info.value), "the refusal must not quote the secret"
+    dumped = ExecutionConfig(secrets=[SECRET]).model_dump_json()
+    assert SECRET not in dumped
+    assert '"secrets":["***"]' in dumped
+
+
+async def test_environment_values_are_never_logged(engine: ExecutionEngine, tmp_path: Path) -> None:
+    """Neither env nor secret_env values reach the log unless the command prints them (masked then)."""
+    execution = await engine.execute(
+        run("true", env={"PLAIN": "plain-visible-value"}, secret_env={"S": SECRET})
+    )
+    await result_of(engine, execution, 20)
+    log = _log_text(tmp_path / "logs", execution)
+    assert "plain-visible-value" not in log
+    assert SECRET not in log
+
+
+_ENGINE_SECRET = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=4, max_size=24)
+# Runs of filler that put a secret just before, across and after a 1 MiB cut of an endless line.
+_RUN = st.one_of(
+    st.integers(0, 64),
+    st.integers(output.LINE_PIECE - 24, output.LINE_PIECE - 1),
+    st.integers(0, output.LINE_PIECE),
+)
+
+
+@pytest.mark.timeout(120)
+def test_no_secret_reaches_events_results_or_logs(tmp_path: Path) -> None:
+    """Property: random secrets in random output with endless lines: no leak in events, result, log file."""
+    log_dir = tmp_path / "logs"
+    writer = (
+        "import os, sys\n"
+        "data = sys.stdin.buffer.read()\n"
+        "cuts = [int(c) for c in sys.argv[1].split(',') if c]\n"
+        "at = 0\n"
+        "for cut in cuts + [len(data)]:\n"
+        "    while at < min(cut, len(data)):\n"
+        "        at += os.write(1, data[at:cut])\n"
+    )
+    with SyncExecutionEngine(
+        config(tmp_path, secrets=["GLOBALSECRET"], max_output_bytes=output.LINE_PIECE + 7)
+    ) as engine:
+
+        @settings(
+            max_examples=20,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(
+            secrets=st.lists(_ENGINE_SECRET, min_size=1, max_size=3, unique=True),
+            parts=st.lists(st.tuples(_RUN, st.integers(0, 3), st.booleans()), min_size=1, max_size=5),
+            cuts=st.lists(st.integers(1, 3 * output.LINE_PIECE), max_size=4),
+        )
+        def check(secrets: list[str], parts: list[tuple[int, int, bool]], cuts: list[int]) -> None:
+            every = [*secrets, "GLOBALSECRET"]
+            raw = b"".join(
+                b"x" * run_length + every[i % len(every)].encode() + (b"\n" if newline else b"")
+                for run_length, i, newline in parts
+            )
+            request = ExecutionRequest(
+                command=ExecCommand(program=PYTHON, args=["-c", writer, ",".join(map(str, sorted(cuts)))]),
+                stdin=raw,
+                secret_env={f"S{i}": s for i, s in enumerate(secrets)},
+            )
+            execution = engine.execute(request)
+            events = list(engine.events(execution))
+            result = engine.get_result(execution)
+            assert result.status is ExecutionStatus.COMPLETED, result.error
+            text = "".join(e.line for e in events if e.event_type == "stdout")
+            log = _log_text(log_dir, execution)
+            everything = text + result.stdout + log + "".join(e.model_dump_json() for e in events)
+            for secret in every:
+                assert secret not in everything
+            assert text.count("***") == len(parts)
+
+        check()
