@@ -27,6 +27,7 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 test: lint
+	tests/interop/setup.sh
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed

@@ -80,7 +80,7 @@ def _cargo() -> str:
         return str(home)
     pytest.fail(
         "cargo is needed to build tests/interop (the seed's types under real serde): "
-        "install Rust (rustup) so that cargo is on PATH or in ~/.cargo/bin; .ci/run does so in CI"
+        "install Rust (rustup) so that cargo is on PATH or in ~/.cargo/bin; `make test` installs it when run as root"
     )
 
 
@@ -95,7 +95,7 @@ def serde_bin() -> Path:
         pytest.fail(
             f"Debian's packaged Rust crates are missing ({', '.join(missing)}): apt-get install "
             "librust-serde-dev librust-serde-derive-dev librust-serde-json-dev librust-chrono-dev "
-            "librust-uuid-dev (.ci/run does so in CI)"
+            "librust-uuid-dev (`make test` installs it when run as root)"
         )
     # cargo reads .cargo/config.toml (the offline, packaged-crates source) from the directory it runs in.
     built = subprocess.run(
