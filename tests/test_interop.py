@@ -80,7 +80,8 @@ def _cargo() -> str:
         return str(home)
     pytest.fail(
         "cargo is needed to build tests/interop (the seed's types under real serde): "
-        "install Rust (rustup) so that cargo is on PATH or in ~/.cargo/bin; `make test` installs it when run as root"
+        "install Rust (rustup) so that cargo is on PATH or in ~/.cargo/bin; "
+        "`make test` installs it when run as root"
     )
 
 

@@ -24,6 +24,7 @@ from cloudops_execution_engine import (
     ExecutionPlan,
     ExecutionResult,
     ExecutionStatus,
+    InvalidPlan,
     IoError,
     NotCompleted,
     NotFound,
@@ -410,6 +411,28 @@ async def test_resume_plan_reuses_what_completed_and_runs_the_rest_with_new_ids(
         assert sorted(listed) == sorted(r.id for r in new.results)
         assert "resumed_from" not in json.loads(old.model_dump_json())
         assert json.loads(new.model_dump_json())["resumed_from"] == str(plan.id)
+
+
+async def test_secrets_never_reach_the_journal_and_a_plan_needing_them_is_not_resumed_blind(
+    tmp_path: Path,
+) -> None:
+    """secret_env and config secrets are masked in the file; an earlier run's plan needing them is refused."""
+    secret, word = "s3cr3t-token-value", "passw0rd-of-the-host"
+    step = shell(f'echo "$TOKEN {word}"; test -e {tmp_path / "ok"}')
+    step = step.model_copy(update={"secret_env": {"TOKEN": secret}})
+    plan = ExecutionPlan(commands=[shell("true"), step], strategy=SerialStrategy())
+    async with ExecutionEngine(journalled(tmp_path, secrets=[word])) as first:
+        await first.execute_plan(plan)
+        old = await first.wait(plan.id, timeout=20)
+        assert isinstance(old, PlanExecutionResult)
+        assert old.results[1].stdout == "*** ***\n"
+    files = [tmp_path / name for name in os.listdir(tmp_path) if name.startswith("journal.sqlite3")]
+    stored = b"".join(path.read_bytes() for path in files)
+    assert secret.encode() not in stored
+    assert word.encode() not in stored
+    async with ExecutionEngine(journalled(tmp_path, secrets=[word])) as second:
+        with pytest.raises(InvalidPlan, match="give their values again"):
+            await second.resume_plan(plan.id)
 
 
 async def test_resume_plan_of_an_earlier_engine_resumes_the_dependency_graph(tmp_path: Path) -> None:

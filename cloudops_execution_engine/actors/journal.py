@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import sqlite3
@@ -54,6 +55,7 @@ from .journal_schema import migrate
 from .journal_writer import JournalWriter
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
+from .secrets import json_masker
 from .store import MemoryStore, Store, matches, select_newest
 
 __all__ = ["JournalStore", "open_connection", "store_for"]
@@ -66,7 +68,9 @@ def store_for(config: ExecutionConfig) -> Store:
     if config.journal is None:
         return MemoryStore(config.max_retained_executions, retention)
     memory = MemoryStore(config.max_retained_executions)
-    return JournalStore(Path(config.journal), memory, config.default_timeout_ms, retention)
+    return JournalStore(
+        Path(config.journal), memory, config.default_timeout_ms, retention, json_masker(config.secrets)
+    )
 
 
 _WRITER_JOIN_TIMEOUT = 30.0
@@ -93,9 +97,16 @@ class JournalStore:
     """Executions and plans in memory and in a journal file (module docstring)."""
 
     def __init__(
-        self, path: Path, memory: MemoryStore, timeout_ms: int, retention: Retention | None = None
+        self,
+        path: Path,
+        memory: MemoryStore,
+        timeout_ms: int,
+        retention: Retention | None = None,
+        mask: Callable[[str], str] | None = None,
     ) -> None:
         self.path = Path(os.path.expanduser(path))
+        # The config's secrets, masked in every document written (typed into a command line, say).
+        self._apply = apply_batch if mask is None else functools.partial(apply_batch, mask=mask)
         self.retention = retention
         self._sweeps = Sweeps()
         self._sweeping = False
@@ -123,7 +134,7 @@ class JournalStore:
         loop = asyncio.get_running_loop()
         writer_conn = await asyncio.to_thread(self._open_blocking)
         self._writer_conn = writer_conn
-        self._writer = JournalWriter(writer_conn, apply_batch, loop, "cloudops-journal-writer")
+        self._writer = JournalWriter(writer_conn, self._apply, loop, "cloudops-journal-writer")
         if self.retention is not None:
             self._sweeps.start(self.sweep)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def op_closed(run: int) -> tuple[Any, ...]:
     return (CLOSED, run)
 
 
-def _final(entry: Record | PlanRun, pid: int | None) -> tuple[Any, ...]:
+def _final(entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str]) -> tuple[Any, ...]:
     """(status, started_us, ended_us, duration_ns, pid, result JSON) of an ended entry."""
     if isinstance(entry, Record):
         result = entry.result
@@ -114,7 +115,7 @@ def _final(entry: Record | PlanRun, pid: int | None) -> tuple[Any, ...]:
             us_of(ended),
             _duration_ns(result.duration),
             entry.pid or pid,
-            result.model_dump_json(),
+            mask(result.model_dump_json()),
         )
     plan_result = entry.result
     assert plan_result is not None
@@ -124,12 +125,18 @@ def _final(entry: Record | PlanRun, pid: int | None) -> tuple[Any, ...]:
         now_us(),
         _duration_ns(plan_result.total_duration),
         None,
-        plan_result.model_dump_json(),
+        mask(plan_result.model_dump_json()),
     )
 
 
-def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
-    """Write a batch of operations (in the writer's transaction)."""
+def _as_is(text: str) -> str:
+    return text
+
+
+def apply_batch(
+    conn: sqlite3.Connection, ops: list[tuple[Any, ...]], mask: Callable[[str], str] = _as_is
+) -> None:
+    """Write a batch of operations (in the writer's transaction); `mask` hides the config's secrets."""
     ended: dict[int, Record | PlanRun] = {}
     started: dict[int, tuple[int, int]] = {}
     for op in ops:
@@ -153,7 +160,8 @@ def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         done = ended.pop(seq, None)
         began = started.pop(seq, None)
         if done is not None:
-            status, started_us, ended_us, duration_ns, pid, result = _final(done, began[0] if began else None)
+            pid_seen = began[0] if began else None
+            status, started_us, ended_us, duration_ns, pid, result = _final(done, pid_seen, mask)
         elif began is not None:
             status, started_us, ended_us, duration_ns, pid, result = (
                 "running",
@@ -205,7 +213,7 @@ def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                     status="pending",
                     submitted_us=us_of(record.submitted_at),
                     log_path=str(record.log_path),
-                    request=request.model_dump_json(),
+                    request=mask(request.model_dump_json()),
                 )
             )
         elif kind == ADD_PLAN:
@@ -242,7 +250,7 @@ def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
                     status="running",
                     submitted_us=us_of(plan_run.started_at),
                     log_path=None,
-                    request=plan_run.plan.model_dump_json(),
+                    request=mask(plan_run.plan.model_dump_json()),
                 )
             )
         elif kind == CLOSED:
@@ -260,7 +268,7 @@ def apply_batch(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> None:
         updates = []
         for seq, entry in ended.items():
             began = started.get(seq)
-            updates.append((*_final(entry, began[0] if began else None), seq))
+            updates.append((*_final(entry, began[0] if began else None, mask), seq))
         conn.executemany(_UPDATE_ENDED, updates)
     if closes:
         conn.executemany("UPDATE runs SET closed_us = ? WHERE run = ?", closes)

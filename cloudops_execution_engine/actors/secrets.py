@@ -18,11 +18,12 @@ least `MIN_SECRET` characters long).
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "masker_for"]
+__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "json_masker", "masker_for"]
 
 MASK = "***"
 MIN_SECRET = 4
@@ -124,3 +125,13 @@ class Masker:
 def masker_for(secrets: tuple[str, ...]) -> Masker | None:
     """The masker for a set of secrets, compiled once per set; None when there is nothing to mask."""
     return Masker(secrets) if secrets else None
+
+
+def json_masker(secrets: Iterable[str]) -> Callable[[str], str] | None:
+    """Masks secrets in JSON text: as written, and as JSON escapes them (a quote, a backslash, a control).
+
+    For documents the engine writes whole, such as a journal's rows: a secret
+    typed into a command line is in the request's JSON, escaped as JSON escapes it.
+    """
+    forms = {form for secret in secrets for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1])}
+    return Masker(forms).mask_text if forms else None
