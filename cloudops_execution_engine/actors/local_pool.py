@@ -42,6 +42,7 @@ from .pool import (
     resolve_if_pending,
 )
 from .process_tree import describe_exit
+from .worker_entry import worker_main
 
 __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "WorkerTarget", "start_worker_process"]
 
@@ -54,17 +55,6 @@ _POLL_MAX = 0.05
 # What a worker process runs: `worker_main`, or anything with its signature
 # that can be imported by name in a spawned child.
 WorkerTarget = Callable[[Connection, Connection, bool], None]
-
-
-def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
-    """Run `actors.worker.worker_main`, imported in the worker itself.
-
-    The host never runs a worker, so it does not load the worker's modules
-    (its reactor, the spawner, the kill path) just to name the target.
-    """
-    from .worker import worker_main as run
-
-    run(read_conn, write_conn, detach)
 
 
 # Tasks that report a worker's death or reap a worker that failed to start:
