@@ -4,8 +4,9 @@
 (`$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3`) unless given
 `--journal PATH` or `--no-journal`. One engine at a time may hold a journal:
 a `run` that finds it held (another `run` or `plan` is going on) runs all the
-same, unrecorded, and says so; `logs` of a command still running reads its
-log file directly, so `logs --follow` works while the journal is held.
+same, unrecorded, and says so. `history`, `show` and `logs` read a held
+journal beside its owner (`JournalView`: what it has committed), and
+`logs --follow` of a command still running reads its log file as it grows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeAlias, TypeVar
 from uuid import UUID
 
 import click
@@ -30,9 +31,28 @@ if TYPE_CHECKING:
     from .config import ExecutionConfig
     from .engine import ExecutionEngine
     from .events import EventHandler
-    from .results import ExecutionResult, ExecutionSummary, PlanExecutionResult
+    from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 
     Result: TypeAlias = ExecutionResult | PlanExecutionResult
+
+
+class Queries(Protocol):
+    """What these commands ask of a journal: an engine that owns it, or a `JournalView` beside its owner."""
+
+    async def list_executions(
+        self, *, status: ExecutionStatus | str | None = None, limit: int | None = None
+    ) -> list[ExecutionSummary]: ...
+
+    async def get_status(self, execution_id: UUID) -> ExecutionStatus: ...
+
+    async def get_result(self, execution_id: UUID) -> ExecutionResult: ...
+
+    async def get_plan_result(self, plan_id: UUID) -> PlanExecutionResult: ...
+
+    def get_log_path(self, execution_id: UUID) -> Path: ...
+
+    async def read_logs(self, execution_id: UUID) -> str: ...
+
 
 __all__ = ["history", "journal_for", "journal_options", "logs", "show", "started_engine"]
 
@@ -160,7 +180,7 @@ def _seconds(summary: ExecutionSummary) -> str:
 def history(status: str | None, limit: int, as_json: bool, journal: Path | None) -> None:
     """The commands and plans recorded in the journal, oldest first."""
 
-    async def summaries(engine: ExecutionEngine) -> list[tuple[ExecutionSummary, str]]:
+    async def summaries(engine: Queries) -> list[tuple[ExecutionSummary, str]]:
         found = await engine.list_executions(status=status, limit=limit or None)
         return [
             (item, "" if item.kind == "plan" else _command_of(engine.get_log_path(item.id))) for item in found
@@ -227,7 +247,7 @@ def show(execution_id: str, as_json: bool, journal: Path | None) -> None:
 
     key = _uuid(execution_id)
 
-    async def look(engine: ExecutionEngine) -> tuple[ExecutionStatus, Result | None]:
+    async def look(engine: Queries) -> tuple[ExecutionStatus, Result | None]:
         status = await engine.get_status(key)
         if not status.is_final:
             return status, None
@@ -283,27 +303,19 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
         _follow(log_file)
         return
 
-    async def read(engine: ExecutionEngine) -> str:
+    async def read(engine: Queries) -> str:
         return await engine.read_logs(key)
 
-    def from_file(reason: str) -> str:
-        if not log_file.is_file():
-            _fail(reason)
-        return log_file.read_text(errors="replace")
-
-    click.echo(_reading(journal, read, from_file), nl=False)
+    click.echo(_reading(journal, read), nl=False)
 
 
-def _reading(
-    journal: Path | None,
-    use: Callable[[ExecutionEngine], Awaitable[_T]],
-    when_held: Callable[[str], _T] | None = None,
-) -> _T:
+def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _T:
     """Open the journal with an engine, run `use` and close it; errors said plainly.
 
-    A journal held by a running `run` or `plan` goes to `when_held` (with the
-    reason) where the caller can do without it.
+    A journal held by a running `run`, `plan` or service is read beside it, as
+    last committed, through a `JournalView`.
     """
+    from .actors.journal_view import JournalView
     from .config import ExecutionConfig
     from .engine import ExecutionEngine
     from .errors import ExecutionError, IoError
@@ -317,14 +329,17 @@ def _reading(
         async with ExecutionEngine(ExecutionConfig(journal=path, workers=1)) as engine:
             return await use(engine)
 
+    async def beside_its_owner() -> _T:
+        async with JournalView(path) as view:
+            return await use(view)
+
     try:
-        return asyncio.run(main())
-    except IoError as exc:
-        if "in use" not in exc.reason:
-            _fail(str(exc))
-        if when_held is not None:
-            return when_held(str(exc))
-        _fail(f"{exc}\n  (a run or plan records into it while it runs: ask again when it has ended)")
+        try:
+            return asyncio.run(main())
+        except IoError as exc:
+            if "in use" not in exc.reason:
+                raise
+        return asyncio.run(beside_its_owner())
     except ExecutionError as exc:
         _fail(str(exc))
 

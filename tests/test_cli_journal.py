@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON
+from conftest import PYTHON, shell
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -154,3 +154,48 @@ def test_a_run_beside_a_running_plan_and_logs_follow(tmp_path: Path) -> None:
             proc.wait(10)
             if proc.stdout:
                 proc.stdout.close()
+
+
+async def test_history_show_and_logs_read_a_journal_another_engine_holds(tmp_path: Path) -> None:
+    """While an engine (a service, a long plan) owns the journal, the commands read what it committed."""
+    from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionStatus
+
+    journal = tmp_path / "held.sqlite3"
+    config = ExecutionConfig(journal=journal, log_dir=tmp_path / "logs", workers=1)
+
+    async def cli_async(*args: str) -> tuple[int, str, str]:
+        import asyncio
+
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON,
+            "-m",
+            "cloudops_execution_engine",
+            *args,
+            "--journal",
+            str(journal),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+            env=environment(tmp_path),
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async with ExecutionEngine(config) as engine:
+        done = await engine.execute(shell("echo committed before"))
+        result = await engine.wait(done, timeout=20)
+        assert result.status is ExecutionStatus.COMPLETED
+        running = await engine.execute(shell("sleep 30"))
+        code, out, err = await cli_async("history", "--json")
+        assert code == 0, err
+        listed = {line["id"]: line["status"] for line in map(json.loads, out.splitlines())}
+        assert listed[str(done)] == "completed"
+        assert listed.get(str(running)) in ("pending", "running")
+        code, out, err = await cli_async("show", str(done), "--json")
+        assert code == 0, err
+        assert json.loads(out) == json.loads(result.model_dump_json())
+        code, out, err = await cli_async("logs", str(done))
+        assert code == 0, err
+        assert "committed before" in out
+        await engine.cancel(running)
