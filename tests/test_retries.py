@@ -205,6 +205,18 @@ async def test_only_a_command_under_a_policy_sees_its_attempt(engine: ExecutionE
     assert "attempts" not in plain.model_dump_json()
 
 
+async def test_a_host_that_is_itself_an_attempt_does_not_pass_its_number_on(
+    engine: ExecutionEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host running as attempt 7 of some outer engine: its commands see their own attempt, or none."""
+    monkeypatch.setenv("CLOUDOPS_ATTEMPT", "7")
+    show = 'echo "${CLOUDOPS_ATTEMPT-unset}"'
+    without = await engine.execute(shell(show))
+    with_policy = await engine.execute(shell(show, retry=RetryPolicy()))
+    assert (await result_of(engine, without, timeout=20)).stdout == "unset\n"
+    assert (await result_of(engine, with_policy, timeout=20)).stdout == "1\n"
+
+
 async def test_backoff_between_attempts_grows_and_is_capped(tmp_path: Path, recorder: Recorder) -> None:
     """The gaps between `started` events follow 60 ms, 240 ms, then the 300 ms cap (not 960 ms)."""
     slack = 0.3

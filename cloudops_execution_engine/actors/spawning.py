@@ -133,6 +133,9 @@ def _start_with_spawner(
         raise
 
 
+_HOST_OWN = frozenset({_MARKER_KEY, b"CLOUDOPS_ATTEMPT"})
+
+
 class CommandEnv:
     """The base environment of commands, encoded once per change rather than once per command.
 
@@ -141,8 +144,9 @@ class CommandEnv:
     """
 
     def __init__(self, base: dict[bytes, bytes]) -> None:
-        # A host that itself runs under the engine has a marker; each command gets its own.
-        self._encoded = {k: v for k, v in base.items() if k != _MARKER_KEY}
+        # A host that itself runs under the engine has a marker, and maybe an
+        # attempt number; each command gets its own marker, and its own attempt or none.
+        self._encoded = {k: v for k, v in base.items() if k not in _HOST_OWN}
         self._items = [k + b"=" + v for k, v in self._encoded.items()]
         path = self._encoded.get(b"PATH")
         self._path = os.fsdecode(path) if path is not None else os.defpath
