@@ -181,7 +181,51 @@ _NANOS_PER_SECOND = 1_000_000_000
 _TIMEDELTA_MAX_SECS = timedelta.max.days * 86_400 + timedelta.max.seconds
 
 
-class NanoDuration(timedelta):
+class _NanoOrder:
+    """Equality, order and hash by (the value to the microsecond, the nanoseconds below it).
+
+    Mixed into `timedelta` and `datetime` subclasses, before the base, so that
+    a value with nanoseconds compares with plain values of its base as well.
+    """
+
+    __slots__ = ()
+    _plain_type: ClassVar[type]
+    _ns: int
+
+    def _key(self) -> tuple[Any, int]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, self._plain_type):
+            return self._key() == _key_of(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, self._plain_type):
+            return self._key() != _key_of(other)
+        return NotImplemented
+
+    def __lt__(self, other: Any) -> bool:
+        return self._key() < _key_of(other)
+
+    def __le__(self, other: Any) -> bool:
+        return self._key() <= _key_of(other)
+
+    def __gt__(self, other: Any) -> bool:
+        return self._key() > _key_of(other)
+
+    def __ge__(self, other: Any) -> bool:
+        return self._key() >= _key_of(other)
+
+    def __hash__(self) -> int:
+        return hash(self._key()) if self._ns else hash(self._key()[0])
+
+
+def _key_of(value: Any) -> tuple[Any, int]:
+    return value._key() if isinstance(value, _NanoOrder) else (value, 0)
+
+
+class NanoDuration(_NanoOrder, timedelta):
     """A `timedelta` that keeps the nanoseconds of serde's `Duration` below the microsecond.
 
     Made by parsing (`{"secs": 1, "nanos": 123456789}`) or by `from_parts`; it is a
@@ -191,6 +235,7 @@ class NanoDuration(timedelta):
     """
 
     _ns: int = 0  # nanoseconds below the microsecond; a class default, since C methods make instances too
+    _plain_type = timedelta
 
     @classmethod
     def from_parts(cls, secs: int, nanos: int = 0) -> NanoDuration:
@@ -217,43 +262,12 @@ class NanoDuration(timedelta):
     def _key(self) -> tuple[timedelta, int]:
         return timedelta(self.days, self.seconds, self.microseconds), self._ns
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, timedelta):
-            return self._key() == _duration_key(other)
-        return NotImplemented
-
-    def __ne__(self, other: object) -> bool:
-        if isinstance(other, timedelta):
-            return self._key() != _duration_key(other)
-        return NotImplemented
-
-    def __lt__(self, other: timedelta) -> bool:
-        return self._key() < _duration_key(other)
-
-    def __le__(self, other: timedelta) -> bool:
-        return self._key() <= _duration_key(other)
-
-    def __gt__(self, other: timedelta) -> bool:
-        return self._key() > _duration_key(other)
-
-    def __ge__(self, other: timedelta) -> bool:
-        return self._key() >= _duration_key(other)
-
-    def __hash__(self) -> int:
-        return hash(self._key()) if self._ns else timedelta.__hash__(self)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}.from_parts(secs={self.secs}, nanos={self.nanos})"
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         # timedelta's own would rebuild the microseconds only.
         return (NanoDuration.from_parts, (self.secs, self.nanos))
-
-
-def _duration_key(value: timedelta) -> tuple[timedelta, int]:
-    if isinstance(value, NanoDuration):
-        return value._key()
-    return value, 0
 
 
 def _serde_int(value: Any, name: str, top: int) -> int:
@@ -328,7 +342,7 @@ Duration = Annotated[
 # -- timestamps --------------------------------------------------------------------
 
 
-class NanoDateTime(datetime):
+class NanoDateTime(_NanoOrder, datetime):
     """An aware `datetime` that keeps chrono's nanoseconds below the microsecond.
 
     Made by parsing a timestamp with more than six fractional digits, or by
@@ -339,6 +353,7 @@ class NanoDateTime(datetime):
     """
 
     _ns: int = 0  # nanoseconds below the microsecond; a class default, since C methods make instances too
+    _plain_type = datetime
 
     @classmethod
     def from_parts(cls, value: datetime, nanosecond: int) -> NanoDateTime:
@@ -380,31 +395,6 @@ class NanoDateTime(datetime):
     def _key(self) -> tuple[datetime, int]:
         return _plain(self), self._ns
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, datetime):
-            return self._key() == _datetime_key(other)
-        return NotImplemented
-
-    def __ne__(self, other: object) -> bool:
-        if isinstance(other, datetime):
-            return self._key() != _datetime_key(other)
-        return NotImplemented
-
-    def __lt__(self, other: Any) -> bool:
-        return self._key() < _datetime_key(other)
-
-    def __le__(self, other: Any) -> bool:
-        return self._key() <= _datetime_key(other)
-
-    def __gt__(self, other: Any) -> bool:
-        return self._key() > _datetime_key(other)
-
-    def __ge__(self, other: Any) -> bool:
-        return self._key() >= _datetime_key(other)
-
-    def __hash__(self) -> int:
-        return hash(self._key()) if self._ns else datetime.__hash__(self)
-
     def __repr__(self) -> str:
         return f"{datetime.__repr__(self)[:-1]}, nanosecond={self.nanosecond})"
 
@@ -425,12 +415,6 @@ def _plain(value: datetime) -> datetime:
         tzinfo=value.tzinfo,
         fold=value.fold,
     )
-
-
-def _datetime_key(value: datetime) -> tuple[datetime, int]:
-    if isinstance(value, NanoDateTime):
-        return value._key()
-    return value, 0
 
 
 # RFC 3339 as chrono writes and reads it; a year beyond four digits (chrono's
