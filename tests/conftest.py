@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -313,3 +314,53 @@ def ray_address() -> Iterator[str]:
             else:
                 os.environ[key] = value
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(params=["spawner", "native", "fork"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each of the three ways a worker starts a command: its spawner, the C helper, fork + execve."""
+    from cloudops_execution_engine.actors import spawning
+
+    sh = shutil.which("sh") or "/bin/sh"
+    if request.param != "spawner":
+        monkeypatch.setattr(spawning, "use_spawner", False)
+    elif not spawning.use_spawner:
+        pytest.fail("the spawner was not built; `pip install -e .` builds it with the system's compiler")
+    else:
+        # Started now, so that the socket to it is there before a test counts fds.
+        spawn_and_read([sh, "-c", "true"])
+    if request.param == "fork":
+        monkeypatch.setattr(spawning, "native", None)
+    elif spawning.native is None:
+        pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
+    yield str(request.param)
+    helper = spawning.spawner_pid()
+    spawning.stop_spawner()
+    if helper:
+        # The spawner is this process's child: reap it, as a worker's loop would.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(helper, 0)
+
+
+def spawn_and_read(
+    argv: list[str],
+    env: list[bytes] | None = None,
+    cwd: str = "/",
+    limits: Any = (),
+    nice: int = 0,
+    affinity: tuple[int, ...] = (),
+) -> tuple[int, str, str]:
+    """Start `argv` the way the current `way` does, read both pipes to their end, reap it."""
+    from cloudops_execution_engine.actors.spawning import spawn
+
+    pid, out_fd, err_fd = spawn(argv, env or [], os.fsencode(cwd), os.defpath, limits, -1, nice, affinity)
+    outputs = []
+    for fd in (out_fd, err_fd):
+        os.set_blocking(fd, True)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        os.close(fd)
+        outputs.append(b"".join(chunks).decode())
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]

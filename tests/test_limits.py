@@ -8,16 +8,14 @@ the command stopped, its execution `failed`, the error naming the limit.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, result_of, run, shell
+from conftest import PYTHON, result_of, run, shell, spawn_and_read
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -25,7 +23,6 @@ from cloudops_execution_engine import (
     InvalidCommand,
     ResourceLimits,
 )
-from cloudops_execution_engine.actors import spawning
 from cloudops_execution_engine.actors.limits import LimitRefused, command_settings
 from cloudops_execution_engine.actors.spawning import spawn
 
@@ -34,44 +31,6 @@ pytestmark = pytest.mark.timeout(30)
 SH = shutil.which("sh") or "/bin/sh"
 SETPRIV = shutil.which("setpriv")
 NOBODY = 65534
-
-
-@pytest.fixture(params=["spawner", "native", "fork"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Each of the three ways a worker starts a command (as in test_spawning)."""
-    if request.param != "spawner":
-        monkeypatch.setattr(spawning, "use_spawner", False)
-    elif not spawning.use_spawner:
-        pytest.fail("the spawner was not built; `pip install -e .` builds it with the system's compiler")
-    else:
-        _run([SH, "-c", "true"])
-    if request.param == "fork":
-        monkeypatch.setattr(spawning, "native", None)
-    elif spawning.native is None:
-        pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
-    yield str(request.param)
-    helper = spawning.spawner_pid()
-    spawning.stop_spawner()
-    if helper:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(helper, 0)
-
-
-def _run(
-    argv: list[str], limits: spawning.Limits = (), nice: int = 0, affinity: tuple[int, ...] = ()
-) -> tuple[int, str, str]:
-    """Start `argv` with the given settings, read both pipes to their end, reap it."""
-    pid, out_fd, err_fd = spawn(argv, [], b"/", os.defpath, limits, -1, nice, affinity)
-    outputs = []
-    for fd in (out_fd, err_fd):
-        os.set_blocking(fd, True)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        os.close(fd)
-        outputs.append(b"".join(chunks).decode())
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]
 
 
 def _limits_of(text: str) -> dict[str, tuple[str, str]]:
@@ -95,8 +54,11 @@ def test_every_setting_reaches_the_command(way: str) -> None:
     }
     limits, nice, cpus = command_settings(wanted, [0], ())
     base_nice = os.getpriority(os.PRIO_PROCESS, 0)
-    code, out, err = _run([SH, "-c", "cat /proc/self/limits; echo; cut -d' ' -f19 /proc/self/stat;"
-                           " grep Cpus_allowed_list /proc/self/status"], limits, nice, cpus)  # fmt: skip
+    script = (
+        "cat /proc/self/limits; echo; cut -d' ' -f19 /proc/self/stat;"
+        " grep Cpus_allowed_list /proc/self/status"
+    )
+    code, out, err = spawn_and_read([SH, "-c", script], limits=limits, nice=nice, affinity=cpus)
     assert code == 0, err
     table, stat = out.split("\n\n")
     got = _limits_of(table)
@@ -135,7 +97,7 @@ def test_a_limit_the_kernel_refuses_is_a_clear_start_failure(way: str) -> None:
     """A limit that fails in the child is an OSError that says a limit was refused, on every way."""
     ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
     with pytest.raises(OSError, match="cannot apply the command's limits") as info:
-        _run([SH, "-c", "true"], ((resource.RLIMIT_NOFILE, ceiling + 1, ceiling + 1),))
+        spawn_and_read([SH, "-c", "true"], limits=((resource.RLIMIT_NOFILE, ceiling + 1, ceiling + 1),))
     assert info.value.errno is not None
 
 

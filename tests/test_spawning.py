@@ -6,16 +6,15 @@ so the fallback used where the helper was not built is held to what the helper d
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import spawn_and_read
 
-from cloudops_execution_engine.actors import process_tree, spawning
+from cloudops_execution_engine.actors import process_tree
 from cloudops_execution_engine.actors.spawning import CommandEnv, spawn
 
 pytestmark = pytest.mark.timeout(20)
@@ -23,46 +22,10 @@ pytestmark = pytest.mark.timeout(20)
 SH = shutil.which("sh") or "/bin/sh"
 
 
-@pytest.fixture(params=["spawner", "native", "fork"])
-def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    if request.param != "spawner":
-        monkeypatch.setattr(spawning, "use_spawner", False)
-    elif not spawning.use_spawner:
-        pytest.fail("the spawner was not built; `pip install -e .` builds it with the system's compiler")
-    else:
-        # Started now, so that the socket to it is there before a test counts fds.
-        _run([SH, "-c", "true"], [], "/")
-    if request.param == "fork":
-        monkeypatch.setattr(spawning, "native", None)
-    elif spawning.native is None:
-        pytest.fail("the C helper was not built; `pip install -e .` builds it with the system's compiler")
-    yield str(request.param)
-    helper = spawning.spawner_pid()
-    spawning.stop_spawner()
-    if helper:
-        # The spawner is this process's child: reap it, as a worker's loop would.
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(helper, 0)
-
-
-def _run(argv: list[str], env: list[bytes], cwd: str, limits: spawning.Limits = ()) -> tuple[int, str, str]:
-    """Start `argv`, read both pipes to their end, reap it: exit code, stdout, stderr."""
-    pid, out_fd, err_fd = spawn(argv, env, os.fsencode(cwd), os.defpath, limits)
-    outputs = []
-    for fd in (out_fd, err_fd):
-        os.set_blocking(fd, True)
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        os.close(fd)
-        outputs.append(b"".join(chunks).decode())
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]
-
-
 def test_the_command_gets_its_pipes_directory_environment_and_exit_code(way: str, tmp_path: Path) -> None:
     env = CommandEnv({b"KEEP": b"base", b"OVER": b"base"}).for_command({"OVER": "mine"}, "the-marker")
-    code, out, err = _run([SH, "-c", 'pwd; echo "$KEEP $OVER"; env | sort >&2; exit 3'], env, str(tmp_path))
+    script = 'pwd; echo "$KEEP $OVER"; env | sort >&2; exit 3'
+    code, out, err = spawn_and_read([SH, "-c", script], env, str(tmp_path))
     assert (code, out) == (3, f"{tmp_path}\nbase mine\n")
     names = {line.split("=", 1)[0] for line in err.splitlines()}
     assert {"KEEP", "OVER", process_tree.MARKER_ENV} <= names
@@ -71,7 +34,7 @@ def test_the_command_gets_its_pipes_directory_environment_and_exit_code(way: str
 
 def test_the_worker_stays_in_its_own_directory_with_the_helper(way: str, tmp_path: Path) -> None:
     before = os.getcwd()
-    _run([SH, "-c", "true"], [], str(tmp_path))
+    spawn_and_read([SH, "-c", "true"], [], str(tmp_path))
     assert os.getcwd() == before, "the child changes directory, not the worker"
 
 
@@ -79,7 +42,7 @@ def test_the_command_starts_with_no_signal_ignored_or_blocked(way: str) -> None:
     # This process ignores SIGPIPE (Python does) and SIGINT (as a worker does): the command must not.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code, out, _ = _run([SH, "-c", "grep -E '^(SigIgn|SigBlk)' /proc/self/status"], [], "/")
+        code, out, _ = spawn_and_read([SH, "-c", "grep -E '^(SigIgn|SigBlk)' /proc/self/status"], [], "/")
     finally:
         signal.signal(signal.SIGINT, previous)
     fields = dict(line.split(":\t") for line in out.splitlines())
@@ -141,7 +104,7 @@ def test_the_command_sees_only_fds_0_1_and_2(way: str) -> None:
     leaky_r, leaky_w = os.pipe()
     os.set_inheritable(leaky_w, True)
     try:
-        code, out, _ = _run([SH, "-c", "ls /proc/self/fd"], [], "/")
+        code, out, _ = spawn_and_read([SH, "-c", "ls /proc/self/fd"], [], "/")
     finally:
         os.close(leaky_r)
         os.close(leaky_w)
@@ -158,7 +121,7 @@ def test_the_command_adopts_its_own_orphans(way: str) -> None:
         "pid=$( (sleep 5 >/dev/null 2>&1 & echo $!) ); "
         "ppid=$(awk '/^PPid/ {print $2}' /proc/$pid/status); kill $pid; echo $ppid $$"
     )
-    code, out, _ = _run([SH, "-c", script], [], "/")
+    code, out, _ = spawn_and_read([SH, "-c", script], [], "/")
     adopter, command = out.split()
     assert (code, adopter) == (0, command)
 
@@ -166,7 +129,8 @@ def test_the_command_adopts_its_own_orphans(way: str) -> None:
 def test_resource_limits_are_set_in_the_command(way: str) -> None:
     import resource
 
-    code, out, _ = _run([SH, "-c", "ulimit -Sn; ulimit -Hn"], [], "/", ((resource.RLIMIT_NOFILE, 64, 128),))
+    limits = ((resource.RLIMIT_NOFILE, 64, 128),)
+    code, out, _ = spawn_and_read([SH, "-c", "ulimit -Sn; ulimit -Hn"], limits=limits)
     assert (code, out.split()) == (0, ["64", "128"])
 
 
