@@ -364,3 +364,16 @@ def spawn_and_read(
         outputs.append(b"".join(chunks).decode())
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), outputs[0], outputs[1]
+
+
+def run_loop(loop: Any, until: Callable[[], bool]) -> None:
+    """Run a worker's `Reactor` until `until()` holds, checking each millisecond."""
+
+    def check() -> None:
+        if until():
+            loop.stop()
+        else:
+            loop.call_later(0.001, check)
+
+    loop.call_soon(check)
+    loop.run()

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import psutil
 import pytest
+from conftest import run_loop
 
 from cloudops_execution_engine.actors import killing, process_tree
 from cloudops_execution_engine.actors.killing import POLL_FIRST, POLL_MAX, Escalation
@@ -139,17 +140,6 @@ def test_the_process_group_is_signalled_while_it_has_a_leader(
     leader[0] = 0  # reaped: its pid may be someone else's now
     kill.look()
     assert sent == [(4242, TERM), (4242, KILL)]
-
-
-def run_loop(loop: Reactor, until: Callable[[], bool]) -> None:
-    def check() -> None:
-        if until():
-            loop.stop()
-        else:
-            loop.call_later(0.001, check)
-
-    loop.call_soon(check)
-    loop.run()
 
 
 def test_watch_looks_with_a_growing_pause_and_reports_the_end_once() -> None:

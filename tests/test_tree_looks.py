@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable
 from typing import cast
 
 import psutil
 import pytest
-from conftest import gone, wait_until
+from conftest import gone, run_loop, wait_until
 
 from cloudops_execution_engine.actors import process_tree
 from cloudops_execution_engine.actors.killing import POLL_MAX, Escalation
@@ -112,17 +111,6 @@ class _Stubborn:
         pass
 
 
-def _run_until(loop: Reactor, until: Callable[[], bool]) -> None:
-    def check() -> None:
-        if until():
-            loop.stop()
-        else:
-            loop.call_later(0.001, check)
-
-    loop.call_soon(check)
-    loop.run()
-
-
 def test_hurry_sees_the_end_at_once_and_then_stops_looking() -> None:
     """A reap between looks ends the watch there and then, not at the next look up to 50 ms later."""
     loop = Reactor()
@@ -140,14 +128,14 @@ def test_hurry_sees_the_end_at_once_and_then_stops_looking() -> None:
         idle.hurry()
         assert looks == [], "an escalation that is not watching is not hurried"
         kill.watch(loop, lambda: gone_calls.append(True))
-        _run_until(loop, lambda: len(looks) >= 6)  # the pause between looks is long by now
+        run_loop(loop, lambda: len(looks) >= 6)  # the pause between looks is long by now
         proc.alive = False
         before = len(looks)
         kill.hurry()
         assert gone_calls == [True]
         assert len(looks) == before + 1
         turns = iter(range(int(POLL_MAX * 2 / 0.001)))
-        _run_until(loop, lambda: next(turns, None) is None)
+        run_loop(loop, lambda: next(turns, None) is None)
         kill.hurry()
     finally:
         loop.close()
@@ -175,12 +163,12 @@ def test_hurry_cancelled_by_its_own_reap_reports_nothing() -> None:
     kill = Escalation(look, reap, grace=10.0)
     try:
         kill.watch(loop, lambda: gone_calls.append(True))
-        _run_until(loop, lambda: len(looks) >= 3)
+        run_loop(loop, lambda: len(looks) >= 3)
         ending[0] = True
         kill.hurry()
         after = len(looks)
         turns = iter(range(int(POLL_MAX * 2 / 0.001)))
-        _run_until(loop, lambda: next(turns, None) is None)
+        run_loop(loop, lambda: next(turns, None) is None)
     finally:
         loop.close()
     assert gone_calls == []
