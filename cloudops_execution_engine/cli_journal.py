@@ -73,12 +73,16 @@ def journal_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option("--no-journal", is_flag=True, help="Do not record this run in the journal.")(
         command
     )
+    return _journal_path("Record into this journal file.")(command)
+
+
+def _journal_path(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--journal",
         type=click.Path(path_type=Path, dir_okay=False),
         metavar="PATH",
-        help=f"Record into this journal file.  [default: {_DEFAULT_JOURNAL}]",
-    )(command)
+        help=f"{what}  [default: {_DEFAULT_JOURNAL}]",
+    )
 
 
 def journal_for(journal: Path | None, no_journal: bool) -> Path | None:
@@ -135,13 +139,7 @@ async def started_engine(config: ExecutionConfig, handlers: list[EventHandler]) 
     return engine
 
 
-def _journal_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--journal",
-        type=click.Path(path_type=Path, dir_okay=False),
-        metavar="PATH",
-        help=f"The journal to read.  [default: {_DEFAULT_JOURNAL}]",
-    )(command)
+_journal_option = _journal_path("The journal to read.")
 
 
 def _command_of(log_path: Path) -> str:

@@ -274,14 +274,8 @@ class Supervisor:
                     try:
                         await asyncio.wait_for(asyncio.gather(*waits), bound)
                     except TimeoutError:
-                        suffix, extra = correlate(
-                            r.id for r in self._store.records() if not r.status.is_final
-                        )
-                        logger.error(
-                            "executions still running %.0fs into shutdown; killing workers%s",
-                            bound,
-                            suffix,
-                            extra=extra,
+                        self._log_unfinished(
+                            f"executions still running {bound:.0f}s into shutdown; killing workers"
                         )
                         for worker in list(pool.workers):
                             worker.die("did not stop its commands at shutdown")
@@ -289,13 +283,8 @@ class Supervisor:
                         try:
                             await asyncio.wait_for(ending, _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN)
                         except TimeoutError:
-                            suffix, extra = correlate(
-                                r.id for r in self._store.records() if not r.status.is_final
-                            )
-                            logger.error(
-                                "executions of dead workers did not end; stopping the pool anyway%s",
-                                suffix,
-                                extra=extra,
+                            self._log_unfinished(
+                                "executions of dead workers did not end; stopping the pool anyway"
                             )
             finally:
                 # Even when this task itself is cancelled (its loop closing):
@@ -327,6 +316,11 @@ class Supervisor:
                 self._closed.set()
 
     # -- submitting -----------------------------------------------------
+
+    def _log_unfinished(self, what: str) -> None:
+        """An error naming every execution not yet ended, so that each can be joined to its span."""
+        suffix, extra = correlate(r.id for r in self._store.records() if not r.status.is_final)
+        logger.error("%s%s", what, suffix, extra=extra)
 
     def submit(self, request: ExecutionRequest) -> UUID:
         self.check_open()
