@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from ..config import ExecutionConfig
 from ..errors import IoError, NotFound, map_errors
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
@@ -55,22 +54,9 @@ from .journal_schema import migrate
 from .journal_writer import JournalWriter
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
-from .secrets import json_masker
-from .store import MemoryStore, Store, matches, select_newest
+from .store import MemoryStore, matches, select_newest
 
-__all__ = ["JournalStore", "open_connection", "store_for"]
-
-
-def store_for(config: ExecutionConfig) -> Store:
-    """The store `config` asks for: a journal when it names one, else memory; with its retention."""
-    log_dir = config.resolved_log_dir()
-    retention = Retention(config.retention, log_dir) if config.retention is not None else None
-    if config.journal is None:
-        return MemoryStore(config.max_retained_executions, retention)
-    memory = MemoryStore(config.max_retained_executions)
-    return JournalStore(
-        Path(config.journal), memory, config.default_timeout_ms, retention, json_masker(config.secrets)
-    )
+__all__ = ["JournalStore", "open_connection"]
 
 
 _WRITER_JOIN_TIMEOUT = 30.0

@@ -14,16 +14,18 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+from ..config import ExecutionConfig
 from ..errors import NotFound
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary, PlanExecutionResult
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
 
-__all__ = ["MemoryStore", "Store", "matches", "select_newest"]
+__all__ = ["MemoryStore", "Store", "matches", "select_newest", "store_for"]
 
 
 class Store(Protocol):
@@ -264,3 +266,19 @@ def select_newest(items: list[tuple[int, _T]], limit: int | None) -> list[tuple[
     if limit <= 0:
         return []
     return items[-limit:]
+
+
+def store_for(config: ExecutionConfig) -> Store:
+    """The store `config` asks for: a journal when it names one, else memory; with its retention."""
+    log_dir = config.resolved_log_dir()
+    retention = Retention(config.retention, log_dir) if config.retention is not None else None
+    if config.journal is None:
+        return MemoryStore(config.max_retained_executions, retention)
+    # Only an engine with a journal loads SQLite's writer, its schema and recovery.
+    from .journal import JournalStore
+    from .secrets import json_masker
+
+    memory = MemoryStore(config.max_retained_executions)
+    return JournalStore(
+        Path(config.journal), memory, config.default_timeout_ms, retention, json_masker(config.secrets)
+    )

@@ -60,12 +60,11 @@ from . import outcomes, resume, retries
 from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
-from .journal import store_for
 from .local_pool import LocalWorkerPool
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
 from .records import PENDING, RUNNING, PlanRun, Record
 from .scheduler import Scheduler
-from .store import Store
+from .store import Store, store_for
 from .telemetry import Telemetry, correlate
 from .telemetry import load as load_telemetry
 
