@@ -3,7 +3,10 @@
 The loop only appends an operation to a deque and, for an execution's end,
 names what to run once it is durable. The thread takes everything queued,
 applies it in one transaction, commits, and hands the loop every callback of
-that batch in a single wake-up. Commits are in queue order and each batch is
+that batch in a single wake-up. Under a steady flow commits are spaced
+(`_SPACING`), so that a batch carries many executions rather than one or two:
+a commit, which writes every page the batch touched to the WAL, costs about as
+much as ten rows. Commits are in queue order and each batch is
 one transaction, so once a record is durable every record queued before it is
 too. Building the JSON of requests and results happens on this thread, not on
 the loop.
@@ -41,12 +44,13 @@ Apply = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], None]
 
 Job = Iterator[None]
 
-# Group commit: when the last commit was less than _BUSY seconds ago and from
-# _FLOW to _BATCH operations wait, the thread waits _GATHER seconds for more.
-_FLOW = 8
-_BATCH = 256
-_BUSY = 0.01
-_GATHER = 0.004
+# Group commit: while ends flow (the last batch announced at least _FLOW_ENDS
+# of them), commits are at least _SPACING seconds apart, unless _BATCH
+# operations are already waiting. Executions run one after another (each
+# batch announces one end) are committed at once and never wait.
+_FLOW_ENDS = 3
+_BATCH = 512
+_SPACING = 0.005
 
 
 class JournalWriter:
@@ -63,6 +67,7 @@ class JournalWriter:
         self._wake = threading.Event()
         self._idle = False
         self._last_commit = 0.0
+        self._flowing = False
         self._stopping = False
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -97,6 +102,13 @@ class JournalWriter:
         ops = self._ops
         try:
             while True:
+                since = time.monotonic() - self._last_commit
+                if self._flowing and since < _SPACING and len(ops) < _BATCH and not self._stopping:
+                    # A commit costs about as much as writing ten rows, and under load
+                    # operations arrive one at a time: without spacing, most batches
+                    # of a flow would hold one or two executions. Slept before looking,
+                    # not idle: the loop need not wake the thread for each operation.
+                    time.sleep(_SPACING - since)
                 if not ops and not self._stopping:
                     # Said before looking again: an operation queued after the look sets the Event.
                     self._idle = True
@@ -104,11 +116,6 @@ class JournalWriter:
                         self._wake.wait()
                     self._wake.clear()
                     self._idle = False
-                if _FLOW <= len(ops) < _BATCH and time.monotonic() - self._last_commit < _BUSY:
-                    # A flow (many operations came during the last commit): a moment's wait
-                    # gathers a larger batch, far less work per execution for a few ms more
-                    # before an end is told. One execution at a time never waits here.
-                    time.sleep(_GATHER)
                 if ops:
                     self._commit_batch()
                     self._last_commit = time.monotonic()
@@ -140,6 +147,7 @@ class JournalWriter:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         done = [(then, arg) for _write, then, arg in batch if then is not None]
+        self._flowing = len(done) >= _FLOW_ENDS
         if done:
             self._post(done)
 
