@@ -11,12 +11,15 @@ set once per process and "without the extra" means it cannot be imported at all:
   to exporters that drop everything, so what is measured is the engine's
   instrumentation and the SDK, not an exporter.
 
-Subjects alternate within each round, as in the throughput workload.
+Subjects alternate within each round, as in the throughput workload. On a
+busy machine the rate varies from run to run far more than the difference
+measured; the CPU per execution is the steadier figure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.abc
 import json
 import resource
@@ -91,6 +94,10 @@ def _one(subject: str, n: int, concurrency: int) -> None:
 
     # A first engine pays the one-time costs (importing OpenTelemetry, making instruments).
     asyncio.run(_engine_throughput(200, concurrency))
+    # So does a full collection, in every subject alike: importing the SDK leaves tens
+    # of thousands of new objects, whose first full collection (some 15 ms) would
+    # otherwise fall inside the measured run and add about 10 us to each execution.
+    gc.collect()
     host, children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
     rate = asyncio.run(_engine_throughput(n, concurrency))
     host = _cpu(resource.RUSAGE_SELF) - host

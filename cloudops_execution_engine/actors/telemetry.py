@@ -5,35 +5,51 @@ and returns None when the `[otel]` extra is not installed; the supervisor then
 holds None and each of its hooks costs one None check.
 
 With the extra installed, the global tracer and meter providers are looked up
-each time an execution is submitted (two attribute reads), so a host may
+each time an execution is submitted (two dictionary reads: `_global`), so a host may
 configure OpenTelemetry after importing or even after starting the engine.
 While a provider is still the API's proxy (nothing configured), no span is
 made and commands get no `TRACEPARENT`.
 
-Cost matters: every execution passes through here. Counters and up-down
-counters are observable instruments reading plain integers that the hooks
-bump, so they cost nothing per execution beyond an integer add; only the two
-histograms and the span go through the SDK for each execution. The integers
-are process-wide, not per engine, so that a counter never goes down when an
-engine is garbage collected.
+Cost matters: every execution passes through here, and the SDK's work for one
+span or one measurement costs several times as much when done once between the
+engine's other work (its code and data gone from the CPU's caches) as when done
+many times in a row. So that work is done in batches, each item with the time
+it belongs to:
+
+- a span is started when its execution is dispatched (or ends, or is asked
+  about), together with every other span submitted since (at most `_BATCH`
+  wait), each under the context and with the start time its `execute()` had;
+- a span ends when its execution does, not in a batch: whoever learns of
+  that end may run before any callback scheduled then would;
+- histogram measurements wait in a queue that is recorded when it holds
+  `_BATCH` of them and whenever a metric reader collects, so a reader never
+  misses one taken before it collected;
+- counters and up-down counters are observable instruments reading plain
+  integers that the hooks bump. The integers are process-wide, not per
+  engine, so that a counter never goes down when an engine is garbage collected.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from ..results import ExecutionResult, ExecutionStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
     from opentelemetry.context import Context
     from opentelemetry.metrics import CallbackOptions, Histogram, MeterProvider, Observation
-    from opentelemetry.trace import Span, Tracer, TracerProvider
+    from opentelemetry.trace import Span, StatusCode, Tracer, TracerProvider
 
     from .pool import WorkerPool
     from .records import PlanRun, Record
@@ -41,10 +57,18 @@ if TYPE_CHECKING:
 
 __all__ = ["Telemetry", "correlate", "load"]
 
+logger = logging.getLogger("cloudops_execution_engine.telemetry")
+
 _SCOPE = "cloudops_execution_engine"
 _PENDING = ExecutionStatus.PENDING
 _RUNNING = ExecutionStatus.RUNNING
 _ERRORS = (ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT)
+_EXECUTION_SPAN = "cloudops.execution"
+_EXECUTION_ID = "cloudops.execution.id"
+# The most spans started, or histogram measurements recorded, at once: enough for
+# the SDK's code to stay in the caches, few enough that the work (about 12 us a
+# span, 4 us a measurement) holds the event loop for a millisecond at most.
+_BATCH = 64
 # Commands inherit these from the execution's span (the OpenTelemetry environment carrier).
 TRACEPARENT = "TRACEPARENT"
 TRACESTATE = "TRACESTATE"
@@ -64,22 +88,30 @@ _COUNTS = _Counts()
 
 
 class _Meters:
-    """The instruments made on one meter provider."""
+    """The instruments made on one meter provider, and the histogram measurements not yet recorded."""
 
-    def __init__(self, provider: MeterProvider, metrics: ModuleType) -> None:
+    def __init__(self, provider: MeterProvider, metrics: ModuleType, no_span: Context) -> None:
         self.provider = provider
+        # Deques: appended to on the event loop, drained there or on a metric reader's thread.
+        self.durations: deque[float] = deque()
+        self.queue_times: deque[float] = deque()
+        # Measurements are recorded later and elsewhere than they were taken: an explicit
+        # context without a span keeps the SDK from making exemplars of some unrelated span.
+        self._no_span = no_span
         observation: type[Observation] = metrics.Observation
         meter = provider.get_meter(_SCOPE, _version())
-        self.duration: Histogram = meter.create_histogram(
+        self._duration: Histogram = meter.create_histogram(
             "cloudops.execution.duration", unit="s", description="How long commands ran, start to end."
         )
-        self.queue_time: Histogram = meter.create_histogram(
+        self._queue_time: Histogram = meter.create_histogram(
             "cloudops.execution.queue_time",
             unit="s",
             description="Time from execute() to the command's start.",
         )
 
         def executions(_options: CallbackOptions) -> Iterator[Observation]:
+            # A collection runs the callbacks before it reads the histograms.
+            self.record()
             for status, count in list(_COUNTS.executions.items()):
                 yield observation(count, {"cloudops.status": status})
 
@@ -111,11 +143,30 @@ class _Meters:
             "cloudops.worker.deaths", [deaths], unit="{worker}", description="Worker processes that died."
         )
 
+    def record(self) -> None:
+        """Hand the waiting measurements to the histograms (from the event loop or a reader's thread)."""
+        no_span = self._no_span
+        for histogram, waiting in ((self._duration, self.durations), (self._queue_time, self.queue_times)):
+            record = histogram.record
+            take = waiting.popleft
+            try:
+                while waiting:
+                    record(take(), None, no_span)
+            except IndexError:  # another thread took the last one
+                pass
+
+
+# A span to start: its record, the tracer and parent context current at submission, and when that was.
+_Unstarted = tuple["Record", "Tracer", "Context", int]
+
 
 class Telemetry:
-    """One engine's hooks. Made by `load()` only when OpenTelemetry can be imported."""
+    """One engine's hooks. Made by `load()` only when OpenTelemetry can be imported.
 
-    def __init__(self, trace: ModuleType, metrics: ModuleType, store: Store) -> None:
+    All hooks run on the engine's event loop, so the batches need no lock.
+    """
+
+    def __init__(self, trace: ModuleType, metrics: ModuleType, context: ModuleType, store: Store) -> None:
         self._trace = trace
         self._metrics = metrics
         self._store = store
@@ -127,56 +178,90 @@ class Telemetry:
         self._proxy_tracer_provider: type[Any] = trace.ProxyTracerProvider
         internal = getattr(metrics, "_internal", None)
         self._proxy_meter_provider: object = getattr(internal, "_PROXY_METER_PROVIDER", None)
-        # Measurements are taken in whatever context the loop's callback has (for a
-        # pipe reader, the one current when the engine started): an explicit context
-        # without a span keeps the SDK from making exemplars of some unrelated span.
+        # Where the API keeps the providers a host set (see `_global`).
+        self._trace_globals: dict[str, Any] = vars(trace)
+        self._metrics_globals: dict[str, Any] = vars(internal) if internal is not None else {}
+        # Not an empty Context: the SDK would take the current one instead.
         self._no_span: Context = trace.set_span_in_context(trace.INVALID_SPAN)
+        self._current_context: Callable[[], Context] = context.get_current
+        self._error: StatusCode = trace.StatusCode.ERROR
+        self._unstarted: list[_Unstarted] = []
+        # The event loop's thread (an engine starts on its loop), which alone starts spans.
+        self._thread = threading.get_ident()
         _LIVE.add(self)
 
     # -- providers ----------------------------------------------------------
 
     def _current(self) -> tuple[Tracer | None, _Meters | None]:
         """The tracer and instruments of the global providers as they are now (None: not configured)."""
-        provider = self._trace.get_tracer_provider()
+        provider = _global(
+            self._trace_globals,
+            "_TRACER_PROVIDER",
+            self._trace_globals.get("_PROXY_TRACER_PROVIDER"),
+            self._tracer_provider,
+            self._trace.get_tracer_provider,
+        )
         if provider is not self._tracer_provider:
             self._tracer_provider = provider
             self._tracer = None
             if not isinstance(provider, self._proxy_tracer_provider):
                 self._tracer = provider.get_tracer(_SCOPE, _version())
-        meter_provider = self._metrics.get_meter_provider()
+        meter_provider = _global(
+            self._metrics_globals,
+            "_METER_PROVIDER",
+            self._proxy_meter_provider,
+            self._meter_provider,
+            self._metrics.get_meter_provider,
+        )
         if meter_provider is not self._meter_provider:
             self._meter_provider = meter_provider
             self._meters = (
                 None
                 if meter_provider is self._proxy_meter_provider
-                else _meters_for(meter_provider, self._metrics)
+                else _meters_for(meter_provider, self._metrics, self._no_span)
             )
         return self._tracer, self._meters
+
+    # -- batches ----------------------------------------------------------------
+
+    def _wait_to_start(self, record: Record, tracer: Tracer, parent: Context) -> None:
+        unstarted = self._unstarted
+        unstarted.append((record, tracer, parent, time_ns()))
+        if len(unstarted) >= _BATCH:  # a burst of submissions does not hold the loop long at its dispatch
+            self._start_spans()
+
+    def _start_spans(self) -> None:
+        """Start every span waiting to: each as of its submission, so only the moment of the work differs."""
+        unstarted, self._unstarted = self._unstarted, []
+        for record, tracer, parent, start in unstarted:
+            try:
+                record.span = tracer.start_span(
+                    _EXECUTION_SPAN, parent, attributes={_EXECUTION_ID: str(record.id)}, start_time=start
+                )
+            except Exception:  # a host's failing sampler or processor costs a span, not the dispatch
+                logger.warning("could not start the span of execution %s", record.id, exc_info=True)
 
     # -- hooks ----------------------------------------------------------------
 
     def plan_submitted(self, run: PlanRun) -> None:
         """A plan's span, and its commands' spans under it (a command of a resumed plan may be done)."""
         tracer, _meters = self._current()
+        parent = None
         if tracer is not None:
-            run.span = tracer.start_span("cloudops.plan", attributes={"cloudops.plan.id": str(run.id)})
+            run.span = span = tracer.start_span("cloudops.plan", attributes={"cloudops.plan.id": str(run.id)})
+            parent = self._trace.set_span_in_context(span)
         for record in run.records:
             if record.status is _PENDING:
-                self.submitted(record)
+                _COUNTS.pending += 1
+                if tracer is not None and parent is not None:
+                    self._wait_to_start(record, tracer, parent)
 
     def submitted(self, record: Record) -> None:
-        """At `execute()` (or a plan's submission): the span starts here, under the current context."""
+        """At `execute()`: the span, to be started under the context current now and as of now."""
         _COUNTS.pending += 1
         tracer, _meters = self._current()
-        if tracer is None:
-            return
-        plan = record.plan
-        context = None
-        if plan is not None and plan.span is not None:
-            context = self._trace.set_span_in_context(plan.span)
-        record.span = tracer.start_span(
-            "cloudops.execution", context, attributes={"cloudops.execution.id": str(record.id)}
-        )
+        if tracer is not None:
+            self._wait_to_start(record, tracer, self._current_context())
 
     def dispatched(self, record: Record) -> None:
         """A Run is about to go to a worker; a retry's Run (already running) changes no count."""
@@ -186,16 +271,18 @@ class Telemetry:
 
     def env_for(self, record: Record, env: dict[str, str]) -> dict[str, str]:
         """`env` with the execution span's trace context, unless `env` sets one itself."""
+        if self._unstarted:
+            self._start_spans()
         span = record.span
-        if span is None:
+        if span is None or TRACEPARENT in env or TRACESTATE in env:
             return env
         context = span.get_span_context()
-        if not context.is_valid or TRACEPARENT in env or TRACESTATE in env:
+        if not context.is_valid:
             return env
         overlay = dict(env)
-        overlay[TRACEPARENT] = (
-            f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-        )
+        # The W3C traceparent, version 00, as OpenTelemetry's environment carrier spells it.
+        flags = int(context.trace_flags)  # a plain int formats quicker than the subclass
+        overlay[TRACEPARENT] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
         if context.trace_state:
             overlay[TRACESTATE] = context.trace_state.to_header()
         return overlay
@@ -207,28 +294,43 @@ class Telemetry:
             return
         meters = self._meters
         if meters is not None:
-            queued = max(0.0, record.started_ts - record.submitted_at.timestamp())
-            meters.queue_time.record(queued, None, self._no_span)
+            waiting = meters.queue_times
+            waiting.append(max(0.0, record.started_ts - record.submitted_at.timestamp()))
+            if len(waiting) >= _BATCH:
+                meters.record()
 
     def cancelling(self, record: Record) -> None:
-        if record.span is not None and not record.status.is_final:
+        if record.status.is_final:
+            return
+        if record.span is None and self._unstarted:
+            self._start_spans()
+        if record.span is not None:
             record.span.add_event("cloudops.cancel")
 
     def ended(self, record: Record, result: ExecutionResult, pool: WorkerPool[Any] | None) -> None:
-        """Before the record takes its final status: `record.status` is still pending or running."""
+        """Before the record takes its final status: `record.status` is still pending or running.
+
+        The span ends here, not in a batch: whoever learns of this end may be
+        running before any callback scheduled now would.
+        """
         if record.status is _RUNNING:
             _COUNTS.running -= 1
         elif record.status is _PENDING:
             _COUNTS.pending -= 1
-        status = result.status.value
+        status: str = result.status._value_  # `.value` is a descriptor call
         executions = _COUNTS.executions
         executions[status] = executions.get(status, 0) + 1
         meters = self._meters
         if meters is not None and record.started_at is not None:
-            meters.duration.record(result.duration.total_seconds(), None, self._no_span)
+            meters.durations.append(result.duration.total_seconds())
         span = record.span
         if span is None:
-            return
+            if not self._unstarted:
+                return
+            self._start_spans()  # it ends before it was dispatched
+            span = record.span
+            if span is None:
+                return
         attributes: dict[str, Any] = {
             "cloudops.status": status,
             "process.exit.code": result.exit_code,
@@ -242,7 +344,7 @@ class Telemetry:
             attributes["cloudops.node.id"] = node.node_id
         span.set_attributes(attributes)
         if result.status in _ERRORS:
-            span.set_status(self._trace.StatusCode.ERROR, result.error)
+            span.set_status(self._error, result.error)
         span.end()
         record.span = None
         record.trace_id = span.get_span_context().trace_id
@@ -253,7 +355,7 @@ class Telemetry:
             return
         span.set_attribute("cloudops.status", run.result.status.value)
         if run.result.status in _ERRORS:
-            span.set_status(self._trace.StatusCode.ERROR, f"plan {run.result.status.value}")
+            span.set_status(self._error, f"plan {run.result.status.value}")
         span.end()
         run.span = None
         run.trace_id = span.get_span_context().trace_id
@@ -268,21 +370,48 @@ class Telemetry:
             entry = self._store.entry(execution_id)
         except Exception:  # not (or no longer) this engine's: another engine may know it
             return None
+        # Spans waiting to start are started on the loop's own thread only; a log line
+        # written elsewhere meanwhile goes without the trace of one not yet dispatched.
+        if self._unstarted and threading.get_ident() == self._thread:
+            self._start_spans()
         # What a durable store brings back from an earlier engine has no span.
         span: Span | None = getattr(entry, "span", None)
         trace_id = span.get_span_context().trace_id if span is not None else getattr(entry, "trace_id", 0)
         return f"{trace_id:032x}" if trace_id else None  # 0: not traced (or an invalid context)
 
 
+_UNREADABLE = object()
+
+
+def _global(
+    api_globals: dict[str, Any], name: str, proxy: object, last: object, get: Callable[[], Any]
+) -> Any:
+    """A global provider as the API's getter `get` returns it, for less while nothing is configured.
+
+    While no provider is set, the getter looks an environment variable up
+    (`OTEL_PYTHON_*_PROVIDER`, naming one to load) at each call, a few
+    microseconds each time. So once it has returned its `proxy`, the provider
+    is read from the API's global (`name`) until something is set there. Where
+    that global is not found, an API other than the one this was written
+    against, the getter is asked each time.
+    """
+    found = api_globals.get(name, _UNREADABLE)
+    if found is None and last is proxy and proxy is not None:
+        return proxy  # nothing set since the getter gave its proxy
+    if found is None or found is _UNREADABLE:
+        return get()
+    return found
+
+
 _meters_by_provider: weakref.WeakKeyDictionary[Any, _Meters] = weakref.WeakKeyDictionary()
 _LIVE: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 
 
-def _meters_for(provider: MeterProvider, metrics: ModuleType) -> _Meters:
+def _meters_for(provider: MeterProvider, metrics: ModuleType, no_span: Context) -> _Meters:
     """One set of instruments per provider, however many engines use it (observables register once)."""
     meters = _meters_by_provider.get(provider)
     if meters is None:
-        meters = _meters_by_provider[provider] = _Meters(provider, metrics)
+        meters = _meters_by_provider[provider] = _Meters(provider, metrics, no_span)
     return meters
 
 
@@ -295,10 +424,10 @@ def _version() -> str:
 def load(store: Store) -> Telemetry | None:
     """Hooks for one engine, or None when OpenTelemetry (the `[otel]` extra) is not installed."""
     try:
-        from opentelemetry import metrics, trace  # only here: nothing else loads OpenTelemetry
+        from opentelemetry import context, metrics, trace  # only here: nothing else loads OpenTelemetry
     except ImportError:
         return None
-    return Telemetry(trace, metrics, store)
+    return Telemetry(trace, metrics, context, store)
 
 
 # -- log correlation: usable with or without OpenTelemetry --------------------------
