@@ -34,12 +34,15 @@ import queue
 import threading
 import types
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from ..events import ExecutionEvent
 from .telemetry import correlate
+
+if TYPE_CHECKING:
+    from .outcomes import LineEvents
 
 __all__ = ["EventBus", "Subscription", "is_coroutine_handler"]
 
@@ -422,15 +425,34 @@ class EventBus:
         """
         batch = (events, weight)
         for channel in self._channels:
-            channel.put(batch)
-            if weight:
-                channel.pending += weight
-                if channel.pending >= self.LOW_WATER:
-                    self._loaded(channel)
+            self._put_weighed(channel, batch, weight)
         if self._subscribers:
             for key in keys:
                 for subscription in self._subscribers.get(key, ()):
                     subscription._put_batch(events, weight)
+
+    def publish_lines(self, lines: LineEvents, *keys: UUID, weight: int) -> None:
+        """Publish the line events of one frame (as `publish_batch`), made no earlier than needed.
+
+        A handler that is the frame's only listener gets `lines` itself and makes
+        each event just before its call (see `LineEvents`). Listeners that share
+        a frame get the same event objects, made here once; a frame nobody
+        listens to is not made into events at all.
+        """
+        channels = self._channels
+        subscribers = self._subscribers
+        shared = bool(subscribers) and any(key in subscribers for key in keys)
+        if len(channels) == 1 and not shared:
+            self._put_weighed(channels[0], (lines, weight), weight)
+        elif channels or shared:
+            self.publish_batch(lines.events(), *keys, weight=weight)
+
+    def _put_weighed(self, channel: _Channel, batch: tuple[Iterable[Any], int], weight: int) -> None:
+        channel.put(batch)
+        if weight:
+            channel.pending += weight
+            if channel.pending >= self.LOW_WATER:
+                self._loaded(channel)
 
     # -- subscribers ------------------------------------------------------
 

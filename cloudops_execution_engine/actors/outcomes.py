@@ -9,6 +9,7 @@ worker reported on (never started, or its worker died).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -32,9 +33,9 @@ from ..results import ExecutionResult, ExecutionStats, ExecutionStatus, PlanExec
 from .records import PlanRun, Record
 
 __all__ = [
+    "LineEvents",
     "cancelled_between_attempts",
     "end_event",
-    "line_events",
     "plan_result",
     "progress_event",
     "result",
@@ -71,25 +72,53 @@ _SET_DICT, _SET_FIELDS, _SET_EXTRA, _SET_PRIVATE = (
 )
 
 
-def line_events(record_id: UUID, stream: int, timestamp: float, lines: list[str]) -> list[ExecutionEvent]:
-    """One event per line, made as `construct_unchecked` makes them."""
-    stamp = utc_from_timestamp(timestamp)
-    kind: type[StdoutEvent | StderrEvent]
-    if stream == Stream.STDOUT:
-        kind, tag = StdoutEvent, "stdout"
-    else:
-        kind, tag = StderrEvent, "stderr"
-    new, fields = kind.__new__, _LINE_FIELDS
-    events: list[ExecutionEvent] = []
-    add = events.append
-    for line in lines:
-        event = new(kind)
-        _SET_DICT(event, {"event_type": tag, "execution_id": record_id, "line": line, "timestamp": stamp})
-        _SET_FIELDS(event, fields)
-        _SET_EXTRA(event, None)
-        _SET_PRIVATE(event, None)
-        add(event)
-    return events
+class LineEvents:
+    """The `stdout` or `stderr` events of one `Output` frame, one per line, made as they are taken.
+
+    Iterating makes each event just before it is wanted, so a handler that
+    drops an event after its call leaves it garbage at once. Made all at once
+    (`events`), a frame's events outlive a collection of the cyclic garbage
+    collector's youngest generation and are moved to the older ones, whose
+    collections then cost more than making the events did. Every event is what
+    `construct_unchecked` makes, equal (and equal in JSON) to what the
+    validating constructor makes of the same values.
+    """
+
+    __slots__ = ("_kind", "_values", "lines")
+
+    def __init__(self, record_id: UUID, stream: int, timestamp: float, lines: list[str]) -> None:
+        self._kind: type[StdoutEvent | StderrEvent]
+        if stream == Stream.STDOUT:
+            self._kind, tag = StdoutEvent, "stdout"
+        else:
+            self._kind, tag = StderrEvent, "stderr"
+        # Every field but the line, the same for every event: each event's
+        # values are a copy, a third cheaper than a dict display of them.
+        stamp = utc_from_timestamp(timestamp)
+        self._values = {"event_type": tag, "execution_id": record_id, "line": "", "timestamp": stamp}
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __iter__(self) -> Iterator[StdoutEvent | StderrEvent]:
+        # Everything in locals: this runs once per line.
+        kind, fields, copy = self._kind, _LINE_FIELDS, self._values.copy
+        new = kind.__new__
+        set_dict, set_fields, set_extra, set_private = _SET_DICT, _SET_FIELDS, _SET_EXTRA, _SET_PRIVATE
+        for line in self.lines:
+            event = new(kind)
+            values = copy()
+            values["line"] = line
+            set_dict(event, values)
+            set_fields(event, fields)
+            set_extra(event, None)
+            set_private(event, None)
+            yield event
+
+    def events(self) -> list[ExecutionEvent]:
+        """Every event at once: for a frame that several listeners share, so that all get the same objects."""
+        return list(self)
 
 
 def result(

@@ -1,7 +1,8 @@
 """The worker's event loop: readiness of fds, timers, signals and deferred calls.
 
 A worker needs a small part of asyncio: callbacks on readable and writable
-fds, timers, two signals, and calls deferred to the end of the current turn.
+fds, timers, two signals, calls deferred to the end of the current turn, and
+low-priority calls (the start of a command) that wait for everything else.
 Every command costs two pipe registrations, a timeout timer and a few deferred
 calls, and asyncio wraps each in handles, selector keys and context copies
 made for coroutines the worker never runs. This loop keeps a callback per fd
@@ -9,8 +10,20 @@ and a heap of timers, so a command costs a few dict operations besides its
 system calls.
 
 Each turn waits once, then runs the fd callbacks, the signal callbacks, the
-timers that are due, and last the deferred calls (which is where the frame
-writer sends everything the turn produced, in one write).
+timers that are due, one low-priority call, and last the deferred calls (which
+is where the frame writer sends everything the turn produced, in one write).
+Low-priority calls go one a turn because a command's start blocks for a
+millisecond or more: between two starts the loop looks again, so that a
+timeout that fell due, or a command that died, is dealt with first rather
+than after a whole burst of starts. For the same reason one waits while a
+timer falls due sooner than such a call takes (their running average), and
+while `hold_low_priority()` says so (the worker: a tree it just signalled is
+dying), each for at most `LOW_HOLD_MAX`, so that none waits for long.
+
+Timers wake on time to within the kernel's timer slack: epoll counts whole
+milliseconds and rounds up, which would make every timer up to a millisecond
+late, so the last stretch before a timer is waited out with `select`, which
+counts microseconds.
 
 A callback that raises ends the loop, and with it the worker. Where asyncio
 would log the error and go on, leaving that execution never to finish, the
@@ -20,6 +33,7 @@ starts another.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -30,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Reactor", "Timer"]
+__all__ = ["LOW_HOLD_MAX", "Reactor", "Timer"]
 
 # poll(2)'s bits, which epoll shares and the selector fallback translates.
 _READ, _WRITE = select.POLLIN, select.POLLOUT
@@ -41,6 +55,17 @@ _WRITE_LIKE = _WRITE | select.POLLERR | select.POLLHUP
 # Past this many cancelled timers, and once they are half the heap, the heap is rebuilt:
 # every command's timeout timer is cancelled when it ends, usually long before it is due.
 _CANCELLED_SWEEP = 256
+# epoll waits whole milliseconds, rounded up. A wait that ends with a timer is
+# cut a millisecond short, and the rest, under this, waited out with select.
+_MS = 0.001
+_FINE_WAIT = 0.002
+# select's fd sets hold fds below this; the epoll fd, made first, always is.
+_FD_SETSIZE = 1024
+# The longest a low-priority call is held back for timers and `hold_low_priority`;
+# what it is expected to take at first, and at most.
+LOW_HOLD_MAX = 0.005
+_LOW_COST_FIRST = 0.001
+_LOW_COST_MAX = 0.005
 
 
 class Timer:
@@ -69,6 +94,10 @@ _MAX_WAIT = 3600.0
 
 def _nothing() -> None:
     pass
+
+
+def _never() -> bool:
+    return False
 
 
 class _Poller(Protocol):
@@ -120,7 +149,16 @@ _HAVE_EPOLL = hasattr(select, "epoll")
 
 class Reactor:
     def __init__(self, epoll: bool = _HAVE_EPOLL) -> None:
-        self._poller: _Poller = select.epoll() if epoll else _SelectorPoller()
+        self._poller: _Poller
+        # The fd whose readiness the fine wait watches; -1 for the selector, which
+        # is for where there is no epoll (kqueue counts nanoseconds).
+        self._fine_fd = -1
+        if epoll:
+            self._poller = poller = select.epoll()
+            if poller.fileno() < _FD_SETSIZE:
+                self._fine_fd = poller.fileno()
+        else:
+            self._poller = _SelectorPoller()
         self._readers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._writers: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
         self._masks: dict[int, int] = {}
@@ -129,6 +167,11 @@ class Reactor:
         self._sequence = itertools.count()
         self._cancelled = 0
         self._soon: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._low: collections.deque[tuple[Callable[..., object], tuple[Any, ...]]] = collections.deque()
+        self._low_cost = _LOW_COST_FIRST
+        self._low_held_since = 0.0  # when the next low-priority call was first held back; 0: it was not
+        # While this answers True, low-priority calls wait (at most LOW_HOLD_MAX each).
+        self.hold_low_priority: Callable[[], bool] = _never
         self._signals: dict[int, Callable[[], None]] = {}
         self._previous_handlers: dict[int, Any] = {}
         self._previous_wakeup: int | None = None
@@ -191,6 +234,15 @@ class Reactor:
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         self._soon.append((callback, args))
 
+    def call_low_priority(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run `callback` in a later turn, once that turn's ready fds, signals and due timers have run.
+
+        One such call runs a turn, in the order they were asked for, and not
+        while a timer is about to fall due or `hold_low_priority()` holds (see
+        the module's docstring).
+        """
+        self._low.append((callback, args))
+
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         when = time.monotonic() + delay
         timer = Timer(self, when, callback, args)
@@ -226,15 +278,23 @@ class Reactor:
         """Turn until `stop()`."""
         self._running = True
         readers, writers, timers, soon = self._readers, self._writers, self._timers, self._soon
+        low = self._low
         while self._running:
             if soon or self._pending_signals:
                 timeout: float | None = 0.0
-            elif self._timers:
-                # epoll takes at most INT_MAX milliseconds (about 24.8 days); a
-                # longer timer (a 30-day timeout) is reached in several waits.
-                timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), _MAX_WAIT)
             else:
+                now = time.monotonic()
                 timeout = None
+                if self._timers:
+                    # epoll takes at most INT_MAX milliseconds (about 24.8 days); a
+                    # longer timer (a 30-day timeout) is reached in several waits.
+                    timeout = min(max(0.0, self._timers[0][0] - now), _MAX_WAIT)
+                if low:
+                    held = self._low_wait(now)
+                    held = 0.0 if held is None else held
+                    timeout = held if timeout is None else min(timeout, held)
+                if timeout and self._fine_fd >= 0:
+                    timeout = self._fine_wait(timeout)
             events = self._poller.poll(timeout)
             for fd, mask in events:
                 if fd == self._wake_read:
@@ -264,11 +324,53 @@ class Reactor:
                     timer.cancelled = True  # spent: a late cancel() must not count it again
                     timer.callback(*timer.args)
                     timers = self._timers
+            if low:
+                start = time.monotonic()
+                if self._low_wait(start) is None:
+                    self._low_held_since = 0.0
+                    callback, args = low.popleft()
+                    callback(*args)
+                    self._low_cost += (time.monotonic() - start - self._low_cost) / 4
             while soon:
                 batch = soon[:]
                 soon.clear()
                 for callback, args in batch:
                     callback(*args)
+
+    def _low_wait(self, now: float) -> float | None:
+        """How long the next low-priority call is held back from `now`; None: it runs this turn."""
+        if self._low_held_since:
+            left = self._low_held_since + LOW_HOLD_MAX - now
+            if left <= 0:
+                return None
+        else:
+            left = LOW_HOLD_MAX
+        if self.hold_low_priority():
+            # Until what holds it changes, which happens in some turn, or the limit.
+            self._low_held_since = self._low_held_since or now
+            return left
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            # A cancelled timer (a timeout of a command that ended) holds nothing back.
+            heapq.heappop(timers)
+            self._cancelled -= 1
+        if timers:
+            due_in = timers[0][0] - now
+            if due_in < min(self._low_cost, _LOW_COST_MAX):
+                self._low_held_since = self._low_held_since or now
+                return min(max(due_in, 0.0), left)
+        return None
+
+    def _fine_wait(self, timeout: float) -> float:
+        """What is left to wait with epoll: a long wait ends a millisecond early, a short one here."""
+        if timeout > _FINE_WAIT:
+            # Rounded up, this ends within the millisecond before the timer;
+            # the next turn waits out the rest below.
+            return timeout - _MS
+        # The epoll fd reads as ready when one of its fds is: this returns as
+        # epoll would have, but at the timer to the microsecond.
+        select.select((self._fine_fd,), (), (), timeout)
+        return 0.0
 
     def _drain_wakeups(self) -> None:
         # A short read emptied the pipe: one call, where reading on to EAGAIN

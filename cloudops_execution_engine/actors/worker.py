@@ -43,6 +43,7 @@ once and the worker exits. Nothing here imports pydantic, to keep workers small.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
 import resource
@@ -77,7 +78,7 @@ from ..protocol import (
     output_weight,
 )
 from ..protocol.messages import Finished
-from ..protocol.pipe import PipeWriter, read_available
+from ..protocol.pipe import READ_SIZE, PipeWriter, read_available
 from . import process_tree
 from .execution import (
     CANCEL,
@@ -93,6 +94,7 @@ from .execution import (
     RUNNING,
     SPAWN_FAILED,
     SPAWNED,
+    TERMINATING,
     TIMEOUT,
     TREE_GONE,
     Event,
@@ -142,6 +144,9 @@ _UNSURE_FOR = 0.25
 # and reaps, looking this often, for at most this long.
 _ABANDON_PAUSE = 0.005
 _ABANDON_FOR = 2.0
+# How long after a kill began new commands wait to start (see `Reactor.call_low_priority`):
+# a tree that honours SIGTERM is usually gone by then.
+_KILL_SETTLE = 0.005
 _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 
 
@@ -149,20 +154,53 @@ _STREAM_NAMES = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}
 _COMMANDS_ADOPT = sys.platform.startswith("linux")
 # `ru_maxrss` is in kilobytes, but in bytes on macOS.
 _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
+# A streamed command's pipe that a read empties of a full `READ_SIZE` is written
+# faster than it is read: it grows to this, and its reads take up to this, so
+# chatty output costs a quarter of the reads, `Output` frames and host wake-ups.
+# Only such pipes grow, as their size counts against the user's allowance
+# (fs.pipe-user-pages-soft); and only streamed ones, since for the log alone the
+# larger buffers cost more in page faults than the fewer reads save.
+_CHATTY_PIPE = 256 * 1024
+_SET_PIPE_SIZE: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
 
 class _StreamState:
     """One of a command's pipes; `fd` is -1 once it is closed."""
 
-    __slots__ = ("fd", "kept", "name", "partial", "stream", "truncated")
+    __slots__ = ("fd", "grew", "kept", "name", "partial", "read_size", "stream", "truncated")
 
-    def __init__(self, fd: int, stream: Stream) -> None:
+    def __init__(self, fd: int, stream: Stream, grows: bool) -> None:
         self.fd = fd
         self.stream = stream
         self.name = _STREAM_NAMES[stream]
         self.partial = b""
         self.kept = bytearray()
         self.truncated = False
+        self.read_size = READ_SIZE
+        self.grew = not grows  # whether its pipe has been grown, or is not to grow
+
+    def read(self) -> bytes | None:
+        """One read, as `read_available`; the first that fills `READ_SIZE` grows the pipe (`_CHATTY_PIPE`)."""
+        try:
+            data = os.read(self.fd, self.read_size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        if not self.grew and len(data) == READ_SIZE:
+            self.grew = True
+            self.read_size = _grow_pipe(self.fd)
+        return data
+
+
+def _grow_pipe(fd: int) -> int:
+    """Grow the pipe of `fd` to `_CHATTY_PIPE`; its size then, or READ_SIZE if it could not grow."""
+    if _SET_PIPE_SIZE is None:
+        return READ_SIZE
+    try:
+        return max(READ_SIZE, fcntl.fcntl(fd, _SET_PIPE_SIZE, _CHATTY_PIPE))
+    except OSError:  # past the user's allowance of pipe pages, or not a pipe
+        return READ_SIZE
 
 
 class _Execution:
@@ -235,12 +273,22 @@ class Worker:
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
         self._hurrying = False
+        # Runs read but not yet started, with the environment they were sent under.
+        # A start blocks for a millisecond or more, so each waits for a turn of its
+        # own, after the turn's reaps, output and timeouts (see `_queue_start`).
+        self._to_start: dict[bytes, tuple[Run, CommandEnv]] = {}
+        # Executions whose tree is being killed, and when the last kill began.
+        self._killing: set[_Execution] = set()
+        self._last_kill = 0.0
         self.loop = Reactor()
+        self.loop.hold_low_priority = self._kill_settling
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        # A chatty command's frame (see `_CHATTY_PIPE`) then fits in the pipe to the host whole.
+        _grow_pipe(self._wfd)
         self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
@@ -302,8 +350,12 @@ class Worker:
 
     def _handle(self, message: object) -> None:
         if isinstance(message, Run):
-            self._start(message)
+            self._queue_start(message)
         elif isinstance(message, Cancel):
+            queued = self._to_start.pop(message.execution_id, None)
+            if queued is not None:
+                # Started and cancelled, as if the two had come apart.
+                self._start(*queued)
             ex = self._executions.get(message.execution_id)
             if ex is not None:
                 self._on(ex, CANCEL)
@@ -317,6 +369,8 @@ class Worker:
             self._env = CommandEnv(message.env)
         elif isinstance(message, Shutdown):
             self._closing = True
+            while self._to_start:
+                self._start_next()
             for ex in list(self._executions.values()):
                 self._on(ex, CANCEL)
             self._apply_backpressure()
@@ -327,6 +381,7 @@ class Worker:
             return
         self._serving = False
         self.loop.remove_reader(self._rfd)
+        self._to_start.clear()  # nobody is left to run them for
         for ex in list(self._executions.values()):
             self._on(ex, HOST_GONE)
         # Every tree is among the worker's descendants, the spawner too: all go, at once.
@@ -345,7 +400,27 @@ class Worker:
 
     # -- running a command ----------------------------------------------
 
-    def _start(self, run: Run) -> None:
+    def _queue_start(self, run: Run) -> None:
+        """Start `run` in a turn of its own, once what ends executions has gone first.
+
+        A frame of runs (the host refilling the slots a batch of timeouts just
+        freed) would otherwise start every one of them in a row, while the rest
+        of that batch waits to be killed and reaped: each timeout would end the
+        whole burst's starts late. Its `started_at` is taken when it starts.
+        """
+        if self._closing:
+            self._start(run, self._env)  # a shutdown waits only for what has started
+            return
+        self._to_start[run.execution_id] = (run, self._env)
+        self.loop.call_low_priority(self._start_next)
+
+    def _start_next(self) -> None:
+        # A cancel may have started one out of turn: then the next, if any, goes now.
+        for key in self._to_start:
+            self._start(*self._to_start.pop(key))
+            return
+
+    def _start(self, run: Run, command_env: CommandEnv) -> None:
         marker = _uuid_text(run.execution_id)
         ex = _Execution(run, marker)
         self._executions[ex.id] = ex
@@ -359,13 +434,13 @@ class Worker:
             # Every attempt goes into the one log, each under a line of its own.
             self._log(ex, f"# --- attempt {run.attempt} ---\n")
         self._log(ex, self._masked(ex, log_header(marker, run.display, os.fsdecode(run.cwd), ex.started_at)))
-        env = self._env.for_command(run.env, marker)
+        env = command_env.for_command(run.env, marker)
         stdin_r = stdin_w = -1
         try:
             limits, nice, cpus = command_settings(run.limits, run.cpu_affinity, self._limits)
             if run.stdin:
                 stdin_r, stdin_w = os.pipe()
-            search = self._env.search_path(run.env)
+            search = command_env.search_path(run.env)
             pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, search, limits, stdin_r, nice, cpus)
         except (OSError, ValueError) as exc:
             if stdin_w >= 0:
@@ -383,7 +458,8 @@ class Worker:
             ex.stdin = StdinFeed(self.loop, stdin_w, run.stdin)
         ex.pid = pid
         self._by_pid[pid] = ex
-        ex.streams = [_StreamState(out_fd, Stream.STDOUT), _StreamState(err_fd, Stream.STDERR)]
+        grows = ex.stream_output
+        ex.streams = [_StreamState(out_fd, Stream.STDOUT, grows), _StreamState(err_fd, Stream.STDERR, grows)]
         for st in ex.streams:
             if not self._paused:
                 self.loop.add_reader(st.fd, self._on_output, ex, st)
@@ -414,7 +490,7 @@ class Worker:
 
     def _on_output(self, ex: _Execution, st: _StreamState) -> bool:
         """Take one read of a stream; False when there was nothing to read after all."""
-        data = read_available(st.fd)
+        data = st.read()
         if data is None:
             return False
         if not data:
@@ -476,11 +552,12 @@ class Worker:
                 continue
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * _RSS_UNIT]
             life = ex.life
-            if life.phase is RUNNING and life.open_pipes:
+            if (life.phase is RUNNING or life.phase is TERMINATING) and life.open_pipes:
                 # Its pipes were closed when it exited, before its parent heard of
                 # it: end of output is usually there already, though this turn's
-                # wait did not report it. Take it now rather than on another turn;
-                # while paused too, as one read is bounded by the pipe's size.
+                # wait did not report it. Take it now rather than on another turn
+                # (a killed one too, which can then end at once); while paused
+                # too, as one read is bounded by the pipe's size.
                 for st in ex.streams:
                     if st.fd >= 0:
                         self._on_output(ex, st)
@@ -498,7 +575,17 @@ class Worker:
 
     # -- stopping a tree ------------------------------------------------
 
+    def _kill_settling(self) -> bool:
+        """Whether a tree signalled moments ago may still be dying: a start now would hold up its end.
+
+        Only for `_KILL_SETTLE` after the last kill began: a tree that takes
+        longer is in its grace period, and starts go on meanwhile.
+        """
+        return bool(self._killing) and time.monotonic() - self._last_kill < _KILL_SETTLE
+
     def _kill(self, ex: _Execution) -> None:
+        self._killing.add(ex)
+        self._last_kill = time.monotonic()
         if ex.linger_timer is not None:
             ex.linger_timer.cancel()
             ex.linger_timer = None
@@ -511,6 +598,7 @@ class Worker:
         ex.kill.watch(self.loop, partial(self._tree_gone, ex))
 
     def _tree_gone(self, ex: _Execution) -> None:
+        self._killing.discard(ex)
         self._on(ex, TREE_GONE)
         self._reap()
         self._drain(ex)
@@ -572,6 +660,7 @@ class Worker:
             self._apply_backpressure()
 
     def _release(self, ex: _Execution) -> None:
+        self._killing.discard(ex)
         for timer in (ex.timeout_timer, ex.linger_timer):
             if timer is not None:
                 timer.cancel()
