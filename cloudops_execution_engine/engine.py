@@ -98,13 +98,21 @@ class ExecutionEngine:
         await self._supervisor.shutdown(cancel)
 
     async def execute(self, request: ExecutionRequest) -> UUID:
-        """Validate and queue one command; returns its id at once."""
-        self._supervisor.check_open()
-        request = _coerce_model(request, ExecutionRequest, InvalidCommand)
+        """Validate and queue one command; returns its id at once.
+
+        Every refusal (a `ValidationError`, `EngineClosed`, `SpawnFailed` while
+        no worker can start) is raised here; the command goes to a worker on
+        the loop's next turn, together with the others queued in this one.
+        """
+        supervisor = self._supervisor
+        supervisor.check_open()
+        if not isinstance(request, ExecutionRequest):
+            request = _coerce_model(request, ExecutionRequest, InvalidCommand)
         request.validate(self.config)
-        await self._supervisor.start()
-        execution_id = self._supervisor.submit(request)
-        if self._supervisor.should_yield():
+        if not supervisor.running:
+            await supervisor.start()
+        execution_id = supervisor.submit(request)
+        if supervisor.should_yield():
             # A caller queueing many commands in one go would otherwise keep the
             # loop from hearing that running ones ended, and the workers would
             # sit idle until the whole batch was queued.

@@ -101,6 +101,8 @@ class Admission:
         self._environment = environment
         self._limit = min(_arg_max(), _MAX_REQUEST)
         self._secrets = list(secrets or ())
+        # The engine's secrets travel in every Run: counted once, not per request.
+        self._secrets_size = sum(len(secret.encode()) for secret in self._secrets)
         # What a request that sets no option of its own gets: shared, not one per request.
         self._plain = RunOptions(secrets=self._secrets) if self._secrets else NO_OPTIONS
 
@@ -110,7 +112,13 @@ class Admission:
         `argv` is the request's, checked by `check` already; it counts again here
         for the display the `Run` also carries.
         """
-        env = {**request.env, **request.secret_env} if request.secret_env else request.env
+        secret_env = request.secret_env
+        plain = not (secret_env or request.stdin or request.limits is not None)
+        if plain and request.success_exit_codes == [0]:
+            # Most requests set no option: the same checks, without building what they would need.
+            self._check_frame(self.check(argv, request.env), 0, self._secrets_size)
+            return self._plain
+        env = {**request.env, **secret_env} if secret_env else request.env
         size = self.check(argv, env)
         stdin = request.stdin
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
@@ -118,13 +126,8 @@ class Admission:
             raise InvalidCommand(
                 f"stdin is {len(data)} bytes, more than the {MAX_STDIN_BYTES} a request may carry"
             )
-        secrets = [*self._secrets, *request.secret_env.values()]
-        total = 2 * size + len(data) + sum(len(s.encode()) for s in secrets) + _RUN_ROOM
-        if total > DEFAULT_MAX_FRAME:
-            raise InvalidCommand(
-                f"the request (command, environment, stdin and secrets) takes about {total} bytes, "
-                f"more than the {DEFAULT_MAX_FRAME} one message to a worker may hold"
-            )
+        secrets = [*self._secrets, *secret_env.values()]
+        self._check_frame(size, len(data), sum(len(s.encode()) for s in secrets))
         limits = request.limits
         values: dict[str, int] = {}
         affinity: list[int] = []
@@ -136,9 +139,19 @@ class Admission:
             }
             affinity = list(limits.cpu_affinity or ())
         codes = request.success_exit_codes
-        if not (data or values or affinity or request.secret_env) and codes == [0]:
+        if not (data or values or affinity or secret_env) and codes == [0]:
             return self._plain
-        return RunOptions(data, list(codes), values, affinity, secrets, dict(request.secret_env))
+        return RunOptions(data, list(codes), values, affinity, secrets, dict(secret_env))
+
+    @staticmethod
+    def _check_frame(size: int, stdin: int, secrets: int) -> None:
+        """Refuse a request whose `Run` would not fit one frame: its strings twice (with the display)."""
+        total = 2 * size + stdin + secrets + _RUN_ROOM
+        if total > DEFAULT_MAX_FRAME:
+            raise InvalidCommand(
+                f"the request (command, environment, stdin and secrets) takes about {total} bytes, "
+                f"more than the {DEFAULT_MAX_FRAME} one message to a worker may hold"
+            )
 
     def check(self, argv: list[str], env: dict[str, str]) -> int:
         """Refuse what the kernel would refuse at exec, or what could not cross the pipe; the size it takes.
@@ -147,17 +160,22 @@ class Admission:
         NUL and its pointer, the host's environment included. One string over the
         per-string limit fails the same way; text that is not valid Unicode too.
         """
-        self._environment.current()
-        size = self._environment.size + _MARKER
+        environment = self._environment
+        environment.current()
+        size = environment.size + _MARKER
         longest = 0
+        # `isascii()` answers from the string's header: ASCII text is its own UTF-8, so
+        # only other text is encoded, to count it and to refuse what cannot be encoded.
         for item in argv:
-            length = len(_utf8(item, "an argument"))
-            longest = max(longest, length)
+            length = len(item) if item.isascii() else len(_utf8(item, "an argument"))
+            if length > longest:
+                longest = length
             size += length + 1 + _POINTER
         for key, value in env.items():
-            name = _utf8(key, "an environment variable name")
-            length = len(name) + len(_utf8(value, f"variable {key}")) + 1
-            longest = max(longest, length)
+            length = (len(key) if key.isascii() else len(_utf8(key, "an environment variable name"))) + 1
+            length += len(value) if value.isascii() else len(_utf8(value, f"variable {key}"))
+            if length > longest:
+                longest = length
             size += length + 1 + _POINTER
         if size > self._limit:
             raise InvalidCommand(

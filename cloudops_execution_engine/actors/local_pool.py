@@ -149,6 +149,11 @@ class ProcessWorkerHandle(WorkerHandle):
         if not self._dead:
             self._writer.write(encode_frame(wire))
 
+    def flush(self) -> None:
+        # The writer would write on the next loop turn; a batch of Runs is
+        # complete, so one write now saves the worker that turn's wait.
+        self._writer.flush()
+
     def _pipe_broken(self, exc: OSError) -> None:
         self.die(f"stopped reading its pipe ({exc.strerror})")
 

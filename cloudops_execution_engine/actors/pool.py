@@ -18,6 +18,7 @@ A handle (one worker):
   other message to the supervisor, and makes a malformed frame a death.
 - send: `send(wire)` queues one message and returns at once: frames reach the
   worker in the order sent, and once the handle is dead they are dropped.
+  `flush()` asks for what is queued to be written now (after a batch of sends).
 - die: `die(how)` starts with `_mark_dead(how)` and does nothing more when
   that says the handle was dead already, so a death happens once however many
   paths notice it. It then shuts the transport, makes sure the worker is
@@ -120,6 +121,13 @@ class WorkerHandle(ABC):
     @abstractmethod
     def send(self, wire: list[Any]) -> None:
         """Queue one message for the worker without blocking, in order; a dead worker drops it."""
+
+    def flush(self) -> None:
+        """Hand what `send` has queued to the transport now rather than later in the loop turn.
+
+        Only a handle that batches its sends needs to override this.
+        """
+        return
 
     @abstractmethod
     def die(self, how: str) -> None:

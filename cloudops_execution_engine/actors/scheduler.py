@@ -10,10 +10,17 @@ starts only when a worker has room for it and fewer than
 A plan's strategy (its `plans.Schedule`) says which commands are ready at
 first and which an ended command releases or drops; this module only queues
 what it says.
+
+What `execute()` submits is queued at once and dispatched on the next turn of
+the loop (`add_soon`): `execute()` returns without encoding or sending
+anything, and every submission of one turn goes to the workers together, one
+write per worker. Nothing that can refuse a request happens in dispatch, so
+deferring it changes no error `execute()` raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -35,25 +42,46 @@ class Scheduler:
         pick: Callable[[], WorkerHandle | None],
         start: Callable[[WorkerHandle, Record], bool],
         pick_again: Callable[[Record], WorkerHandle | None] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> None:
         """`pick` names a worker with room, or None; `start` sends it a record, False if it could not.
 
         `pick_again` names the worker for another attempt of a record (one near its logs), or None.
+        `sent` is called after a deferred dispatch (`add_soon`), to write what it sent at once.
         """
         self._limit = limit
         self._pick = pick
         self._start = start
         self._pick_again = pick_again or (lambda _record: pick())
+        self._sent = sent
         self._queue: deque[Record | PlanRun] = deque()
         # Executions whose backoff is over, waiting for their next attempt. They
         # go first: each was admitted before anything still in the queue.
         self._retries: deque[Record] = deque()
         self.running = 0
         self._since_yield = 0
+        self._dispatch_soon = False  # a deferred dispatch is waiting for its turn
 
     def add(self, record: Record) -> None:
         self._queue.append(record)
         self.dispatch()
+
+    def add_soon(self, record: Record) -> None:
+        """Queue a record now and dispatch on the next loop turn, with whatever else that turn queues.
+
+        The record is queued (and so `pending`, cancellable, drained by a broken
+        pool) before this returns: only the sending waits.
+        """
+        self._queue.append(record)
+        if not self._dispatch_soon:
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch_deferred)
+
+    def _dispatch_deferred(self) -> None:
+        self._dispatch_soon = False
+        self.dispatch()
+        if self._sent is not None:
+            self._sent()
 
     def add_plan(self, run: PlanRun) -> None:
         run.ready.extend(run.schedule.initial())

@@ -100,7 +100,11 @@ class Supervisor:
         self._store: Store = store if store is not None else store_for(config)
         self._running_by_key: dict[bytes, Record] = {}
         self._scheduler = Scheduler(
-            config.max_concurrent_executions, self._pick, self._send_run, pick_again=self._pick_again
+            config.max_concurrent_executions,
+            self._pick,
+            self._send_run,
+            pick_again=self._pick_again,
+            sent=self._flush_sends,
         )
         self._pool: WorkerPool[Any] | None = None
         self._state = EngineState.NEW
@@ -321,8 +325,18 @@ class Supervisor:
         suffix, extra = correlate(r.id for r in self._store.records() if not r.status.is_final)
         logger.error("%s%s", what, suffix, extra=extra)
 
+    @property
+    def running(self) -> bool:
+        """Started and not shutting down: `start()` has nothing to do."""
+        return self._state is EngineState.RUNNING
+
     def submit(self, request: ExecutionRequest) -> UUID:
-        self.check_open()
+        """Admit a validated request and queue it; it is sent to a worker on the next loop turn.
+
+        Everything that can refuse it is checked here, before it is registered.
+        """
+        if self._state is not EngineState.RUNNING:
+            self.check_open()
         if self._broken is not None:
             raise SpawnFailed(self._broken)
         if request.id in self._store:
@@ -331,7 +345,7 @@ class Supervisor:
         self._store.add(record, request)
         if self._telemetry is not None:
             self._telemetry.submitted(record)
-        self._scheduler.add(record)
+        self._scheduler.add_soon(record)
         return record.id
 
     def should_yield(self) -> bool:
@@ -409,6 +423,12 @@ class Supervisor:
 
     def _pick(self) -> WorkerHandle | None:
         return self._pool.pick() if self._pool is not None else None
+
+    def _flush_sends(self) -> None:
+        """After a deferred dispatch: write each worker's Runs now, in one write per worker."""
+        if self._pool is not None:
+            for worker in self._pool.workers:
+                worker.flush()
 
     def _send_run(self, worker: WorkerHandle, record: Record) -> bool:
         retry = record.retry
@@ -492,11 +512,11 @@ class Supervisor:
         weight = output_weight(message.lines)
         record = self._running_by_key.get(message.execution_id) if self.bus.active else None
         if record is not None:
-            events = outcomes.line_events(record.id, message.stream, message.timestamp, message.lines)
+            lines = outcomes.LineEvents(record.id, message.stream, message.timestamp, message.lines)
             if record.plan is not None:
-                self.bus.publish_batch(events, record.id, record.plan.id, weight=weight)
+                self.bus.publish_lines(lines, record.id, record.plan.id, weight=weight)
             else:
-                self.bus.publish_batch(events, record.id, weight=weight)
+                self.bus.publish_lines(lines, record.id, weight=weight)
         self._credit.taken(worker, weight)
 
     def _on_finished(self, worker: WorkerHandle, message: Finished) -> None:
