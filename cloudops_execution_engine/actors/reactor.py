@@ -10,15 +10,18 @@ and a heap of timers, so a command costs a few dict operations besides its
 system calls.
 
 Each turn waits once, then runs the fd callbacks, the signal callbacks, the
-timers that are due, one low-priority call, and last the deferred calls (which
-is where the frame writer sends everything the turn produced, in one write).
-Low-priority calls go one a turn because a command's start blocks for a
-millisecond or more: between two starts the loop looks again, so that a
-timeout that fell due, or a command that died, is dealt with first rather
-than after a whole burst of starts. For the same reason one waits while a
-timer falls due sooner than such a call takes (their running average), and
-while `hold_low_priority()` says so (the worker: a tree it just signalled is
-dying), each for at most `LOW_HOLD_MAX`, so that none waits for long.
+timers that are due, the low-priority calls, and last the deferred calls
+(which is where the frame writer sends everything the turn produced, in one
+write). A command's start blocks for a millisecond or more, so a low-priority
+call waits while a timer falls due sooner than such a call takes (their
+running average), and while `hold_low_priority()` says so (the worker: a tree
+it just signalled is dying), each for at most `LOW_HOLD_MAX`, so that none
+waits for long. While `one_low_a_turn()` says so (the worker: a tree is being
+killed), they go one a turn, and between two starts the loop looks again, so
+that a command that died is dealt with first rather than after a whole burst
+of starts; otherwise a turn runs all that may run, and their messages share
+one write, as a burst of starts is common (a host filling freed slots) and a
+write per start would wake the host for each.
 
 Timers wake on time to within the kernel's timer slack: epoll counts whole
 milliseconds and rounds up, which would make every timer up to a millisecond
@@ -172,6 +175,9 @@ class Reactor:
         self._low_held_since = 0.0  # when the next low-priority call was first held back; 0: it was not
         # While this answers True, low-priority calls wait (at most LOW_HOLD_MAX each).
         self.hold_low_priority: Callable[[], bool] = _never
+        # While this answers True, one low-priority call runs a turn; otherwise all that
+        # may run do, and what they produce goes out in the turn's one write.
+        self.one_low_a_turn: Callable[[], bool] = _never
         self._signals: dict[int, Callable[[], None]] = {}
         self._previous_handlers: dict[int, Any] = {}
         self._previous_wakeup: int | None = None
@@ -237,9 +243,9 @@ class Reactor:
     def call_low_priority(self, callback: Callable[..., object], *args: Any) -> None:
         """Run `callback` in a later turn, once that turn's ready fds, signals and due timers have run.
 
-        One such call runs a turn, in the order they were asked for, and not
-        while a timer is about to fall due or `hold_low_priority()` holds (see
-        the module's docstring).
+        In the order they were asked for; not while a timer is about to fall
+        due or `hold_low_priority()` holds, and one a turn while
+        `one_low_a_turn()` does (see the module's docstring).
         """
         self._low.append((callback, args))
 
@@ -324,18 +330,31 @@ class Reactor:
                     timer.cancelled = True  # spent: a late cancel() must not count it again
                     timer.callback(*timer.args)
                     timers = self._timers
-            if low:
+            if low and soon:
+                # What the turn produced (an end) goes out first, not after its starts.
+                self._run_soon()
+            ran = False
+            while low:
+                if ran and self.one_low_a_turn():
+                    break
                 start = time.monotonic()
-                if self._low_wait(start) is None:
-                    self._low_held_since = 0.0
-                    callback, args = low.popleft()
-                    callback(*args)
-                    self._low_cost += (time.monotonic() - start - self._low_cost) / 4
-            while soon:
-                batch = soon[:]
-                soon.clear()
-                for callback, args in batch:
-                    callback(*args)
+                if self._low_wait(start) is not None:
+                    break
+                self._low_held_since = 0.0
+                callback, args = low.popleft()
+                callback(*args)
+                self._low_cost += (time.monotonic() - start - self._low_cost) / 4
+                ran = True
+            if soon:
+                self._run_soon()
+
+    def _run_soon(self) -> None:
+        soon = self._soon
+        while soon:
+            batch = soon[:]
+            soon.clear()
+            for callback, args in batch:
+                callback(*args)
 
     def _low_wait(self, now: float) -> float | None:
         """How long the next low-priority call is held back from `now`; None: it runs this turn."""

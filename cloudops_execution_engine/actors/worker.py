@@ -282,6 +282,7 @@ class Worker:
         self._last_kill = 0.0
         self.loop = Reactor()
         self.loop.hold_low_priority = self._kill_settling
+        self.loop.one_low_a_turn = self._killing_any
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
@@ -582,6 +583,10 @@ class Worker:
         longer is in its grace period, and starts go on meanwhile.
         """
         return bool(self._killing) and time.monotonic() - self._last_kill < _KILL_SETTLE
+
+    def _killing_any(self) -> bool:
+        """Whether a tree is being killed: starts then go one a turn, so that its end is seen between them."""
+        return bool(self._killing)
 
     def _kill(self, ex: _Execution) -> None:
         self._killing.add(ex)
