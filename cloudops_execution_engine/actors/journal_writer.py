@@ -50,7 +50,7 @@ Job = Iterator[None]
 # batch announces one end) are committed at once and never wait.
 _FLOW_ENDS = 3
 _BATCH = 512
-_SPACING = 0.005
+_SPACING = 0.01
 
 
 class JournalWriter:
