@@ -134,3 +134,15 @@ async def test_submissions_of_one_turn_are_sent_together_on_the_next() -> None:
     assert starts.started == records
     assert flushes == [3]
     assert scheduler.running == 3
+
+
+async def test_a_queued_command_has_its_log_path_before_it_is_sent(tmp_path: Path) -> None:
+    """The log path, made when first asked for, is `<log_dir>/<id>.log` before and after the command runs."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        request = run("echo", "logged")
+        eid = await engine.execute(request)
+        before = engine.get_log_path(eid)  # the same turn: nothing has been sent yet
+        result = await result_of(engine, eid, timeout=20)
+    assert before == tmp_path / "logs" / f"{eid}.log"
+    assert result.log_path == before
+    assert "logged" in before.read_text()

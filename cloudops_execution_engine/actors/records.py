@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from .._model import utcnow
+from ..logfiles import log_path_for
 from ..plans import Schedule, schedule_for
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
@@ -76,6 +77,8 @@ class Record(Ending):
     """One command: submitted alone or as part of a plan."""
 
     __slots__ = (
+        "_log_dir",
+        "_log_path",
         "argv",
         "attempt",
         "cwd",
@@ -84,7 +87,6 @@ class Record(Ending):
         "id",
         "index",
         "key",
-        "log_path",
         "options",
         "pid",
         "plan",
@@ -104,10 +106,16 @@ class Record(Ending):
         self,
         request: ExecutionRequest,
         argv: list[str],
-        log_path: Path,
+        log_path: Path | None,
         timeout_ms: int,
         index: int = -1,
+        log_dir: Path | None = None,
     ) -> None:
+        """`log_path`, or else `log_dir`: the log is then `<log_dir>/<id>.log`, made when first asked for.
+
+        A pathlib join is about 15 µs of an `execute()` when its code is cold, most of
+        the call; the path is first needed when the command is sent, a turn later.
+        """
         self.id = request.id
         self.key = request.id.bytes
         # What the Run needs, not the request: a finished record should not keep the model alive.
@@ -115,7 +123,8 @@ class Record(Ending):
         self.argv = argv
         self.cwd = os.fsencode(request.cwd())
         self.display = request.command.display()
-        self.log_path = log_path
+        self._log_path = log_path
+        self._log_dir = log_dir
         self.timeout_ms = timeout_ms
         self.status = PENDING
         self.result: ExecutionResult | None = None
@@ -136,6 +145,15 @@ class Record(Ending):
         self.span: Span | None = None
         self.trace_id = 0
         super().__init__()
+
+    @property
+    def log_path(self) -> Path:
+        path = self._log_path
+        if path is None:
+            # Made on the loop, or by the journal's writer; either makes the same path.
+            assert self._log_dir is not None, "a record has a log path or a log directory"
+            path = self._log_path = log_path_for(self._log_dir, self.id)
+        return path
 
     def summary(self) -> ExecutionSummary:
         return ExecutionSummary(

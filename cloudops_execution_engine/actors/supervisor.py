@@ -51,7 +51,7 @@ from ..errors import (
     map_errors,
     mapped,
 )
-from ..logfiles import LogNode, log_path_for, prepare_log_dir
+from ..logfiles import LogNode, prepare_log_dir
 from ..plans import check_plan
 from ..protocol import Cancel, Finished, Message, Output, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
@@ -410,11 +410,7 @@ class Supervisor:
         argv = request.argv()
         options = self._admission.options(request, argv)
         record = Record(
-            request,
-            argv,
-            log_path_for(self.log_dir, request.id),
-            request.effective_timeout_ms(self.config),
-            index=index,
+            request, argv, None, request.effective_timeout_ms(self.config), index=index, log_dir=self.log_dir
         )
         record.options = options
         if options.secrets:
