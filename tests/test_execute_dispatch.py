@@ -146,3 +146,17 @@ async def test_a_queued_command_has_its_log_path_before_it_is_sent(tmp_path: Pat
     assert before == tmp_path / "logs" / f"{eid}.log"
     assert result.log_path == before
     assert "logged" in before.read_text()
+
+
+async def test_the_command_shown_in_events_and_log_is_made_from_the_request(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """The display, made when first asked for, is its shell quoting, in its started event and its log."""
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(recorder) as engine:
+        eid = await engine.execute(run("echo", "two words", "it's"))
+        result = await result_of(engine, eid, timeout=20)
+        await recorder.until_final(eid)
+    shown = "echo 'two words' 'it'\"'\"'s'"
+    started = [e for e in recorder.of(eid) if e.event_type == "started"]
+    assert [e.command for e in started] == [shown]
+    assert f"# command: {shown}\n" in result.log_path.read_text()

@@ -29,6 +29,7 @@ from .retries import Retrying
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from ..commands import Command
     from .pool import WorkerHandle
 
 __all__ = ["COMPLETED", "FAILED", "PENDING", "RUNNING", "Ending", "PlanRun", "Record"]
@@ -77,12 +78,13 @@ class Record(Ending):
     """One command: submitted alone or as part of a plan."""
 
     __slots__ = (
+        "_command",
+        "_display",
         "_log_dir",
         "_log_path",
         "argv",
         "attempt",
         "cwd",
-        "display",
         "env",
         "id",
         "index",
@@ -122,7 +124,9 @@ class Record(Ending):
         self.env = request.env
         self.argv = argv
         self.cwd = os.fsencode(request.cwd())
-        self.display = request.command.display()
+        # The command's display (shlex quoting) is made when first asked for, as the log path is.
+        self._command: Command | None = request.command
+        self._display: str | None = None
         self._log_path = log_path
         self._log_dir = log_dir
         self.timeout_ms = timeout_ms
@@ -145,6 +149,21 @@ class Record(Ending):
         self.span: Span | None = None
         self.trace_id = 0
         super().__init__()
+
+    @property
+    def display(self) -> str:
+        """The command as its log header and events show it."""
+        display = self._display
+        if display is None:
+            assert self._command is not None
+            display = self._display = self._command.display()
+            self._command = None  # a record does not keep the request's models
+        return display
+
+    @display.setter
+    def display(self, value: str) -> None:
+        self._display = value
+        self._command = None
 
     @property
     def log_path(self) -> Path:
