@@ -142,6 +142,19 @@ async def start_without_fds(config: ExecutionConfig) -> None:
     await engine.shutdown()
 
 
+async def the_sleep(worker: psutil.Process) -> psutil.Process:
+    """The command's process once it is `sleep`: "up" can arrive before bash has exec'd it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        # The worker's other child is its spawner, which runs no command.
+        found = [child for child in worker.children() if child.name() == "sleep"]
+        if found:
+            return found[0]
+        assert loop.time() < deadline, f"no sleep among {worker.children()}"
+        await asyncio.sleep(0.005)  # polled, with the deadline above
+
+
 async def main() -> None:
     supervisor.LocalWorkerPool = ObservedPool  # type: ignore[attr-defined]
     relay = Relay(logging.WARNING)
@@ -155,8 +168,7 @@ async def main() -> None:
         await asyncio.wait_for(Seen.output.wait(), 30)
         queued = await engine.execute(ExecutionRequest(command=ExecCommand(program="echo", args=["queued"])))
         (worker,) = psutil.Process().children()
-        # The worker's other child is its spawner, which runs no command.
-        (command,) = [child for child in worker.children() if child.name() == "sleep"]
+        command = await the_sleep(worker)
         report("worker", pid=worker.pid, command=command.pid)
         with fd_limit(soft_limit_leaving(FREE_AFTER_DEATH, shared_with(worker.pid))):
             os.kill(worker.pid, signal.SIGKILL)
