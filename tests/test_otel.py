@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, result_of, run, shell
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -32,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util._once import Once
+from otel_support import reset_globals
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -88,14 +87,6 @@ class Otel:
         return sum(p.count for p in points), sum(p.sum for p in points)
 
 
-def _reset_globals() -> None:
-    """Forget the global providers (as OpenTelemetry's own test utilities do), so others run untraced."""
-    trace._TRACER_PROVIDER = None
-    trace._TRACER_PROVIDER_SET_ONCE = Once()
-    metrics_internal._METER_PROVIDER = None
-    metrics_internal._METER_PROVIDER_SET_ONCE = Once()
-
-
 @pytest.fixture(scope="module")
 def otel_module() -> Iterator[Otel]:
     spans = InMemorySpanExporter()
@@ -109,7 +100,7 @@ def otel_module() -> Iterator[Otel]:
     try:
         yield Otel(spans, reader, tracer_provider.get_tracer("tests"))
     finally:
-        _reset_globals()
+        reset_globals()
         tracer_provider.shutdown()
         meter_provider.shutdown()
 

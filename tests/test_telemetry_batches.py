@@ -32,7 +32,6 @@ import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, result_of, run, shell
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import _internal as metrics_internal
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -45,7 +44,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.util._once import Once
+from otel_support import reset_globals
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionPlan, ExecutionStatus, ParallelStrategy
 from cloudops_execution_engine.actors.telemetry import correlate
@@ -135,10 +134,7 @@ def otel_module() -> Iterator[Otel]:
     try:
         yield Otel(spans, reader, busy, tracer_provider.get_tracer("tests"), failing)
     finally:
-        trace._TRACER_PROVIDER = None
-        trace._TRACER_PROVIDER_SET_ONCE = Once()
-        metrics_internal._METER_PROVIDER = None
-        metrics_internal._METER_PROVIDER_SET_ONCE = Once()
+        reset_globals()
         tracer_provider.shutdown()
         meter_provider.shutdown()
 
