@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 
@@ -9,6 +10,10 @@ import pytest
 
 from cloudops_execution_engine.actors import process_tree
 from cloudops_execution_engine.actors.output import utf8_boundary as _utf8_boundary
+from cloudops_execution_engine.actors.reactor import Reactor
+from cloudops_execution_engine.actors.worker import _PipeBudget, _StreamState
+from cloudops_execution_engine.protocol import Stream
+from cloudops_execution_engine.protocol.pipe import READ_SIZE
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -56,3 +61,30 @@ def test_own_children_list_follows_spawns_reaps_and_forks() -> None:
         grandchild_pid, listed = reply.read().split(" ", 1)
     os.waitpid(pid, 0)
     assert listed == f"[{grandchild_pid}]"
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_chatty_pipes_grow_only_within_the_workers_budget() -> None:
+    """Of two chatty pipes with room for one, only one grows; closing it gives its room back."""
+    budget = _PipeBudget(1)
+    loop = Reactor()
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        streams = [_StreamState(r, Stream.STDOUT, budget) for r, _ in pipes]
+        for (_, w), st in zip(pipes, streams, strict=True):
+            os.write(w, b"x" * READ_SIZE)
+            assert st.read() == b"x" * READ_SIZE  # a full read: the pipe is written faster than read
+        sizes = [fcntl.fcntl(st.fd, fcntl.F_GETPIPE_SZ) for st in streams]
+        assert sizes[0] > READ_SIZE
+        assert sizes[1:] == [READ_SIZE, READ_SIZE]
+        assert budget.left == 0
+        streams[0].close(loop)
+        assert budget.left == 1
+        streams[1].close(loop)  # never grown: gives nothing back
+        assert budget.left == 1
+    finally:
+        for st in streams:
+            st.close(loop)
+        for _, w in pipes:
+            os.close(w)
+        loop.close()

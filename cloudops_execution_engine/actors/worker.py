@@ -161,15 +161,30 @@ _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 # (fs.pipe-user-pages-soft); and only streamed ones, since for the log alone the
 # larger buffers cost more in page faults than the fewer reads save.
 _CHATTY_PIPE = 256 * 1024
+# At most this many of a worker's commands' pipes are grown at once (4 MiB): a
+# worker running hundreds of chatty commands would otherwise use up the user's
+# allowance, and past it the kernel gives every new pipe of that user (the
+# host's, other programs') a page or two.
+_GROWN_PIPES_MAX = 16
 _SET_PIPE_SIZE: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+
+
+class _PipeBudget:
+    """How many more of a worker's command pipes may be grown now (`_GROWN_PIPES_MAX`)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, pipes: int = _GROWN_PIPES_MAX) -> None:
+        self.left = pipes
 
 
 class _StreamState:
     """One of a command's pipes; `fd` is -1 once it is closed."""
 
-    __slots__ = ("fd", "grew", "kept", "name", "partial", "read_size", "stream", "truncated")
+    __slots__ = ("budget", "fd", "grew", "kept", "name", "partial", "read_size", "stream", "truncated")
 
-    def __init__(self, fd: int, stream: Stream, grows: bool) -> None:
+    def __init__(self, fd: int, stream: Stream, budget: _PipeBudget | None) -> None:
+        """`budget`: what the pipe may grow from, None when it is not to grow."""
         self.fd = fd
         self.stream = stream
         self.name = _STREAM_NAMES[stream]
@@ -177,7 +192,8 @@ class _StreamState:
         self.kept = bytearray()
         self.truncated = False
         self.read_size = READ_SIZE
-        self.grew = not grows  # whether its pipe has been grown, or is not to grow
+        self.budget = budget
+        self.grew = budget is None  # whether its pipe has been grown, or is not to grow
 
     def read(self) -> bytes | None:
         """One read, as `read_available`; the first that fills `READ_SIZE` grows the pipe (`_CHATTY_PIPE`)."""
@@ -187,10 +203,23 @@ class _StreamState:
             return None
         except OSError:
             return b""
-        if not self.grew and len(data) == READ_SIZE:
+        budget = self.budget
+        if not self.grew and len(data) == READ_SIZE and budget is not None and budget.left > 0:
             self.grew = True
             self.read_size = _grow_pipe(self.fd)
+            if self.read_size > READ_SIZE:
+                budget.left -= 1
         return data
+
+    def close(self, loop: Reactor) -> None:
+        """Close its pipe (once), giving back what growing it took from the budget."""
+        if self.fd < 0:
+            return
+        loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        if self.read_size > READ_SIZE and self.budget is not None:
+            self.budget.left += 1
 
 
 def _grow_pipe(fd: int) -> int:
@@ -283,6 +312,7 @@ class Worker:
         self.loop = Reactor()
         self.loop.hold_low_priority = self._kill_settling
         self.loop.one_low_a_turn = self._killing_any
+        self._pipe_budget = _PipeBudget()
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
@@ -459,8 +489,11 @@ class Worker:
             ex.stdin = StdinFeed(self.loop, stdin_w, run.stdin)
         ex.pid = pid
         self._by_pid[pid] = ex
-        grows = ex.stream_output
-        ex.streams = [_StreamState(out_fd, Stream.STDOUT, grows), _StreamState(err_fd, Stream.STDERR, grows)]
+        budget = self._pipe_budget if ex.stream_output else None
+        ex.streams = [
+            _StreamState(out_fd, Stream.STDOUT, budget),
+            _StreamState(err_fd, Stream.STDERR, budget),
+        ]
         for st in ex.streams:
             if not self._paused:
                 self.loop.add_reader(st.fd, self._on_output, ex, st)
@@ -529,9 +562,7 @@ class Worker:
     def _close_stream(self, ex: _Execution, st: _StreamState) -> None:
         if st.fd < 0:
             return
-        self.loop.remove_reader(st.fd)
-        os.close(st.fd)
-        st.fd = -1
+        st.close(self.loop)
         if st.partial:
             rest = ex.masker.mask(st.partial) if ex.masker is not None else st.partial
             self._emit(ex, st, time.time(), b"", [rest])
@@ -674,10 +705,7 @@ class Worker:
         if ex.kill is not None:
             ex.kill.cancel()
         for st in ex.streams:
-            if st.fd >= 0:
-                self.loop.remove_reader(st.fd)
-                os.close(st.fd)
-                st.fd = -1
+            st.close(self.loop)
 
     def _sweep(self, ex: _Execution) -> None:
         """End whatever the finished command left running, without holding up its result."""
