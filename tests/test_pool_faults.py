@@ -208,6 +208,23 @@ def test_work_queued_while_no_worker_can_start_fails_with_spawn_failed(
 # -- cancelling the engine's own calls ----------------------------------------------
 
 
+async def test_a_worker_whose_pipe_closes_before_it_exits_does_not_hold_up_shutdown(
+    tmp_path: Path, use_pool: UsePool
+) -> None:
+    """A worker's pipe may close before its exit is seen; shutdown waits for the exit, not its timeout."""
+    use_pool(worker_target=faulty_workers.pipe_closed_before_exit)
+    engine = ExecutionEngine(config(tmp_path, workers=2))
+    await engine.start()
+    await serves(engine)
+    workers = [w.pid for w in engine._supervisor._pool.workers]  # type: ignore[union-attr]
+    started = time.monotonic()
+    await asyncio.wait_for(engine.shutdown(), 30)
+    took = time.monotonic() - started
+    # Each worker lingers LINGER seconds after closing its pipe; the host's exit timeout is 5 s.
+    assert took < faulty_workers.LINGER + 2.0, f"shutdown took {took:.2f}s"
+    assert all(gone(pid) for pid in workers)
+
+
 async def running_sleepers(engine: ExecutionEngine, recorder: Recorder, count: int) -> list[UUID]:
     """`count` commands that ignore SIGTERM, so that ending them takes the whole kill grace."""
     ids = [await engine.execute(shell("trap '' TERM; exec sleep 30")) for _ in range(count)]

@@ -22,14 +22,13 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Coroutine
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
-from . import process_tree
-from .launcher import WorkerProcess
+from . import process_tree, spare_worker
+from .launcher import WorkerTarget, launch_worker
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -52,10 +51,6 @@ _REAP_GAP = 1.0
 _POLL_FIRST = 0.0005
 _POLL_MAX = 0.05
 
-# What a worker process runs: `worker_main`, or anything with its signature
-# that can be imported by name in a spawned child.
-WorkerTarget = Callable[[Connection, Connection, bool], None]
-
 
 # Tasks that report a worker's death or reap a worker that failed to start:
 # the loop keeps only weak references.
@@ -68,31 +63,17 @@ def start_worker_process(
     """Start a worker; return it with the write end of its input and the read end of its output.
 
     A detached worker (see `worker_main`) is not the returned process, which exits at once.
+    A plain worker may be the process's spare (`spare_worker`), started before the engine was.
     `WorkerStartError` if it cannot be started; nothing is left open then.
     """
-    ours: list[int] = []
-    theirs: list[Connection] = []
+    if not detach and target is worker_main:
+        spare = spare_worker.take()
+        if spare is not None:
+            return spare
     try:
-        to_worker_r, to_worker_w = os.pipe()
-        ours.append(to_worker_w)
-        # The worker's ends travel as Connections, which a spawned child knows how to receive.
-        theirs.append(Connection(to_worker_r, writable=False))
-        from_worker_r, from_worker_w = os.pipe()
-        ours.append(from_worker_r)
-        theirs.append(Connection(from_worker_w, readable=False))
-        process: BaseProcess = WorkerProcess(target=target, args=(*theirs, detach), name=name, daemon=True)
-        process.start()
+        return launch_worker(name, target, detach)
     except Exception as exc:
-        for fd in ours:
-            os.close(fd)
         raise WorkerStartError(f"cannot start a worker process: {exc}") from exc
-    finally:
-        # The child has its own copies by now, or never will.
-        for conn in theirs:
-            conn.close()
-    for fd in ours:
-        os.set_blocking(fd, False)
-    return process, to_worker_w, from_worker_r
 
 
 class ProcessWorkerHandle(WorkerHandle):
@@ -109,6 +90,10 @@ class ProcessWorkerHandle(WorkerHandle):
         self._reported: asyncio.Future[None] = loop.create_future()
         self._cause = ""
         self._killed = False
+        # The sentinel is watched from start to reaping, by this handle alone:
+        # whoever waits for the exit (stop, the death report) waits on these.
+        self._exit_waiters: list[asyncio.Future[None]] = []
+        self._exit_seen = False
         self.process, self._wfd, self._rfd = start_worker_process(
             f"cloudops-execution-worker-{index}", target=target
         )
@@ -167,6 +152,11 @@ class ProcessWorkerHandle(WorkerHandle):
         self._feed(data)
 
     def _on_sentinel(self) -> None:
+        self._loop.remove_reader(self.process.sentinel)
+        self._exit_seen = True
+        for waiter in self._exit_waiters:
+            resolve_if_pending(waiter)
+        self._exit_waiters.clear()
         self.die("exited")
 
     def abandon(self) -> None:
@@ -189,8 +179,9 @@ class ProcessWorkerHandle(WorkerHandle):
     def die(self, how: str) -> None:
         if not self._mark_dead(how):
             return
-        for fd in (self._rfd, self.process.sentinel):
-            self._loop.remove_reader(fd)
+        # The sentinel stays watched: the end of the pipe can come first, and
+        # the exit is what `stop` and the death report wait for.
+        self._loop.remove_reader(self._rfd)
         self._writer.close()
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
@@ -200,8 +191,7 @@ class ProcessWorkerHandle(WorkerHandle):
     async def _report_death(self, how: str) -> None:
         try:
             code = await self._exit_code()
-            with contextlib.suppress(ValueError):
-                self.process.close()
+            self._release_process()
             if self._killed:
                 # The host ended it, for the reason it gave (it stopped responding).
                 self._cause = how
@@ -233,18 +223,27 @@ class ProcessWorkerHandle(WorkerHandle):
         await self._await_exit(EXIT_TIMEOUT)
         return self.process.exitcode
 
+    def _release_process(self) -> None:
+        """Stop watching an exited process and let go of its sentinel; one still alive stays watched."""
+        if self.process.exitcode is None:
+            return
+        self._loop.remove_reader(self.process.sentinel)
+        with contextlib.suppress(ValueError):
+            self.process.close()
+
     async def _await_exit(self, timeout: float) -> bool:
         if self.process.exitcode is not None:
             return True
-        done = self._loop.create_future()
-        sentinel = self.process.sentinel
-        self._loop.add_reader(sentinel, resolve_if_pending, done)
-        try:
-            await asyncio.wait_for(done, timeout)
-        except TimeoutError:
-            return False
-        finally:
-            self._loop.remove_reader(sentinel)
+        if not self._exit_seen:
+            done: asyncio.Future[None] = self._loop.create_future()
+            self._exit_waiters.append(done)
+            try:
+                await asyncio.wait_for(done, timeout)
+            except TimeoutError:
+                return False
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._exit_waiters.remove(done)
         # The sentinel fires when the child closes its files on the way out, a
         # moment before it can be reaped.
         return await self._reaped(_REAP_GAP)

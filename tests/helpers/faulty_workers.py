@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from cloudops_execution_engine.actors import worker
-from cloudops_execution_engine.protocol import DEFAULT_MAX_FRAME, Kind, Run
+from cloudops_execution_engine.protocol import DEFAULT_MAX_FRAME, Kind, Run, Shutdown
 
 TRIGGER = "fault-injection-trigger"
 EXIT_CODE = 70
@@ -87,3 +87,26 @@ def kill_self_on_run(read_conn: Connection, write_conn: Connection, detach: bool
 
 def oversized_finished(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
     _serve_as(_OversizedFinished, read_conn, write_conn, detach)
+
+
+# How long a worker told to shut down lingers after closing its output pipe.
+LINGER = 0.5
+
+
+class _PipeClosedBeforeExit(worker.Worker):
+    """On Shutdown, closes its output pipe, then lingers a moment before it exits.
+
+    The host reads the end of the pipe before the process's sentinel fires:
+    the order a slow exit (a large worker freeing its memory) can give.
+    """
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, Shutdown):
+            os.close(self._wfd)
+            time.sleep(LINGER)
+            os._exit(0)
+        super()._handle(message)
+
+
+def pipe_closed_before_exit(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    _serve_as(_PipeClosedBeforeExit, read_conn, write_conn, detach)
