@@ -17,13 +17,20 @@ ending in a traceback.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import importlib.util
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 _EXTRA_MODULES = ("click", "rich", "yaml")  # what the [cli] extra installs, by import name
+_ENGINE_COMMANDS = ("run", "plan")
+# Options after which no local worker is wanted (a Ray cluster's), or none at all.
+_NO_LOCAL_WORKER = ("--ray", "-h", "--help")
 
 
 def _missing_extra() -> str | None:
@@ -46,10 +53,65 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             "  pip install 'cloudops-execution-engine[cli]'\n"
         )
         sys.exit(1)
-    try:
-        from .cli_commands import main as commands
+    spare = _wants_local_worker(sys.argv[1:] if args is None else args)
+    if spare:
+        # Booted on another core while the models below are imported (`spare_worker`).
+        from .actors import spare_worker
 
-        commands.main(args=args, prog_name=prog_name or "cloudops-exec", **extra)
-    except KeyboardInterrupt:
-        # Ctrl-C before the commands took over SIGINT (while importing): nothing has started.
-        sys.exit(130)
+        spare_worker.start()
+    try:
+        try:
+            # The models' import makes a great many objects that live as long as the
+            # process: collections during it find nothing to free, and later ones
+            # need not look at them again.
+            gc.disable()
+            try:
+                from .cli_commands import main as commands
+            finally:
+                gc.freeze()
+                gc.enable()
+            commands.main(args=args, prog_name=prog_name or "cloudops-exec", **extra)
+        except KeyboardInterrupt:
+            # Ctrl-C before the commands took over SIGINT (while importing): nothing
+            # has run, and the spare worker, born ignoring SIGINT, goes below.
+            sys.exit(130)
+        finally:
+            if spare:
+                spare_worker.discard()
+    except SystemExit as leaving:
+        if args is not None:
+            raise  # called from Python, which goes on: not ours to end
+        _exit_now(leaving.code)
+
+
+def _exit_now(status: object) -> NoReturn:
+    """End the program without tearing down the interpreter.
+
+    By now the engine has shut down: workers, commands, journal and log files
+    are closed. What remains is freeing every object the models built, about
+    50 ms, for a process about to end. Exit handlers still run (Ray's, an
+    OpenTelemetry SDK's, logging's), and the output is flushed first.
+    """
+    if status is None:
+        code = 0
+    elif isinstance(status, int):
+        code = status
+    else:
+        # As `sys.exit("message")` does.
+        sys.stderr.write(f"{status}\n")
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _wants_local_worker(words: list[str]) -> bool:
+    """Whether the words name a command that will start an engine on this machine's workers."""
+    if not words or words[0] not in _ENGINE_COMMANDS:
+        return False
+    options = words[1 : words.index("--")] if "--" in words else words[1:]
+    return not any(word in _NO_LOCAL_WORKER or word.startswith("--ray=") for word in options)

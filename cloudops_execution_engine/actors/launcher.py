@@ -20,11 +20,17 @@ from __future__ import annotations
 import io
 import os
 import signal
+from collections.abc import Callable
 from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-__all__ = ["WorkerProcess"]
+__all__ = ["WorkerProcess", "WorkerTarget", "launch_worker"]
+
+# What a worker process runs: `worker_entry.worker_main`, or anything with its
+# signature that can be imported by name in a spawned child.
+WorkerTarget = Callable[[Connection, Connection, bool], None]
 
 
 class _WorkerPopen(popen_spawn_posix.Popen):
@@ -86,3 +92,33 @@ class WorkerProcess(context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj: BaseProcess) -> _WorkerPopen:
         return _WorkerPopen(process_obj)
+
+
+def launch_worker(name: str, target: WorkerTarget, detach: bool = False) -> tuple[BaseProcess, int, int]:
+    """Start a worker running `target`; return it, the write end of its input, the read end of its output.
+
+    Raises what the start raised, with nothing left open.
+    """
+    ours: list[int] = []
+    theirs: list[Connection] = []
+    try:
+        to_worker_r, to_worker_w = os.pipe()
+        ours.append(to_worker_w)
+        # The worker's ends travel as Connections, which a spawned child knows how to receive.
+        theirs.append(Connection(to_worker_r, writable=False))
+        from_worker_r, from_worker_w = os.pipe()
+        ours.append(from_worker_r)
+        theirs.append(Connection(from_worker_w, readable=False))
+        process: BaseProcess = WorkerProcess(target=target, args=(*theirs, detach), name=name, daemon=True)
+        process.start()
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        # The child has its own copies by now, or never will.
+        for conn in theirs:
+            conn.close()
+    for fd in ours:
+        os.set_blocking(fd, False)
+    return process, to_worker_w, from_worker_r

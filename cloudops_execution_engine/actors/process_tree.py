@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -77,7 +76,9 @@ def become_subreaper() -> bool:
     """Adopt orphaned descendants (Linux); return whether the kernel agreed."""
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    # The interpreter links libc: its symbols are the program's, found without
+    # `find_library`, which runs `ldconfig -p` in a subprocess.
+    libc = ctypes.CDLL(None, use_errno=True)
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
