@@ -19,11 +19,14 @@ from conftest import HELPERS, PYTHON, config, gone, host_children, shell, wait_u
 
 from cloudops_execution_engine import (
     DependencyGraphStrategy,
+    ExecCommand,
     ExecutionConfig,
     ExecutionEngine,
     ExecutionPlan,
+    ExecutionRequest,
     ExecutionResult,
     ExecutionStatus,
+    InvalidCommand,
     InvalidPlan,
     IoError,
     NotCompleted,
@@ -32,6 +35,8 @@ from cloudops_execution_engine import (
     SerialStrategy,
     SyncExecutionEngine,
 )
+from cloudops_execution_engine.actors import journal_known
+from cloudops_execution_engine.actors.journal import JournalStore
 from cloudops_execution_engine.actors.journal_schema import SCHEMA_VERSION
 from cloudops_execution_engine.config import default_journal_path
 
@@ -89,6 +94,61 @@ async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran
         assert second.get_log_path(ok) == log_path
         with pytest.raises(NotFound):
             await second.get_status(uuid4())
+
+
+async def test_ids_of_earlier_runs_stay_taken_while_the_id_filter_fills_and_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter of a reopened journal fills in the background; no id is ever taken twice."""
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        earlier = [await first.execute(shell("true")) for _ in range(12)]
+        for eid in earlier:
+            await first.wait(eid, timeout=20)
+    # Several steps of filling, with commits between them.
+    monkeypatch.setattr(journal_known, "_CHUNK", 3)
+    async with ExecutionEngine(journalled(tmp_path)) as second:
+        store = second._supervisor._store
+        assert isinstance(store, JournalStore)
+        with pytest.raises(InvalidCommand, match="already exists"):
+            await second.execute(ExecutionRequest(id=earlier[0], command=ExecCommand(program="true")))
+        meanwhile = await second.execute(shell("true"))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not store._known.ready:
+            assert asyncio.get_running_loop().time() < deadline, "the id filter did not fill"
+            await asyncio.sleep(0.01)
+        for eid in (earlier[0], earlier[-1], meanwhile):
+            with pytest.raises(InvalidCommand, match="already exists"):
+                await second.execute(ExecutionRequest(id=eid, command=ExecCommand(program="true")))
+        fresh = await second.execute(shell("true"))
+        assert (await second.wait(fresh, timeout=20)).status is C
+
+
+async def test_the_id_filter_is_filled_a_chunk_at_a_time_and_keeps_what_was_added_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        earlier = [await engine.execute(shell("true")) for _ in range(7)]
+        for eid in earlier:
+            await engine.wait(eid, timeout=20)
+    monkeypatch.setattr(journal_known, "_CHUNK", 3)
+    live = journal_known.KnownIds(len(earlier), ready=False)
+    meanwhile = uuid4().bytes
+    live.add(meanwhile)
+    assert live.may_hold(uuid4().bytes), "an unfilled filter answers maybe"
+    filled: list[journal_known.KnownIds] = []
+    conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+    try:
+        job = journal_known.fill_job(conn, len(earlier), len(earlier) + 1, filled.append)
+        steps = sum(1 for _ in job)
+    finally:
+        conn.close()
+    assert steps == 2  # 3 + 3 ids, then the last one with the end
+    assert len(filled) == 1
+    live.absorb(filled[0])
+    assert all(live.may_hold(eid.bytes) for eid in earlier)
+    assert live.may_hold(meanwhile)
+    strangers = [uuid4().bytes for _ in range(1000)]
+    assert sum(live.may_hold(key) for key in strangers) < 10
 
 
 async def test_history_of_earlier_engines_comes_first_and_new_work_is_listed_after_it(tmp_path: Path) -> None:

@@ -178,8 +178,8 @@ async def test_resolve_if_pending_leaves_a_settled_future_alone() -> None:
     assert cancelled.cancelled()
 
 
-async def test_waiting_for_an_exit_status_that_trails_the_sentinel_keeps_the_loop_turning() -> None:
-    """The gap between a worker's sentinel and its exit status is polled for, never slept through."""
+async def test_waiting_for_an_exit_status_that_trails_the_exit_fd_keeps_the_loop_turning() -> None:
+    """The gap between a worker's exit fd and its exit status is polled for, never slept through."""
     loop = asyncio.get_running_loop()
     polls = 0
     turns = 0
@@ -201,6 +201,7 @@ async def test_waiting_for_an_exit_status_that_trails_the_sentinel_keeps_the_loo
     # The polling alone, on a handle with no process behind it.
     handle = object.__new__(ProcessWorkerHandle)
     handle._loop = loop
+    handle._released_code = None
     handle.process = cast(Any, TrailingProcess())
     counter = asyncio.ensure_future(count_turns())
     try:

@@ -225,6 +225,25 @@ async def test_a_worker_whose_pipe_closes_before_it_exits_does_not_hold_up_shutd
     assert all(gone(pid) for pid in workers)
 
 
+async def test_a_worker_whose_exit_is_learnt_by_asking_does_not_hold_up_shutdown(
+    tmp_path: Path, use_pool: UsePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its sentinel never fires (a process of its own holds it): the exit status alone ends the wait."""
+    pidfile = tmp_path / "holder.pid"
+    monkeypatch.setenv(faulty_workers.HOLDER_PIDFILE, str(pidfile))
+    use_pool(worker_target=faulty_workers.exit_seen_only_by_asking)
+    engine = ExecutionEngine(config(tmp_path, workers=1))
+    await engine.start()
+    await serves(engine)
+    started = time.monotonic()
+    await asyncio.wait_for(engine.shutdown(), 30)
+    took = time.monotonic() - started
+    holder = int(pidfile.read_text())
+    # The holder keeps the sentinel open for 4 * LINGER seconds; the exit timeout is 5 s.
+    assert took < faulty_workers.LINGER * 3, f"shutdown took {took:.2f}s"
+    await until_gone([holder], 10, "the process holding the sentinel")
+
+
 async def running_sleepers(engine: ExecutionEngine, recorder: Recorder, count: int) -> list[UUID]:
     """`count` commands that ignore SIGTERM, so that ending them takes the whole kill grace."""
     ids = [await engine.execute(shell("trap '' TERM; exec sleep 30")) for _ in range(count)]

@@ -33,6 +33,7 @@ from uuid import UUID
 from ..errors import IoError, NotFound, map_errors
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
+from .journal_known import KnownIds, fill_job
 from .journal_lock import JournalLock
 from .journal_recovery import recover
 from .journal_rows import (
@@ -121,8 +122,19 @@ class JournalStore:
         writer_conn = await asyncio.to_thread(self._open_blocking)
         self._writer_conn = writer_conn
         self._writer = JournalWriter(writer_conn, self._apply, loop, "cloudops-journal-writer")
+        if not self._known.ready:
+            rows = self._next_seq - 1
+            self._writer.put_job(fill_job(writer_conn, rows, self._next_seq, self._known_filled_on(loop)))
         if self.retention is not None:
             self._sweeps.start(self.sweep)
+
+    def _known_filled_on(self, loop: asyncio.AbstractEventLoop) -> Callable[[KnownIds], None]:
+        def filled(known: KnownIds) -> None:
+            # RuntimeError: the loop has closed, and nobody asks any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._known.absorb, known)
+
+        return filled
 
     def sweep(self) -> None:
         """Apply the retention policy: to memory now, to the journal and logs on the writer thread."""
@@ -156,12 +168,13 @@ class JournalStore:
                     ).fetchone()[0]
                 )
                 self.recovered = recover(conn)
-                self._known = KnownIds.of(conn)
                 if self.retention is not None:
                     run_job(self.retention.journal_job(conn, set(), now()))
                 self._next_seq = int(
                     conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM entries").fetchone()[0]
                 )
+                # Filled once the engine serves (`journal_known`); an empty journal's is whole already.
+                self._known = KnownIds(self._next_seq - 1, ready=self._next_seq == 1)
                 with contextlib.suppress(OSError):
                     os.chmod(self.path, 0o600)
                 self._reader = open_connection(self.path, readonly=True)
@@ -374,46 +387,3 @@ class JournalStore:
             item.summary() if isinstance(item, Record | PlanRun) else summary_from_row(item)
             for _, item in chosen
         ]
-
-
-class KnownIds:
-    """A Bloom filter of the ids in the journal: "not there" for a new id without asking SQLite.
-
-    Built when the journal is opened and told of every id added since. It
-    answers "maybe" for every id the journal holds, and for about one new id
-    in a hundred with a million rows, which is then looked up. Positions come
-    from Python's hash of the id's bytes, so ids that are not random (a
-    counter, a time-based UUID) spread as well as random ones.
-    """
-
-    __slots__ = ("_bits", "_mask")
-
-    def __init__(self, rows: int = 0) -> None:
-        size = 1 << 20  # bits; 16 per row, a power of two
-        while size < 16 * rows:
-            size <<= 1
-        self._mask = size - 1
-        self._bits = bytearray(size >> 3)
-
-    @classmethod
-    def of(cls, conn: sqlite3.Connection) -> KnownIds:
-        rows = int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
-        known = cls(rows)
-        for (key,) in conn.execute("SELECT id FROM entries"):
-            known.add(key)
-        return known
-
-    def add(self, key: bytes) -> None:
-        h = hash(key)
-        mask = self._mask
-        first, second = h & mask, (h >> 32) & mask
-        bits = self._bits
-        bits[first >> 3] |= 1 << (first & 7)
-        bits[second >> 3] |= 1 << (second & 7)
-
-    def may_hold(self, key: bytes) -> bool:
-        h = hash(key)
-        mask = self._mask
-        first, second = h & mask, (h >> 32) & mask
-        bits = self._bits
-        return bool(bits[first >> 3] & (1 << (first & 7))) and bool(bits[second >> 3] & (1 << (second & 7)))

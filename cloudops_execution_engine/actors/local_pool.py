@@ -1,18 +1,19 @@
 """The local pool: worker processes on this machine, talked to over pipes.
 
 Each `ProcessWorkerHandle` owns one worker process and its two pipes. The host
-loop watches the worker's output pipe and its process sentinel together, so a
-worker that dies (even by SIGKILL) is noticed at once, whichever the kernel
-reports first: end of input, a malformed or oversized frame, a failed write,
-or the sentinel.
+loop watches the worker's output pipe and its exit (a pidfd, else the process
+sentinel) together, so a worker that dies (even by SIGKILL) is noticed at
+once, whichever the kernel reports first: end of input, a malformed or
+oversized frame, a failed write, or the exit.
 
 Starting a worker can fail for want of file descriptors or processes; every
 such failure is a `WorkerStartError` naming the cause, and leaves nothing
 open or running behind it.
 
 Nothing here blocks the host loop while a worker ends: its exit is awaited on
-the sentinel, and the moment between the sentinel and the exit status is
-bridged by polling, as `subprocess.Popen.wait(timeout)` polls. Only
+that fd, and the moment between the fd and the exit status is bridged by
+polling, as `subprocess.Popen.wait(timeout)` polls. Whichever learns of the
+exit first (the fd, or a poll for the status) tells every waiter. Only
 `abandon`, which runs when the loop is closed, waits in place.
 """
 
@@ -46,7 +47,7 @@ from .worker_entry import worker_main
 __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "WorkerTarget", "start_worker_process"]
 
 EXIT_TIMEOUT = 5.0
-# How long an exit status may trail the sentinel (see `_await_exit`).
+# How long an exit status may trail the exit fd (see `_await_exit`).
 _REAP_GAP = 1.0
 _POLL_FIRST = 0.0005
 _POLL_MAX = 0.05
@@ -76,6 +77,19 @@ def start_worker_process(
         raise WorkerStartError(f"cannot start a worker process: {exc}") from exc
 
 
+def _exit_watch(process: BaseProcess, pid: int) -> tuple[int, bool]:
+    """An fd that becomes readable when the process ends, and whether it is ours to close.
+
+    A pidfd says so whatever else holds the worker's files. multiprocessing's
+    sentinel, a pipe, stays open while any process the worker forked and that
+    did not exec holds its write end: it serves where pidfds do not exist.
+    """
+    try:
+        return os.pidfd_open(pid), True
+    except (AttributeError, OSError):
+        return process.sentinel, False
+
+
 class ProcessWorkerHandle(WorkerHandle):
     def __init__(
         self,
@@ -90,18 +104,21 @@ class ProcessWorkerHandle(WorkerHandle):
         self._reported: asyncio.Future[None] = loop.create_future()
         self._cause = ""
         self._killed = False
-        # The sentinel is watched from start to reaping, by this handle alone:
-        # whoever waits for the exit (stop, the death report) waits on these.
+        # The exit is watched from start to reaping, by this handle alone:
+        # whoever waits for it (stop, the death report) waits on these.
         self._exit_waiters: list[asyncio.Future[None]] = []
         self._exit_seen = False
+        # Kept when the process object is let go of (`_release_process`).
+        self._released_code: int | None = None
         self.process, self._wfd, self._rfd = start_worker_process(
             f"cloudops-execution-worker-{index}", target=target
         )
         self.pid = self.process.pid or 0
+        self._exit_fd, self._own_exit_fd = _exit_watch(self.process, self.pid)
         try:
             self._writer = PipeWriter(loop, self._wfd, self._pipe_broken)
             loop.add_reader(self._rfd, self._on_readable)
-            loop.add_reader(self.process.sentinel, self._on_sentinel)
+            loop.add_reader(self._exit_fd, self._on_exit)
         except BaseException as exc:
             self._abort_start()
             if isinstance(exc, Exception):
@@ -111,10 +128,11 @@ class ProcessWorkerHandle(WorkerHandle):
 
     def _abort_start(self) -> None:
         """Undo a start that the loop could not take on: kill the process, close every fd."""
-        for fd in (self._rfd, self.process.sentinel):
+        for fd in (self._rfd, self._exit_fd):
             self._loop.remove_reader(fd)
         for fd in (self._rfd, self._wfd):
             os.close(fd)
+        self._close_exit_fd()
         self.process.kill()
         # Reaped in the background: the loop that could not watch the
         # process must not wait for it either, so no sentinel, only polling.
@@ -151,13 +169,28 @@ class ProcessWorkerHandle(WorkerHandle):
             return
         self._feed(data)
 
-    def _on_sentinel(self) -> None:
-        self._loop.remove_reader(self.process.sentinel)
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._exit_fd)
+        self._exited()
+        self.die("exited")
+
+    def _close_exit_fd(self) -> None:
+        if self._own_exit_fd:
+            self._own_exit_fd = False
+            os.close(self._exit_fd)
+
+    def _exited(self) -> None:
+        """The process is known to have ended: nobody waits for its exit fd any more."""
         self._exit_seen = True
         for waiter in self._exit_waiters:
             resolve_if_pending(waiter)
         self._exit_waiters.clear()
-        self.die("exited")
+
+    def _exit_status(self) -> int | None:
+        """The exit code once the process has been reaped (asked without blocking); None before."""
+        if self._released_code is not None:
+            return self._released_code
+        return self.process.exitcode
 
     def abandon(self) -> None:
         if not self._mark_dead("was abandoned"):
@@ -173,14 +206,15 @@ class ProcessWorkerHandle(WorkerHandle):
             with contextlib.suppress(ProcessLookupError, AttributeError):
                 self.process.kill()
             self.process.join(EXIT_TIMEOUT)
+        self._close_exit_fd()
         with contextlib.suppress(ValueError):
             self.process.close()
 
     def die(self, how: str) -> None:
         if not self._mark_dead(how):
             return
-        # The sentinel stays watched: the end of the pipe can come first, and
-        # the exit is what `stop` and the death report wait for.
+        # The exit stays watched: the end of the pipe can come first, and the
+        # exit is what `stop` and the death report wait for.
         self._loop.remove_reader(self._rfd)
         self._writer.close()
         for fd in (self._rfd, self._wfd):
@@ -216,23 +250,31 @@ class ProcessWorkerHandle(WorkerHandle):
     async def _exit_code(self) -> int | None:
         """Wait (bounded) for the process to end, killing it if it lingers; then its exit code."""
         if await self._await_exit(EXIT_TIMEOUT / 5):
-            return self.process.exitcode
+            return self._exit_status()
         with contextlib.suppress(ProcessLookupError, AttributeError):
             self.process.kill()
             self._killed = True
         await self._await_exit(EXIT_TIMEOUT)
-        return self.process.exitcode
+        return self._exit_status()
 
     def _release_process(self) -> None:
-        """Stop watching an exited process and let go of its sentinel; one still alive stays watched."""
-        if self.process.exitcode is None:
+        """Stop watching a reaped process and let go of it; one still alive stays watched.
+
+        Its exit may have been learnt by asking, before its exit fd was read:
+        whoever waits on that fd (`stop`) is told here.
+        """
+        code = self._exit_status()
+        if code is None or self._released_code is not None:
             return
-        self._loop.remove_reader(self.process.sentinel)
+        self._released_code = code
+        self._exited()
+        self._loop.remove_reader(self._exit_fd)
+        self._close_exit_fd()
         with contextlib.suppress(ValueError):
             self.process.close()
 
     async def _await_exit(self, timeout: float) -> bool:
-        if self.process.exitcode is not None:
+        if self._exit_status() is not None:
             return True
         if not self._exit_seen:
             done: asyncio.Future[None] = self._loop.create_future()
@@ -244,15 +286,15 @@ class ProcessWorkerHandle(WorkerHandle):
             finally:
                 with contextlib.suppress(ValueError):
                     self._exit_waiters.remove(done)
-        # The sentinel fires when the child closes its files on the way out, a
-        # moment before it can be reaped.
+        # The exit fd may be read a moment before the process can be reaped
+        # (the sentinel fires as the child closes its files on the way out).
         return await self._reaped(_REAP_GAP)
 
     async def _reaped(self, timeout: float) -> bool:
         """Whether the process was reaped within `timeout`; asks without blocking, at growing intervals."""
         deadline = self._loop.time() + timeout
         delay = _POLL_FIRST
-        while self.process.exitcode is None:
+        while self._exit_status() is None:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 return False

@@ -110,3 +110,31 @@ class _PipeClosedBeforeExit(worker.Worker):
 
 def pipe_closed_before_exit(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
     _serve_as(_PipeClosedBeforeExit, read_conn, write_conn, detach)
+
+
+# Where `exit_seen_only_by_asking` writes the pid of the process that keeps its sentinel open.
+HOLDER_PIDFILE = "CLOUDOPS_TEST_HOLDER_PIDFILE"
+
+
+class _ExitSeenOnlyByAsking(worker.Worker):
+    """On Shutdown, leaves a process holding its files for a while, then exits at once.
+
+    That process keeps the write end of the worker's sentinel open, so the
+    host learns of the exit from the end of the pipe and by asking for the
+    exit status, never from the sentinel.
+    """
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, Shutdown):
+            holder = os.fork()
+            if holder == 0:
+                time.sleep(LINGER * 4)
+                os._exit(0)
+            with open(os.environ[HOLDER_PIDFILE], "w") as pidfile:
+                pidfile.write(str(holder))
+            os._exit(0)
+        super()._handle(message)
+
+
+def exit_seen_only_by_asking(read_conn: Connection, write_conn: Connection, detach: bool = False) -> None:
+    _serve_as(_ExitSeenOnlyByAsking, read_conn, write_conn, detach)

@@ -1,0 +1,91 @@
+"""`KnownIds`: which ids the journal may hold, answered without asking SQLite; and how it is filled.
+
+Every `execute()` asks whether its id is already taken. A query costs tens of
+microseconds, the filter well under one. Filling the filter means reading
+every id in the journal: most of a second for a million rows, which an engine
+must not spend in `start()` (the command line opens the journal on every
+run). So the filter of an opened journal is filled on the writer thread, a
+chunk between two batches of commits, while the engine already serves; until
+it is whole, every id is looked up in SQLite as before.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+
+__all__ = ["KnownIds", "fill_job"]
+
+# Ids read per step of the filling job: a few milliseconds that commits wait behind.
+_CHUNK = 10_000
+
+
+class KnownIds:
+    """A Bloom filter of the ids in the journal: "not there" for a new id without asking SQLite.
+
+    Told of every id added since the journal was opened, and of the ones
+    before by `fill_job`; until then (`ready` False) it answers "maybe" for
+    every id. Whole, it answers "maybe" for every id the journal holds, and for
+    about one new id in a hundred with a million rows, which is then looked
+    up. Positions come from Python's hash of the id's bytes, so ids that are
+    not random (a counter, a time-based UUID) spread as well as random ones.
+    """
+
+    __slots__ = ("_bits", "_mask", "ready")
+
+    def __init__(self, rows: int = 0, ready: bool = True) -> None:
+        size = 1 << 20  # bits; 16 per row, a power of two
+        while size < 16 * rows:
+            size <<= 1
+        self._mask = size - 1
+        self._bits = bytearray(size >> 3)
+        self.ready = ready
+
+    def add(self, key: bytes) -> None:
+        h = hash(key)
+        mask = self._mask
+        first, second = h & mask, (h >> 32) & mask
+        bits = self._bits
+        bits[first >> 3] |= 1 << (first & 7)
+        bits[second >> 3] |= 1 << (second & 7)
+
+    def may_hold(self, key: bytes) -> bool:
+        if not self.ready:
+            return True
+        h = hash(key)
+        mask = self._mask
+        first, second = h & mask, (h >> 32) & mask
+        bits = self._bits
+        return bool(bits[first >> 3] & (1 << (first & 7))) and bool(bits[second >> 3] & (1 << (second & 7)))
+
+    def absorb(self, filled: KnownIds) -> None:
+        """Take in the ids of `filled` (made for as many rows), and answer from now on."""
+        if filled._mask != self._mask:
+            raise ValueError("filters of different sizes")
+        merged = int.from_bytes(self._bits, "little") | int.from_bytes(filled._bits, "little")
+        self._bits = bytearray(merged.to_bytes(len(self._bits), "little"))
+        self.ready = True
+
+
+def fill_job(
+    conn: sqlite3.Connection, rows: int, below_seq: int, done: Callable[[KnownIds], None]
+) -> Iterator[None]:
+    """A writer-thread job: a filter of the ids of rows with `seq < below_seq`, a chunk per step.
+
+    The filter is built apart and handed to `done` whole: the loop's thread
+    alone changes the filter in use, as a bit set from two threads at once could be lost.
+    """
+    filled = KnownIds(rows)
+    last = 0
+    while True:
+        chunk = conn.execute(
+            "SELECT seq, id FROM entries WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
+            (last, below_seq, _CHUNK),
+        ).fetchall()
+        for _seq, key in chunk:
+            filled.add(key)
+        if len(chunk) < _CHUNK:
+            break
+        last = chunk[-1][0]
+        yield
+    done(filled)
