@@ -129,7 +129,10 @@ class Model(BaseModel, metaclass=_ModelMetaclass):
     `type: ignore[override]` on each.
     """
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Each model's validator and serializer are built on its first use, not
+    # when its module is imported: a process uses only some of the models
+    # (`cloudops-exec run` about half), and building one costs a millisecond or more.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
     _positional: ClassVar[tuple[str, ...]] = ()
     _keywords: ClassVar[frozenset[str]] = frozenset()
 
