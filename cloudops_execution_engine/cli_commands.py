@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -43,25 +44,56 @@ _DEFAULT_MAX_TIMEOUT_MS = 600_000
 _DEFAULT_CONCURRENCY = 10
 
 
+class _Output:
+    """Our stdout or stderr, for a handler: a reader that closes it ends the run.
+
+    A pipeline's writer dies of SIGPIPE when its reader is gone (`... | head`);
+    Python ignores SIGPIPE, so each write would fail again, once per line of a
+    command that never stops. The first failure is told instead (`closed`), and
+    what follows is dropped: the descriptor then points at /dev/null, so that
+    nothing written later fails either.
+    """
+
+    def __init__(self, stream: TextIO, closed: Callable[[], None]) -> None:
+        self._stream = stream
+        self._closed = closed
+        self._open = True
+
+    def write(self, text: str) -> None:
+        if not self._open:
+            return
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except BrokenPipeError:
+            self._open = False
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            self._closed()
+
+
 class _Ndjson:
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: _Output) -> None:
         self.out = out
 
     async def on_event(self, event: ExecutionEvent) -> None:
         self.out.write(ndjson_line(event.model_dump(mode="json")) + "\n")
-        self.out.flush()
 
 
 class _LiveOutput:
     """The command's own output, on our stdout and stderr, as it comes."""
 
+    def __init__(self, stdout: _Output, stderr: _Output) -> None:
+        self._stdout = stdout
+        self._stderr = stderr
+
     async def on_event(self, event: ExecutionEvent) -> None:
         if event.event_type == "stdout":
-            sys.stdout.write(event.line + "\n")
-            sys.stdout.flush()
+            self._stdout.write(event.line + "\n")
         elif event.event_type == "stderr":
-            sys.stderr.write(event.line + "\n")
-            sys.stderr.flush()
+            self._stderr.write(event.line + "\n")
 
 
 class _Interrupts:
@@ -84,6 +116,13 @@ class _Interrupts:
     def _caught(self, sig: int) -> None:
         if not self.signal.done():
             self.signal.set_result(sig)
+
+    def output_closed(self) -> None:
+        """Our reader is gone: the run ends as SIGPIPE would end it."""
+        self._caught(signal.SIGPIPE)
+
+    def output(self, stream: TextIO) -> _Output:
+        return _Output(stream, self.output_closed)
 
 
 async def _until_done_or_signal(engine: ExecutionEngine, entry: Any, interrupts: _Interrupts) -> Any:
@@ -243,8 +282,12 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
     from .errors import ExecutionError
     from .results import ExecutionResult, ExecutionStatus
 
-    handler: EventHandler = _Ndjson(sys.stdout) if events == "ndjson" else _LiveOutput()
     interrupts = _Interrupts()
+    handler: EventHandler
+    if events == "ndjson":
+        handler = _Ndjson(interrupts.output(sys.stdout))
+    else:
+        handler = _LiveOutput(interrupts.output(sys.stdout), interrupts.output(sys.stderr))
     with interrupts.installed():
         try:
             engine = await started_engine(config, [handler])
@@ -371,9 +414,9 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
     else:
         display = PlainProgress(parsed, report_to)
     handlers: list[EventHandler] = [display]
-    if events == "ndjson":
-        handlers.append(_Ndjson(sys.stdout))
     interrupts = _Interrupts()
+    if events == "ndjson":
+        handlers.append(_Ndjson(interrupts.output(sys.stdout)))
     error: ExecutionError | None = None
     result: Any = None
     with interrupts.installed():

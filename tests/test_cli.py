@@ -236,6 +236,27 @@ def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int)
         wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
 
 
+@pytest.mark.parametrize("events", [[], ["--events", "ndjson"]], ids=["live output", "ndjson"])
+def test_a_reader_that_closes_our_stdout_ends_the_run_as_sigpipe_ends_a_pipeline(
+    tmp_path: Path, events: list[str]
+) -> None:
+    """`cloudops-exec run -- yes | head -2`: the command is killed and we exit 141, at once, quietly."""
+    endless = "echo $$; exec yes"
+    with cli_process("run", *events, "--shell", "--", endless, tmp_path=tmp_path) as proc:
+        assert proc.stdout is not None
+        pid = None
+        while pid is None:
+            line = proc.stdout.readline()
+            if events:
+                line = json.loads(line).get("line", "")
+            if line.strip().isdigit():
+                pid = int(line)
+        proc.stdout.readline()
+        proc.stdout.close()
+        assert proc.wait(30) == 128 + signal.SIGPIPE
+        wait_until(lambda: gone(pid), 10, "the command to be gone")
+
+
 def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
     plan = tmp_path / "slow.json"
     plan.write_text(
