@@ -73,6 +73,9 @@ class _Output:
                 os.close(devnull)
             self._closed()
 
+    def flush(self) -> None:
+        """Each write is flushed already."""
+
 
 class _Ndjson:
     def __init__(self, out: _Output) -> None:
@@ -406,15 +409,15 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
 
     report_to = sys.stderr if events else sys.stdout
     on_terminal = events is None and sys.stdout.isatty()
+    interrupts = _Interrupts()
     display: PlanDisplay
     if on_terminal:
         from .cli_live import LiveProgress
 
         display = LiveProgress(parsed)
     else:
-        display = PlainProgress(parsed, report_to)
+        display = PlainProgress(parsed, interrupts.output(report_to))
     handlers: list[EventHandler] = [display]
-    interrupts = _Interrupts()
     if events == "ndjson":
         handlers.append(_Ndjson(interrupts.output(sys.stdout)))
     error: ExecutionError | None = None

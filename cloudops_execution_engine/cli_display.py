@@ -45,10 +45,18 @@ class PlanDisplay(Protocol):
     async def on_event(self, event: ExecutionEvent) -> None: ...
 
 
+class Lines(Protocol):
+    """Where progress lines go: a text stream, or the command line's guard around one."""
+
+    def write(self, text: str, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
 class PlainProgress:
     """One line per thing that happens; for logs and pipes."""
 
-    def __init__(self, plan: ExecutionPlan, out: TextIO) -> None:
+    def __init__(self, plan: ExecutionPlan, out: Lines) -> None:
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
         self.out = out
 

@@ -236,19 +236,29 @@ def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int)
         wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
 
 
-@pytest.mark.parametrize("events", [[], ["--events", "ndjson"]], ids=["live output", "ndjson"])
+@pytest.mark.parametrize("how", ["run", "run --events ndjson", "plan"])
 def test_a_reader_that_closes_our_stdout_ends_the_run_as_sigpipe_ends_a_pipeline(
-    tmp_path: Path, events: list[str]
+    tmp_path: Path, how: str
 ) -> None:
     """`cloudops-exec run -- yes | head -2`: the command is killed and we exit 141, at once, quietly."""
     endless = "echo $$; exec yes"
-    with cli_process("run", *events, "--shell", "--", endless, tmp_path=tmp_path) as proc:
+    if how == "plan":
+        plan = tmp_path / "endless.json"
+        command = {"command": {"type": "shell", "command": endless}}
+        plan.write_text(json.dumps({"commands": [command], "strategy": {"type": "serial"}}))
+        words = ["plan", str(plan)]
+    else:
+        words = [*how.split(), "--shell", "--", endless]
+    with cli_process(*words, tmp_path=tmp_path) as proc:
         assert proc.stdout is not None
         pid = None
         while pid is None:
             line = proc.stdout.readline()
-            if events:
+            assert line, f"{how} ended before its command printed its pid"
+            if "ndjson" in how:
                 line = json.loads(line).get("line", "")
+            elif how == "plan":
+                line = line.removeprefix("#0 stdout: ")
             if line.strip().isdigit():
                 pid = int(line)
         proc.stdout.readline()
