@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO
 
 import click
 
@@ -58,13 +58,21 @@ class _Output:
         self._stream = stream
         self._closed = closed
         self._open = True
+        # Written as UTF-8 bytes: a command's output was bytes, and an ASCII-only
+        # locale must neither drop what it cannot encode nor transcode the rest.
+        self._bytes: BinaryIO | None = getattr(stream, "buffer", None)
 
     def write(self, text: str) -> None:
         if not self._open:
             return
         try:
-            self._stream.write(text)
-            self._stream.flush()
+            if self._bytes is None:
+                self._stream.write(text)
+                self._stream.flush()
+            else:
+                self._stream.flush()  # what was written to it as text comes first
+                self._bytes.write(text.encode("utf-8", "surrogateescape"))
+                self._bytes.flush()
         except BrokenPipeError:
             self._open = False
             with contextlib.suppress(OSError, ValueError):

@@ -267,6 +267,24 @@ def test_a_reader_that_closes_our_stdout_ends_the_run_as_sigpipe_ends_a_pipeline
         wait_until(lambda: gone(pid), 10, "the command to be gone")
 
 
+def test_run_passes_the_commands_utf8_through_whatever_our_stdout_encoding(tmp_path: Path) -> None:
+    """A command's bytes are its own: an ASCII-only locale neither drops nor transcodes them."""
+    done = subprocess.run(
+        [*CLI, "run", "--", "printf", "caf\\303\\251 \\342\\234\\223\\n"],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "TMPDIR": str(tmp_path),
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+            "PYTHONIOENCODING": "ascii",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "café ✓\n".encode()
+
+
 def test_sigint_during_a_plan_cancels_it(tmp_path: Path) -> None:
     plan = tmp_path / "slow.json"
     plan.write_text(
