@@ -96,14 +96,20 @@ async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran
             await second.get_status(uuid4())
 
 
+async def journalled_trues(tmp_path: Path, count: int) -> list[UUID]:
+    """The ids of `count` executions an earlier engine ran and journalled."""
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        ids = [await engine.execute(shell("true")) for _ in range(count)]
+        for eid in ids:
+            await engine.wait(eid, timeout=20)
+    return ids
+
+
 async def test_ids_of_earlier_runs_stay_taken_while_the_id_filter_fills_and_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The filter of a reopened journal fills in the background; no id is ever taken twice."""
-    async with ExecutionEngine(journalled(tmp_path)) as first:
-        earlier = [await first.execute(shell("true")) for _ in range(12)]
-        for eid in earlier:
-            await first.wait(eid, timeout=20)
+    earlier = await journalled_trues(tmp_path, 12)
     # Several steps of filling, with commits between them.
     monkeypatch.setattr(journal_known, "_CHUNK", 3)
     async with ExecutionEngine(journalled(tmp_path)) as second:
@@ -126,10 +132,7 @@ async def test_ids_of_earlier_runs_stay_taken_while_the_id_filter_fills_and_afte
 async def test_the_id_filter_is_filled_a_chunk_at_a_time_and_keeps_what_was_added_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with ExecutionEngine(journalled(tmp_path)) as engine:
-        earlier = [await engine.execute(shell("true")) for _ in range(7)]
-        for eid in earlier:
-            await engine.wait(eid, timeout=20)
+    earlier = await journalled_trues(tmp_path, 7)
     monkeypatch.setattr(journal_known, "_CHUNK", 3)
     live = journal_known.KnownIds(len(earlier), ready=False)
     meanwhile = uuid4().bytes
