@@ -35,7 +35,7 @@ from cloudops_execution_engine import (
     SerialStrategy,
     SyncExecutionEngine,
 )
-from cloudops_execution_engine.actors import journal_known
+from cloudops_execution_engine.actors import journal_known, journal_writer
 from cloudops_execution_engine.actors.journal import JournalStore
 from cloudops_execution_engine.actors.journal_schema import SCHEMA_VERSION
 from cloudops_execution_engine.config import default_journal_path
@@ -152,6 +152,20 @@ async def test_the_id_filter_is_filled_a_chunk_at_a_time_and_keeps_what_was_adde
     assert live.may_hold(meanwhile)
     strangers = [uuid4().bytes for _ in range(1000)]
     assert sum(live.may_hold(key) for key in strangers) < 10
+
+
+async def test_the_last_ends_of_a_burst_are_committed_once_nothing_runs_not_a_spacing_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits are spaced while ends flow; when the engine runs dry, what is queued is committed at once."""
+    monkeypatch.setattr(journal_writer, "_SPACING", 3600.0)
+    async with ExecutionEngine(journalled(tmp_path, max_concurrent_executions=4)) as engine:
+        for _ in range(2):  # a second burst, after the writer has seen a flow
+            ids = [await engine.execute(shell("true")) for _ in range(24)]
+            plan = await engine.execute_plan(plan_of("true", "true", "true"))
+            results = await asyncio.wait_for(asyncio.gather(*(engine.wait(i) for i in [*ids, plan])), 30)
+            assert all(result.status is C for result in results)
+            assert all(row(tmp_path / "journal.sqlite3", eid) is not None for eid in ids)
 
 
 async def test_history_of_earlier_engines_comes_first_and_new_work_is_listed_after_it(tmp_path: Path) -> None:

@@ -275,6 +275,10 @@ class JournalStore:
             return
         writer.put((op_ended(live[0], entry), self._settle, (entry, then)))
 
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.hurry()
+
     def _settle(self, item: tuple[Record | PlanRun, Callable[[Any], None]]) -> None:
         entry, then = item
         self._live.pop(entry.key if isinstance(entry, Record) else entry.id.bytes, None)

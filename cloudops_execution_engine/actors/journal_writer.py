@@ -46,11 +46,14 @@ Job = Iterator[None]
 
 # Group commit: while ends flow (the last batch announced at least _FLOW_ENDS
 # of them), commits are at least _SPACING seconds apart, unless _BATCH
-# operations are already waiting. Executions run one after another (each
-# batch announces one end) are committed at once and never wait.
+# operations are already waiting or the engine has nothing left running
+# (`hurry`). Executions run one after another (each batch announces one end)
+# are committed at once and never wait. 30 ms rather than 10: host CPU per
+# execution 203 -> 187 µs (no journal: 133), throughput 0.925x -> 0.954x of
+# no journal, 15 alternated rounds of 2,000 x /bin/true @ 10.
 _FLOW_ENDS = 3
 _BATCH = 512
-_SPACING = 0.01
+_SPACING = 0.03
 
 
 class JournalWriter:
@@ -68,6 +71,7 @@ class JournalWriter:
         self._idle = False
         self._last_commit = 0.0
         self._flowing = False
+        self._hurry = False
         self._stopping = False
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -81,6 +85,11 @@ class JournalWriter:
         if self._idle:
             self._idle = False
             self._wake.set()
+
+    def hurry(self) -> None:
+        """Commit what is queued without waiting to space it from the last commit (from the loop's thread)."""
+        self._hurry = True
+        self._wake.set()
 
     def put_job(self, job: Job) -> None:
         """Queue a long job, run a step at a time between batches."""
@@ -106,9 +115,13 @@ class JournalWriter:
                 if self._flowing and since < _SPACING and len(ops) < _BATCH and not self._stopping:
                     # A commit costs about as much as writing ten rows, and under load
                     # operations arrive one at a time: without spacing, most batches
-                    # of a flow would hold one or two executions. Slept before looking,
-                    # not idle: the loop need not wake the thread for each operation.
-                    time.sleep(_SPACING - since)
+                    # of a flow would hold one or two executions. Waited before looking,
+                    # not idle: the loop wakes the thread only to hurry it, when the
+                    # engine has nothing left running (whose end could share the commit).
+                    self._wake.clear()
+                    if not self._hurry:
+                        self._wake.wait(_SPACING - since)
+                self._hurry = False
                 if not ops and not self._stopping:
                     # Said before looking again: an operation queued after the look sets the Event.
                     self._idle = True

@@ -136,6 +136,11 @@ class Scheduler:
         self._since_yield = 0
         return True
 
+    @property
+    def idle(self) -> bool:
+        """Nothing running, and nothing waiting to run."""
+        return self.running == 0 and not self._queue and not self._retries
+
     def ran(self) -> None:
         """A command that was started has ended (its worker reported, or died)."""
         self.running -= 1

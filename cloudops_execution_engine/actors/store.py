@@ -80,6 +80,9 @@ class Store(Protocol):
     def retire(self, entry: Record | PlanRun) -> None:
         """`entry` has ended and everyone has been told: it may be forgotten under retention."""
 
+    def flush(self) -> None:
+        """Nothing is running or queued: keep the ends given so far now, not with ends to come."""
+
     def summaries(
         self,
         status: ExecutionStatus | None = None,
@@ -169,6 +172,9 @@ class MemoryStore:
     def ended(self, entry: Record | PlanRun, then: Callable[[Any], None]) -> None:
         # The record itself holds the result.
         then(entry)
+
+    def flush(self) -> None:
+        """Every end is kept as it comes."""
 
     def retire(self, entry: Record | PlanRun) -> None:
         if not self._track_retired:

@@ -604,6 +604,9 @@ class Supervisor:
         record.status = result.status
         # The end is told once the store has kept the result (a journal: committed it).
         self._store.ended(record, self._announce_end)
+        if self._scheduler.idle:
+            # No end is coming to share a commit with: whoever waits for this one need not wait.
+            self._store.flush()
 
     def _announce_end(self, record: Record) -> None:
         result = record.result
@@ -651,6 +654,8 @@ class Supervisor:
         if self._telemetry is not None:
             self._telemetry.plan_ended(run)
         self._store.ended(run, self._announce_plan_end)
+        if self._scheduler.idle:
+            self._store.flush()
 
     def _announce_plan_end(self, run: PlanRun) -> None:
         self.bus.end_stream(run.id)
