@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HELPERS, PYTHON, config, gone, result_of, run
+from conftest import HELPERS, PYTHON, config, gone, result_of, run, wait_until
 
 from cloudops_execution_engine import ExecutionEngine
 from cloudops_execution_engine.actors import spare_worker
@@ -51,6 +52,19 @@ async def test_the_first_engine_of_the_process_runs_on_the_spare_and_a_second_st
             result = await result_of(engine, await engine.execute(run("echo", "served")), timeout=30)
             assert result.stdout == "served\n", result.error
     assert gone(spare)
+
+
+async def test_a_spare_that_died_before_an_engine_took_it_is_replaced_not_used(
+    tmp_path: Path, no_spare_left: None
+) -> None:
+    spare = spare_worker.start()
+    assert spare is not None
+    os.kill(spare, signal.SIGKILL)
+    wait_until(lambda: gone(spare), 10, "the spare to die")
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        assert worker_pids(engine) != [spare]
+        result = await result_of(engine, await engine.execute(run("echo", "served")), timeout=30)
+        assert result.stdout == "served\n", result.error
 
 
 def test_a_spare_no_engine_took_is_ended_and_its_pipes_closed(no_spare_left: None) -> None:

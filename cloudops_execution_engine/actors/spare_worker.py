@@ -58,6 +58,11 @@ def take() -> tuple[BaseProcess, int, int] | None:
     spare = _spare
     if spare is None or _owner != os.getpid():
         return None
+    if not spare[0].is_alive():
+        # Killed while it waited (a signal, the OOM killer): a fresh worker is
+        # started instead, rather than an engine failing to start on this one.
+        discard()
+        return None
     _spare = None
     return spare
 
