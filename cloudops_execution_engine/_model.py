@@ -19,6 +19,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, ClassVar, Self, TypeVar
 
+import pydantic.main
 from annotated_types import Ge, Le
 from pydantic import (
     BaseModel,
@@ -34,6 +35,12 @@ from pydantic._internal._model_construction import ModelMetaclass
 from pydantic_core import PydanticCustomError
 
 from . import errors
+
+# Models build their validators and serializers on first use only where pydantic
+# builds a deferred model under a lock (`_rebuild_lock`, pydantic 2.14). Before,
+# two threads using a model for the first time at once could get its parent's
+# validator, and a host may call us from several threads.
+_DEFER_BUILD = hasattr(pydantic.main, "_rebuild_lock")
 
 __all__ = [
     "F64",
@@ -132,7 +139,7 @@ class Model(BaseModel, metaclass=_ModelMetaclass):
     # Each model's validator and serializer are built on its first use, not
     # when its module is imported: a process uses only some of the models
     # (`cloudops-exec run` about half), and building one costs a millisecond or more.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=_DEFER_BUILD)
     _positional: ClassVar[tuple[str, ...]] = ()
     _keywords: ClassVar[frozenset[str]] = frozenset()
 

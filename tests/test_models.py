@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
@@ -234,3 +236,15 @@ def test_events_built_on_the_fast_path_equal_validated_ones() -> None:
     assert fast == slow
     assert fast.model_dump_json() == slow.model_dump_json()
     assert fast.model_fields_set == slow.model_fields_set
+
+
+@pytest.mark.timeout(60)
+def test_models_first_used_from_many_threads_at_once_give_every_thread_the_same_answer() -> None:
+    """Where models are built on first use, sixteen threads asking at once all get the model's own."""
+    helper = Path(__file__).parent / "helpers" / "first_use_threads.py"
+    for _ in range(3):  # a fresh interpreter each time: nothing built yet
+        done = subprocess.run(
+            [sys.executable, str(helper)], capture_output=True, text=True, timeout=50, check=True
+        )
+        report = json.loads(done.stdout)
+        assert report["threads"] == [report["alone"]] * len(report["threads"])
