@@ -261,7 +261,8 @@ def run(
 
     Exits as a shell would: the command's own code, 128+N when signal N killed
     it, 127 when it could not start, 124 when it timed out, and 1 when it
-    failed without an exit status of its own.
+    failed without an exit status of its own. A reader that closes our output
+    early, as head does, ends the run with 141, as SIGPIPE would.
     """
     import pydantic
 
