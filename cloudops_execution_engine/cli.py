@@ -90,7 +90,7 @@ def _exit_now(status: object) -> NoReturn:
     By now the engine has shut down: workers, commands, journal and log files
     are closed. What remains is freeing every object the models built, about
     50 ms, for a process about to end. Exit handlers still run (Ray's, an
-    OpenTelemetry SDK's, logging's), and the output is flushed first.
+    OpenTelemetry SDK's, logging's), and then the output is flushed.
     """
     if status is None:
         code = 0
