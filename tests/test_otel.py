@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, result_of, run, shell
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from otel_support import reset_globals
+from otel_support import global_providers
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -94,15 +94,8 @@ def otel_module() -> Iterator[Otel]:
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
-    assert trace.get_tracer_provider() is tracer_provider, "another global tracer provider was set first"
-    try:
+    with global_providers(tracer_provider, meter_provider):
         yield Otel(spans, reader, tracer_provider.get_tracer("tests"))
-    finally:
-        reset_globals()
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from uuid import UUID
 
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, result_of, run, shell
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -44,7 +44,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otel_support import reset_globals
+from otel_support import global_providers
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionPlan, ExecutionStatus, ParallelStrategy
 from cloudops_execution_engine.actors.telemetry import correlate
@@ -128,15 +128,8 @@ def otel_module() -> Iterator[Otel]:
     # A second reader collecting every 5 ms on its own thread, while the engine takes measurements.
     busy_reader = PeriodicExportingMetricReader(busy, export_interval_millis=5)
     meter_provider = MeterProvider(metric_readers=[reader, busy_reader])
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(meter_provider)
-    assert trace.get_tracer_provider() is tracer_provider, "another global tracer provider was set first"
-    try:
+    with global_providers(tracer_provider, meter_provider):
         yield Otel(spans, reader, busy, tracer_provider.get_tracer("tests"), failing)
-    finally:
-        reset_globals()
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
 
 
 @pytest.fixture
