@@ -124,7 +124,7 @@ class JournalStore:
         self._writer = JournalWriter(writer_conn, self._apply, loop, "cloudops-journal-writer")
         if not self._known.ready:
             rows = self._next_seq - 1
-            self._writer.put_job(fill_job(writer_conn, rows, self._next_seq, self._known_filled_on(loop)))
+            self._writer.put_job(fill_job(writer_conn, rows, self._known_filled_on(loop)))
         if self.retention is not None:
             self._sweeps.start(self.sweep)
 
