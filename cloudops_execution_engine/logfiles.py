@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -11,7 +12,15 @@ from uuid import UUID
 
 from .errors import IoError, map_errors
 
-__all__ = ["LogNode", "log_path_for", "open_log", "prepare_log_dir", "read_log", "reopen_log"]
+__all__ = [
+    "LogNode",
+    "log_path_for",
+    "open_log",
+    "prepare_log_dir",
+    "read_log",
+    "reopen_log",
+    "unlink_unless_in_use",
+]
 
 # O_EXCL with O_CREAT fails on any existing entry, a symlink or a FIFO
 # included, without following or opening it: only a new inode is ever written.
@@ -19,6 +28,8 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 )
 _CREATE_ATTEMPTS = 5
+# Retention opens a log only to lock it: never following a symlink, never waiting on a FIFO.
+_PROBE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
 # Reopening never follows a symlink, and never waits on a FIFO with no reader
 # (O_NONBLOCK makes that ENXIO); what it opens must then prove to be our file.
 _REOPEN_FLAGS = (
@@ -33,7 +44,7 @@ def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
 
 
 def open_log(path: str | bytes) -> int:
-    """A descriptor on a new, owner-only log file at `path`, open to append.
+    """A descriptor on a new, owner-only log file at `path`, open to append, marked in use.
 
     Whatever already has the name (an older log of the same id, or a hard
     link, symlink, FIFO or device someone placed there) loses its directory
@@ -41,16 +52,67 @@ def open_log(path: str | bytes) -> int:
     every other name of that inode. Raises the `OSError` when the name cannot
     be freed (a directory, say) or keeps being taken again.
     """
-    for _ in range(_CREATE_ATTEMPTS - 1):
+    for attempt in range(1, _CREATE_ATTEMPTS + 1):
         try:
             # The umask can only narrow 0600, so the file is owner-only either way.
-            return os.open(path, _CREATE_FLAGS, 0o600)
+            fd = os.open(path, _CREATE_FLAGS, 0o600)
         except FileExistsError:
-            pass
-        # Gone already means someone else removed it first: creating is what is left to try.
+            if attempt == _CREATE_ATTEMPTS:
+                raise
+            # Gone already means someone else removed it first: creating is what is left to try.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        if _mark_in_use(fd) or attempt == _CREATE_ATTEMPTS:
+            return fd
+        os.close(fd)  # a sweep deleted it between its creation and the mark: make it again
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _mark_in_use(fd: int) -> bool:
+    """Hold a shared lock on the log at `fd` for as long as it is open; False if the file is being deleted.
+
+    Retention, in this engine or in any other using the same directory,
+    deletes a log only under an exclusive lock (`unlink_unless_in_use`), so a
+    log being written is never deleted, whichever engine writes it. The lock
+    goes with the descriptor: closed, or its process dead, the log is free.
+    A log created just as a sweep took its name to delete it is found
+    unlinked (or still locked), and made again.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a filesystem without locks: the log is written unmarked, as before
+    return os.fstat(fd).st_nlink > 0
+
+
+def unlink_unless_in_use(path: Path) -> bool:
+    """Delete the log at `path` unless a worker holds it open (`_mark_in_use`); True if it is gone.
+
+    Raises the `OSError` of the deletion, not of a file that is already gone.
+    """
+    try:
+        fd = os.open(path, _PROBE_FLAGS)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        fd = -1  # not openable (no read permission): its lock cannot be asked, as before locks
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:
+                pass  # a filesystem without locks
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    return os.open(path, _CREATE_FLAGS, 0o600)
+            path.unlink()
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def reopen_log(path: str | bytes) -> int:
@@ -67,7 +129,7 @@ def reopen_log(path: str | bytes) -> int:
     try:
         info = os.fstat(fd)
         ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and ours:
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and ours and _mark_in_use(fd):
             os.set_blocking(fd, True)
             return fd
     except OSError:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -14,7 +17,7 @@ import pytest
 from conftest import config, result_of, shell
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionStatus, IoError
-from cloudops_execution_engine.logfiles import open_log, prepare_log_dir
+from cloudops_execution_engine.logfiles import open_log, prepare_log_dir, reopen_log, unlink_unless_in_use
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -189,6 +192,60 @@ def test_a_name_taken_once_more_is_freed_again(log_dir: Path, monkeypatch: pytes
         assert_fresh_log(path, fd)
     assert raced
     assert path.read_bytes() == b""
+
+
+def test_a_log_open_for_writing_is_not_deleted_by_a_sweep_until_it_is_closed(log_dir: Path) -> None:
+    path = log_dir / f"{uuid4()}.log"
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"being written\n")
+        assert not unlink_unless_in_use(path)
+        assert path.read_bytes() == b"being written\n"
+        reopened = reopen_log(str(path))  # a retry's attempt holds it as well
+        os.close(reopened)
+        assert not unlink_unless_in_use(path)
+    assert unlink_unless_in_use(path)
+    assert not path.exists()
+    assert unlink_unless_in_use(path), "a log already gone is gone"
+
+
+def test_a_log_a_sweep_deletes_as_it_is_created_is_made_again(
+    log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the creation and the lock a sweep may take the name: the log written is then a new one."""
+    path = log_dir / f"{uuid4()}.log"
+    real_open = os.open
+    swept: list[bool] = []
+
+    def open_then_sweep(name: str | bytes, flags: int, *args: int, **kwargs: int) -> int:
+        fd = real_open(name, flags, *args, **kwargs)
+        if flags & os.O_CREAT and not swept:
+            swept.append(unlink_unless_in_use(Path(os.fsdecode(name))))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_sweep)
+    with opened_log(str(path)) as fd:
+        monkeypatch.undo()
+        assert swept == [True]
+        assert_fresh_log(path, fd)
+        assert not unlink_unless_in_use(path)
+
+
+def test_the_log_of_a_process_killed_while_writing_it_is_free_to_delete(log_dir: Path) -> None:
+    path = log_dir / f"{uuid4()}.log"
+    code = (
+        "import sys\nfrom cloudops_execution_engine.logfiles import open_log\n"
+        "open_log(sys.argv[1])\nprint('open', flush=True)\nsys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as writer:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == b"open\n"
+        assert not unlink_unless_in_use(path)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=10)
+    assert unlink_unless_in_use(path)
+    assert not path.exists()
 
 
 def test_a_symlink_to_our_directory_is_a_log_directory(tmp_path: Path) -> None:

@@ -179,3 +179,29 @@ async def test_without_a_journal_memory_is_trimmed_and_a_removed_log_is_reported
             await asyncio.sleep(0.01)
         await until(lambda: not engine.get_log_path(ids[0]).exists(), "the sweep to remove the oldest log")
         assert engine.get_log_path(ids[-1]).exists()
+
+
+async def test_another_engines_running_log_is_never_deleted_by_this_ones_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines on one log directory: a strict policy in one never deletes what the other still writes."""
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    policy = RetentionPolicy(max_executions=0, max_log_bytes=0, max_age_s=0.001)
+    async with ExecutionEngine(config(tmp_path)) as other:
+        gate = tmp_path / "gate"
+        running = await other.execute(
+            shell(f"echo started; until [ -e {gate} ]; do sleep 0.01; done; echo after")
+        )
+        log = other.get_log_path(running)
+        await until(log.exists, "the other engine's running log")
+        age(log, 10)
+        for strict_config in (config(tmp_path, retention=policy), journalled(tmp_path, retention=policy)):
+            async with ExecutionEngine(strict_config) as strict:  # a sweep at start
+                [done] = await run_all(strict, "echo finished")
+                await until(functools.partial(gone, strict.get_log_path(done)), "a periodic sweep")
+            assert log.exists(), "the other engine's running log was deleted"
+        gate.touch()
+        result = await other.wait(running, timeout=20)
+        assert result.status is ExecutionStatus.COMPLETED
+        logs = await other.read_logs(running)
+        assert logs.index("started") < logs.index("after")

@@ -34,6 +34,7 @@ from pathlib import Path
 from uuid import UUID
 
 from ..config import RetentionPolicy
+from ..logfiles import unlink_unless_in_use
 
 __all__ = ["SWEEP_INTERVAL", "Retention", "Sweeps", "now", "run_job"]
 
@@ -186,11 +187,11 @@ class Retention:
         # configuration that points elsewhere is not ours to delete now.
         if path.parent != self.log_dir or not path.name.endswith(".log"):
             return
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                path.unlink()
-            except OSError as exc:
-                logger.warning("retention could not delete %s: %s", path, exc)
+        try:
+            # A log held open is being written, by this engine or another one on the same directory.
+            unlink_unless_in_use(path)
+        except OSError as exc:
+            logger.warning("retention could not delete %s: %s", path, exc)
 
 
 def now() -> float:
