@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Coroutine, Iterator, Sequence
@@ -34,6 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from uuid import UUID
 
+from .actors import after_fork
 from .actors.handlers import STOP, EventBus, Subscription, is_coroutine_handler
 from .config import ExecutionConfig
 from .engine import ExecutionEngine, _coerce_id, _coerce_model
@@ -69,6 +71,8 @@ class SyncExecutionEngine:
 
     def __init__(self, config: ExecutionConfig | None = None) -> None:
         self._engine = ExecutionEngine(config)
+        # Its loop thread exists in this process only: a forked child's calls are refused (`after_fork`).
+        self._pid = os.getpid()
         self.config = self._engine.config
         self._bus: EventBus = self._engine._bus
         self._early = _EarlyBuffers(self._bus)
@@ -83,6 +87,9 @@ class SyncExecutionEngine:
 
     def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run `coro` on the loop and wait for it; an interrupted wait cancels it."""
+        if os.getpid() != self._pid:
+            coro.close()
+            raise EngineClosed(after_fork.refusal(self._pid))
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError(
@@ -273,7 +280,12 @@ class SyncExecutionEngine:
         holder.clear()
 
     def shutdown(self, cancel: bool = True) -> None:
-        """Stop the engine, its handlers' threads and its loop thread; harmless twice."""
+        """Stop the engine, its handlers' threads and its loop thread; harmless twice.
+
+        In a process forked from the engine's own it does nothing: all of it is the parent's.
+        """
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._closing:
                 return

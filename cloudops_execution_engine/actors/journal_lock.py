@@ -3,7 +3,9 @@
 The lock belongs to the open file description, which the kernel closes when
 its process dies however it dies, so a SIGKILLed owner never leaves the
 journal locked. The descriptor is close-on-exec, and workers are started by
-spawning a fresh interpreter, so no child inherits the lock. The pid written
+spawning a fresh interpreter, so no child inherits the lock; a child the
+host forks closes its copy at once (`after_fork`), or the journal would stay
+locked for as long as that child outlived its parent. The pid written
 in the file is only for the message a second engine gets.
 """
 
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import IoError, map_errors
+from . import after_fork
 
 __all__ = ["JournalLock", "lock_path_for"]
 
@@ -58,6 +61,14 @@ class JournalLock:
                 os.close(fd)
                 raise
             self._fd = fd
+            after_fork.track(self)
+
+    def forked(self) -> None:
+        """In a process forked from the holder: close the child's copy; the parent keeps the lock."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

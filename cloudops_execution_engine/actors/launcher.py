@@ -22,9 +22,12 @@ import os
 import signal
 from collections.abc import Callable
 from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
+from multiprocessing import process as mp_process
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
+
+from . import after_fork
 
 __all__ = ["WorkerProcess", "WorkerTarget", "launch_worker"]
 
@@ -93,6 +96,19 @@ class WorkerProcess(context.SpawnProcess):
     def _Popen(process_obj: BaseProcess) -> _WorkerPopen:
         return _WorkerPopen(process_obj)
 
+    def forked(self) -> None:
+        """In a process forked from the host: the worker is the parent's child, not this one's (`after_fork`).
+
+        multiprocessing's record of its children is copied into the child, and
+        its exit handler would terminate (SIGTERM) and join each of them; the
+        copies of the launch pipe would keep the worker's sentinel open.
+        """
+        mp_process._children.discard(self)  # type: ignore[attr-defined]
+        popen = self._popen  # type: ignore[attr-defined]
+        finalizer = getattr(popen, "finalizer", None)
+        if finalizer is not None:
+            finalizer()  # closes the child's copies; it does not run again at exit
+
 
 def launch_worker(name: str, target: WorkerTarget, detach: bool = False) -> tuple[BaseProcess, int, int]:
     """Start a worker running `target`; return it, the write end of its input, the read end of its output.
@@ -109,8 +125,9 @@ def launch_worker(name: str, target: WorkerTarget, detach: bool = False) -> tupl
         from_worker_r, from_worker_w = os.pipe()
         ours.append(from_worker_r)
         theirs.append(Connection(from_worker_w, readable=False))
-        process: BaseProcess = WorkerProcess(target=target, args=(*theirs, detach), name=name, daemon=True)
+        process = WorkerProcess(target=target, args=(*theirs, detach), name=name, daemon=True)
         process.start()
+        after_fork.track(process)
     except BaseException:
         for fd in ours:
             os.close(fd)

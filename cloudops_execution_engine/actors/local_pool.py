@@ -28,7 +28,7 @@ from typing import Any
 
 from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
-from . import process_tree, spare_worker
+from . import after_fork, process_tree, spare_worker
 from .launcher import WorkerTarget, launch_worker
 from .pool import (
     HELLO_TIMEOUT,
@@ -125,6 +125,21 @@ class ProcessWorkerHandle(WorkerHandle):
                 raise WorkerStartError(f"cannot watch worker process {self.pid}: {exc}") from exc
             raise
         self.alive = True
+        after_fork.track(self)
+
+    def forked(self) -> None:
+        """In a process forked from the host: close the child's copies of the worker's pipes (`after_fork`).
+
+        Only the descriptors: the event loop's epoll instance is the parent's
+        too, and unregistering would unregister them there.
+        """
+        fds = [self._rfd, self._wfd]
+        if self._own_exit_fd:
+            self._own_exit_fd = False
+            fds.append(self._exit_fd)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _abort_start(self) -> None:
         """Undo a start that the loop could not take on: kill the process, close every fd."""

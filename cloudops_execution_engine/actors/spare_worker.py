@@ -85,3 +85,17 @@ def discard() -> None:
     with contextlib.suppress(OSError):
         process.kill()
     process.join()
+
+
+def _forget_in_child() -> None:
+    # In a forked child the spare is the parent's: the child's copies of its
+    # pipes would keep it from seeing its host die (see `after_fork`).
+    global _spare
+    spare, _spare = _spare, None
+    if spare is not None:
+        for fd in spare[1:]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

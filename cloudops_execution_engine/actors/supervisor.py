@@ -56,7 +56,7 @@ from ..plans import check_plan
 from ..protocol import Cancel, Finished, Message, Output, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
-from . import outcomes, resume, retries
+from . import after_fork, outcomes, resume, retries
 from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
@@ -118,6 +118,9 @@ class Supervisor:
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broken: str | None = None
+        # Set in a process forked from the host (`after_fork`): why every call is refused there.
+        self._forked_away: str | None = None
+        self._owner_pid = 0
         self._winding_down: asyncio.Task[None] | None = None
         # None unless OpenTelemetry is installed: then every hook below is skipped by one check.
         self._telemetry: Telemetry | None = None
@@ -126,6 +129,8 @@ class Supervisor:
 
     def check_open(self) -> None:
         """New work and cancels are refused from the moment shutdown begins."""
+        if self._forked_away is not None:
+            raise EngineClosed(self._forked_away)
         if self._loop is not None:
             self._check_loop(self._loop)
         if self._state is EngineState.CLOSING or self._state is EngineState.CLOSED:
@@ -133,6 +138,8 @@ class Supervisor:
 
     def check_usable(self) -> None:
         """Queries keep working while shutdown winds down, and stop once it is done."""
+        if self._forked_away is not None:
+            raise EngineClosed(self._forked_away)
         if self._loop is not None:
             self._check_loop(self._loop)
         if self._state is EngineState.CLOSED:
@@ -153,6 +160,14 @@ class Supervisor:
             "this ExecutionEngine runs on the event loop it started on; call it from that loop "
             "(or use SyncExecutionEngine from other threads)"
         )
+
+    def forked(self) -> None:
+        """In a process forked from the host: the engine is the parent's, closed to this one (`after_fork`).
+
+        Nothing is stopped or sent: the workers, pipes and loop are the parent's.
+        """
+        self._forked_away = after_fork.refusal(self._owner_pid)
+        self._state = EngineState.CLOSED
 
     def loop_closed(self) -> bool:
         return self._loop is not None and self._loop.is_closed()
@@ -188,6 +203,8 @@ class Supervisor:
             await self._store.open()
             self._telemetry = load_telemetry(self._store)
             self._loop = asyncio.get_running_loop()
+            self._owner_pid = os.getpid()
+            after_fork.track(self)
             self.bus.start()
             pool = self._new_pool()
             try:
