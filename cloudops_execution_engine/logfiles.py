@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -30,6 +31,7 @@ _CREATE_FLAGS = (
 _CREATE_ATTEMPTS = 5
 # Retention opens a log only to lock it: never following a symlink, never waiting on a FIFO.
 _PROBE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+_IN_USE = "the log is being written by a running execution of the same id"
 # Reopening never follows a symlink, and never waits on a FIFO with no reader
 # (O_NONBLOCK makes that ENXIO); what it opens must then prove to be our file.
 _REOPEN_FLAGS = (
@@ -50,7 +52,9 @@ def open_log(path: str | bytes) -> int:
     link, symlink, FIFO or device someone placed there) loses its directory
     entry and is otherwise left alone: truncating or chmodding it would reach
     every other name of that inode. Raises the `OSError` when the name cannot
-    be freed (a directory, say) or keeps being taken again.
+    be freed (a directory, say) or keeps being taken again, and EBUSY when it
+    is the log of a run of the same id still being written (in another engine
+    on the same directory): that log stays its run's.
     """
     for attempt in range(1, _CREATE_ATTEMPTS + 1):
         try:
@@ -60,8 +64,9 @@ def open_log(path: str | bytes) -> int:
             if attempt == _CREATE_ATTEMPTS:
                 raise
             # Gone already means someone else removed it first: creating is what is left to try.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if not unlink_unless_in_use(path):
+                # Another engine on this directory runs the same id: its log is not taken from it.
+                raise OSError(errno.EBUSY, _IN_USE, os.fsdecode(path)) from None
             continue
         if _mark_in_use(fd) or attempt == _CREATE_ATTEMPTS:
             return fd
@@ -88,13 +93,16 @@ def _mark_in_use(fd: int) -> bool:
     return os.fstat(fd).st_nlink > 0
 
 
-def unlink_unless_in_use(path: Path) -> bool:
+def unlink_unless_in_use(path: str | bytes | Path) -> bool:
     """Delete the log at `path` unless a worker holds it open (`_mark_in_use`); True if it is gone.
 
     Raises the `OSError` of the deletion, not of a file that is already gone.
     """
     try:
-        fd = os.open(path, _PROBE_FLAGS)
+        # Only a regular file can be a log held open: anything else (a planted
+        # device, FIFO or symlink) is not opened, only its name deleted.
+        regular = stat.S_ISREG(os.lstat(path).st_mode)
+        fd = os.open(path, _PROBE_FLAGS) if regular else -1
     except FileNotFoundError:
         return True
     except OSError:
@@ -108,7 +116,7 @@ def unlink_unless_in_use(path: Path) -> bool:
             except OSError:
                 pass  # a filesystem without locks
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)
         return True
     finally:
         if fd >= 0:

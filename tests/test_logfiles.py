@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -9,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -329,3 +331,41 @@ async def test_an_engine_never_writes_through_a_hard_link_at_a_logs_name(
         assert " stdout logged\n" in await engine.read_logs(request.id)
     assert_untouched(victim)
     assert_owner_only_log(planted)
+
+
+def test_a_log_being_written_is_not_taken_over_by_a_new_run_of_its_id(log_dir: Path) -> None:
+    path = log_dir / f"{uuid4()}.log"
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"first run, still running\n")
+        with pytest.raises(OSError, match="being written by a running execution of the same id"):
+            open_log(str(path))
+        assert_fresh_log(path, fd)
+    with opened_log(str(path)) as fd:  # once it has ended, a rerun starts a fresh log as before
+        assert_fresh_log(path, fd)
+
+
+async def test_an_id_running_in_another_engine_on_the_same_directory_fails_here_and_not_there(
+    tmp_path: Path,
+) -> None:
+    """Two engines, one log directory, one id: the second run fails clearly; the first keeps its log."""
+    gate = tmp_path / "gate"
+    first = shell(f"echo first; until [ -e {gate} ]; do sleep 0.01; done; echo end")
+    async with ExecutionEngine(config(tmp_path)) as one, ExecutionEngine(config(tmp_path)) as two:
+        await one.execute(first)
+        log = one.get_log_path(first.id)
+        deadline = time.monotonic() + 10
+        while b"stdout first" not in (log.read_bytes() if log.exists() else b""):
+            assert time.monotonic() < deadline, "the first run never wrote its first line"
+            await asyncio.sleep(0.01)
+        again = first.model_copy(update={"command": shell("echo second").command})
+        second = await result_of(two, await two.execute(again), timeout=20)
+        assert second.status is ExecutionStatus.FAILED
+        assert second.error is not None
+        assert "being written by a running execution of the same id" in second.error
+        gate.touch()
+        result = await result_of(one, first.id, timeout=20)
+        assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "first\nend\n")
+        logs = await one.read_logs(first.id)
+        assert "stdout first" in logs
+        assert "stdout end" in logs
+        assert "second" not in logs
