@@ -14,6 +14,7 @@ from uuid import UUID
 from .errors import IoError, map_errors
 
 __all__ = [
+    "LogDirectories",
     "LogNode",
     "log_path_for",
     "open_log",
@@ -45,7 +46,7 @@ def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
     return log_dir / f"{execution_id}.log"
 
 
-def open_log(path: str | bytes) -> int:
+def open_log(path: str | bytes, dir_fd: int | None = None) -> int:
     """A descriptor on a new, owner-only log file at `path`, open to append, marked in use.
 
     Whatever already has the name (an older log of the same id, or a hard
@@ -54,17 +55,18 @@ def open_log(path: str | bytes) -> int:
     every other name of that inode. Raises the `OSError` when the name cannot
     be freed (a directory, say) or keeps being taken again, and EBUSY when it
     is the log of a run of the same id still being written (in another engine
-    on the same directory): that log stays its run's.
+    on the same directory): that log stays its run's. With `dir_fd`, `path`
+    is a name in that directory (`LogDirectories`).
     """
     for attempt in range(1, _CREATE_ATTEMPTS + 1):
         try:
             # The umask can only narrow 0600, so the file is owner-only either way.
-            fd = os.open(path, _CREATE_FLAGS, 0o600)
+            fd = os.open(path, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
         except FileExistsError:
             if attempt == _CREATE_ATTEMPTS:
                 raise
             # Gone already means someone else removed it first: creating is what is left to try.
-            if not unlink_unless_in_use(path):
+            if not unlink_unless_in_use(path, dir_fd):
                 # Another engine on this directory runs the same id: its log is not taken from it.
                 raise OSError(errno.EBUSY, _IN_USE, os.fsdecode(path)) from None
             continue
@@ -93,7 +95,7 @@ def _mark_in_use(fd: int) -> bool:
     return os.fstat(fd).st_nlink > 0
 
 
-def unlink_unless_in_use(path: str | bytes | Path) -> bool:
+def unlink_unless_in_use(path: str | bytes | Path, dir_fd: int | None = None) -> bool:
     """Delete the log at `path` unless a worker holds it open (`_mark_in_use`); True if it is gone.
 
     Raises the `OSError` of the deletion, not of a file that is already gone.
@@ -101,8 +103,8 @@ def unlink_unless_in_use(path: str | bytes | Path) -> bool:
     try:
         # Only a regular file can be a log held open: anything else (a planted
         # device, FIFO or symlink) is not opened, only its name deleted.
-        regular = stat.S_ISREG(os.lstat(path).st_mode)
-        fd = os.open(path, _PROBE_FLAGS) if regular else -1
+        regular = stat.S_ISREG(os.stat(path, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        fd = os.open(path, _PROBE_FLAGS, dir_fd=dir_fd) if regular else -1
     except FileNotFoundError:
         return True
     except OSError:
@@ -116,14 +118,14 @@ def unlink_unless_in_use(path: str | bytes | Path) -> bool:
             except OSError:
                 pass  # a filesystem without locks
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path, dir_fd=dir_fd)
         return True
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-def reopen_log(path: str | bytes) -> int:
+def reopen_log(path: str | bytes, dir_fd: int | None = None) -> int:
     """A descriptor appending to the log an earlier attempt of the same execution wrote at `path`.
 
     Only a regular file of ours with no other name is written to; anything
@@ -131,9 +133,9 @@ def reopen_log(path: str | bytes) -> int:
     there since) is treated as `open_log` treats it: a new file takes its place.
     """
     try:
-        fd = os.open(path, _REOPEN_FLAGS)
+        fd = os.open(path, _REOPEN_FLAGS, dir_fd=dir_fd)
     except OSError:
-        return open_log(path)
+        return open_log(path, dir_fd)
     try:
         info = os.fstat(fd)
         ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
@@ -143,7 +145,55 @@ def reopen_log(path: str | bytes) -> int:
     except OSError:
         pass
     os.close(fd)
-    return open_log(path)
+    return open_log(path, dir_fd)
+
+
+class LogDirectories:
+    """Descriptors on the log directories a worker writes into, each found to be ours when opened.
+
+    Logs are made relative to the descriptor (`openat`), not by path: a
+    directory checked once cannot be swapped for another under its name. When
+    it is removed (a temp cleaner emptying `$TMPDIR`, a person), making a file
+    in it fails with ENOENT: it is then made again and checked as at start
+    (`prepare_log_dir`), so the engine logs on, and a directory someone else
+    put at the name meanwhile is refused, never written into.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def open(self, path: str | bytes, first_attempt: bool) -> int:
+        """`open_log` (a first attempt) or `reopen_log` (a retry's) of the log at `path`."""
+        directory, name = os.path.split(os.fsdecode(path))
+        dir_fd = self._fd(directory, fresh=False)
+        try:
+            return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
+        except FileNotFoundError:
+            dir_fd = self._fd(directory, fresh=True)
+            return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
+
+    def _fd(self, directory: str, fresh: bool) -> int:
+        fd = self._fds.get(directory)
+        if fd is not None:
+            if not fresh:
+                return fd
+            del self._fds[directory]
+            os.close(fd)
+        try:
+            prepare_log_dir(Path(directory))
+        except IoError as exc:
+            raise PermissionError(errno.EACCES, exc.reason) from None
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if hasattr(os, "getuid") and os.fstat(fd).st_uid != os.getuid():  # swapped since the check
+            os.close(fd)
+            raise PermissionError(errno.EACCES, f"log directory {directory} belongs to another user")
+        self._fds[directory] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def prepare_log_dir(log_dir: Path) -> None:

@@ -6,6 +6,7 @@ running, forks, lets the child act, and reports what both sides saw.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,9 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, gone, wait_until
+from conftest import HELPERS, PYTHON, config, gone, shell, wait_until
 
-from cloudops_execution_engine import ExecutionConfig, SyncExecutionEngine
+from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, SyncExecutionEngine
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -103,3 +104,28 @@ def test_a_sigkilled_host_takes_its_workers_and_commands_along_though_its_forked
             host.stdout.close()
         if child:
             wait_until(lambda: gone(child), 10, "the forked child to exit")
+
+
+async def test_a_fork_after_an_engine_stopped_leaves_the_childs_files_alone(tmp_path: Path) -> None:
+    """The numbers of the stopped engine's pipes name other files by now: the child must not close them."""
+    engine = ExecutionEngine(config(tmp_path, workers=2))
+    async with engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+    pipes = [os.pipe() for _ in range(4)]  # the lowest free numbers: the engine's, a moment ago
+    try:
+        pid = os.fork()
+        if pid == 0:  # write on every pipe, and say by the exit code whether each write worked
+            failed = 0
+            for _, w in pipes:
+                try:
+                    os.write(w, b"x")
+                except OSError:
+                    failed += 1
+            os._exit(failed)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child lost files it had opened"
+        assert [os.read(r, 1) for r, _ in pipes] == [b"x"] * 4
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -369,3 +370,32 @@ async def test_an_id_running_in_another_engine_on_the_same_directory_fails_here_
         assert "stdout first" in logs
         assert "stdout end" in logs
         assert "second" not in logs
+
+
+async def test_a_log_directory_removed_while_the_engine_runs_is_made_again(tmp_path: Path) -> None:
+    """A temp cleaner (or a person) removes the log directory: the next commands log as before."""
+    outer = tmp_path / "outer"
+    async with ExecutionEngine(config(tmp_path, log_dir=outer / "logs", workers=1)) as engine:
+        first = await result_of(engine, await engine.execute(shell("echo one")), timeout=20)
+        shutil.rmtree(outer)  # the directory and the one holding it
+        results = [await result_of(engine, await engine.execute(shell(f"echo {n}")), 20) for n in (2, 3)]
+        assert [(r.status, r.error) for r in results] == [(ExecutionStatus.COMPLETED, None)] * 2
+        assert "stdout 3" in await engine.read_logs(results[1].id)
+        assert stat.S_IMODE(os.lstat(first.log_path.parent).st_mode) == 0o700
+
+
+@needs_root
+async def test_a_log_directory_another_user_put_in_place_of_ours_is_refused(tmp_path: Path) -> None:
+    """Removed, then made again by someone else before our next command: nothing is written into it."""
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        first = await result_of(engine, await engine.execute(shell("echo one")), timeout=20)
+        log_dir = first.log_path.parent
+        shutil.rmtree(log_dir)
+        log_dir.mkdir(mode=0o777)
+        os.chown(log_dir, NOBODY, NOBODY)
+        result = await result_of(engine, await engine.execute(shell("echo two")), timeout=20)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert "cannot open log file" in result.error
+        assert "belongs to another user" in result.error
+        assert list(log_dir.iterdir()) == []

@@ -131,9 +131,10 @@ class ProcessWorkerHandle(WorkerHandle):
         """In a process forked from the host: close the child's copies of the worker's pipes (`after_fork`).
 
         Only the descriptors: the event loop's epoll instance is the parent's
-        too, and unregistering would unregister them there.
+        too, and unregistering would unregister them there. Only those still
+        open: the number of one closed before the fork may name another file now.
         """
-        fds = [self._rfd, self._wfd]
+        fds = [] if self._dead else [self._rfd, self._wfd]
         if self._own_exit_fd:
             self._own_exit_fd = False
             fds.append(self._exit_fd)

@@ -57,7 +57,7 @@ from typing import Any
 import psutil
 
 from ..errors import IoError, SpawnFailed, mapped
-from ..logfiles import open_log, reopen_log
+from ..logfiles import LogDirectories
 from ..protocol import (
     OUTPUT_WINDOW,
     Cancel,
@@ -313,6 +313,7 @@ class Worker:
         self.loop.hold_low_priority = self._kill_settling
         self.loop.one_low_a_turn = self._killing_any
         self._pipe_budget = _PipeBudget()
+        self._log_dirs = LogDirectories()
 
     def serve(self) -> None:
         """Run until the supervisor says to shut down, or is gone."""
@@ -331,6 +332,7 @@ class Worker:
             self.loop.run()
         finally:
             self.loop.close()
+            self._log_dirs.close()
 
     # -- supervisor side -------------------------------------------------
 
@@ -456,7 +458,7 @@ class Worker:
         ex = _Execution(run, marker)
         self._executions[ex.id] = ex
         try:
-            ex.log_fd = open_log(run.log_path) if run.attempt <= 1 else reopen_log(run.log_path)
+            ex.log_fd = self._log_dirs.open(run.log_path, run.attempt <= 1)
         except OSError as exc:
             self._send(Started(ex.id, 0, ex.started_at).to_wire())
             self._on(ex, SPAWN_FAILED, error=str(mapped(exc, IoError, "cannot open log file")))
