@@ -11,6 +11,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 from uuid import UUID, uuid4
 
 import psutil
@@ -35,7 +36,7 @@ from cloudops_execution_engine import (
     SerialStrategy,
     SyncExecutionEngine,
 )
-from cloudops_execution_engine.actors import journal_known, journal_writer
+from cloudops_execution_engine.actors import journal, journal_known, journal_writer
 from cloudops_execution_engine.actors.journal import JournalStore, open_connection
 from cloudops_execution_engine.actors.journal_schema import SCHEMA_VERSION, migrate
 from cloudops_execution_engine.config import default_journal_path
@@ -409,6 +410,75 @@ async def test_an_empty_file_is_created_as_a_journal_in_wal_mode_at_the_current_
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     assert journal.stat().st_mode & 0o077 == 0
+
+
+async def test_a_journal_that_cannot_be_written_for_a_while_announces_ends_and_loses_none_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the journal's write lock: ends are announced, and written once it lets go."""
+    monkeypatch.setattr(journal, "WRITER_BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(journal_writer, "_RETRY_S", 0.05)
+    path = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        await engine.wait(await engine.execute(shell("echo before")), timeout=20)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # as a person in the sqlite3 shell might
+            ids = [await engine.execute(shell(f"echo {n}")) for n in range(5)]
+            plan = await engine.execute_plan(plan_of("echo a", "echo b"))
+            results = [await engine.wait(eid, timeout=20) for eid in [*ids, plan]]
+            assert [r.status for r in results] == [C] * 6
+            listed = {s.id: s.status for s in await engine.list_executions()}
+            assert all(listed[eid] is C for eid in [*ids, plan])
+            assert all(row(path, eid) in (None, ("pending", None), ("running", None)) for eid in ids)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not all((row(path, eid) or ("",))[0] == "completed" for eid in [*ids, plan]):
+            assert asyncio.get_running_loop().time() < deadline, "the ends were never written"
+            await asyncio.sleep(0.02)
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        again = [await later.get_result(eid) for eid in ids]
+        assert [r.stdout for r in again] == [f"{n}\n" for n in range(5)]
+        assert (await later.get_plan_result(plan)).status is C
+    failures = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    assert any("written again" in r.getMessage() for r in caplog.records)
+
+
+async def test_what_a_journal_never_writable_again_keeps_for_it_is_bounded_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(journal, "WRITER_BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(journal_writer, "_RETRY_S", 0.05)
+    monkeypatch.setattr(journal_writer, "_MAX_RETAINED", 6)
+    path = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path, max_concurrent_executions=1)) as engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            ids = [await engine.execute(shell(f"echo {n}")) for n in range(8)]
+            results = [await engine.wait(eid, timeout=20) for eid in ids]
+            assert [r.status for r in results] == [C] * 8
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any("written again" in r.getMessage() for r in caplog.records):
+            assert asyncio.get_running_loop().time() < deadline, "the journal was never written again"
+            await asyncio.sleep(0.02)
+        assert (await engine.get_result(ids[0])).stdout == "0\n", "this engine still answers for it"
+    # Whole submissions went, the oldest first: no row was left without its end.
+    rows = [row(path, eid) for eid in ids]
+    assert rows[0] is None
+    assert rows[-1] == ("completed", ANY)
+    assert all(found is None or found[0] == "completed" for found in rows), rows
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        assert {s.status for s in await later.list_executions()} == {C}, "nothing was taken as interrupted"
+    dropping = [r for r in caplog.records if "being dropped" in r.getMessage()]
+    assert len(dropping) == 1
 
 
 # -- recovery --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .journal_recovery import recover
 from .journal_rows import (
     ENTRY_COLUMNS,
     SUMMARY_COLUMNS,
+    DropOldest,
     apply_batch,
     now_us,
     op_added,
@@ -61,6 +62,10 @@ __all__ = ["JournalStore", "open_connection"]
 
 
 _WRITER_JOIN_TIMEOUT = 30.0
+# How long a commit waits for another process's write lock on the file (a
+# person's sqlite3 shell) before it counts as failed; ends are then announced
+# without waiting longer, and written later (`journal_writer`).
+WRITER_BUSY_TIMEOUT_S = 2.0
 _EXISTS = "SELECT 1 FROM entries WHERE id = ?"
 
 
@@ -121,7 +126,14 @@ class JournalStore:
         loop = asyncio.get_running_loop()
         writer_conn = await asyncio.to_thread(self._open_blocking)
         self._writer_conn = writer_conn
-        self._writer = JournalWriter(writer_conn, self._apply, loop, "cloudops-journal-writer")
+        self._writer = JournalWriter(
+            writer_conn,
+            self._apply,
+            loop,
+            "cloudops-journal-writer",
+            on_recovered=self._recovered,
+            drop=DropOldest(),
+        )
         if not self._known.ready:
             rows = self._next_seq - 1
             self._writer.put_job(fill_job(writer_conn, rows, self._known_filled_on(loop)))
@@ -178,6 +190,7 @@ class JournalStore:
                 with contextlib.suppress(OSError):
                     os.chmod(self.path, 0o600)
                 self._reader = open_connection(self.path, readonly=True)
+                conn.execute(f"PRAGMA busy_timeout = {int(WRITER_BUSY_TIMEOUT_S * 1000)}")
             return conn
         except BaseException:
             if conn is not None:
@@ -281,8 +294,22 @@ class JournalStore:
 
     def _settle(self, item: tuple[Record | PlanRun, Callable[[Any], None]]) -> None:
         entry, then = item
-        self._live.pop(entry.key if isinstance(entry, Record) else entry.id.bytes, None)
+        writer = self._writer
+        if writer is None or not writer.failing:
+            self._live.pop(entry.key if isinstance(entry, Record) else entry.id.bytes, None)
+        # else announced before it is durable: queries keep taking it from memory until then
         then(entry)
+
+    def _recovered(self, _written: list[tuple[Any, ...]]) -> None:
+        """The writer wrote what it kept while failing: what has ended is in the journal now.
+
+        Or was dropped, past the writer's bound: either way it is let go of, as
+        the end of an entry that is durable is. One ending meanwhile, not yet
+        committed, reads from its row (still running) for one batch's time.
+        """
+        for key, (_seq, entry) in list(self._live.items()):
+            if entry.result is not None:
+                del self._live[key]
 
     def retire(self, entry: Record | PlanRun) -> None:
         self._memory.retire(entry)

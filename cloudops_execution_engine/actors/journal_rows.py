@@ -21,6 +21,7 @@ from .records import PlanRun, Record
 
 __all__ = [
     "SUMMARY_COLUMNS",
+    "DropOldest",
     "apply_batch",
     "datetime_from_us",
     "now_us",
@@ -101,6 +102,54 @@ def op_ended(seq: int, entry: Record | PlanRun) -> tuple[Any, ...]:
 
 def op_closed(run: int) -> tuple[Any, ...]:
     return (CLOSED, run)
+
+
+class DropOldest:
+    """Which operations a failing journal's writer lets go of when it keeps too many (`JournalWriter`).
+
+    The oldest submissions go, each with every operation on it, then or later:
+    an end whose row was never written is of no use, and a row written without
+    its end would be taken for one a dead host left running. Operations on
+    rows written before the journal began to fail are kept. Seqs are given in
+    submission order, so what goes is one range of them, from the first
+    submission of the episode on (`reset` when it ends).
+    """
+
+    def __init__(self) -> None:
+        self._floor: int | None = None
+        self._ceiling = -1
+
+    def __call__(self, ops: list[tuple[Any, ...]], excess: int) -> list[tuple[Any, ...]]:
+        counted = 0
+        for op in ops:
+            if counted >= excess:
+                break
+            kind = op[0]
+            if kind == ADD:
+                first = last = op[1]
+                counted += 3  # with its start and its end
+            elif kind == ADD_PLAN:
+                first, last = min([*op[3], op[4]]), op[4]
+                counted += 2 + 2 * len(op[3])
+            else:
+                continue
+            if self._floor is None:
+                self._floor = first
+            self._ceiling = max(self._ceiling, last)
+        return [op for op in ops if not self._doomed(op)]
+
+    def reset(self) -> None:
+        self._floor, self._ceiling = None, -1
+
+    def _doomed(self, op: tuple[Any, ...]) -> bool:
+        kind = op[0]
+        if kind in (ADD, STARTED, ENDED):
+            seq = op[1]
+        elif kind == ADD_PLAN:
+            seq = op[4]
+        else:
+            return False
+        return self._floor is not None and self._floor <= seq <= self._ceiling
 
 
 def _final(entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str]) -> tuple[Any, ...]:

@@ -18,6 +18,15 @@ the machine losing power.
 Long jobs (retention's deletions) are generators: the thread runs one step
 of such a job between batches, so that a large deletion never holds back the
 commits that `wait()` and the handlers wait for.
+
+A commit that fails (a full disk, another process holding the file's write
+lock) does not lose its batch, nor keep anyone waiting: the batch's ends are
+announced, the writer is `failing`, and what it could not write is kept and
+tried again every `_RETRY_S` with whatever came since, each end of that time
+announced at once. One commit that succeeds ends the episode, and hands what
+it wrote late to `on_recovered`.
+Nothing is kept beyond `_MAX_RETAINED` operations: past that the oldest are
+dropped (as `drop` chooses), and said so. The failure is logged once, and the recovery once.
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["JournalWriter", "Op"]
+__all__ = ["Drop", "JournalWriter", "Op"]
 
 logger = logging.getLogger("cloudops_execution_engine.journal")
 
@@ -44,6 +53,24 @@ Apply = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], None]
 
 Job = Iterator[None]
 
+
+class Drop(Protocol):
+    """What is kept of the operations to write again when they are too many (the bound is `_MAX_RETAINED`)."""
+
+    def __call__(self, ops: list[tuple[Any, ...]], excess: int) -> list[tuple[Any, ...]]: ...
+
+    def reset(self) -> None:
+        """The journal is written again: the next failure starts afresh."""
+
+
+class _DropFirst:
+    def __call__(self, ops: list[tuple[Any, ...]], excess: int) -> list[tuple[Any, ...]]:
+        return ops[excess:]
+
+    def reset(self) -> None:
+        pass
+
+
 # Group commit: while ends flow (the last batch announced at least _FLOW_ENDS
 # of them), commits are at least _SPACING seconds apart, unless _BATCH
 # operations are already waiting or the engine has nothing left running
@@ -54,13 +81,23 @@ Job = Iterator[None]
 _FLOW_ENDS = 3
 _BATCH = 512
 _SPACING = 0.03
+# While commits fail: how often they are tried again, and how many operations
+# are kept for that (about a kilobyte each), the oldest dropped first.
+_RETRY_S = 1.0
+_MAX_RETAINED = 30_000
 
 
 class JournalWriter:
     """The thread that owns the journal's writing connection."""
 
     def __init__(
-        self, conn: sqlite3.Connection, apply: Apply, loop: asyncio.AbstractEventLoop, name: str
+        self,
+        conn: sqlite3.Connection,
+        apply: Apply,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+        on_recovered: Callable[[list[tuple[Any, ...]]], None] | None = None,
+        drop: Drop | None = None,
     ) -> None:
         self._conn = conn
         self._apply = apply
@@ -73,7 +110,14 @@ class JournalWriter:
         self._flowing = False
         self._hurry = False
         self._stopping = False
+        # While commits fail (read from the loop's thread), ends are announced before they are durable.
+        self.failing = False
         self.failure: str | None = None
+        self._retained: list[tuple[Any, ...]] = []
+        self._dropped = 0
+        self._failed_at = 0.0
+        self._on_recovered = on_recovered
+        self._drop: Drop = drop if drop is not None else _DropFirst()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -126,13 +170,20 @@ class JournalWriter:
                     # Said before looking again: an operation queued after the look sets the Event.
                     self._idle = True
                     if not ops:
-                        self._wake.wait()
+                        self._wake.wait(_RETRY_S if self.failing else None)
                     self._wake.clear()
                     self._idle = False
                 if ops:
                     self._commit_batch()
                     self._last_commit = time.monotonic()
-                if self._jobs and not self._stopping:
+                elif self.failing and time.monotonic() - self._failed_at >= _RETRY_S:
+                    self._retry()
+                if self.failing and self._stopping and not ops:
+                    self._retry()  # a last try before the engine stops
+                    if self.failing:
+                        self._give_up()
+                        return
+                if self._jobs and not self._stopping and not self.failing:
                     self._job_step()
                     if self._jobs:
                         self._wake.set()
@@ -147,22 +198,84 @@ class JournalWriter:
         batch: list[Op] = []
         while ops:
             batch.append(ops.popleft())
+        writes = [write for write, _then, _arg in batch]
+        done = [(then, arg) for _write, then, arg in batch if then is not None]
+        self._flowing = len(done) >= _FLOW_ENDS
+        if self.failing:
+            # Not durable until a commit succeeds: nobody is kept waiting for that.
+            if done:
+                self._post(done)
+            self._retain(writes)
+            if time.monotonic() - self._failed_at >= _RETRY_S:
+                self._retry()
+            return
+        try:
+            self._write(writes)
+        except Exception as exc:
+            # The engine goes on without durability rather than leave waiters hanging.
+            self._fail(exc, writes)
+        if done:
+            self._post(done)
+
+    def _write(self, writes: list[tuple[Any, ...]]) -> None:
         conn = self._conn
         try:
             conn.execute("BEGIN")
-            self._apply(conn, [write for write, _then, _arg in batch])
+            self._apply(conn, writes)
             conn.execute("COMMIT")
-        except Exception as exc:
-            # The engine goes on without durability rather than leave waiters
-            # hanging; the failure is logged and kept for queries to report.
-            self.failure = f"{type(exc).__name__}: {exc}"
-            logger.exception("writing to the journal failed; results of this batch are not durable")
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-        done = [(then, arg) for _write, then, arg in batch if then is not None]
-        self._flowing = len(done) >= _FLOW_ENDS
-        if done:
-            self._post(done)
+            raise
+
+    def _fail(self, exc: Exception, writes: list[tuple[Any, ...]]) -> None:
+        self.failing = True
+        self._failed_at = time.monotonic()
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self._retain(writes)
+        logger.error(
+            "the journal cannot be written (%s): ends are announced without being durable, and "
+            "written once it can be again",
+            self.failure,
+        )
+
+    def _retain(self, writes: list[tuple[Any, ...]]) -> None:
+        retained = self._retained
+        retained.extend(writes)
+        excess = len(retained) - _MAX_RETAINED
+        if excess > 0:
+            self._retained = self._drop(retained, excess)
+            if not self._dropped:
+                logger.error(
+                    "the journal has not been writable for %.0f s: the oldest operations kept for it "
+                    "are being dropped, and their executions will be missing from it",
+                    time.monotonic() - self._failed_at,
+                )
+            self._dropped += len(retained) - len(self._retained)
+
+    def _retry(self) -> None:
+        self._failed_at = time.monotonic()
+        try:
+            self._write(self._retained)
+        except Exception:
+            return  # said when it began; the next try is _RETRY_S away
+        written, dropped = self._retained, self._dropped
+        self._retained, self._dropped = [], 0
+        self._drop.reset()
+        self.failing = False
+        self.failure = None
+        logger.warning(
+            "the journal can be written again: %d operations written late, %d dropped", len(written), dropped
+        )
+        if self._on_recovered is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody asks any more
+                self._loop.call_soon_threadsafe(self._on_recovered, written)
+
+    def _give_up(self) -> None:
+        logger.error(
+            "the journal could not be written before the engine stopped: %d operations were not written",
+            len(self._retained) + self._dropped,
+        )
 
     def _job_step(self) -> None:
         job = self._jobs[0]
