@@ -205,3 +205,22 @@ async def test_another_engines_running_log_is_never_deleted_by_this_ones_retenti
         assert result.status is ExecutionStatus.COMPLETED
         logs = await other.read_logs(running)
         assert logs.index("started") < logs.index("after")
+
+
+def test_reading_a_large_log_directory_is_done_a_step_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two steps the journal's writer commits: a directory is never read in one long piece."""
+    monkeypatch.setattr(retention, "_SCAN_STEP", 10)
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    logs = [log_dir / f"{uuid4()}.log" for _ in range(35)]
+    for path in logs:
+        path.write_bytes(b"old\n")
+        age(path, 1)
+    job = retention.Retention(RetentionPolicy(max_executions=0), log_dir).logs_job(set(), time.time())
+    for _ in range(3):  # entries 10, 20 and 30: nothing deleted yet
+        next(job)
+        assert all(path.exists() for path in logs)
+    retention.run_job(job)
+    assert not any(path.exists() for path in logs)
