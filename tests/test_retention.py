@@ -224,3 +224,38 @@ def test_reading_a_large_log_directory_is_done_a_step_at_a_time(
         assert all(path.exists() for path in logs)
     retention.run_job(job)
     assert not any(path.exists() for path in logs)
+
+
+async def test_finished_commands_are_counted_a_step_at_a_time_ties_and_plans_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_executions counts a million rows in steps; every count must equal SQLite's own in one go."""
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        await run_all(engine, *(f"echo {i}" for i in range(7)))
+        plan = ExecutionPlan(commands=[shell("echo a"), shell("echo b")], strategy=SerialStrategy())
+        await engine.execute_plan(plan)
+        await engine.wait(plan.id, timeout=20)
+        await engine.execute(shell("sleep 30"))  # not ended: not counted
+        conn = sqlite3.connect(tmp_path / "journal.sqlite3")
+        try:
+            # Ends at the same microsecond, as a burst can have them, across the steps' edges.
+            conn.execute("UPDATE entries SET ended_us = 1000 WHERE seq IN (2, 3, 4, 5)")
+            conn.commit()
+            expected = conn.execute(
+                "SELECT count(*) FROM entries WHERE ended_us IS NOT NULL AND kind = 'command'"
+            ).fetchone()[0]
+            assert expected == 9
+            for step in (1, 2, 3, 100):
+                monkeypatch.setattr(retention, "_COUNT_STEP", step)
+                counting = retention._count_finished_commands(conn)
+                steps, counted = 0, None
+                while counted is None:
+                    try:
+                        next(counting)
+                        steps += 1
+                    except StopIteration as done:
+                        counted = done.value
+                assert (step, counted) == (step, expected)
+                assert steps == 10 // step  # ten ended rows, the plan's own among them
+        finally:
+            conn.close()
