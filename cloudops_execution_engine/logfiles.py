@@ -152,15 +152,19 @@ class LogDirectories:
     """Descriptors on the log directories a worker writes into, each found to be ours when opened.
 
     Logs are made relative to the descriptor (`openat`), not by path: a
-    directory checked once cannot be swapped for another under its name. When
-    it is removed (a temp cleaner emptying `$TMPDIR`, a person), making a file
-    in it fails with ENOENT: it is then made again and checked as at start
-    (`prepare_log_dir`), so the engine logs on, and a directory someone else
-    put at the name meanwhile is refused, never written into.
+    directory checked once cannot be swapped for another under its name
+    between the check and the making. Before each log the name is looked up
+    again (one `stat`): when it leads elsewhere (a symlinked `log_dir` pointed
+    at a new directory), or nowhere (removed by a temp cleaner emptying
+    `$TMPDIR`, or a person), the directory it leads to is made if need be
+    and checked as at start (`prepare_log_dir`). So logs follow the name as
+    they did when made by path, and a directory someone else put at the name
+    is refused, never written into.
     """
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        # directory -> (descriptor, st_dev, st_ino) of what it led to when checked
+        self._dirs: dict[str, tuple[int, int, int]] = {}
 
     def open(self, path: str | bytes, first_attempt: bool) -> int:
         """`open_log` (a first attempt) or `reopen_log` (a retry's) of the log at `path`."""
@@ -168,32 +172,39 @@ class LogDirectories:
         dir_fd = self._fd(directory, fresh=False)
         try:
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
-        except FileNotFoundError:
+        except FileNotFoundError:  # removed between the look and the making
             dir_fd = self._fd(directory, fresh=True)
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
 
     def _fd(self, directory: str, fresh: bool) -> int:
-        fd = self._fds.get(directory)
-        if fd is not None:
+        known = self._dirs.get(directory)
+        if known is not None:
             if not fresh:
-                return fd
-            del self._fds[directory]
-            os.close(fd)
+                try:
+                    info = os.stat(directory)
+                except OSError:
+                    pass
+                else:
+                    if (info.st_dev, info.st_ino) == known[1:]:
+                        return known[0]
+            del self._dirs[directory]
+            os.close(known[0])
         try:
             prepare_log_dir(Path(directory))
         except IoError as exc:
             raise PermissionError(errno.EACCES, exc.reason) from None
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if hasattr(os, "getuid") and os.fstat(fd).st_uid != os.getuid():  # swapped since the check
+        info = os.fstat(fd)
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():  # swapped since the check
             os.close(fd)
             raise PermissionError(errno.EACCES, f"log directory {directory} belongs to another user")
-        self._fds[directory] = fd
+        self._dirs[directory] = (fd, info.st_dev, info.st_ino)
         return fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd, _dev, _ino in self._dirs.values():
             os.close(fd)
-        self._fds.clear()
+        self._dirs.clear()
 
 
 def prepare_log_dir(log_dir: Path) -> None:

@@ -319,6 +319,28 @@ async def test_an_engine_logs_through_a_symlinked_log_dir(tmp_path: Path) -> Non
     assert_owner_only_log(target / f"{eid}.log")
 
 
+async def test_a_symlinked_log_dir_pointed_elsewhere_while_running_logs_where_it_points(
+    tmp_path: Path,
+) -> None:
+    """A `current` link moved to a new directory of ours (a daily rotation): new logs follow it."""
+    old, new = tmp_path / "old-logs", tmp_path / "new-logs"
+    for directory in (old, new):
+        directory.mkdir(mode=0o700)
+    link = tmp_path / "current"
+    link.symlink_to(old, target_is_directory=True)
+    async with ExecutionEngine(config(tmp_path, log_dir=link, workers=1)) as engine:
+        before = await result_of(engine, await engine.execute(shell("echo before")), timeout=20)
+        moved = tmp_path / "current.new"
+        moved.symlink_to(new, target_is_directory=True)
+        moved.replace(link)  # atomically, as rotation tools do
+        after = await result_of(engine, await engine.execute(shell("echo after")), timeout=20)
+        assert (before.status, after.status) == (ExecutionStatus.COMPLETED, ExecutionStatus.COMPLETED)
+        assert " stdout after\n" in await engine.read_logs(after.id)
+    assert (old / f"{before.id}.log").exists()
+    assert (new / f"{after.id}.log").exists()
+    assert not (old / f"{after.id}.log").exists()
+
+
 async def test_an_engine_never_writes_through_a_hard_link_at_a_logs_name(
     tmp_path: Path, victim: Path
 ) -> None:
