@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,34 @@ def test_the_id_filter_is_filled_from_the_id_index_without_reading_the_rows(tmp_
     finally:
         conn.close()
     assert "USING COVERING INDEX" in plan[0][-1], plan
+
+
+async def test_commits_never_wait_for_the_id_filter_to_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the ids can take minutes on a cold spinning disk: results are committed meanwhile."""
+    earlier = await journalled_trues(tmp_path, 3)
+    release = threading.Event()
+    real_add = journal_known.KnownIds.add
+    loop_thread = threading.current_thread()
+
+    def slow_add(self: journal_known.KnownIds, key: bytes) -> None:
+        if threading.current_thread() is not loop_thread:
+            release.wait(30)  # the ids come off a disk that takes its time
+        real_add(self, key)
+
+    monkeypatch.setattr(journal_known.KnownIds, "add", slow_add)
+    try:
+        async with ExecutionEngine(journalled(tmp_path)) as engine:
+            ids = [await engine.execute(shell(f"echo {n}")) for n in range(3)]
+            results = [await engine.wait(eid, timeout=10) for eid in ids]
+            assert [r.status for r in results] == [C] * 3
+            assert all(row(tmp_path / "journal.sqlite3", eid) == ("completed", ANY) for eid in ids)
+            with pytest.raises(InvalidCommand, match="already exists"):
+                await engine.execute(ExecutionRequest(id=earlier[0], command=ExecCommand(program="true")))
+            release.set()
+    finally:
+        release.set()
 
 
 async def test_the_last_ends_of_a_burst_are_committed_once_nothing_runs_not_a_spacing_later(

@@ -33,7 +33,7 @@ from uuid import UUID
 from ..errors import IoError, NotFound, map_errors
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
-from .journal_known import KnownIds, fill_job
+from .journal_known import IdFiller, KnownIds
 from .journal_lock import JournalLock
 from .journal_recovery import recover
 from .journal_rows import (
@@ -116,6 +116,7 @@ class JournalStore:
         # Keyed by the id's bytes, whose hash is cached (a UUID's is computed in Python each time).
         self._live: dict[bytes, tuple[int, Record | PlanRun]] = {}
         self._known = KnownIds()
+        self._filler: IdFiller | None = None
         self.recovered = 0
 
     # -- opening and closing ------------------------------------------------
@@ -135,8 +136,8 @@ class JournalStore:
             drop=DropOldest(),
         )
         if not self._known.ready:
-            rows = self._next_seq - 1
-            self._writer.put_job(fill_job(writer_conn, rows, self._known_filled_on(loop)))
+            connect = functools.partial(open_connection, self.path, readonly=True)
+            self._filler = IdFiller(connect, self._next_seq - 1, self._known_filled_on(loop))
         if self.retention is not None:
             self._sweeps.start(self.sweep)
 
@@ -203,6 +204,7 @@ class JournalStore:
         writer = self._writer
         if writer is None:
             return
+        await asyncio.to_thread(self._stop_filler)
         writer.put((op_closed(self._run), None, None))
         writer.stop()
         await asyncio.to_thread(writer.join, _WRITER_JOIN_TIMEOUT)
@@ -217,7 +219,13 @@ class JournalStore:
         writer.join(_WRITER_JOIN_TIMEOUT)
         self._finish()
 
+    def _stop_filler(self) -> None:
+        filler, self._filler = self._filler, None
+        if filler is not None:
+            filler.stop(_WRITER_JOIN_TIMEOUT)
+
     def _finish(self) -> None:
+        self._stop_filler()
         self._writer = None
         self._writer_conn = None
         if self._reader is not None:

@@ -4,17 +4,24 @@ Every `execute()` asks whether its id is already taken. A query costs tens of
 microseconds, the filter well under one. Filling the filter means reading
 every id in the journal: most of a second for a million rows, which an engine
 must not spend in `start()` (the command line opens the journal on every
-run). So the filter of an opened journal is filled on the writer thread, a
-chunk between two batches of commits, while the engine already serves; until
-it is whole, every id is looked up in SQLite as before.
+run). So the filter of an opened journal is filled by `IdFiller`, on a thread
+and a read connection of its own, while the engine already serves; until it
+is whole, every id is looked up in SQLite as before. Not on the writer's
+thread: the ids are read in the order of their index, which on a cold
+spinning disk is a random read per few hundred ids, and commits must not
+wait behind that.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["KnownIds", "fill_job"]
+__all__ = ["IdFiller", "KnownIds", "fill_job"]
+
+logger = logging.getLogger("cloudops_execution_engine.journal")
 
 # Ids read per step of the filling job: a few milliseconds that commits wait behind.
 _CHUNK = 10_000
@@ -92,3 +99,35 @@ def fill_job(conn: sqlite3.Connection, rows: int, done: Callable[[KnownIds], Non
         last = chunk[-1][0]
         yield
     done(filled)
+
+
+class IdFiller:
+    """Runs `fill_job` to its end on a thread of its own, over a connection `connect` opens there."""
+
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], rows: int, done: Callable[[KnownIds], None]
+    ) -> None:
+        self._connect = connect
+        self._rows = rows
+        self._done = done
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cloudops-journal-ids", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+            try:
+                for _ in fill_job(conn, self._rows, self._done):
+                    if self._stopping.is_set():
+                        return
+            finally:
+                conn.close()
+        except Exception:
+            # The engine serves on, looking every id up in SQLite as before the filter.
+            logger.warning("reading the journal's ids failed; they are looked up one by one", exc_info=True)
+
+    def stop(self, timeout: float) -> None:
+        """Stop between two chunks and close the connection (the engine is closing)."""
+        self._stopping.set()
+        self._thread.join(timeout)
