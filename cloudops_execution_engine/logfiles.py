@@ -139,13 +139,31 @@ def reopen_log(path: str | bytes, dir_fd: int | None = None) -> int:
     try:
         info = os.fstat(fd)
         ours = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and ours and _mark_in_use(fd):
-            os.set_blocking(fd, True)
-            return fd
-    except OSError:
-        pass
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and ours:
+            if _held_by_another(fd):
+                # A run of the same id in another engine on this directory: not appended to.
+                os.close(fd)
+                raise OSError(errno.EBUSY, _IN_USE, os.fsdecode(path))
+            if _mark_in_use(fd):
+                os.set_blocking(fd, True)
+                return fd
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise
     os.close(fd)
     return open_log(path, dir_fd)
+
+
+def _held_by_another(fd: int) -> bool:
+    """Whether a worker holds this log open: an exclusive lock cannot be had while its shared one stands."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a filesystem without locks
+    fcntl.flock(fd, fcntl.LOCK_UN)  # `_mark_in_use` takes the shared one next
+    return False
 
 
 class LogDirectories:

@@ -203,12 +203,29 @@ def test_a_log_open_for_writing_is_not_deleted_by_a_sweep_until_it_is_closed(log
         os.write(fd, b"being written\n")
         assert not unlink_unless_in_use(path)
         assert path.read_bytes() == b"being written\n"
-        reopened = reopen_log(str(path))  # a retry's attempt holds it as well
-        os.close(reopened)
+    reopened = reopen_log(str(path))  # a retry's attempt holds it as well
+    try:
         assert not unlink_unless_in_use(path)
+    finally:
+        os.close(reopened)
     assert unlink_unless_in_use(path)
     assert not path.exists()
     assert unlink_unless_in_use(path), "a log already gone is gone"
+
+
+def test_a_retry_does_not_append_to_a_log_another_run_of_its_id_is_writing(log_dir: Path) -> None:
+    path = log_dir / f"{uuid4()}.log"
+    with opened_log(str(path)) as fd:
+        os.write(fd, b"the other run\n")
+        with pytest.raises(OSError, match="being written by a running execution of the same id"):
+            reopen_log(str(path))
+        assert path.read_bytes() == b"the other run\n"
+    reopened = reopen_log(str(path))  # its own earlier attempt, ended: appended to, as before
+    try:
+        os.write(reopened, b"attempt 2\n")
+    finally:
+        os.close(reopened)
+    assert path.read_bytes() == b"the other run\nattempt 2\n"
 
 
 def test_a_log_a_sweep_deletes_as_it_is_created_is_made_again(
