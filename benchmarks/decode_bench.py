@@ -37,6 +37,7 @@ MESSAGES: dict[str, Message] = {
         1_700_000_001.5,
         None,
         [0.01, 0.002, 4096000],
+        None,
     ),
     "Finished, failed": Finished(
         ID,
@@ -50,6 +51,7 @@ MESSAGES: dict[str, Message] = {
         1_700_000_001.5,
         "Command failed with exit code 1",
         [0.01, 0.002, 4096000],
+        None,
     ),
     "Run": Run(
         ID,

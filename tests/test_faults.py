@@ -94,7 +94,21 @@ async def test_a_finished_frame_for_an_unknown_id_is_ignored(tmp_path: Path) -> 
     """A well-formed message about an execution the supervisor does not know changes nothing."""
     async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
         worker = await worker_pid(engine)
-        stray = [Kind.FINISHED, uuid4().bytes, "completed", 0, "", "", False, False, 1.0, 2.0, None, None]
+        stray = [
+            Kind.FINISHED,
+            uuid4().bytes,
+            "completed",
+            0,
+            "",
+            "",
+            False,
+            False,
+            1.0,
+            2.0,
+            None,
+            None,
+            None,
+        ]
         inject(worker, encode_frame(stray))
         assert (
             await engine.wait(await engine.execute(run("true")), timeout=30)

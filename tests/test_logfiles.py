@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from conftest import config, result_of, shell
+from conftest import HELPERS, config, result_of, shell
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionStatus, IoError
 from cloudops_execution_engine.logfiles import open_log, prepare_log_dir, reopen_log, unlink_unless_in_use
@@ -438,3 +439,26 @@ async def test_a_log_directory_another_user_put_in_place_of_ours_is_refused(tmp_
         assert "cannot open log file" in result.error
         assert "belongs to another user" in result.error
         assert list(log_dir.iterdir()) == []
+
+
+def test_a_log_the_disk_cannot_hold_is_said_to_be_incomplete_and_the_command_completes(
+    tmp_path: Path,
+) -> None:
+    """A log write that fails (a full disk; here a file-size limit) costs the log's tail, and is said."""
+    done = subprocess.run(
+        [sys.executable, str(HELPERS / "small_files_host.py"), str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["status"], report["error"], report["stdout_lines"]) == ("completed", None, 20000)
+    assert report["log_size"] <= 8192
+    assert report["small_status"] == "completed"
+    incomplete = [w for w in report["warnings"] if "incomplete" in w["message"]]
+    assert len(incomplete) == 1, report["warnings"]
+    assert report["id"] in incomplete[0]["message"]
+    assert incomplete[0]["execution_id"] == report["id"]
+    assert "File too large" in incomplete[0]["message"]

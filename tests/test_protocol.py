@@ -45,7 +45,8 @@ MESSAGES: list[Message] = [
     Hello(42, 1000),
     Started(ID, 1234, 1.5),
     Output(ID, 1, 2.5, ["a", "b" * 1000, ""]),
-    Finished(ID, "completed", 0, "out", "", False, True, 1.0, 2.0, None, [0.1, 0.2, 1024]),
+    Finished(ID, "completed", 0, "out", "", False, True, 1.0, 2.0, None, [0.1, 0.2, 1024], None),
+    Finished(ID, "completed", 0, "", "", False, False, 1.0, 2.0, None, [0.1, 0.2, 1024], "No space left"),
 ]
 
 
@@ -111,8 +112,9 @@ def test_garbage_body_is_a_protocol_error_and_the_decoder_stays_broken() -> None
         [Kind.STARTED, b"short", 1, 1.0],
         [Kind.OUTPUT, ID, 3, 1.0, ["x"]],
         [Kind.OUTPUT, ID, 1, 1.0, [b"bytes"]],
-        [Kind.FINISHED, ID, "completed", True, "", "", False, False, 1.0, 2.0, None, None],
-        [Kind.FINISHED, ID, "completed", 0, "", "", False, False, 1.0, 2.0, None, [1, 2]],
+        [Kind.FINISHED, ID, "completed", True, "", "", False, False, 1.0, 2.0, None, None, None],
+        [Kind.FINISHED, ID, "completed", 0, "", "", False, False, 1.0, 2.0, None, [1, 2], None],
+        [Kind.FINISHED, ID, "completed", 0, "", "", False, False, 1.0, 2.0, None, None, 7],
     ],
 )
 def test_type_confused_messages_are_protocol_errors(frame: Any) -> None:

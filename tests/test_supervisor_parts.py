@@ -218,7 +218,7 @@ def test_one_terminal_event_per_final_status() -> None:
 def test_a_result_from_a_finished_message_carries_everything_it_says() -> None:
     item = record()
     message = Finished(
-        item.key, "failed", 3, "out", "err", False, True, 100.0, 101.5, "boom", [0.5, 0.25, 4096]
+        item.key, "failed", 3, "out", "err", False, True, 100.0, 101.5, "boom", [0.5, 0.25, 4096], None
     )
     result = outcomes.result_of_finished(item, message)
     assert (result.status, result.exit_code, result.stdout, result.stderr, result.error) == (

@@ -538,6 +538,15 @@ class Supervisor:
             return
         worker.held.discard(record.key)
         self._scheduler.ran()
+        if message.log_error is not None:
+            suffix, extra = correlate([record.id])
+            logger.warning(
+                "the log of execution %s is incomplete: %s%s",
+                record.id,
+                message.log_error,
+                suffix,
+                extra=extra,
+            )
         result = outcomes.result_of_finished(record, message)
         if record.retry is None or not self._retry_later(record, result, retries.cause_of(result.status)):
             self._finalize(record, result)

@@ -56,7 +56,7 @@ from typing import Any
 
 import psutil
 
-from ..errors import IoError, SpawnFailed, mapped
+from ..errors import IoError, SpawnFailed, describe_os_error, mapped
 from ..logfiles import LogDirectories
 from ..protocol import (
     OUTPUT_WINDOW,
@@ -243,6 +243,7 @@ class _Execution:
         "life",
         "limits",
         "linger_timer",
+        "log_error",
         "log_fd",
         "marker",
         "masker",
@@ -267,6 +268,7 @@ class _Execution:
         self.life = Lifecycle(run.timeout_ms)
         self.pid = 0
         self.log_fd = -1
+        self.log_error: str | None = None  # why the log stopped short, if it did
         self.streams: list[_StreamState] = []
         self.rusage: list[float] | None = None
         self.started_at = time.time()
@@ -689,6 +691,7 @@ class Worker:
                 completed_at,
                 error,
                 ex.rusage,
+                ex.log_error,
             ).to_wire()
         )
         del self._executions[ex.id]
@@ -738,9 +741,8 @@ class Worker:
             return
         try:
             written = os.writev(ex.log_fd, parts)
-        except OSError:
-            os.close(ex.log_fd)
-            ex.log_fd = -1
+        except OSError as exc:
+            self._log_failed(ex, exc)
             return
         if written < sum(len(part) for part in parts):
             # A short write (a signal, a nearly full disk): finish it the plain way.
@@ -753,10 +755,15 @@ class Worker:
             while data:
                 written = os.write(ex.log_fd, data)
                 data = data[written:]
-        except OSError:
-            # A full disk must not stop the command or its result; the log stays short.
-            os.close(ex.log_fd)
-            ex.log_fd = -1
+        except OSError as exc:
+            self._log_failed(ex, exc)
+
+    def _log_failed(self, ex: _Execution, exc: OSError) -> None:
+        # A full disk must not stop the command or its result: the log stays
+        # short, and the host is told why, for a warning naming the execution.
+        os.close(ex.log_fd)
+        ex.log_fd = -1
+        ex.log_error = describe_os_error(exc)
 
     def _tree(self, ex: _Execution, unsure: list[process_tree.Proc] | None = None) -> list[process_tree.Proc]:
         others = [o.pid for o in self._executions.values() if o.pid and o is not ex and not o.life.reaped]

@@ -359,6 +359,8 @@ class Finished(_Message):
     completed_at: float
     error: str | None
     rusage: _Rusage
+    # Why the log file stopped short (a full disk), when it did; the command's result is not affected.
+    log_error: str | None
 
 
 def output_weight(lines: list[str]) -> int:
