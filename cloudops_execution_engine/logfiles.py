@@ -182,19 +182,19 @@ class LogDirectories:
 
     def __init__(self) -> None:
         # directory -> (descriptor, st_dev, st_ino) of what it led to when checked
-        self._dirs: dict[str, tuple[int, int, int]] = {}
+        self._dirs: dict[bytes, tuple[int, int, int]] = {}
 
     def open(self, path: str | bytes, first_attempt: bool) -> int:
         """`open_log` (a first attempt) or `reopen_log` (a retry's) of the log at `path`."""
-        directory, name = os.path.split(os.fsdecode(path))
-        dir_fd = self._fd(directory, fresh=False)
+        directory, _, name = os.fsencode(path).rpartition(b"/")
+        dir_fd = self._fd(directory or b"/", fresh=False)
         try:
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
         except FileNotFoundError:  # removed between the look and the making
-            dir_fd = self._fd(directory, fresh=True)
+            dir_fd = self._fd(directory or b"/", fresh=True)
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
 
-    def _fd(self, directory: str, fresh: bool) -> int:
+    def _fd(self, directory: bytes, fresh: bool) -> int:
         known = self._dirs.get(directory)
         if known is not None:
             if not fresh:
@@ -208,14 +208,16 @@ class LogDirectories:
             del self._dirs[directory]
             os.close(known[0])
         try:
-            prepare_log_dir(Path(directory))
+            prepare_log_dir(Path(os.fsdecode(directory)))
         except IoError as exc:
             raise PermissionError(errno.EACCES, exc.reason) from None
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         info = os.fstat(fd)
         if hasattr(os, "getuid") and info.st_uid != os.getuid():  # swapped since the check
             os.close(fd)
-            raise PermissionError(errno.EACCES, f"log directory {directory} belongs to another user")
+            raise PermissionError(
+                errno.EACCES, f"log directory {os.fsdecode(directory)} belongs to another user"
+            )
         self._dirs[directory] = (fd, info.st_dev, info.st_ino)
         return fd
 
