@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -214,21 +214,6 @@ def test_a_log_open_for_writing_is_not_deleted_by_a_sweep_until_it_is_closed(log
     assert unlink_unless_in_use(path), "a log already gone is gone"
 
 
-def test_a_retry_does_not_append_to_a_log_another_run_of_its_id_is_writing(log_dir: Path) -> None:
-    path = log_dir / f"{uuid4()}.log"
-    with opened_log(str(path)) as fd:
-        os.write(fd, b"the other run\n")
-        with pytest.raises(OSError, match="being written by a running execution of the same id"):
-            reopen_log(str(path))
-        assert path.read_bytes() == b"the other run\n"
-    reopened = reopen_log(str(path))  # its own earlier attempt, ended: appended to, as before
-    try:
-        os.write(reopened, b"attempt 2\n")
-    finally:
-        os.close(reopened)
-    assert path.read_bytes() == b"the other run\nattempt 2\n"
-
-
 def test_a_log_a_sweep_deletes_as_it_is_created_is_made_again(
     log_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -374,15 +359,24 @@ async def test_an_engine_never_writes_through_a_hard_link_at_a_logs_name(
     assert_owner_only_log(planted)
 
 
-def test_a_log_being_written_is_not_taken_over_by_a_new_run_of_its_id(log_dir: Path) -> None:
+@pytest.mark.parametrize(("opener", "afterwards"), [(open_log, b""), (reopen_log, b"first run\n")])
+def test_a_log_being_written_is_neither_taken_over_nor_appended_to_by_another_run_of_its_id(
+    log_dir: Path, opener: Callable[[str], int], afterwards: bytes
+) -> None:
+    """A rerun (`open_log`) or a retry (`reopen_log`) of an id another run still logs is refused."""
     path = log_dir / f"{uuid4()}.log"
     with opened_log(str(path)) as fd:
-        os.write(fd, b"first run, still running\n")
+        os.write(fd, b"first run\n")
         with pytest.raises(OSError, match="being written by a running execution of the same id"):
-            open_log(str(path))
+            opener(str(path))
         assert_fresh_log(path, fd)
-    with opened_log(str(path)) as fd:  # once it has ended, a rerun starts a fresh log as before
-        assert_fresh_log(path, fd)
+        assert path.read_bytes() == b"first run\n"
+    # Once that run has ended: a rerun starts a fresh log, a retry appends to it, as before.
+    fd = opener(str(path))
+    try:
+        assert path.read_bytes() == afterwards
+    finally:
+        os.close(fd)
 
 
 async def test_an_id_running_in_another_engine_on_the_same_directory_fails_here_and_not_there(

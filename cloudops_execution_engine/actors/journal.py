@@ -308,7 +308,7 @@ class JournalStore:
         # else announced before it is durable: queries keep taking it from memory until then
         then(entry)
 
-    def _recovered(self, _written: list[tuple[Any, ...]]) -> None:
+    def _recovered(self) -> None:
         """The writer wrote what it kept while failing: what has ended is in the journal now.
 
         Or was dropped, past the writer's bound: either way it is let go of, as

@@ -23,7 +23,7 @@ __all__ = ["IdFiller", "KnownIds", "fill_job"]
 
 logger = logging.getLogger("cloudops_execution_engine.journal")
 
-# Ids read per step of the filling job: a few milliseconds that commits wait behind.
+# Ids read per step of the filling job: a few milliseconds, between which it can be stopped.
 _CHUNK = 10_000
 # Served from the unique index on `id` alone (a covering index: it holds the id and the rowid).
 _NEXT_IDS = "SELECT id FROM entries WHERE id > ? ORDER BY id LIMIT ?"
@@ -77,7 +77,7 @@ class KnownIds:
 
 
 def fill_job(conn: sqlite3.Connection, rows: int, done: Callable[[KnownIds], None]) -> Iterator[None]:
-    """A writer-thread job: a filter of every id in the journal, a chunk per step.
+    """A filter of every id in the journal, read a chunk per step (`IdFiller` runs it).
 
     The ids are read in id order from their own index, which holds nothing
     else: about 30 MB for a million rows, against the table's gigabyte of

@@ -23,8 +23,7 @@ A commit that fails (a full disk, another process holding the file's write
 lock) does not lose its batch, nor keep anyone waiting: the batch's ends are
 announced, the writer is `failing`, and what it could not write is kept and
 tried again every `_RETRY_S` with whatever came since, each end of that time
-announced at once. One commit that succeeds ends the episode, and hands what
-it wrote late to `on_recovered`.
+announced at once. One commit that succeeds ends the episode (`on_recovered`).
 Nothing is kept beyond `_MAX_RETAINED` operations: past that the oldest are
 dropped (as `drop` chooses), and said so. The failure is logged once, and the recovery once.
 """
@@ -63,14 +62,6 @@ class Drop(Protocol):
         """The journal is written again: the next failure starts afresh."""
 
 
-class _DropFirst:
-    def __call__(self, ops: list[tuple[Any, ...]], excess: int) -> list[tuple[Any, ...]]:
-        return ops[excess:]
-
-    def reset(self) -> None:
-        pass
-
-
 # Group commit: while ends flow (the last batch announced at least _FLOW_ENDS
 # of them), commits are at least _SPACING seconds apart, unless _BATCH
 # operations are already waiting or the engine has nothing left running
@@ -96,8 +87,8 @@ class JournalWriter:
         apply: Apply,
         loop: asyncio.AbstractEventLoop,
         name: str,
-        on_recovered: Callable[[list[tuple[Any, ...]]], None] | None = None,
-        drop: Drop | None = None,
+        on_recovered: Callable[[], None],
+        drop: Drop,
     ) -> None:
         self._conn = conn
         self._apply = apply
@@ -112,12 +103,12 @@ class JournalWriter:
         self._stopping = False
         # While commits fail (read from the loop's thread), ends are announced before they are durable.
         self.failing = False
-        self.failure: str | None = None
         self._retained: list[tuple[Any, ...]] = []
         self._dropped = 0
-        self._failed_at = 0.0
+        self._failing_since = 0.0
+        self._tried_at = 0.0
         self._on_recovered = on_recovered
-        self._drop: Drop = drop if drop is not None else _DropFirst()
+        self._drop = drop
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -176,7 +167,7 @@ class JournalWriter:
                 if ops:
                     self._commit_batch()
                     self._last_commit = time.monotonic()
-                elif self.failing and time.monotonic() - self._failed_at >= _RETRY_S:
+                elif self.failing and time.monotonic() - self._tried_at >= _RETRY_S:
                     self._retry()
                 if self.failing and self._stopping and not ops:
                     self._retry()  # a last try before the engine stops
@@ -206,7 +197,7 @@ class JournalWriter:
             if done:
                 self._post(done)
             self._retain(writes)
-            if time.monotonic() - self._failed_at >= _RETRY_S:
+            if time.monotonic() - self._tried_at >= _RETRY_S:
                 self._retry()
             return
         try:
@@ -230,13 +221,13 @@ class JournalWriter:
 
     def _fail(self, exc: Exception, writes: list[tuple[Any, ...]]) -> None:
         self.failing = True
-        self._failed_at = time.monotonic()
-        self.failure = f"{type(exc).__name__}: {exc}"
+        self._failing_since = self._tried_at = time.monotonic()
         self._retain(writes)
         logger.error(
-            "the journal cannot be written (%s): ends are announced without being durable, and "
+            "the journal cannot be written (%s: %s): ends are announced without being durable, and "
             "written once it can be again",
-            self.failure,
+            type(exc).__name__,
+            exc,
         )
 
     def _retain(self, writes: list[tuple[Any, ...]]) -> None:
@@ -249,27 +240,25 @@ class JournalWriter:
                 logger.error(
                     "the journal has not been writable for %.0f s: the oldest operations kept for it "
                     "are being dropped, and their executions will be missing from it",
-                    time.monotonic() - self._failed_at,
+                    time.monotonic() - self._failing_since,
                 )
             self._dropped += len(retained) - len(self._retained)
 
     def _retry(self) -> None:
-        self._failed_at = time.monotonic()
+        self._tried_at = time.monotonic()
         try:
             self._write(self._retained)
         except Exception:
             return  # said when it began; the next try is _RETRY_S away
-        written, dropped = self._retained, self._dropped
+        written, dropped = len(self._retained), self._dropped
         self._retained, self._dropped = [], 0
         self._drop.reset()
         self.failing = False
-        self.failure = None
         logger.warning(
-            "the journal can be written again: %d operations written late, %d dropped", len(written), dropped
+            "the journal can be written again: %d operations written late, %d dropped", written, dropped
         )
-        if self._on_recovered is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody asks any more
-                self._loop.call_soon_threadsafe(self._on_recovered, written)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody asks any more
+            self._loop.call_soon_threadsafe(self._on_recovered)
 
     def _give_up(self) -> None:
         logger.error(
