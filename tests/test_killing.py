@@ -22,10 +22,13 @@ TERM, STOP, KILL = signal.SIGTERM, signal.SIGSTOP, signal.SIGKILL
 class Proc:
     """Stands in for a `psutil.Process`: records the signals it gets, dies of those it does not ignore."""
 
-    def __init__(self, name: str, log: list[tuple[str, int]], ignores: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, name: str, log: list[tuple[str, int]], ignores: tuple[int, ...] = (), group: int = 0
+    ) -> None:
         self.name = name
         self.log = log
         self.ignores = ignores
+        self.group = group
         self.alive = True
 
     def send_signal(self, sig: int) -> None:
@@ -140,6 +143,25 @@ def test_the_process_group_is_signalled_while_it_has_a_leader(
     leader[0] = 0  # reaped: its pid may be someone else's now
     kill.look()
     assert sent == [(4242, TERM), (4242, KILL)]
+
+
+def test_a_process_in_the_signalled_group_gets_no_second_sigterm(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's SIGTERM reaches its members; only those found outside it get one of their own."""
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(process_tree, "signal_group", lambda pgid, sig: sent.append((pgid, sig)))
+    log: list[tuple[str, int]] = []
+    tree = Tree(
+        Proc("member", log, ignores=(TERM,), group=4242), Proc("escaped", log, ignores=(TERM,), group=777)
+    )
+    kill = Escalation(tree.look, tree.reap, grace=1.0, group=lambda: 4242)
+    kill.begin()
+    assert sent == [(4242, TERM)]
+    assert log == [("escaped", TERM)]
+    tree.procs.append(Proc("forked since", log, ignores=(TERM,), group=4242))
+    kill.look()
+    assert log == [("escaped", TERM), ("forked since", TERM)], "the group's signal came before it existed"
 
 
 def test_watch_looks_with_a_growing_pause_and_reports_the_end_once() -> None:

@@ -54,6 +54,27 @@ async def test_timeout_kills_the_whole_tree(engine: ExecutionEngine, recorder: R
     assert [pid for pid in pids if not gone(pid)] == []
 
 
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+async def test_each_process_of_a_tree_gets_one_sigterm(
+    engine: ExecutionEngine, recorder: Recorder, tmp_path: Path, ending: str
+) -> None:
+    """The group's signal and the tree's each reach a process: a handler must not run twice.
+
+    A second SIGTERM is how many programs are told to stop without cleaning up.
+    """
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    timeout = {"timeout_ms": 1500} if ending == "timeout" else {}
+    eid, pids = await started_tree(engine, recorder, tree("--count-term", str(counts), **timeout))
+    if ending == "cancel":
+        await engine.cancel(eid)  # type: ignore[arg-type]
+    result = await engine.wait(eid, timeout=20)  # type: ignore[arg-type]
+    assert isinstance(result, ExecutionResult)
+    assert result.status is (ExecutionStatus.CANCELLED if ending == "cancel" else ExecutionStatus.TIMEOUT)
+    assert [pid for pid in pids if not gone(pid)] == []
+    assert {int(path.name): path.read_text() for path in counts.iterdir()} == {pid: "1" for pid in pids}
+
+
 async def test_sigterm_ignoring_tree_is_killed_after_the_grace_period(
     tmp_path: Path, recorder: Recorder
 ) -> None:

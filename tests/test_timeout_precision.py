@@ -6,9 +6,11 @@ guard the behaviour it rests on, with bounds no loaded machine should miss.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import pytest
 from conftest import config, run
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
+from cloudops_execution_engine.actors import reactor as reactor_module
 from cloudops_execution_engine.actors.local_pool import start_worker_process
 from cloudops_execution_engine.actors.reactor import LOW_HOLD_MAX, Reactor
 from cloudops_execution_engine.protocol import (
@@ -60,6 +63,63 @@ def test_a_timer_due_in_a_fraction_of_a_millisecond_is_not_rounded_up_to_one() -
     # Rounded up to 1 ms, every one of them would be at least 0.8 ms late.
     on_time = [late for late in lateness if late < 0.0007]
     assert len(on_time) >= len(lateness) // 2, f"lateness in ms: {[round(x * 1e3, 2) for x in lateness]}"
+
+
+class _SlackKernel:
+    """A clock, and waits that end as late as Linux lets them on a virtual machine.
+
+    epoll rounds its timeout up to whole milliseconds, and the kernel adds its
+    slack, a thousandth of the wait (at most 0.1 s); a virtual machine's host
+    adds about as much again. select counts microseconds, its slack 50 µs.
+    """
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[tuple[str, float]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        assert timeout is not None
+        self.waits.append(("epoll", timeout))
+        self.now += math.ceil(timeout * 1000) / 1000 + min(timeout * 0.002, 0.2)
+        return []
+
+    def select(self, _r: Any, _w: Any, _x: Any, timeout: float) -> tuple[list[int], list[int], list[int]]:
+        self.waits.append(("select", timeout))
+        self.now += timeout + 0.00005
+        return [], [], []
+
+
+@pytest.mark.parametrize("delay", [0.2, 3.0, 60.0, 3000.0])
+def test_a_timer_far_off_is_not_late_by_the_kernels_slack_on_the_wait(
+    delay: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait of t seconds may end t/1000 late and more: a 60 s timeout must not end 60 ms late for it."""
+    kernel = _SlackKernel()
+    reactor = Reactor(epoll=True)
+    monkeypatch.setattr(reactor_module, "time", kernel)
+    monkeypatch.setattr(reactor_module, "select", kernel)
+    monkeypatch.setattr(reactor, "_poller", kernel)
+    fired: list[float] = []
+
+    def fire() -> None:
+        fired.append(kernel.now)
+        reactor.stop()
+
+    due = kernel.now + delay
+    try:
+        reactor.call_later(delay, fire)
+        reactor.run()
+    finally:
+        monkeypatch.undo()
+        reactor.close()
+    assert fired, "the timer never fired"
+    lateness = fired[0] - due
+    assert 0 <= lateness < 0.0002, f"{lateness * 1e3:.2f} ms late after waits {kernel.waits}"
+    # A few waits, not a busy approach.
+    assert len(kernel.waits) <= 6, kernel.waits
 
 
 def test_low_priority_calls_run_one_a_turn_after_what_became_ready() -> None:
@@ -219,6 +279,34 @@ def test_a_timeout_is_not_held_up_by_a_burst_of_starts(worker: WorkerLink) -> No
     worker.send(*(Cancel(k) for k, _ in burst))
     worker.expect(lambda: all(worker.finished(k) is not None for k, _ in burst))
     assert {worker.finished(k).status for k, _ in burst} == {"cancelled"}  # type: ignore[union-attr]
+
+
+def test_a_timeout_signals_nothing_before_its_deadline(worker: WorkerLink) -> None:
+    """The worker wakes ahead of a timeout to get ready; the command hears of it only when it is due."""
+    script = (
+        "import signal, sys, time\n"
+        "def term(*_):\n"
+        "    print(repr(time.time()), flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    keys = []
+    for timeout_ms in (300, 600):
+        key, message = worker.run([sys.executable, "-c", script], timeout_ms=timeout_ms)
+        worker.send(message)
+        keys.append((key, timeout_ms))
+    worker.expect(lambda: all(worker.finished(k) is not None for k, _ in keys))
+    for key, timeout_ms in keys:
+        done = worker.finished(key)
+        assert done is not None
+        assert done.status == "timeout"
+        started = worker.of(key, Started)[0].timestamp
+        lines = [line for m in worker.of(key, Output) for line in m.lines]
+        assert lines[0] == "ready", lines
+        termed = float(lines[1])
+        assert termed - started >= timeout_ms / 1000, f"SIGTERM came {termed - started:.4f} s after the start"
 
 
 def test_a_cancel_read_with_its_run_still_reports_the_start_then_the_cancel(worker: WorkerLink) -> None:

@@ -1,9 +1,10 @@
 """How a process tree is stopped: one escalation, used by every path that stops one.
 
-    begin:  SIGTERM to the command's process group while its leader is
-            unreaped (one call that reaches most of a tree at once), then to
-            every process of the tree (those that left the group too); with
-            no grace, SIGSTOP and SIGKILL at once instead
+    begin:  look, then SIGTERM to the command's process group while its
+            leader is unreaped (one call that reaches most of a tree at once),
+            and to every process found outside it (those that left the group),
+            so that each gets one; with no grace, SIGSTOP and SIGKILL at once
+            instead
     look:   reap, find what is left; before the deadline, SIGTERM what is new
             since the last look; past it, SIGSTOP then SIGKILL what is left
             (and SIGKILL the group), so that none can fork while its
@@ -97,15 +98,20 @@ class Escalation:
 
     def begin(self, found: Sequence[Signallable] | None = None) -> None:
         """The first blow, to `found` if the caller has just looked; starts the grace period."""
+        procs = found if found is not None else self._look()[0]
         if self.grace > 0:
-            # The group first: one call reaches most of a tree, which can start
-            # dying while the look below walks it (a millisecond for 100 processes).
+            # Each process gets one SIGTERM: a second is how many programs are
+            # told to stop at once, without cleaning up. The look comes first,
+            # so that what it found in the group gets the group's, and what the
+            # group's missed (forked since) is new to the next look.
             pgid = self._group()
             if pgid:
                 process_tree.signal_group(pgid, signal.SIGTERM)
-        procs = found if found is not None else self._look()[0]
-        if self.grace > 0:
-            process_tree.signal_processes(procs, signal.SIGTERM)
+                process_tree.signal_processes(
+                    [proc for proc in procs if getattr(proc, "group", 0) != pgid], signal.SIGTERM
+                )
+            else:
+                process_tree.signal_processes(procs, signal.SIGTERM)
             self._termed.update(procs)
         else:
             self._kill(procs)

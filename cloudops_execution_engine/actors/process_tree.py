@@ -222,11 +222,14 @@ class Proc:
     signal, so a recycled pid is never hit.
     """
 
-    __slots__ = ("_ppid", "pid", "session", "start", "threads", "zombie")
+    __slots__ = ("_ppid", "group", "pid", "session", "start", "threads", "zombie")
 
-    def __init__(self, pid: int, ppid: int, session: int, start: int, threads: int, zombie: bool) -> None:
+    def __init__(
+        self, pid: int, ppid: int, session: int, start: int, threads: int, zombie: bool, group: int = 0
+    ) -> None:
         self.pid = pid
         self._ppid = ppid
+        self.group = group  # the process group; 0 where it could not be read
         self.session = session
         self.start = start  # clock ticks after boot
         self.threads = threads
@@ -246,7 +249,15 @@ class Proc:
         # The command name is in parentheses and may hold anything, those included.
         fields = data[data.rindex(b")") + 2 :].split(b" ", 20)
         # state ppid pgrp session ... num_threads (18th) ... starttime (20th)
-        return cls(pid, int(fields[1]), int(fields[3]), int(fields[19]), int(fields[17]), fields[0] == b"Z")
+        return cls(
+            pid,
+            int(fields[1]),
+            int(fields[3]),
+            int(fields[19]),
+            int(fields[17]),
+            fields[0] == b"Z",
+            int(fields[2]),
+        )
 
     def ppid(self) -> int:
         return self._ppid

@@ -23,10 +23,11 @@ of starts; otherwise a turn runs all that may run, and their messages share
 one write, as a burst of starts is common (a host filling freed slots) and a
 write per start would wake the host for each.
 
-Timers wake on time to within the kernel's timer slack: epoll counts whole
-milliseconds and rounds up, which would make every timer up to a millisecond
-late, so the last stretch before a timer is waited out with `select`, which
-counts microseconds.
+Timers wake on time to within the kernel's timer slack on a short wait: epoll
+counts whole milliseconds and rounds up, and the kernel lets a long wait end
+later in proportion (60 ms on a 60 s wait), so a wait for a timer ends well
+before it, and the last stretch is waited out with `select`, which counts
+microseconds.
 
 A callback that raises ends the loop, and with it the worker. Where asyncio
 would log the error and go on, leaving that execution never to finish, the
@@ -58,10 +59,16 @@ _WRITE_LIKE = _WRITE | select.POLLERR | select.POLLHUP
 # Past this many cancelled timers, and once they are half the heap, the heap is rebuilt:
 # every command's timeout timer is cancelled when it ends, usually long before it is due.
 _CANCELLED_SWEEP = 256
-# epoll waits whole milliseconds, rounded up. A wait that ends with a timer is
-# cut a millisecond short, and the rest, under this, waited out with select.
-_MS = 0.001
-_FINE_WAIT = 0.002
+# epoll waits whole milliseconds, rounded up, and a long wait ends later still:
+# the kernel's "slack" lets it end a thousandth of the wait late (a 200th for a
+# niced process, at most 0.1 s), and a virtual machine's host adds its own (a
+# 5 s wait ended 10 ms late on one). A wait that ends with a timer is cut short
+# by two milliseconds and a 200th, so that it ends before the timer; the rest is
+# waited the same way, a few turns from far off, and under _FINE_WAIT with
+# select, which counts microseconds.
+_EARLY = 0.002
+_FINE_WAIT = 0.01
+_SLACK = 0.01
 # select's fd sets hold fds below this; the epoll fd, made first, always is.
 _FD_SETSIZE = 1024
 # The longest a low-priority call is held back for timers and `hold_low_priority`;
@@ -381,11 +388,11 @@ class Reactor:
         return None
 
     def _fine_wait(self, timeout: float) -> float:
-        """What is left to wait with epoll: a long wait ends a millisecond early, a short one here."""
+        """What is left to wait with epoll: a long wait ends early, a short one here."""
         if timeout > _FINE_WAIT:
-            # Rounded up, this ends within the millisecond before the timer;
-            # the next turn waits out the rest below.
-            return timeout - _MS
+            # Rounded up and slackened, this ends before the timer; the next
+            # turn waits out the rest, below or, from far off, with epoll again.
+            return timeout - _EARLY - timeout * _SLACK
         # The epoll fd reads as ready when one of its fds is: this returns as
         # epoll would have, but at the timer to the microsecond.
         select.select((self._fine_fd,), (), (), timeout)

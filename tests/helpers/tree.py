@@ -3,7 +3,9 @@
 Each process prints `pid <n>` once it is in place; the grandchild calls setsid
 so it leaves the command's session, and is reparented when its parent exits.
 With --ignore-term every level ignores SIGTERM. With --close-stdio the
-grandchild lets go of the output pipes, so only its marker finds it.
+grandchild lets go of the output pipes, so only its marker finds it. With
+--count-term DIR each process counts the SIGTERMs it gets, and 0.3 s after the
+first writes the count to DIR/<its pid> and exits.
 """
 
 import os
@@ -13,8 +15,19 @@ import time
 
 ignore_term = "--ignore-term" in sys.argv
 close_stdio = "--close-stdio" in sys.argv
+count_dir = sys.argv[sys.argv.index("--count-term") + 1] if "--count-term" in sys.argv else None
 if ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+terms = 0
+
+
+def count_term(_signum: int, _frame: object) -> None:
+    global terms
+    terms += 1
+
+
+if count_dir is not None:
+    signal.signal(signal.SIGTERM, count_term)
 
 
 def announce() -> None:
@@ -22,8 +35,14 @@ def announce() -> None:
 
 
 def idle() -> None:
-    while True:
+    while count_dir is None:
         time.sleep(3600)
+    while not terms:
+        time.sleep(0.01)
+    time.sleep(0.3)  # a second SIGTERM would come meanwhile
+    with open(os.path.join(count_dir, str(os.getpid())), "w") as counted:
+        counted.write(str(terms))
+    os._exit(0)
 
 
 announce()
