@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -79,6 +80,7 @@ class SyncExecutionEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._closing = False
+        self._stopped = threading.Event()  # set once the first shutdown() has stopped everything
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="cloudops-execution-engine", daemon=True
@@ -286,16 +288,36 @@ class SyncExecutionEngine:
         """
         if os.getpid() != self._pid:
             return
+        caller = threading.current_thread()
         with self._lock:
-            if self._closing:
-                return
+            first = not self._closing
             self._closing = True
+        if not first:
+            self._await_first_shutdown(caller)
+            return
         try:
-            self._call(self._engine.shutdown(cancel))
+            self._call(self._shut_down(caller, cancel))
         finally:
             with self._lock:
                 self._closed = True
             self._stop_loop()
+            self._stopped.set()
+
+    async def _shut_down(self, caller: threading.Thread, cancel: bool) -> None:
+        # Called from a handler's thread, the drain of handlers must not wait for that handler.
+        self._bus.spare(caller)
+        await self._engine.shutdown(cancel)
+
+    def _await_first_shutdown(self, caller: threading.Thread) -> None:
+        """A second call returns once the first has stopped everything, as the async engine's does."""
+        if caller is self._thread:
+            raise RuntimeError(
+                "SyncExecutionEngine.shutdown was called on its own loop thread (from a coroutine "
+                "handler?) while it was shutting down; it would wait for itself forever"
+            )
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is left to wait for
+            self._loop.call_soon_threadsafe(self._bus.spare, caller)
+        self._stopped.wait()
 
     def _stop_loop(self) -> None:
         if threading.current_thread() is self._thread:

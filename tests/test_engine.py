@@ -488,3 +488,43 @@ async def test_relative_working_dir_is_the_hosts_and_does_not_stick(
     after = await engine.wait(await engine.execute(run("pwd")), timeout=20)
     assert inside.stdout == f"{tmp_path / 'sub'}\n"  # type: ignore[union-attr]
     assert after.stdout == f"{tmp_path}\n"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["await", "wait_for"])
+async def test_a_handler_that_awaits_shutdown_is_not_waited_for_by_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """`await engine.shutdown()` inside a handler: the drain cannot wait for the handler awaiting it.
+
+    Through `asyncio.wait_for` too, which awaits it in a task of its own.
+    """
+    engine = ExecutionEngine(config(tmp_path))
+    inner: list[float] = []
+
+    class StopOnFirstEnd:
+        async def on_event(self, event: object) -> None:
+            if getattr(event, "event_type", None) == "completed" and not inner:
+                began = asyncio.get_running_loop().time()
+                if how == "await":
+                    await engine.shutdown()
+                else:
+                    await asyncio.wait_for(engine.shutdown(), 30)
+                inner.append(asyncio.get_running_loop().time() - began)
+
+    engine.with_event_handler(StopOnFirstEnd())
+    await engine.start()
+    first = await engine.execute(shell("echo one"))
+    other = await engine.execute(run("sleep", "30"))
+    await engine.wait(first, timeout=20)
+    assert (await engine.wait(other, timeout=20)).status is ExecutionStatus.CANCELLED
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(engine.shutdown(), 30)
+    outer = asyncio.get_running_loop().time() - began
+    assert outer < 5, f"shutdown() took {outer:.1f} s"
+    for _ in range(100):
+        if inner:
+            break
+        await asyncio.sleep(0.01)  # the handler's call returns on a later turn of the loop
+    assert inner, "the handler's shutdown() never returned"
+    assert inner[0] < 5
+    assert "still busy at shutdown" not in caplog.text

@@ -315,3 +315,39 @@ def test_a_reader_still_iterating_at_shutdown_reads_to_the_end(tmp_path: Path) -
     assert [next(events).event_type for _ in range(3)] == ["started", "stdout", "stdout"]
     engine.shutdown()
     assert [e.event_type for e in events] == ["cancelled"]
+
+
+def test_a_handler_that_shuts_the_engine_down_is_not_waited_for_by_that_shutdown(tmp_path: Path) -> None:
+    """A handler on its own thread calls `shutdown()`: it returns soon, and so does a second call."""
+    engine = SyncExecutionEngine(config(tmp_path))
+    inner: list[float] = []
+    asked = threading.Event()
+
+    def stop_on_first_end(event: Any) -> None:
+        if event.event_type == "completed" and not asked.is_set():
+            asked.set()
+            began = time.monotonic()
+            engine.shutdown()
+            inner.append(time.monotonic() - began)
+
+    engine.with_event_handler(stop_on_first_end)
+    engine.start()
+    first = engine.execute(shell("echo one"))
+    other = engine.execute(run("sleep", "30"))
+    engine.wait(first, timeout=20)
+    assert engine.wait(other, timeout=20).status is ExecutionStatus.CANCELLED
+    began = time.monotonic()
+    engine.shutdown()  # while the handler's own call winds the engine down, or after it did
+    outer = time.monotonic() - began
+    assert asked.is_set()
+    wait_until(lambda: bool(inner), 20, "the handler's shutdown() to return")
+    assert inner[0] < 5, f"the handler's shutdown() took {inner[0]:.1f} s"
+    assert outer < 5, f"the second shutdown() took {outer:.1f} s"
+    assert not any(t.name == "cloudops-execution-engine" for t in threading.enumerate()), (
+        "a second shutdown() returned before the loop thread had stopped"
+    )
+    wait_until(
+        lambda: not any(t.name.startswith("cloudops-event-handler") for t in threading.enumerate()),
+        5,
+        "the handler's thread to end",
+    )

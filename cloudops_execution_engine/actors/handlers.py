@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import queue
@@ -68,6 +69,12 @@ class _Listener:
         self.pending = 0
 
 
+# The channel whose handler is running in this context: an async handler, and what it awaits.
+_RUNNING_HANDLER: contextvars.ContextVar[_Channel | None] = contextvars.ContextVar(
+    "cloudops_running_handler", default=None
+)
+
+
 class _Channel(_Listener):
     """One handler's queue and task.
 
@@ -104,6 +111,8 @@ class _Channel(_Listener):
         await self.waiter
 
     async def _run(self, deliver: Callable[[Any], Any]) -> None:
+        # Seen by whatever the handler calls, and by the tasks it starts (they copy the context).
+        _RUNNING_HANDLER.set(self)
         items = self.items
         bus = self.bus
         while True:
@@ -365,6 +374,9 @@ class EventBus:
         self._heavy: set[_Listener] = set()  # counted listeners holding at least LOW_WATER
         self._congested = False
         self._closed = False
+        # Handlers that called shutdown themselves: its drain cannot wait for them to return.
+        self._spared: set[_Channel] = set()
+        self._spared_more: asyncio.Future[None] | None = None
         self.on_relief: Callable[[], None] | None = None
 
     # -- handlers ---------------------------------------------------------
@@ -546,19 +558,45 @@ class EventBus:
 
     # -- shutdown ---------------------------------------------------------
 
+    def spare(self, thread: threading.Thread) -> None:
+        """Shutdown was asked for here, or from `thread`: if by a handler, the drain spares it.
+
+        The handler is in the middle of its call and returns only once shutdown
+        has: waiting for it would hold shutdown until the drain timed out, and
+        then cancel the handler. It ends on its own after shutdown, with what
+        was queued for it.
+        """
+        caller = _RUNNING_HANDLER.get()
+        for channel in self._channels:
+            if channel is caller or (channel.thread is not None and channel.thread.thread is thread):
+                self._spared.add(channel)
+                if self._spared_more is not None and not self._spared_more.done():
+                    self._spared_more.set_result(None)
+
     async def drain(self, timeout: float) -> None:
         """Let every handler finish what is queued (bounded), then stop them and their threads."""
         for channel in self._channels:
             channel.put(STOP)
-        tasks = [c.task for c in self._channels]
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            for channel in self._channels:
-                if channel.task in pending:
-                    logger.warning("event handler %r still busy at shutdown; cancelled", channel.handler)
-                    channel.task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        threads = [c.thread for c in self._channels if c.thread is not None] + self._retired
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            # Looked at again whenever a handler turns out to be waiting for this shutdown.
+            pending = [c.task for c in self._channels if c not in self._spared and not c.task.done()]
+            left = deadline - loop.time()
+            if not pending or left <= 0:
+                break
+            self._spared_more = loop.create_future()
+            await asyncio.wait(
+                [*pending, self._spared_more], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            self._spared_more = None
+        for channel in self._channels:
+            if channel.task in pending:
+                logger.warning("event handler %r still busy at shutdown; cancelled", channel.handler)
+                channel.task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        threads = [c.thread for c in self._channels if c.thread is not None and c not in self._spared]
+        threads += self._retired
         channels, self._channels, self._retired = self._channels, [], []
         for handler_thread in threads:
             handler_thread.stop(abandon=True)  # a second stop is harmless; one never made is not

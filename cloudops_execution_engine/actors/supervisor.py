@@ -31,6 +31,7 @@ import asyncio
 import enum
 import logging
 import os
+import threading
 from collections.abc import Awaitable
 from typing import Any
 from uuid import UUID
@@ -270,6 +271,8 @@ class Supervisor:
         if self._winding_down is None:
             self._state = EngineState.CLOSING
             self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(cancel))
+        # A handler may be the caller: the drain of handlers must not wait for it.
+        self.bus.spare(threading.current_thread())
         await asyncio.shield(self._winding_down)
 
     async def _wind_down(self, cancel: bool) -> None:
