@@ -245,7 +245,8 @@ class ExecutionEngine:
         subscription = self._bus.subscribe(key)
         try:
             while True:
-                event = await subscription.get()
+                with self._bus.handler_waiting():
+                    event = await subscription.get()
                 if event is STOP:
                     return
                 yield event

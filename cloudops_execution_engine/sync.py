@@ -29,8 +29,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -183,7 +184,14 @@ class SyncExecutionEngine:
     def wait(
         self, execution_id: UUID | str, timeout: float | None = None
     ) -> ExecutionResult | PlanExecutionResult:
-        return self._call(self._engine.wait(execution_id, timeout))
+        return self._call(
+            self._waited_from(threading.current_thread(), partial(self._engine.wait, execution_id, timeout))
+        )
+
+    async def _waited_from(self, caller: threading.Thread, call: Callable[[], Awaitable[_T]]) -> _T:
+        """`call`, waited for on `caller`: perhaps a handler's thread (`EventBus.handler_waiting`)."""
+        with self._bus.handler_waiting(caller):
+            return await call()  # made here: a call refused before it ran leaves no coroutine behind
 
     def list_executions(
         self,
@@ -258,7 +266,9 @@ class SyncExecutionEngine:
 
     def _fetch(self, stream: Subscription) -> list[Any]:
         try:
-            return self._call(stream.next_batch(_TAKE_AT_ONCE))
+            return self._call(
+                self._waited_from(threading.current_thread(), partial(stream.next_batch, _TAKE_AT_ONCE))
+            )
         except EngineClosed:
             # Shutdown ended every stream before stopping the loop; once the loop
             # thread is gone, what is left can be read from here.

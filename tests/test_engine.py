@@ -528,3 +528,42 @@ async def test_a_handler_that_awaits_shutdown_is_not_waited_for_by_it(
     assert inner, "the handler's shutdown() never returned"
     assert inner[0] < 5
     assert "still busy at shutdown" not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["wait", "events"])
+async def test_a_handler_waiting_for_a_wordy_execution_does_not_hold_its_output_back(
+    tmp_path: Path, how: str
+) -> None:
+    """The output it waits for fills its queue past the backlog's bound: that must not stop the output."""
+    engine = ExecutionEngine(config(tmp_path, stream_output=True))
+    outcome: list[object] = []
+    wordy = shell("yes 0123456789012345678901234567890123456789 | head -c 40000000")
+
+    class RunAnotherAndWait:
+        async def on_event(self, event: object) -> None:
+            if getattr(event, "event_type", None) != "completed" or outcome:
+                return
+            outcome.append("started")
+            other = await engine.execute(wordy)
+            try:
+                if how == "wait":
+                    result = await asyncio.wait_for(engine.wait(other), 20)
+                    outcome.append(result.status)
+                else:
+
+                    async def drain() -> int:
+                        return sum([1 async for e in engine.events(other) if e.event_type == "stdout"])
+
+                    outcome.append(await asyncio.wait_for(drain(), 20))
+            except TimeoutError:
+                outcome.append("stuck")
+
+    engine.with_event_handler(RunAnotherAndWait())
+    async with engine:
+        await engine.wait(await engine.execute(shell("echo one")), timeout=20)
+        for _ in range(3000):
+            if len(outcome) > 1:
+                break
+            await asyncio.sleep(0.01)  # the handler's wait ends on a later turn of the loop
+    expected = ExecutionStatus.COMPLETED if how == "wait" else -(-40_000_000 // 41)  # the last line is cut
+    assert outcome == ["started", expected]

@@ -275,3 +275,46 @@ async def test_a_handler_whose_own_await_is_cancelled_keeps_receiving(engine: Ex
     engine._bus.publish_batch(lines(key, "a", "b"), key, weight=100)
     await eventually(lambda: engine._bus.backlog == 0, "the handler to take both events")
     assert seen == ["a", "b"]
+
+
+class WaitsOnTheEngine:
+    """On its first event, waits as a handler awaiting `engine.wait()` does, until released."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self.inside = asyncio.Event()
+        self.release = asyncio.Event()
+        self.back = asyncio.Event()  # out of its wait, however it ended
+        self.seen: list[Any] = []
+
+    async def on_event(self, event: Any) -> None:
+        if not self.seen:
+            try:
+                with self.bus.handler_waiting():
+                    self.inside.set()
+                    await self.release.wait()
+            finally:
+                self.back.set()
+        self.seen.append(event)
+
+
+@pytest.mark.parametrize("then", ["returns", "is removed"])
+async def test_a_handler_waiting_on_the_engine_holds_nothing_back_until_it_is_back(
+    engine: ExecutionEngine, then: str
+) -> None:
+    bus, key = engine._bus, uuid4()
+    handler = WaitsOnTheEngine(bus)
+    engine.with_event_handler(handler)
+    bus.publish_batch(lines(key, "first"), key, weight=1)
+    await asyncio.wait_for(handler.inside.wait(), 10)
+    bus.publish_batch(lines(key, "big"), key, weight=9 * MIB)
+    assert not bus.congested, "the output it waits for would wait for it"
+    if then == "returns":
+        handler.release.set()
+        await eventually(lambda: bus.congested or len(handler.seen) == 2, "the handler to be back")
+        await eventually(lambda: len(handler.seen) == 2, "the handler to take what waited for it")
+        await eventually(lambda: bus.backlog == 0, "the weight to be given back")
+    else:
+        engine.remove_event_handler(handler)
+        await asyncio.wait_for(handler.back.wait(), 10)
+    assert (bus.backlog, bus.congested) == (0, False)

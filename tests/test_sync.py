@@ -351,3 +351,24 @@ def test_a_handler_that_shuts_the_engine_down_is_not_waited_for_by_that_shutdown
         5,
         "the handler's thread to end",
     )
+
+
+def test_a_handler_waiting_for_a_wordy_execution_does_not_hold_its_output_back(tmp_path: Path) -> None:
+    """A handler on its own thread waits for an execution whose output fills its queue: it still ends."""
+    engine = SyncExecutionEngine(config(tmp_path))
+    outcome: list[object] = []
+
+    def run_another_and_wait(event: Any) -> None:
+        if event.event_type != "completed" or outcome:
+            return
+        outcome.append("started")
+        other = engine.execute(shell("yes 0123456789012345678901234567890123456789 | head -c 40000000"))
+        try:
+            outcome.append(engine.wait(other, timeout=20).status)
+        except TimeoutError:
+            outcome.append("stuck")
+
+    with engine.with_event_handler(run_another_and_wait):
+        engine.wait(engine.execute(shell("echo one")), timeout=20)
+        wait_until(lambda: len(outcome) > 1, 30, "the handler's wait to end")
+    assert outcome == ["started", ExecutionStatus.COMPLETED]

@@ -35,7 +35,7 @@ import queue
 import threading
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -377,6 +377,8 @@ class EventBus:
         # Handlers that called shutdown themselves: its drain cannot wait for them to return.
         self._spared: set[_Channel] = set()
         self._spared_more: asyncio.Future[None] | None = None
+        # Handlers waiting for the engine (`handler_waiting`), and how many waits each is in.
+        self._handler_waits: dict[_Channel, int] = {}
         self.on_relief: Callable[[], None] | None = None
 
     # -- handlers ---------------------------------------------------------
@@ -566,12 +568,50 @@ class EventBus:
         then cancel the handler. It ends on its own after shutdown, with what
         was queued for it.
         """
+        channel = self._calling_channel(thread)
+        if channel is not None:
+            self._spared.add(channel)
+            if self._spared_more is not None and not self._spared_more.done():
+                self._spared_more.set_result(None)
+
+    @contextlib.contextmanager
+    def handler_waiting(self, thread: threading.Thread | None = None) -> Iterator[None]:
+        """While a handler (the caller, or the one on `thread`) waits on the engine, nothing waits for it.
+
+        A handler that waits for an execution would otherwise wait for ever
+        once that execution's output filled its queue: the flow of output
+        stops for it, and the execution never ends. Its events queue in memory
+        meanwhile, and count again once it is back.
+        """
+        channel = self._calling_channel(thread)
+        if channel is None:
+            yield
+            return
+        waits = self._handler_waits
+        waits[channel] = waits.get(channel, 0) + 1
+        if waits[channel] == 1:
+            channel.counted = False
+            self._forget(channel)
+        try:
+            yield
+        finally:
+            waits[channel] -= 1
+            if not waits[channel]:
+                del waits[channel]
+                channel.counted = True
+                # Removed meanwhile (or drained): it holds nothing back any more.
+                if channel.pending >= self.LOW_WATER and channel in self._channels:
+                    self._loaded(channel)
+
+    def _calling_channel(self, thread: threading.Thread | None) -> _Channel | None:
+        """The channel whose handler is the caller: by context (async handlers), or by `thread`."""
         caller = _RUNNING_HANDLER.get()
         for channel in self._channels:
-            if channel is caller or (channel.thread is not None and channel.thread.thread is thread):
-                self._spared.add(channel)
-                if self._spared_more is not None and not self._spared_more.done():
-                    self._spared_more.set_result(None)
+            if channel is caller or (
+                thread is not None and channel.thread is not None and channel.thread.thread is thread
+            ):
+                return channel
+        return None
 
     async def drain(self, timeout: float) -> None:
         """Let every handler finish what is queued (bounded), then stop them and their threads."""

@@ -793,10 +793,11 @@ class Supervisor:
     async def wait(self, entry_id: UUID, timeout: float | None) -> ExecutionResult | PlanExecutionResult:
         entry = self._store.entry(entry_id)
         if not entry.settled:
-            if timeout is None:
-                await entry.end_event().wait()
-            else:
-                await asyncio.wait_for(entry.end_event().wait(), timeout)
+            with self.bus.handler_waiting():
+                if timeout is None:
+                    await entry.end_event().wait()
+                else:
+                    await asyncio.wait_for(entry.end_event().wait(), timeout)
         assert entry.result is not None
         return entry.result
 
