@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import warnings
+import weakref
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +39,17 @@ def _coerce_id(value: UUID | str) -> UUID:
         raise NotFound(str(value)) from None
 
 
+def _let_go(supervisor: Supervisor) -> None:
+    if supervisor.running:
+        warnings.warn(
+            "an ExecutionEngine was garbage collected without shutdown(): its workers and commands "
+            "are being stopped now",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        supervisor.let_go()
+
+
 def _coerce_model(value: Any, model: type[_M], invalid: type[InvalidCommand | InvalidPlan]) -> _M:
     """Accept the model itself, a dict or JSON text; pydantic's complaint becomes ours."""
     if isinstance(value, model):
@@ -58,6 +71,9 @@ class ExecutionEngine:
         self.config = config if config is not None else ExecutionConfig()
         self._bus = EventBus()
         self._supervisor = Supervisor(self.config, self._bus)
+        # An engine dropped without shutdown() would leave its workers, and their
+        # commands, running for as long as the host lives.
+        weakref.finalize(self, _let_go, self._supervisor).atexit = False
 
     def with_event_handler(self, handler: EventHandler) -> ExecutionEngine:
         """Add a handler that receives every event; returns the engine for chaining."""

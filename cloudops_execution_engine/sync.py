@@ -28,6 +28,8 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
@@ -84,9 +86,13 @@ class SyncExecutionEngine:
         self._stopped = threading.Event()  # set once the first shutdown() has stopped everything
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name="cloudops-execution-engine", daemon=True
+            target=_run_loop, args=(self._loop,), name="cloudops-execution-engine", daemon=True
         )
         self._thread.start()
+        # Dropped without shutdown(), it would keep its loop thread, and once
+        # started its workers and their commands, for as long as the host lives.
+        self._let_go = weakref.finalize(self, _let_go, self._engine, self._loop)
+        self._let_go.atexit = False
 
     def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run `coro` on the loop and wait for it; an interrupted wait cancels it."""
@@ -299,6 +305,7 @@ class SyncExecutionEngine:
         if os.getpid() != self._pid:
             return
         caller = threading.current_thread()
+        self._let_go.detach()
         with self._lock:
             first = not self._closing
             self._closing = True
@@ -355,6 +362,33 @@ class SyncExecutionEngine:
         await self._loop.shutdown_asyncgens()
         # Its threads (log reads run there) would otherwise outlive the engine.
         await asyncio.wait_for(self._loop.shutdown_default_executor(), _LEFTOVER_TIMEOUT)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    loop.run_forever()
+    # Stopped for good: by shutdown(), or by `_let_go` where nobody is left to close it.
+    loop.close()
+
+
+def _let_go(engine: ExecutionEngine, loop: asyncio.AbstractEventLoop) -> None:
+    """A `SyncExecutionEngine` was garbage collected without `shutdown()`: stop it, and its loop thread."""
+    if loop.is_closed():
+        return
+    warnings.warn(
+        "a SyncExecutionEngine was garbage collected without shutdown(): its workers, commands and "
+        "loop thread are being stopped now",
+        ResourceWarning,
+        stacklevel=1,
+    )
+
+    async def stop() -> None:
+        try:
+            await engine.shutdown()
+        finally:
+            loop.stop()
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+        asyncio.run_coroutine_threadsafe(stop(), loop)
 
 
 class _Early:

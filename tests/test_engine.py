@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import stat
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
-from conftest import Recorder, config, result_of, run, shell
+from conftest import Recorder, config, gone, host_children, result_of, run, shell, wait_until
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -567,3 +569,49 @@ async def test_a_handler_waiting_for_a_wordy_execution_does_not_hold_its_output_
             await asyncio.sleep(0.01)  # the handler's wait ends on a later turn of the loop
     expected = ExecutionStatus.COMPLETED if how == "wait" else -(-40_000_000 // 41)  # the last line is cut
     assert outcome == ["started", expected]
+
+
+def let_go(held: list[Any]) -> None:
+    """Drop the only reference to what `held` holds, and collect it."""
+    held.clear()
+    gc.collect()
+
+
+async def test_an_engine_let_go_without_shutdown_stops_its_workers_and_commands(tmp_path: Path) -> None:
+    """A host that drops an engine without `shutdown()` gets a ResourceWarning, not leaked processes."""
+    before = host_children()
+    held = [ExecutionEngine(config(tmp_path))]
+    eid = await held[0].execute(run("sleep", "30"))
+    for _ in range(1000):
+        if await held[0].get_status(eid) is ExecutionStatus.RUNNING:
+            break
+        await asyncio.sleep(0.01)  # its start is reported on a later turn of the loop
+    sleeper = held[0]._supervisor.entry(eid).pid  # type: ignore[union-attr]
+    assert sleeper
+    assert not gone(sleeper)
+    assert host_children() > before
+    with pytest.warns(ResourceWarning, match="without shutdown"):
+        let_go(held)
+    for _ in range(1000):
+        if host_children() <= before and gone(sleeper):
+            break
+        await asyncio.sleep(0.01)  # it is stopped on the loop, as `shutdown()` would
+    assert host_children() <= before, "the engine's workers outlived it"
+    assert gone(sleeper), "its command outlived it"
+
+
+def test_an_engine_let_go_after_its_loop_closed_stops_its_workers(tmp_path: Path) -> None:
+    """The loop it ran on is gone (a finished `asyncio.run`): its workers are stopped without it."""
+    before = host_children()
+    kept: list[ExecutionEngine] = []
+
+    async def start_and_keep() -> None:
+        engine = ExecutionEngine(config(tmp_path))
+        await engine.wait(await engine.execute(run("true")), timeout=20)
+        kept.append(engine)
+
+    asyncio.run(start_and_keep())
+    assert host_children() > before
+    with pytest.warns(ResourceWarning, match="without shutdown"):
+        let_go(kept)
+    wait_until(lambda: host_children() <= before, 10, "the engine's workers to end")

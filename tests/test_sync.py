@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import signal
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import config, run, shell, wait_until
+from conftest import config, host_children, run, shell, wait_until
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -372,3 +373,37 @@ def test_a_handler_waiting_for_a_wordy_execution_does_not_hold_its_output_back(t
         engine.wait(engine.execute(shell("echo one")), timeout=20)
         wait_until(lambda: len(outcome) > 1, 30, "the handler's wait to end")
     assert outcome == ["started", ExecutionStatus.COMPLETED]
+
+
+def let_go(held: list[Any]) -> None:
+    """Drop the only reference to what `held` holds, and collect it."""
+    held.clear()
+    gc.collect()
+
+
+def test_a_sync_engine_let_go_without_shutdown_stops_its_workers_and_its_thread(tmp_path: Path) -> None:
+    """Dropped without `shutdown()`: a ResourceWarning, and no worker, command or loop thread left."""
+    before = host_children()
+    held = [SyncExecutionEngine(config(tmp_path))]
+    eid = held[0].execute(run("sleep", "30"))
+    wait_until(lambda: held[0].get_status(eid) is ExecutionStatus.RUNNING, 20, "the command to start")
+    assert host_children() > before
+    with pytest.warns(ResourceWarning, match="without shutdown"):
+        let_go(held)
+    wait_until(lambda: host_children() <= before, 10, "the engine's workers and command to end")
+    wait_until(
+        lambda: not any(t.name == "cloudops-execution-engine" for t in threading.enumerate()),
+        10,
+        "the engine's loop thread to end",
+    )
+
+
+def test_a_sync_engine_never_started_and_let_go_leaves_no_thread(tmp_path: Path) -> None:
+    held = [SyncExecutionEngine(config(tmp_path))]
+    with pytest.warns(ResourceWarning, match="without shutdown"):
+        let_go(held)
+    wait_until(
+        lambda: not any(t.name == "cloudops-execution-engine" for t in threading.enumerate()),
+        10,
+        "the engine's loop thread to end",
+    )

@@ -28,6 +28,7 @@ job (finding the trees of a dead worker) runs in a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -172,6 +173,27 @@ class Supervisor:
 
     def loop_closed(self) -> bool:
         return self._loop is not None and self._loop.is_closed()
+
+    def let_go(self) -> None:
+        """The engine was garbage collected without `shutdown()`: stop what it started, as shutdown would.
+
+        From the engine's finalizer, on whatever thread collected it: on the
+        loop when it still runs (the workers' pipes are registered with it),
+        without it once it has closed (or stopped for good).
+        """
+        if self._state is not EngineState.RUNNING:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: stopped below
+                loop.call_soon_threadsafe(self._shut_down_unawaited)
+                return
+        self.abandon()
+
+    def _shut_down_unawaited(self) -> None:
+        if self._winding_down is None and self._state is EngineState.RUNNING:
+            self._state = EngineState.CLOSING
+            self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(True))
 
     def abandon(self) -> None:
         """Stop the workers without the loop, which is closed: none of its callbacks will run again.
