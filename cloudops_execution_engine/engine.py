@@ -40,14 +40,13 @@ def _coerce_id(value: UUID | str) -> UUID:
 
 
 def _let_go(supervisor: Supervisor) -> None:
-    if supervisor.running:
+    if supervisor.let_go():
         warnings.warn(
             "an ExecutionEngine was garbage collected without shutdown(): its workers and commands "
             "are being stopped now",
             ResourceWarning,
             stacklevel=1,
         )
-        supervisor.let_go()
 
 
 def _coerce_model(value: Any, model: type[_M], invalid: type[InvalidCommand | InvalidPlan]) -> _M:
@@ -73,7 +72,8 @@ class ExecutionEngine:
         self._supervisor = Supervisor(self.config, self._bus)
         # An engine dropped without shutdown() would leave its workers, and their
         # commands, running for as long as the host lives.
-        weakref.finalize(self, _let_go, self._supervisor).atexit = False
+        self._let_go = weakref.finalize(self, _let_go, self._supervisor)
+        self._let_go.atexit = False
 
     def with_event_handler(self, handler: EventHandler) -> ExecutionEngine:
         """Add a handler that receives every event; returns the engine for chaining."""

@@ -91,7 +91,7 @@ class SyncExecutionEngine:
         self._thread.start()
         # Dropped without shutdown(), it would keep its loop thread, and once
         # started its workers and their commands, for as long as the host lives.
-        self._let_go = weakref.finalize(self, _let_go, self._engine, self._loop)
+        self._let_go = weakref.finalize(self, _let_go, self._engine, self._loop, self._pid)
         self._let_go.atexit = False
 
     def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
@@ -370,9 +370,12 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.close()
 
 
-def _let_go(engine: ExecutionEngine, loop: asyncio.AbstractEventLoop) -> None:
-    """A `SyncExecutionEngine` was garbage collected without `shutdown()`: stop it, and its loop thread."""
-    if loop.is_closed():
+def _let_go(engine: ExecutionEngine, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """A `SyncExecutionEngine` was garbage collected without `shutdown()`: stop it, and its loop thread.
+
+    Not in a forked child: its copy of the engine, and of the loop, are the parent's.
+    """
+    if loop.is_closed() or os.getpid() != pid:
         return
     warnings.warn(
         "a SyncExecutionEngine was garbage collected without shutdown(): its workers, commands and "

@@ -65,6 +65,13 @@ def test_a_forked_child_calling_the_inherited_engine_is_refused_at_once(tmp_path
     assert report["child"]["shutdown"] == "returned"
 
 
+def test_a_forked_child_letting_go_of_the_inherited_engines_leaves_them_alone(tmp_path: Path) -> None:
+    """Their copies in the child are the parent's: collecting them there stops nothing and says nothing."""
+    report = fork_host(tmp_path, "drop")
+    assert_parent_untouched(report)
+    assert report["child"]["warnings"] == []
+
+
 def test_a_forked_child_runs_an_engine_of_its_own(tmp_path: Path) -> None:
     report = fork_host(tmp_path, "own")
     assert_parent_untouched(report)

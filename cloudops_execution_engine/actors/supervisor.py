@@ -174,21 +174,23 @@ class Supervisor:
     def loop_closed(self) -> bool:
         return self._loop is not None and self._loop.is_closed()
 
-    def let_go(self) -> None:
+    def let_go(self) -> bool:
         """The engine was garbage collected without `shutdown()`: stop what it started, as shutdown would.
 
         From the engine's finalizer, on whatever thread collected it: on the
         loop when it still runs (the workers' pipes are registered with it),
-        without it once it has closed (or stopped for good).
+        without it once it has closed. Says whether there was anything to stop:
+        nothing in a forked child, whose copy of the engine is the parent's.
         """
-        if self._state is not EngineState.RUNNING:
-            return
+        if self._state is not EngineState.RUNNING or self._owner_pid != os.getpid():
+            return False
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile: stopped below
                 loop.call_soon_threadsafe(self._shut_down_unawaited)
-                return
+                return True
         self.abandon()
+        return True
 
     def _shut_down_unawaited(self) -> None:
         if self._winding_down is None and self._state is EngineState.RUNNING:

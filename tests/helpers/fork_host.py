@@ -11,6 +11,8 @@ DIR/gate, and forks. What the child does, MODE:
     async   the same on an `ExecutionEngine` the parent runs on a loop in a thread
             of its own, each call under a new loop in the child
     own     starts an engine of its own on DIR/own, runs `echo kid`, shuts it down
+    drop    lets go of both inherited engines (the sync one and, as with `async`, one
+            the parent runs on a loop of its own), as if they were garbage collected
     linger  prints a JSON line (the parent's worker pids, the command's pid) and
             waits until its stdin closes; the parent waits too, to be killed
 
@@ -29,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,13 @@ def child(mode: str, directory: Path, engine: SyncExecutionEngine, eid: Any, rep
         found["execute"] = attempt(lambda: asyncio.run(inner.execute(shell("echo child"))))
         found["get_status"] = attempt(lambda: asyncio.run(inner.get_status(report["async_id"])))
         found["shutdown"] = attempt(lambda: asyncio.run(inner.shutdown()))
+    elif mode == "drop":
+        inner = report.pop("async_engine")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine._let_go()  # what garbage collection calls
+            inner._let_go()
+        found["warnings"] = [str(w.message) for w in caught]
     elif mode == "own":
         own = directory / "own"
         with SyncExecutionEngine(ExecutionConfig(log_dir=own / "logs", journal=own / "j.sqlite3")) as mine:
@@ -102,7 +112,7 @@ def main() -> None:
             break
     report: dict[str, Any] = {"parent": os.getpid(), "workers_before": workers(), "command": command}
     loop = None
-    if mode == "async":
+    if mode in ("async", "drop"):
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True).start()
         inner = ExecutionEngine(ExecutionConfig(log_dir=directory / "logs", workers=1))
