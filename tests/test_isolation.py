@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from datetime import timedelta
@@ -26,6 +27,7 @@ from cloudops_execution_engine import (
     ExecutionConfig,
     ExecutionEngine,
     ExecutionRequest,
+    ExecutionResult,
     ExecutionStatus,
     InvalidCommand,
     ShellCommand,
@@ -288,6 +290,33 @@ async def test_a_command_holds_only_fds_0_1_and_2(engine: ExecutionEngine) -> No
     result = await result_of(engine, await engine.execute(run(PYTHON, "-c", probe)), 30)
     # listdir's own fd is the fourth.
     assert result.stdout == "[0, 1, 2, 3]\n"
+
+
+async def test_a_command_starts_with_no_signal_blocked_or_ignored_whatever_the_host_did(
+    tmp_path: Path,
+) -> None:
+    """Blocked signals and ignored ones survive exec: a host's would reach the command through the workers.
+
+    A command with SIGTERM blocked cannot hear a cancel or a timeout; only the
+    SIGKILL a grace period later ends it.
+    """
+    blocked = {signal.SIGTERM, signal.SIGUSR1}
+    ignored = (signal.SIGUSR2, signal.SIGHUP)
+    before_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    before = [signal.signal(sig, signal.SIG_IGN) for sig in ignored]
+    try:
+        async with ExecutionEngine(config(tmp_path)) as engine:
+            probe = run("grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status")
+            result = await result_of(engine, await engine.execute(probe), 30)
+            stopped = await engine.execute(shell("echo ready; sleep 30", timeout_ms=300))
+            timed_out = await engine.wait(stopped, timeout=30)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before_mask)
+        for sig, handler in zip(ignored, before, strict=True):
+            signal.signal(sig, handler)
+    assert result.stdout == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    assert isinstance(timed_out, ExecutionResult)
+    assert timed_out.exit_code == -signal.SIGTERM, "the timeout's SIGTERM did not reach it"
 
 
 # -- 8. the common fd limit -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from cloudops_execution_engine.actors.reactor import Reactor
 
 pytestmark = pytest.mark.timeout(10)
 
-TERM, STOP, KILL = signal.SIGTERM, signal.SIGSTOP, signal.SIGKILL
+TERM, CONT, STOP, KILL = signal.SIGTERM, signal.SIGCONT, signal.SIGSTOP, signal.SIGKILL
 
 
 class Proc:
@@ -70,15 +70,19 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 def test_sigterm_first_then_nothing_more_while_the_tree_dies(clock: Clock) -> None:
-    """A tree that honours SIGTERM gets nothing else; the look after it reaps and finds it gone."""
+    """A tree that honours SIGTERM gets nothing else; the look after it reaps and finds it gone.
+
+    SIGCONT follows SIGTERM, so that a stopped process runs to hear it.
+    """
     log: list[tuple[str, int]] = []
     tree = Tree(Proc("child", log), Proc("main", log))
     kill = Escalation(tree.look, tree.reap, grace=2.0)
     kill.begin()
-    assert log == [("child", TERM), ("main", TERM)]
+    told = [("child", TERM), ("main", TERM), ("child", CONT), ("main", CONT)]
+    assert log == told
     assert kill.look() is True
     assert tree.reaps == 1
-    assert log == [("child", TERM), ("main", TERM)]
+    assert log == told
 
 
 def test_stubborn_processes_are_stopped_then_killed_past_the_grace_period(clock: Clock) -> None:
@@ -89,10 +93,11 @@ def test_stubborn_processes_are_stopped_then_killed_past_the_grace_period(clock:
     kill.begin()
     clock.now += 1.9
     assert kill.look() is False
-    assert log == [("child", TERM), ("main", TERM)], "a process is told once, not at every look"
+    told = [("child", TERM), ("main", TERM), ("child", CONT), ("main", CONT)]
+    assert log == told, "a process is told once, not at every look"
     clock.now += 0.1
     assert kill.look() is False
-    assert log[2:] == [("child", STOP), ("main", STOP), ("child", KILL), ("main", KILL)]
+    assert log[len(told) :] == [("child", STOP), ("main", STOP), ("child", KILL), ("main", KILL)]
     assert kill.look() is True
 
 
@@ -104,7 +109,7 @@ def test_a_process_found_during_the_grace_period_gets_its_own_sigterm(clock: Clo
     kill.begin()
     tree.procs.append(Proc("late", log, ignores=(TERM,)))
     assert kill.look() is False
-    assert log == [("main", TERM), ("late", TERM)]
+    assert log == [("main", TERM), ("main", CONT), ("late", TERM), ("late", CONT)]
 
 
 def test_no_grace_kills_at_once(clock: Clock) -> None:
@@ -139,10 +144,10 @@ def test_the_process_group_is_signalled_while_it_has_a_leader(
     kill.begin()
     clock.now += 1.0
     kill.look()
-    assert sent == [(4242, TERM), (4242, KILL)]
+    assert sent == [(4242, TERM), (4242, CONT), (4242, KILL)]
     leader[0] = 0  # reaped: its pid may be someone else's now
     kill.look()
-    assert sent == [(4242, TERM), (4242, KILL)]
+    assert sent == [(4242, TERM), (4242, CONT), (4242, KILL)]
 
 
 def test_a_process_in_the_signalled_group_gets_no_second_sigterm(
@@ -157,11 +162,11 @@ def test_a_process_in_the_signalled_group_gets_no_second_sigterm(
     )
     kill = Escalation(tree.look, tree.reap, grace=1.0, group=lambda: 4242)
     kill.begin()
-    assert sent == [(4242, TERM)]
-    assert log == [("escaped", TERM)]
+    assert sent == [(4242, TERM), (4242, CONT)]
+    assert log == [("escaped", TERM), ("escaped", CONT)]
     tree.procs.append(Proc("forked since", log, ignores=(TERM,), group=4242))
     kill.look()
-    assert log == [("escaped", TERM), ("forked since", TERM)], "the group's signal came before it existed"
+    assert log[2:] == [("forked since", TERM), ("forked since", CONT)], "the group's came before it existed"
 
 
 def test_watch_looks_with_a_growing_pause_and_reports_the_end_once() -> None:

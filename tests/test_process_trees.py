@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, wait_until
+from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, shell, wait_until
 
 from cloudops_execution_engine import ExecutionEngine, ExecutionRequest, ExecutionResult, ExecutionStatus
 from cloudops_execution_engine.actors import process_tree
@@ -203,3 +203,27 @@ def test_descendants_are_listed_deepest_first_and_stop_and_kill_ends_them() -> N
         top.kill()
         top.wait(10)
     assert process_tree.descendants(top.pid) == []
+
+
+@pytest.mark.parametrize("ending", ["cancel", "timeout"])
+async def test_a_stopped_tree_is_woken_to_hear_its_sigterm(
+    tmp_path: Path, recorder: Recorder, ending: str
+) -> None:
+    """A stopped process keeps SIGTERM pending until it runs again: it gets SIGCONT after it, as from systemd.
+
+    Else its handler never runs and it dies only of SIGKILL, a whole grace period later.
+    """
+    script = (
+        "trap 'echo got-term; exit 3' TERM; sleep 30 & kill -STOP $!; echo ready; kill -STOP $$; echo resumed"
+    )
+    async with ExecutionEngine(config(tmp_path, kill_grace_ms=5000)).with_event_handler(recorder) as engine:
+        timeout = {"timeout_ms": 500} if ending == "timeout" else {}
+        eid = await engine.execute(shell(script, **timeout))
+        await recorder.until(lambda events: any(getattr(e, "line", None) == "ready" for e in events))
+        if ending == "cancel":
+            await engine.cancel(eid)
+        result = await engine.wait(eid, timeout=20)
+    assert isinstance(result, ExecutionResult)
+    assert result.status is (ExecutionStatus.CANCELLED if ending == "cancel" else ExecutionStatus.TIMEOUT)
+    assert (result.exit_code, result.stdout) == (3, "ready\ngot-term\n"), "its SIGTERM handler did not run"
+    assert result.duration.total_seconds() < 4, "it waited out the grace period"

@@ -1,12 +1,12 @@
 """How a process tree is stopped: one escalation, used by every path that stops one.
 
-    begin:  look, then SIGTERM to the command's process group while its
-            leader is unreaped (one call that reaches most of a tree at once),
-            and to every process found outside it (those that left the group),
-            so that each gets one; with no grace, SIGSTOP and SIGKILL at once
-            instead
-    look:   reap, find what is left; before the deadline, SIGTERM what is new
-            since the last look; past it, SIGSTOP then SIGKILL what is left
+    begin:  look, then SIGTERM and SIGCONT to the command's process group
+            while its leader is unreaped (one call that reaches most of a tree
+            at once), and to every process found outside it (those that left
+            the group), so that each gets one of each; with no grace, SIGSTOP
+            and SIGKILL at once instead
+    look:   reap, find what is left; before the deadline, SIGTERM and SIGCONT
+            what is new since the last look; past it, SIGSTOP then SIGKILL what is left
             (and SIGKILL the group), so that none can fork while its
             siblings die
     until:  a look finds nothing left, or nothing but processes not yet known
@@ -42,6 +42,10 @@ __all__ = ["POLL_FIRST", "POLL_MAX", "Escalation", "Look"]
 
 POLL_FIRST = 0.002
 POLL_MAX = 0.05
+# The polite stop, as systemd sends it: a stopped process keeps SIGTERM pending
+# until it runs again, so without SIGCONT its handler never runs and it dies
+# only of SIGKILL, a whole grace period later.
+_TERM = (signal.SIGTERM, signal.SIGCONT)
 
 # The live processes of the tree, deepest first, and whether some process might
 # yet turn out to be the tree's (its environment reads as empty: it is in an `exec`).
@@ -105,13 +109,11 @@ class Escalation:
             # so that what it found in the group gets the group's, and what the
             # group's missed (forked since) is new to the next look.
             pgid = self._group()
-            if pgid:
-                process_tree.signal_group(pgid, signal.SIGTERM)
-                process_tree.signal_processes(
-                    [proc for proc in procs if getattr(proc, "group", 0) != pgid], signal.SIGTERM
-                )
-            else:
-                process_tree.signal_processes(procs, signal.SIGTERM)
+            outside = [proc for proc in procs if getattr(proc, "group", 0) != pgid] if pgid else procs
+            for sig in _TERM:
+                if pgid:
+                    process_tree.signal_group(pgid, sig)
+                process_tree.signal_processes(outside, sig)
             self._termed.update(procs)
         else:
             self._kill(procs)
@@ -130,7 +132,8 @@ class Escalation:
             # Started since the last look: they have had no SIGTERM yet.
             new = [proc for proc in procs if proc not in self._termed]
             if new:
-                process_tree.signal_processes(new, signal.SIGTERM)
+                for sig in _TERM:
+                    process_tree.signal_processes(new, sig)
                 self._termed.update(new)
         return False
 

@@ -884,6 +884,7 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
         os.closerange(3, low)
         os.closerange(low + 1, high)
         os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
+    _clean_signals()
     # Ctrl-C in a terminal goes to the whole foreground group; the supervisor
     # decides what a host's interrupt means for running commands.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -895,6 +896,26 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     gc.freeze()
     Worker(read_fd, write_fd).serve()
     os._exit(0)
+
+
+# What Python itself ignores; commands get the default back (`spawning`).
+_PYTHONS_OWN = {getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)}
+
+
+def _clean_signals() -> None:
+    """Unblock every signal and let go of what the host ignored: both survive exec, into every command.
+
+    A host that blocked SIGTERM on the thread that started the worker (or ran
+    under `nohup`) would otherwise hand that to each command, and a command
+    with SIGTERM blocked hears no cancel or timeout until the SIGKILL.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP) or sig in _PYTHONS_OWN:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 def _close_on_exec_all() -> None:
