@@ -314,7 +314,13 @@ async def test_a_command_starts_with_no_signal_blocked_or_ignored_whatever_the_h
         signal.pthread_sigmask(signal.SIG_SETMASK, before_mask)
         for sig, handler in zip(ignored, before, strict=True):
             signal.signal(sig, handler)
-    assert result.stdout == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    masks = dict(line.split(":\t") for line in result.stdout.splitlines())
+    # glibc keeps two real-time signals for itself (32 and 33), out of any program's reach:
+    # what an ancestor of the host left there is not the engine's to change.
+    ours = set(signal.valid_signals())
+    for name in ("SigBlk", "SigIgn"):
+        bits = int(masks[name], 16)
+        assert {sig for sig in ours if bits >> (sig - 1) & 1} == set(), f"{name} {masks[name]}"
     assert isinstance(timed_out, ExecutionResult)
     assert timed_out.exit_code == -signal.SIGTERM, "the timeout's SIGTERM did not reach it"
 
