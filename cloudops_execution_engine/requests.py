@@ -204,9 +204,23 @@ class ExecutionRequest(Model):
         return self.command.argv(self.working_dir)
 
     def cwd(self) -> str:
-        """The absolute directory the command runs in: `working_dir`, or the host's current one."""
-        # getcwd() is absolute already; only a given directory needs making so.
-        return os.getcwd() if self.working_dir is None else os.path.abspath(self.working_dir)
+        """The absolute directory the command runs in: `working_dir`, or the host's current one.
+
+        `InvalidWorkingDir` when that is the host's and it has been removed.
+        """
+        try:
+            # getcwd() is absolute already; only a given directory needs making so.
+            return os.getcwd() if self.working_dir is None else os.path.abspath(self.working_dir)
+        except FileNotFoundError:
+            raise InvalidWorkingDir(_removed_cwd()) from None
+
+
+def _removed_cwd() -> str:
+    """The host's removed working directory as Linux names it ("... (deleted)"), where it can."""
+    try:
+        return os.readlink("/proc/self/cwd")
+    except OSError:
+        return "the host's current directory, which has been removed"
 
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1

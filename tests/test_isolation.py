@@ -26,10 +26,14 @@ from cloudops_execution_engine import (
     ExecCommand,
     ExecutionConfig,
     ExecutionEngine,
+    ExecutionPlan,
     ExecutionRequest,
     ExecutionResult,
     ExecutionStatus,
     InvalidCommand,
+    InvalidPlan,
+    InvalidWorkingDir,
+    SerialStrategy,
     ShellCommand,
     ValidationError,
 )
@@ -126,6 +130,31 @@ async def test_a_request_too_large_for_exec_is_refused_at_execute(
 
 
 # -- 3. text that cannot be encoded ------------------------------------------------------
+
+
+async def test_a_host_whose_directory_was_removed_gets_invalid_working_dir(
+    engine: ExecutionEngine, tmp_path: Path
+) -> None:
+    """A command without `working_dir` runs in the host's current directory: gone, it is refused clearly.
+
+    `os.getcwd()` raises `FileNotFoundError` then; no `OSError` may reach the caller.
+    """
+    gone_dir = tmp_path / "gone"
+    gone_dir.mkdir()
+    here = os.getcwd()
+    os.chdir(gone_dir)
+    try:
+        gone_dir.rmdir()
+        with pytest.raises(InvalidWorkingDir, match=r"Invalid working directory: .*gone \(deleted\)"):
+            await engine.execute(run("pwd"))
+        plan = ExecutionPlan(commands=[run("pwd")], strategy=SerialStrategy())
+        with pytest.raises(InvalidPlan, match=r"command 0 .*Invalid working directory"):
+            await engine.execute_plan(plan)
+    finally:
+        os.chdir(here)
+    assert await engine.list_executions() == [], "a refused request was registered"
+    result = await result_of(engine, await engine.execute(run("pwd")), 30)
+    assert result.stdout == f"{here}\n"
 
 
 @pytest.mark.parametrize(
