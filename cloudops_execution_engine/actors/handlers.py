@@ -22,6 +22,9 @@ resume it later: host memory stays bounded and no event is dropped.
 A subscriber opened with `counted=False` keeps its weight to itself until
 `adopt()`: it is a buffer nobody may ever read (`SyncExecutionEngine` keeps one
 per submitted id), and one unread buffer must not hold back every worker's output.
+Nor does a handler while it waits on the engine (`handler_waiting`): the output
+it waits for would otherwise wait for it. And a shutdown a handler asked for
+does not wait for that handler (`spare`).
 """
 
 from __future__ import annotations
