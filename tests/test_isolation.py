@@ -132,6 +132,38 @@ async def test_a_request_too_large_for_exec_is_refused_at_execute(
 # -- 3. text that cannot be encoded ------------------------------------------------------
 
 
+async def test_an_engine_in_a_removed_directory_starts_and_replaces_its_workers(tmp_path: Path) -> None:
+    """A long-lived host's directory may go (a deploy removing an old release): workers need none.
+
+    multiprocessing asks for the host's directory to start a worker; a killed
+    worker could then never be replaced, and every command failed.
+    """
+    gone_dir = tmp_path / "release"
+    gone_dir.mkdir()
+    here = os.getcwd()
+    os.chdir(gone_dir)
+    try:
+        gone_dir.rmdir()
+        async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+            elsewhere = ExecutionRequest(command=ExecCommand(program="pwd"), working_dir=tmp_path)
+            first = await result_of(engine, await engine.execute(elsewhere), 30)
+            pool = engine._supervisor._pool
+            assert pool is not None
+            dead = pool.workers[0].pid
+            os.kill(dead, signal.SIGKILL)
+            for _ in range(2000):
+                if any(w.ready and w.pid != dead for w in pool.workers):
+                    break
+                await asyncio.sleep(0.01)  # the death is noticed, and a worker started, on the loop
+            assert any(w.ready and w.pid != dead for w in pool.workers), "the worker was not replaced"
+            again = ExecutionRequest(command=ExecCommand(program="pwd"), working_dir=tmp_path)
+            second = await result_of(engine, await engine.execute(again), 30)
+    finally:
+        os.chdir(here)
+    assert (first.status, first.stdout) == (ExecutionStatus.COMPLETED, f"{tmp_path}\n"), first.error
+    assert (second.status, second.stdout) == (ExecutionStatus.COMPLETED, f"{tmp_path}\n"), second.error
+
+
 async def test_a_host_whose_directory_was_removed_gets_invalid_working_dir(
     engine: ExecutionEngine, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sys
 from collections.abc import Callable
 from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
 from multiprocessing import process as mp_process
@@ -38,7 +39,7 @@ WorkerTarget = Callable[[Connection, Connection, bool], None]
 
 class _WorkerPopen(popen_spawn_posix.Popen):
     def _launch(self, process_obj: Any) -> None:
-        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data = _preparation_data(process_obj._name)
         prep_data.pop("init_main_from_name", None)
         prep_data.pop("init_main_from_path", None)
         buffer = io.BytesIO()
@@ -82,6 +83,34 @@ class _WorkerPopen(popen_spawn_posix.Popen):
                 self.finalizer = util.Finalize(self, _close_fds, (ours,))
             else:
                 _close_fds(ours)
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """What a spawned child sets up before it runs its target, as `spawn.get_preparation_data` says.
+
+    That asks for the host's working directory, which a long-lived host may
+    have lost (a deploy removing an old release directory): no worker could
+    start, nor replace one that died. A worker needs no directory of its own
+    (every command is given its own), so it then starts in `/`.
+    """
+    try:
+        return dict(spawn.get_preparation_data(name))
+    except FileNotFoundError:
+        pass
+    data: dict[str, Any] = {
+        "log_to_stderr": util._log_to_stderr,  # type: ignore[attr-defined]
+        "authkey": bytes(mp_process.current_process().authkey),
+        "name": name,
+        "sys_path": [entry for entry in sys.path if entry],
+        "sys_argv": sys.argv,
+        "orig_dir": mp_process.ORIGINAL_DIR,  # type: ignore[attr-defined]
+        "dir": "/",
+        "start_method": "spawn",
+    }
+    logger = util._logger  # type: ignore[attr-defined]
+    if logger is not None:
+        data["log_level"] = logger.getEffectiveLevel()
+    return data
 
 
 def _close_fds(fds: list[int]) -> None:
