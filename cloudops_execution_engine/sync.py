@@ -346,9 +346,7 @@ class SyncExecutionEngine:
             logger.exception("cleaning up the engine's loop at shutdown failed")
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(_LOOP_JOIN_TIMEOUT)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._thread.join(_LOOP_JOIN_TIMEOUT)  # the thread closes the loop once it has stopped
 
     async def _sweep(self) -> None:
         """Free the early buffers, and end what is still on the loop: callers waiting get `EngineClosed`."""

@@ -8,10 +8,12 @@ nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -132,18 +134,26 @@ async def test_a_request_too_large_for_exec_is_refused_at_execute(
 # -- 3. text that cannot be encoded ------------------------------------------------------
 
 
+@contextlib.contextmanager
+def in_a_removed_directory(path: Path) -> Iterator[None]:
+    """Run the block with the current directory made at `path` and then removed, as a deploy may."""
+    here = os.getcwd()
+    path.mkdir()
+    os.chdir(path)
+    try:
+        path.rmdir()
+        yield
+    finally:
+        os.chdir(here)
+
+
 async def test_an_engine_in_a_removed_directory_starts_and_replaces_its_workers(tmp_path: Path) -> None:
     """A long-lived host's directory may go (a deploy removing an old release): workers need none.
 
     multiprocessing asks for the host's directory to start a worker; a killed
     worker could then never be replaced, and every command failed.
     """
-    gone_dir = tmp_path / "release"
-    gone_dir.mkdir()
-    here = os.getcwd()
-    os.chdir(gone_dir)
-    try:
-        gone_dir.rmdir()
+    with in_a_removed_directory(tmp_path / "release"):
         async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
             elsewhere = ExecutionRequest(command=ExecCommand(program="pwd"), working_dir=tmp_path)
             first = await result_of(engine, await engine.execute(elsewhere), 30)
@@ -158,8 +168,6 @@ async def test_an_engine_in_a_removed_directory_starts_and_replaces_its_workers(
             assert any(w.ready and w.pid != dead for w in pool.workers), "the worker was not replaced"
             again = ExecutionRequest(command=ExecCommand(program="pwd"), working_dir=tmp_path)
             second = await result_of(engine, await engine.execute(again), 30)
-    finally:
-        os.chdir(here)
     assert (first.status, first.stdout) == (ExecutionStatus.COMPLETED, f"{tmp_path}\n"), first.error
     assert (second.status, second.stdout) == (ExecutionStatus.COMPLETED, f"{tmp_path}\n"), second.error
 
@@ -171,22 +179,15 @@ async def test_a_host_whose_directory_was_removed_gets_invalid_working_dir(
 
     `os.getcwd()` raises `FileNotFoundError` then; no `OSError` may reach the caller.
     """
-    gone_dir = tmp_path / "gone"
-    gone_dir.mkdir()
-    here = os.getcwd()
-    os.chdir(gone_dir)
-    try:
-        gone_dir.rmdir()
+    with in_a_removed_directory(tmp_path / "gone"):
         with pytest.raises(InvalidWorkingDir, match=r"Invalid working directory: .*gone \(deleted\)"):
             await engine.execute(run("pwd"))
         plan = ExecutionPlan(commands=[run("pwd")], strategy=SerialStrategy())
         with pytest.raises(InvalidPlan, match=r"command 0 .*Invalid working directory"):
             await engine.execute_plan(plan)
-    finally:
-        os.chdir(here)
     assert await engine.list_executions() == [], "a refused request was registered"
     result = await result_of(engine, await engine.execute(run("pwd")), 30)
-    assert result.stdout == f"{here}\n"
+    assert result.stdout == f"{os.getcwd()}\n"
 
 
 @pytest.mark.parametrize(

@@ -609,6 +609,8 @@ class EventBus:
     def _calling_channel(self, thread: threading.Thread | None) -> _Channel | None:
         """The channel whose handler is the caller: by context (async handlers), or by `thread`."""
         caller = _RUNNING_HANDLER.get()
+        if caller is None and thread is None:
+            return None  # not a handler: every `events()` read of a plain reader asks
         for channel in self._channels:
             if channel is caller or (
                 thread is not None and channel.thread is not None and channel.thread.thread is thread

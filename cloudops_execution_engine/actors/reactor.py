@@ -63,7 +63,7 @@ _CANCELLED_SWEEP = 256
 # the kernel's "slack" lets it end a thousandth of the wait late (a 200th for a
 # niced process, at most 0.1 s), and a virtual machine's host adds its own (a
 # 5 s wait ended 10 ms late on one). A wait that ends with a timer is cut short
-# by two milliseconds and a 200th, so that it ends before the timer; the rest is
+# by two milliseconds and a hundredth, so that it ends before the timer; the rest is
 # waited the same way, a few turns from far off, and under _FINE_WAIT with
 # select, which counts microseconds.
 _EARLY = 0.002

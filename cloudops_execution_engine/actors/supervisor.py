@@ -193,9 +193,15 @@ class Supervisor:
         return True
 
     def _shut_down_unawaited(self) -> None:
-        if self._winding_down is None and self._state is EngineState.RUNNING:
+        if self._state is EngineState.RUNNING:
+            self._begin_wind_down(True)
+
+    def _begin_wind_down(self, cancel: bool) -> asyncio.Task[None]:
+        """The task that stops the engine, started by the first shutdown asked for."""
+        if self._winding_down is None:
             self._state = EngineState.CLOSING
-            self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(True))
+            self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(cancel))
+        return self._winding_down
 
     def abandon(self) -> None:
         """Stop the workers without the loop, which is closed: none of its callbacks will run again.
@@ -292,12 +298,10 @@ class Supervisor:
         """
         if self._state is EngineState.CLOSED:
             return
-        if self._winding_down is None:
-            self._state = EngineState.CLOSING
-            self._winding_down = asyncio.get_running_loop().create_task(self._wind_down(cancel))
+        winding_down = self._begin_wind_down(cancel)
         # A handler may be the caller: the drain of handlers must not wait for it.
         self.bus.spare(threading.current_thread())
-        await asyncio.shield(self._winding_down)
+        await asyncio.shield(winding_down)
 
     async def _wind_down(self, cancel: bool) -> None:
         """Let every execution end (cancelled, or finished first), stop the pool and handlers; then close."""

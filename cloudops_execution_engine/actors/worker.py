@@ -519,15 +519,14 @@ class Worker:
         due = run.timeout_ms / 1000 - (time.monotonic() - ex.started_mono)
         lead = self._timeout_lead
         if due > 2 * lead:
-            ex.timeout_timer = self.loop.call_later(
-                due - lead, self._near_timeout, ex, time.monotonic() + due - lead
-            )
+            ex.timeout_timer = self.loop.call_later(due - lead, self._near_timeout, ex)
         else:
             ex.timeout_timer = self.loop.call_later(max(0.0, due), self._on, ex, TIMEOUT)
         self._send(Started(ex.id, pid, ex.started_at).to_wire())
 
-    def _near_timeout(self, ex: _Execution, planned: float) -> None:
-        """Shortly before the timeout (at `planned`): warm up for the kill, then wait for the deadline."""
+    def _near_timeout(self, ex: _Execution) -> None:
+        """Shortly before the timeout: warm up for the kill, then wait for the deadline."""
+        planned = ex.timeout_timer.when if ex.timeout_timer is not None else time.monotonic()
         self._look(ex)
         now = time.monotonic()
         lead = max(2 * (now - planned), 0.9 * self._timeout_lead, _TIMEOUT_LEAD_MIN)
