@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import psutil
 import pytest
@@ -69,3 +73,56 @@ async def test_repeated_worker_kills_never_break_the_engine(tmp_path: Path, reco
             assert (await engine.wait(ok, timeout=30)).status is ExecutionStatus.COMPLETED
         summaries = await engine.list_executions()
         assert all(s.status.is_final for s in summaries)
+
+
+def _reap_every_child(_signum: int, _frame: FrameType | None) -> None:
+    # As pre-forking servers' arbiters do: whatever child ended, collect it.
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+@pytest.fixture(params=["default", "ignored", "reaped by the host"])
+def host_sigchld(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The host's SIGCHLD: as Python leaves it, ignored (the kernel then reaps), or its own reaper."""
+    chosen: dict[str, Callable[[int, FrameType | None], None] | signal.Handlers] = {
+        "default": signal.SIG_DFL,
+        "ignored": signal.SIG_IGN,
+        "reaped by the host": _reap_every_child,
+    }
+    previous = signal.signal(signal.SIGCHLD, chosen[request.param])
+    try:
+        yield request.param
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+async def test_a_dead_worker_is_noticed_at_once_whoever_reaps_the_hosts_children(
+    tmp_path: Path, recorder: Recorder, host_sigchld: str
+) -> None:
+    """A host that ignores SIGCHLD, or reaps every child itself, never gets a worker's exit status.
+
+    The worker's death, its executions' failure and the engine's shutdown must
+    not wait for a status that will never come.
+    """
+    engine = ExecutionEngine(config(tmp_path, workers=1)).with_event_handler(recorder)
+    async with engine:
+        eid = await engine.execute(shell("echo $PPID; exec sleep 30"))
+        await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
+        worker = int(recorder.of(eid)[-1].line)
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        result = await engine.wait(eid, timeout=30)
+        noticed = time.monotonic() - killed
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error is not None
+        assert result.error.startswith(f"Worker process {worker} died (")
+        if host_sigchld != "default":
+            assert "its exit status unknown, the host's SIGCHLD handling reaped it" in result.error
+        assert noticed < 2.0, f"the death of worker {worker} was noticed after {noticed:.2f} s"
+        after = await engine.wait(await engine.execute(run("echo", "still serving")), timeout=30)
+        assert after.stdout == "still serving\n"  # type: ignore[union-attr]
+        stopping = time.monotonic()
+    stopped = time.monotonic() - stopping
+    assert stopped < 1.5, f"shutdown took {stopped:.2f} s"

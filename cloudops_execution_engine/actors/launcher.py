@@ -17,6 +17,7 @@ it had started, rather than leaving that to a garbage collection.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -38,6 +39,21 @@ WorkerTarget = Callable[[Connection, Connection, bool], None]
 
 
 class _WorkerPopen(popen_spawn_posix.Popen):
+    # The worker was reaped by another part of the host, its exit status lost (`poll`).
+    status_lost = False
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        code = super().poll(flag)
+        if code is None and _reaped_elsewhere(self.pid):
+            # A host that ignores SIGCHLD, or collects every child itself (as
+            # pre-forking servers do), takes the status. The worker has ended:
+            # 0 stands for its status, as in `subprocess`. Otherwise it would
+            # read as running for ever, every wait for it would run to its
+            # timeout, and its descriptors would never be let go of.
+            self.status_lost = True
+            self.returncode = code = 0
+        return code
+
     def _launch(self, process_obj: Any) -> None:
         prep_data = _preparation_data(process_obj._name)
         prep_data.pop("init_main_from_name", None)
@@ -66,7 +82,8 @@ class _WorkerPopen(popen_spawn_posix.Popen):
                 # A child that cannot be handed its work is of no use, and
                 # nothing else would ever reap it.
                 os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                with contextlib.suppress(ChildProcessError):  # the host reaps its children itself
+                    os.waitpid(self.pid, 0)
                 raise
             self.sentinel = parent_r
             launched = True
@@ -113,6 +130,15 @@ def _preparation_data(name: str) -> dict[str, Any]:
     return data
 
 
+def _reaped_elsewhere(pid: int) -> bool:
+    """Whether our child `pid` has ended and been reaped by someone else (asked without reaping it)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -124,6 +150,12 @@ class WorkerProcess(context.SpawnProcess):
     @staticmethod
     def _Popen(process_obj: BaseProcess) -> _WorkerPopen:
         return _WorkerPopen(process_obj)
+
+    @property
+    def status_lost(self) -> bool:
+        """Whether the worker ended, its exit status taken by another part of the host (0 stands for it)."""
+        popen = self._popen  # type: ignore[attr-defined]
+        return bool(getattr(popen, "status_lost", False))
 
     def forked(self) -> None:
         """In a process forked from the host: the worker is the parent's child, not this one's (`after_fork`).

@@ -29,7 +29,7 @@ from typing import Any
 from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import after_fork, process_tree, spare_worker
-from .launcher import WorkerTarget, launch_worker
+from .launcher import WorkerProcess, WorkerTarget, launch_worker
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -241,8 +241,11 @@ class ProcessWorkerHandle(WorkerHandle):
     async def _report_death(self, how: str) -> None:
         try:
             code = await self._exit_code()
+            lost = isinstance(self.process, WorkerProcess) and self.process.status_lost
             self._release_process()
-            if self._killed:
+            if lost:
+                self._cause = f"{how}; its exit status unknown, the host's SIGCHLD handling reaped it"
+            elif self._killed:
                 # The host ended it, for the reason it gave (it stopped responding).
                 self._cause = how
             elif code is not None and code < 0:

@@ -465,8 +465,26 @@ def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> i
         empty_looks = 0
         stop_and_kill(procs)
         killed.update(p.pid for p in procs)
-        psutil.wait_procs(procs, timeout=0.5)
+        _wait_ended(procs, 0.5)
     return len(killed)
+
+
+def _wait_ended(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until each process is dead or a zombie, at most `timeout` seconds.
+
+    Not until it is reaped: an orphan's reaper is init, or whatever subreaper
+    the host runs under, and it may take its time. `psutil.wait_procs` waits
+    for that, and an engine then took half a second to fail a dead worker's
+    executions.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while live(procs):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.02)
 
 
 def _deepest_first(found: dict[int, _N]) -> list[_N]:
