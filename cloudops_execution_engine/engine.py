@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import warnings
 import weakref
@@ -19,7 +20,7 @@ from .actors.handlers import STOP, EventBus
 from .actors.records import Record
 from .actors.supervisor import Supervisor
 from .config import ExecutionConfig
-from .errors import InvalidCommand, InvalidPlan, IoError, NotFound, map_errors
+from .errors import EngineClosed, InvalidCommand, InvalidPlan, IoError, NotFound, NotRunning, map_errors
 from .events import EventHandler, ExecutionEvent
 from .logfiles import LogNode, log_path_for
 from .requests import ExecutionPlan, ExecutionRequest
@@ -132,7 +133,14 @@ class ExecutionEngine:
             # A caller queueing many commands in one go would otherwise keep the
             # loop from hearing that running ones ended, and the workers would
             # sit idle until the whole batch was queued.
-            await asyncio.sleep(0)
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                # The caller, cancelled here, never learns the id: the command
+                # must not run behind its back. It is still queued, so it never starts.
+                with contextlib.suppress(EngineClosed, NotRunning):
+                    supervisor.cancel(execution_id)
+                raise
         return execution_id
 
     async def execute_plan(self, plan: ExecutionPlan) -> UUID:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from typing import cast
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from conftest import Recorder, config, result_of, run, shell
@@ -160,3 +160,45 @@ async def test_the_command_shown_in_events_and_log_is_made_from_the_request(
     started = [e for e in recorder.of(eid) if e.event_type == "started"]
     assert [e.command for e in started] == [shown]
     assert f"# command: {shown}\n" in result.log_path.read_text()
+
+
+async def test_an_execute_cancelled_while_it_yields_leaves_no_command_running_unknown(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """A caller whose `execute()` is cancelled never got the id: that command must not run behind its back.
+
+    `execute()` lets the loop turn every few submissions while the queue is
+    deep; a cancel of the calling task lands there, after the command was queued.
+    """
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)).with_event_handler(
+        recorder
+    ) as engine:
+        returned: list[object] = []
+        queued = asyncio.Event()
+
+        async def submit_many() -> None:
+            for index in range(500):
+                returned.append(await engine.execute(shell(f"touch {marks}/{index}")))
+                if len(returned) == 20:
+                    queued.set()
+
+        task = asyncio.create_task(submit_many())
+        await queued.wait()
+        # This task runs only while the other one is suspended: inside an execute().
+        assert not task.done(), "execute() never let the loop turn"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        listed = await engine.list_executions()
+        unknown = [s.id for s in listed if s.id not in returned]
+        assert len(unknown) <= 1
+        for eid in returned:
+            await result_of(engine, cast("UUID", eid), timeout=30)
+        for eid in unknown:
+            result = await result_of(engine, eid, timeout=30)
+            assert result.status is ExecutionStatus.CANCELLED
+            await recorder.until_final(eid)
+            assert recorder.types_of(eid) == ["cancelled"]
+    assert len(list(marks.iterdir())) == len(returned)
