@@ -615,3 +615,32 @@ def test_an_engine_let_go_after_its_loop_closed_stops_its_workers(tmp_path: Path
     with pytest.warns(ResourceWarning, match="without shutdown"):
         let_go(kept)
     wait_until(lambda: host_children() <= before, 10, "the engine's workers to end")
+
+
+def test_a_loop_closing_during_a_shutdown_its_caller_gave_up_on_logs_nothing_and_leaves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`wait_for(engine.shutdown(), t)` times out while a command takes its grace period; `asyncio.run` ends.
+
+    The shutdown goes on as the loop closes: every process ends, and asyncio
+    has nothing to complain of (no "exception was never retrieved").
+    """
+    before = host_children()
+    sleeper: list[int] = []
+
+    async def give_up_on_shutdown() -> None:
+        engine = ExecutionEngine(config(tmp_path, workers=1, kill_grace_ms=3000))
+        eid = await engine.execute(shell("trap 'echo term' TERM; echo $$; while :; do sleep 0.05; done"))
+        async for event in engine.events(eid):
+            if event.event_type == "stdout":
+                sleeper.append(int(event.line))
+                break
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(engine.shutdown(), 0.3)
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(give_up_on_shutdown())
+        gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    assert gone(sleeper[0]), "its command outlived the loop"
+    wait_until(lambda: host_children() <= before, 10, "the engine's workers to end")

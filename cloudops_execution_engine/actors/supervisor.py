@@ -33,7 +33,7 @@ import enum
 import logging
 import os
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 from uuid import UUID
 
@@ -323,14 +323,14 @@ class Supervisor:
                     waits += [p.end_event().wait() for p in self._store.plans() if not p.settled]
                     bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
                     try:
-                        await asyncio.wait_for(asyncio.gather(*waits), bound)
+                        await asyncio.wait_for(_all_of(waits), bound)
                     except TimeoutError:
                         self._log_unfinished(
                             f"executions still running {bound:.0f}s into shutdown; killing workers"
                         )
                         for worker in list(pool.workers):
                             worker.die("did not stop its commands at shutdown")
-                        ending = asyncio.gather(*(r.end_event().wait() for r in self._store.records()))
+                        ending = _all_of(r.end_event().wait() for r in self._store.records())
                         try:
                             await asyncio.wait_for(ending, _ABANDONED_KILL_TIMEOUT + _SHUTDOWN_MARGIN)
                         except TimeoutError:
@@ -349,7 +349,7 @@ class Supervisor:
             unsettled = [entry.end_event().wait() for entry in entries if not entry.settled]
             if unsettled:
                 try:
-                    await asyncio.wait_for(asyncio.gather(*unsettled), _DRAIN_TIMEOUT)
+                    await asyncio.wait_for(_all_of(unsettled), _DRAIN_TIMEOUT)
                 except TimeoutError:
                     suffix, extra = correlate(r.id for r in self._store.records() if not r.settled)
                     logger.error(
@@ -868,3 +868,20 @@ def _has_room(worker: WorkerHandle) -> bool:
 
 def _ray_missing(reason: str) -> SpawnFailed:
     return SpawnFailed(f"the Ray backend needs Ray ({reason}): pip install 'cloudops-execution-engine[ray]'")
+
+
+def _all_of(waits: Iterable[Awaitable[Any]]) -> asyncio.Future[list[Any]]:
+    """`asyncio.gather`, whose end counts as read even when it ends cancelled.
+
+    Cancelled through `wait_for` (the host's loop closing during a shutdown
+    its caller stopped waiting for), a gather ends with a CancelledError that
+    nobody reads, and asyncio then logs "exception was never retrieved".
+    """
+    gathered = asyncio.gather(*waits)
+    gathered.add_done_callback(_read_outcome)
+    return gathered
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
