@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -227,3 +228,36 @@ async def test_a_stopped_tree_is_woken_to_hear_its_sigterm(
     assert result.status is (ExecutionStatus.CANCELLED if ending == "cancel" else ExecutionStatus.TIMEOUT)
     assert (result.exit_code, result.stdout) == (3, "ready\ngot-term\n"), "its SIGTERM handler did not run"
     assert result.duration.total_seconds() < 4, "it waited out the grace period"
+
+
+def test_an_abandoned_process_counts_as_ended_once_dead_not_once_reaped() -> None:
+    """A dead worker's orphans go to init (or the host's subreaper), which reaps when it will.
+
+    Their executions fail once they are dead: the kill does not wait for a reaper.
+    """
+    marker = "abandoned-by-a-test"
+    keeper = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            "import os, subprocess, time\n"
+            f"env = {{**os.environ, {process_tree.MARKER_ENV!r}: {marker!r}}}\n"
+            "p = subprocess.Popen(['sleep', '30'], env=env)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(30)  # never reaps it\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert keeper.stdout is not None
+        orphan = int(keeper.stdout.readline())
+        started = time.monotonic()
+        assert process_tree.kill_abandoned({marker}, set()) == 1
+        took = time.monotonic() - started
+        assert gone(orphan)
+        assert psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, "its keeper reaped it"
+        assert took < 0.3, f"the kill waited {took:.2f} s for a reaper"
+    finally:
+        keeper.kill()
+        keeper.communicate(timeout=10)
