@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import warnings
 import weakref
@@ -167,7 +168,7 @@ class ExecutionEngine:
     ) -> ExecutionResult | PlanExecutionResult:
         """Wait for an execution or plan to end; `TimeoutError` if `timeout` seconds pass first."""
         self._supervisor.check_usable()
-        return await self._supervisor.wait(_coerce_id(execution_id), timeout)
+        return await self._supervisor.wait(_coerce_id(execution_id), _checked_timeout(timeout))
 
     async def list_executions(
         self,
@@ -276,6 +277,20 @@ class ExecutionEngine:
                 yield event
         finally:
             self._bus.unsubscribe(subscription)
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    """`wait`'s timeout: a wrong one is a `TypeError` or `ValueError`, as for `list_executions`' filters.
+
+    NaN compares false with everything, so asyncio would wait for ever on it.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    return timeout
 
 
 def _list_filters(

@@ -362,6 +362,26 @@ async def test_wait_timeout_raises_builtin_timeout_and_execution_goes_on(
     await engine.wait(eid, timeout=20)
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error", "message"),
+    [
+        ("1", TypeError, "timeout must be a number of seconds or None, not str"),
+        (True, TypeError, "timeout must be a number of seconds or None, not bool"),
+        (float("nan"), ValueError, "timeout must be a number of seconds, not NaN"),
+    ],
+)
+async def test_a_wait_timeout_that_is_not_a_number_of_seconds_is_refused_at_once(
+    engine: ExecutionEngine, timeout: Any, error: type[Exception], message: str
+) -> None:
+    """Not a comparison failing inside asyncio, nor (NaN) a wait with no end."""
+    eid = await engine.execute(shell("exec sleep 30"))
+    with pytest.raises(error, match=message):
+        await asyncio.wait_for(engine.wait(eid, timeout=timeout), 5)
+    assert await engine.get_status(eid) in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
+    await engine.cancel(eid)
+    assert (await engine.wait(eid, timeout=20)).status is ExecutionStatus.CANCELLED
+
+
 async def test_list_executions_summarises_everything(engine: ExecutionEngine) -> None:
     first = await engine.execute(run("true"))
     second = await engine.execute(shell("exit 1"))
