@@ -165,6 +165,8 @@ def _config(
     `allow_ms`, one request's own) is what the user asked for: the maximum
     rises to admit it.
     """
+    from pydantic import ValidationError
+
     from .config import ExecutionConfig, RayConfig
 
     values: dict[str, Any] = {
@@ -180,7 +182,12 @@ def _config(
         values["default_timeout_ms"] = timeout_ms
     if concurrency is not None:
         values["max_concurrent_executions"] = concurrency
-    return ExecutionConfig(**values)
+    try:
+        return ExecutionConfig(**values)
+    except ValidationError as exc:  # `--journal ''`, say, which names no file
+        from .cli_validate import parse_problems
+
+        _problems("invalid settings", parse_problems(exc, values))
 
 
 def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:

@@ -7,9 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
 
 from ._model import F64, U64, Model, StrictBool, Usize
+from .errors import IoError
 
 __all__ = ["ExecutionConfig", "RayConfig", "RetentionPolicy", "default_journal_path", "default_log_dir"]
 
@@ -92,6 +93,21 @@ class ExecutionConfig(Model):
     secrets: list[str] = Field(default_factory=list, repr=False)
     """Values masked as `***` wherever the engine writes or emits output."""
 
+    @field_validator("journal", "log_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        # "" would become Path("."): the working directory, wherever the host happens to be.
+        if isinstance(value, str | bytes) and not value.strip():
+            raise ValueError(f"{info.field_name} must not be empty (None means the default)")
+        return value
+
+    @field_validator("journal")
+    @classmethod
+    def _a_file(cls, journal: Path | None) -> Path | None:
+        if journal is not None and journal.name in ("", ".."):
+            raise ValueError(f"journal must name a file, not {str(journal)!r}")
+        return journal
+
     @field_validator("secrets")
     @classmethod
     def _maskable(cls, secrets: list[str]) -> list[str]:
@@ -116,7 +132,21 @@ class ExecutionConfig(Model):
         return self
 
     def resolved_log_dir(self) -> Path:
-        return self.log_dir if self.log_dir is not None else default_log_dir()
+        """`log_dir` (or the default) as an absolute path: a relative one is the host's directory's, now.
+
+        Resolved in the host, once per engine: a worker (or a Ray node) has a
+        working directory of its own, and the host may change its own later.
+        """
+        log_dir = self.log_dir if self.log_dir is not None else default_log_dir()
+        if log_dir.is_absolute():
+            return log_dir
+        try:
+            return Path(os.path.abspath(log_dir))
+        except FileNotFoundError:
+            raise IoError(
+                f"log_dir {str(log_dir)!r} is relative, and the working directory it would be "
+                "relative to has been removed"
+            ) from None
 
     def pool_size(self) -> int:
         if self.workers is not None:

@@ -243,7 +243,7 @@ class ExecutionEngine:
         else:
             if isinstance(entry, Record) and entry.log_path != Path():
                 return entry.log_path
-        return log_path_for(self.config.resolved_log_dir(), key)
+        return log_path_for(self._supervisor.log_dir, key)
 
     def get_log_node(self, execution_id: UUID | str) -> LogNode | None:
         """The Ray node whose disk holds the execution's log file; None when it is this machine's.

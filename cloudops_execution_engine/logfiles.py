@@ -186,12 +186,14 @@ class LogDirectories:
 
     def open(self, path: str | bytes, first_attempt: bool) -> int:
         """`open_log` (a first attempt) or `reopen_log` (a retry's) of the log at `path`."""
-        directory, _, name = os.fsencode(path).rpartition(b"/")
-        dir_fd = self._fd(directory or b"/", fresh=False)
+        directory, slash, name = os.fsencode(path).rpartition(b"/")
+        # "/name" is in the root directory; a bare "name" in the working directory.
+        directory = directory or (b"/" if slash else b".")
+        dir_fd = self._fd(directory, fresh=False)
         try:
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
         except FileNotFoundError:  # removed between the look and the making
-            dir_fd = self._fd(directory or b"/", fresh=True)
+            dir_fd = self._fd(directory, fresh=True)
             return open_log(name, dir_fd) if first_attempt else reopen_log(name, dir_fd)
 
     def _fd(self, directory: bytes, fresh: bool) -> int:
@@ -233,9 +235,20 @@ def prepare_log_dir(log_dir: Path) -> None:
     `log_dir` may be a symlink to a directory. The link itself must then be
     ours or root's, because whoever owns it can point it elsewhere after this
     check; and the directory it leads to must be ours.
+
+    A directory that exists already is used as it is: the host may have named
+    one it shares (its project, its home, `/tmp`), whose mode is not ours to
+    change; the logs in it are owner-only. Unless others may replace files in
+    it (writable by them, without the sticky bit): then it is refused.
     """
     with map_errors({OSError: IoError}, "cannot prepare log directory"):
-        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            log_dir.mkdir(mode=0o700, parents=True)
+            made = True
+        except FileExistsError:
+            if not log_dir.is_dir():
+                raise
+            made = False
         info = os.lstat(log_dir)
         if stat.S_ISLNK(info.st_mode):
             if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):
@@ -245,8 +258,14 @@ def prepare_log_dir(log_dir: Path) -> None:
             raise IoError(f"log directory {log_dir} is not a directory")
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
             raise IoError(f"log directory {log_dir} belongs to another user")
-        if stat.S_IMODE(info.st_mode) != 0o700:
+        mode = stat.S_IMODE(info.st_mode)
+        if made and mode != 0o700:  # the umask took bits away
             os.chmod(log_dir, 0o700)
+        elif not made and mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            raise IoError(
+                f"log directory {log_dir} may be written by other users (mode {mode:o}), "
+                "who could replace its logs"
+            )
 
 
 def read_log(path: Path, missing_ok: bool = False) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -333,3 +334,31 @@ def test_plan_piped_says_each_failure_as_a_terminal_does(tmp_path: Path) -> None
     assert len(logs) == 2
     assert all(Path(log).is_file() for log in logs)
     assert "SIGKILL" in next(line for line in done.stdout.splitlines() if line.startswith("#0   failed"))
+
+
+def test_a_journal_option_that_names_no_file_is_a_usage_error(tmp_path: Path) -> None:
+    done = cli("run", "--journal", "", "--", "true", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "cloudops-exec: invalid settings (1 problem):\n"
+        "  journal: Value error, journal must name a file, not '.'\n"
+    )
+
+
+def test_an_empty_log_dir_option_is_the_working_directory_left_as_it_is(tmp_path: Path) -> None:
+    """Not the worker's directory, nor a chmod of the user's."""
+    here = tmp_path / "here"
+    here.mkdir(mode=0o755)
+    done = subprocess.run(
+        [*CLI, "run", "--no-journal", "--log-dir", "", "--", "bash", "-c", "exit 3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 3
+    logs = list(here.glob("*.log"))
+    assert len(logs) == 1
+    assert f"cloudops-exec: log: {logs[0]}\n" in done.stderr
+    assert stat.S_IMODE(here.stat().st_mode) == 0o755

@@ -261,7 +261,7 @@ def test_a_symlink_to_our_directory_is_a_log_directory(tmp_path: Path) -> None:
     link.symlink_to(target, target_is_directory=True)
     prepare_log_dir(link)
     assert link.is_symlink()
-    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # it existed: used as it is
 
 
 def test_a_symlink_to_a_missing_directory_is_refused(tmp_path: Path) -> None:
@@ -456,3 +456,56 @@ def test_a_log_the_disk_cannot_hold_is_said_to_be_incomplete_and_the_command_com
     assert report["id"] in incomplete[0]["message"]
     assert incomplete[0]["execution_id"] == report["id"]
     assert "File too large" in incomplete[0]["message"]
+
+
+def test_a_directory_the_engine_makes_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    made = tmp_path / "made" / "logs"
+    previous = os.umask(0o277)
+    try:
+        prepare_log_dir(made)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750])
+def test_an_existing_directory_is_used_as_it_is(tmp_path: Path, mode: int) -> None:
+    """A `log_dir` the host named may be shared (its home, its project, /tmp): its mode is not ours."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    existing.chmod(mode)
+    prepare_log_dir(existing)
+    assert stat.S_IMODE(existing.stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
+def test_an_existing_directory_others_may_replace_files_in_is_refused(tmp_path: Path, mode: int) -> None:
+    """Without the sticky bit, whoever may write the directory may replace a log with one of theirs."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    existing.chmod(mode)
+    with pytest.raises(IoError, match=f"log directory {existing} may be written by other users"):
+        prepare_log_dir(existing)
+    assert stat.S_IMODE(existing.stat().st_mode) == mode
+
+
+async def test_a_relative_log_dir_is_the_hosts_and_is_left_as_it_is(tmp_path: Path) -> None:
+    """`log_dir="."` or `"logs"`: relative to the host's directory when the engine was made, as a path is."""
+    project = tmp_path / "project"
+    project.mkdir(mode=0o755)
+    (project / "logs").mkdir(mode=0o755)
+    before = os.getcwd()
+    os.chdir(project)
+    try:
+        for relative in (".", "logs"):
+            async with ExecutionEngine(config(tmp_path, log_dir=Path(relative), workers=1)) as engine:
+                os.chdir(tmp_path)  # where the host is later does not matter
+                result = await result_of(engine, await engine.execute(shell("echo here")), timeout=20)
+                assert result.log_path == project / relative / f"{result.id}.log"
+                assert engine.get_log_path(result.id) == result.log_path
+                assert " stdout here\n" in await engine.read_logs(result.id)
+                os.chdir(project)
+    finally:
+        os.chdir(before)
+    assert stat.S_IMODE(project.stat().st_mode) == 0o755
+    assert stat.S_IMODE((project / "logs").stat().st_mode) == 0o755

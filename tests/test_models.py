@@ -201,6 +201,26 @@ def test_config_rejects_nonsense() -> None:
         ExecutionConfig(default_timeout_ms=700_000)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"journal": ""}, "journal must not be empty"),
+        ({"log_dir": ""}, "log_dir must not be empty"),
+        ({"journal": "."}, "journal must name a file"),
+        ({"journal": "/"}, "journal must name a file"),
+        ({"journal": "state/.."}, "journal must name a file"),
+    ],
+)
+def test_a_path_setting_that_names_no_file_is_refused_where_it_is_made(
+    settings: dict[str, str], message: str
+) -> None:
+    """An empty setting (an unset environment variable, say) would be the working directory."""
+    with pytest.raises(cee.ValidationError, match=message):
+        ExecutionConfig(**settings)
+    with pytest.raises(pydantic.ValidationError, match=message):
+        ExecutionConfig.model_validate_json(json.dumps(settings))
+
+
 def test_public_names_are_exactly_all_and_sorted() -> None:
     """The package exports what `__all__` lists, sorted, and nothing is missing from it."""
     assert cee.__all__ == sorted(cee.__all__)

@@ -274,9 +274,8 @@ def select_newest(items: list[tuple[int, _T]], limit: int | None) -> list[tuple[
     return items[-limit:]
 
 
-def store_for(config: ExecutionConfig) -> Store:
-    """The store `config` asks for: a journal when it names one, else memory; with its retention."""
-    log_dir = config.resolved_log_dir()
+def store_for(config: ExecutionConfig, log_dir: Path) -> Store:
+    """The store `config` asks for: a journal when it names one, else memory; retention sweeps `log_dir`."""
     retention = Retention(config.retention, log_dir) if config.retention is not None else None
     if config.journal is None:
         return MemoryStore(config.max_retained_executions, retention)

@@ -99,7 +99,7 @@ class Supervisor:
         self.config = config
         self.bus = bus
         self.log_dir = config.resolved_log_dir()
-        self._store: Store = store if store is not None else store_for(config)
+        self._store: Store = store if store is not None else store_for(config, self.log_dir)
         self._running_by_key: dict[bytes, Record] = {}
         self._scheduler = Scheduler(
             config.max_concurrent_executions,
