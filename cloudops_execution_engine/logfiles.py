@@ -238,8 +238,9 @@ def prepare_log_dir(log_dir: Path) -> None:
 
     A directory that exists already is used as it is: the host may have named
     one it shares (its project, its home, `/tmp`), whose mode is not ours to
-    change; the logs in it are owner-only. Unless others may replace files in
-    it (writable by them, without the sticky bit): then it is refused.
+    change; the logs in it are owner-only. Its group is the host's choice (a
+    umask of 002 makes directories group-writable), but a directory any user
+    may write without the sticky bit is refused: any user could replace a log.
     """
     with map_errors({OSError: IoError}, "cannot prepare log directory"):
         try:
@@ -261,9 +262,9 @@ def prepare_log_dir(log_dir: Path) -> None:
         mode = stat.S_IMODE(info.st_mode)
         if made and mode != 0o700:  # the umask took bits away
             os.chmod(log_dir, 0o700)
-        elif not made and mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        elif not made and mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             raise IoError(
-                f"log directory {log_dir} may be written by other users (mode {mode:o}), "
+                f"log directory {log_dir} may be written by any user (mode {mode:o}), "
                 "who could replace its logs"
             )
 

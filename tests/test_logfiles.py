@@ -468,7 +468,7 @@ def test_a_directory_the_engine_makes_is_owner_only_whatever_the_umask(tmp_path:
     assert stat.S_IMODE(made.stat().st_mode) == 0o700
 
 
-@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750])
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o750, 0o775, 0o770])
 def test_an_existing_directory_is_used_as_it_is(tmp_path: Path, mode: int) -> None:
     """A `log_dir` the host named may be shared (its home, its project, /tmp): its mode is not ours."""
     existing = tmp_path / "existing"
@@ -478,13 +478,13 @@ def test_an_existing_directory_is_used_as_it_is(tmp_path: Path, mode: int) -> No
     assert stat.S_IMODE(existing.stat().st_mode) == mode
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
-def test_an_existing_directory_others_may_replace_files_in_is_refused(tmp_path: Path, mode: int) -> None:
+@pytest.mark.parametrize("mode", [0o777, 0o703, 0o722])
+def test_an_existing_directory_any_user_may_replace_files_in_is_refused(tmp_path: Path, mode: int) -> None:
     """Without the sticky bit, whoever may write the directory may replace a log with one of theirs."""
     existing = tmp_path / "existing"
     existing.mkdir()
     existing.chmod(mode)
-    with pytest.raises(IoError, match=f"log directory {existing} may be written by other users"):
+    with pytest.raises(IoError, match=f"log directory {existing} may be written by any user"):
         prepare_log_dir(existing)
     assert stat.S_IMODE(existing.stat().st_mode) == mode
 
