@@ -132,12 +132,14 @@ class ExecutionConfig(Model):
         return self
 
     def resolved_log_dir(self) -> Path:
-        """`log_dir` (or the default) as an absolute path: a relative one is the host's directory's, now.
+        """`log_dir` (or the default), `~` expanded, absolute: a relative one is the host's directory's, now.
 
         Resolved in the host, once per engine: a worker (or a Ray node) has a
         working directory of its own, and the host may change its own later.
         """
         log_dir = self.log_dir if self.log_dir is not None else default_log_dir()
+        # As the journal's path: "~/logs" is in the home directory, not a directory named "~".
+        log_dir = Path(os.path.expanduser(log_dir))
         if log_dir.is_absolute():
             return log_dir
         try:

@@ -509,3 +509,16 @@ async def test_a_relative_log_dir_is_the_hosts_and_is_left_as_it_is(tmp_path: Pa
         os.chdir(before)
     assert stat.S_IMODE(project.stat().st_mode) == 0o755
     assert stat.S_IMODE((project / "logs").stat().st_mode) == 0o755
+
+
+async def test_a_log_dir_under_the_home_directory_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for the journal: `~/logs` is the home directory's, not a directory named `~` where the host is."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    async with ExecutionEngine(config(tmp_path, log_dir=Path("~/logs"), workers=1)) as engine:
+        result = await result_of(engine, await engine.execute(shell("echo home")), timeout=20)
+    assert result.log_path == tmp_path / "home" / "logs" / f"{result.id}.log"
+    assert result.log_path.is_file()
+    assert not (tmp_path / "~").exists()
