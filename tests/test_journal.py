@@ -410,6 +410,18 @@ async def test_a_journal_path_that_cannot_be_opened_is_refused_with_its_path(tmp
         await ExecutionEngine(journalled(tmp_path)).start()
 
 
+async def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    """`<journal>.lock` is opened, truncated and written: never through a link to someone else's file."""
+    victim = tmp_path / "precious"
+    victim.write_bytes(b"precious\n")
+    (tmp_path / "journal.sqlite3.lock").symlink_to(victim)
+    before = host_children()
+    with pytest.raises(IoError, match="cannot lock journal"):
+        await ExecutionEngine(journalled(tmp_path)).start()
+    assert host_children() <= before, "a worker was started for an engine that cannot start"
+    assert victim.read_bytes() == b"precious\n"
+
+
 async def test_a_journal_written_by_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
     """user_version above what this release knows: IoError naming the path and the versions."""
     journal = tmp_path / "journal.sqlite3"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -41,8 +42,12 @@ class JournalLock:
     def acquire(self) -> None:
         """Take the lock, or raise `IoError` naming the pid of the engine that has it."""
         with map_errors({OSError: IoError}, f"cannot lock journal {self.journal}"):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Truncated and written below: never through a link planted at its name.
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            fd = os.open(self.path, flags, 0o600)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise IoError(f"cannot lock journal {self.journal}: {self.path} is not a regular file")
                 _lock_or_wait_for_the_dead(fd)
             except BlockingIOError:
                 holder = _read_pid(fd)
