@@ -375,6 +375,31 @@ def test_a_handler_waiting_for_a_wordy_execution_does_not_hold_its_output_back(t
     assert outcome == ["started", ExecutionStatus.COMPLETED]
 
 
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_handler_raising_a_base_exception_on_its_thread_keeps_receiving(
+    tmp_path: Path, raised: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`sys.exit()` in a handler ends only its thread, in Python: its queue would then never drain,
+    and a command with more output than the queue holds would wait on it for ever."""
+    lines: list[str] = []
+
+    def exits_once(event: Any) -> None:
+        if event.event_type == "stdout":
+            lines.append(event.line)
+            if len(lines) == 1:
+                raise raised("from a handler")
+
+    engine = SyncExecutionEngine(config(tmp_path)).with_event_handler(exits_once)
+    with engine:
+        eid = engine.execute(shell("yes 0123456789012345678901234567890123456789 | head -n 300000"))
+        assert engine.wait(eid, timeout=30).status is ExecutionStatus.COMPLETED
+    assert len(lines) == 300_000
+    logged = [r for r in caplog.records if "raised on" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
+    assert logged[0].exc_info[0] is raised
+
+
 def let_go(held: list[Any]) -> None:
     """Drop the only reference to what `held` holds, and collect it."""
     held.clear()

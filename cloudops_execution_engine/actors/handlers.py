@@ -239,7 +239,10 @@ class _HandlerThread:
                 # A plain function that returned an awaitable: it can only be
                 # awaited on the loop, and this thread waits so order holds.
                 asyncio.run_coroutine_threadsafe(_awaited(outcome), self._loop).result()
-        except Exception:
+        except BaseException:
+            # `sys.exit()` (or a KeyboardInterrupt raised) here would end only this
+            # thread, in Python: its queue would never drain, and backpressure
+            # would hold every command's output back behind it for ever.
             _log_handler_error(self._channel.handler, event)
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
