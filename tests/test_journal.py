@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from uuid import UUID, uuid4
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, config, gone, host_children, shell, wait_until
+from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, shell, wait_until
 
 from cloudops_execution_engine import (
     DependencyGraphStrategy,
@@ -35,11 +36,12 @@ from cloudops_execution_engine import (
     NotFound,
     PlanExecutionResult,
     SerialStrategy,
+    ShellCommand,
     SyncExecutionEngine,
 )
 from cloudops_execution_engine.actors import journal, journal_known, journal_writer
 from cloudops_execution_engine.actors.journal import JournalStore, open_connection
-from cloudops_execution_engine.actors.journal_schema import SCHEMA_VERSION, migrate
+from cloudops_execution_engine.actors.journal_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from cloudops_execution_engine.config import default_journal_path
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -568,6 +570,78 @@ async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_
                 worker.wait(10)
             except psutil.NoSuchProcess:
                 pass
+
+
+async def test_recovery_spares_another_engines_command_of_the_same_id(tmp_path: Path) -> None:
+    """The dead host's execution id is running in another engine too (ids are the host's to choose)."""
+    proc, started = holder(tmp_path)
+    worker: psutil.Process | None = None
+    watcher = Recorder()
+    bystanders = ExecutionEngine(config(tmp_path / "other", workers=1)).with_event_handler(watcher)
+    try:
+        command = psutil.Process(started["pid"])
+        worker = command.parent()
+        assert worker is not None
+        worker.send_signal(signal.SIGSTOP)  # so that nothing but recovery ends the dead host's tree
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        shared = UUID(started["id"])
+        async with bystanders:
+            same_id = ExecutionRequest(id=shared, command=ShellCommand(command="exec sleep 30"))
+            await bystanders.execute(same_id)
+            await watcher.until(lambda _: "started" in watcher.types_of(shared))
+            bystander = bystanders._supervisor.entry(shared).pid  # type: ignore[union-attr]
+            async with ExecutionEngine(journalled(tmp_path)) as engine:
+                assert gone(command.pid)
+                assert await engine.get_status(shared) is F
+            assert not gone(bystander), "recovery killed another engine's command of the same id"
+            assert await bystanders.get_status(shared) is ExecutionStatus.RUNNING
+            await bystanders.cancel(shared)
+            assert (await bystanders.wait(shared, timeout=20)).status is ExecutionStatus.CANCELLED
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if worker is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+                worker.wait(10)
+
+
+async def test_a_journal_of_the_first_schema_is_brought_up_to_date_and_recovered(tmp_path: Path) -> None:
+    """Written before engines were named: its runs have no engine id, and recovery goes by marker alone."""
+    path = tmp_path / "journal.sqlite3"
+    conn = open_connection(path)
+    conn.execute("BEGIN")
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO runs (run, pid, hostname, opened_us) VALUES (1, 999999, 'h', 0)")
+    left = ExecutionRequest(command=ShellCommand(command="true"))
+    conn.execute(
+        "INSERT INTO entries (seq, id, kind, run, status, submitted_us, log_path, request) "
+        "VALUES (1, ?, 'command', 1, 'pending', 1000, '', ?)",
+        (left.id.bytes, left.model_dump_json()),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        result = await engine.get_result(left.id)
+        assert result.status is F
+        assert result.error is not None
+        assert result.error.startswith("Interrupted:")
+        assert "pid 999999" in result.error
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        runs = conn.execute("SELECT engine_id FROM runs ORDER BY run").fetchall()
+        assert runs[0] == (None,)
+        assert isinstance(runs[1][0], str)
+        assert len(runs[1][0]) == 32
+    finally:
+        conn.close()
 
 
 # -- resume_plan ------------------------------------------------------------------------

@@ -32,6 +32,19 @@ def test_the_command_gets_its_pipes_directory_environment_and_exit_code(way: str
     assert f"{process_tree.MARKER_ENV}=the-marker" in err.splitlines()
 
 
+def test_a_request_cannot_set_the_marker_or_the_engine_a_command_carries(way: str) -> None:
+    """Both tell this engine's processes from others across the machine: they are not the request's."""
+    base = {os.fsencode(process_tree.ENGINE_ENV): b"this-engine"}
+    overlay = {process_tree.MARKER_ENV: "another-id", process_tree.ENGINE_ENV: "another-engine"}
+    env = CommandEnv(base).for_command(overlay, "the-marker")
+    _code, _out, err = spawn_and_read([SH, "-c", "env >&2"], env, "/")
+    lines = err.splitlines()
+    assert f"{process_tree.MARKER_ENV}=the-marker" in lines
+    assert f"{process_tree.ENGINE_ENV}=this-engine" in lines
+    assert f"{process_tree.MARKER_ENV}=another-id" not in lines
+    assert f"{process_tree.ENGINE_ENV}=another-engine" not in lines
+
+
 def test_the_worker_stays_in_its_own_directory_with_the_helper(way: str, tmp_path: Path) -> None:
     before = os.getcwd()
     spawn_and_read([SH, "-c", "true"], [], str(tmp_path))

@@ -9,12 +9,19 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from uuid import uuid4
 
 import psutil
 import pytest
 from conftest import HELPERS, PYTHON, Recorder, config, gone, result_of, run, shell
 
-from cloudops_execution_engine import ExecutionEngine, ExecutionResult, ExecutionStatus
+from cloudops_execution_engine import (
+    ExecutionEngine,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ShellCommand,
+)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -126,3 +133,34 @@ async def test_a_dead_worker_is_noticed_at_once_whoever_reaps_the_hosts_children
         stopping = time.monotonic()
     stopped = time.monotonic() - stopping
     assert stopped < 1.5, f"shutdown took {stopped:.2f} s"
+
+
+async def test_a_dead_workers_clean_up_spares_another_engines_command_of_the_same_id(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """Ids are the host's to choose (a job's name made a UUID, say): another engine may run the same one.
+
+    The processes a dead worker left are found across the machine by their
+    execution's marker; those of another engine's execution are not theirs.
+    """
+    shared = uuid4()
+    first = ExecutionEngine(config(tmp_path / "first", workers=1)).with_event_handler(recorder)
+    watcher = Recorder()
+    second = ExecutionEngine(config(tmp_path / "second", workers=1)).with_event_handler(watcher)
+    async with first, second:
+        await first.execute(
+            ExecutionRequest(id=shared, command=ShellCommand(command="echo $PPID; exec sleep 30"))
+        )
+        await second.execute(ExecutionRequest(id=shared, command=ShellCommand(command="exec sleep 30")))
+        await recorder.until(lambda _: "stdout" in recorder.types_of(shared))
+        worker = int(recorder.of(shared)[-1].line)
+        await watcher.until(lambda _: "started" in watcher.types_of(shared))
+        bystander = second._supervisor.entry(shared).pid  # type: ignore[union-attr]
+        os.kill(worker, signal.SIGKILL)
+        result = await first.wait(shared, timeout=30)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert not gone(bystander), "the first engine's clean-up killed the second engine's command"
+        assert await second.get_status(shared) is ExecutionStatus.RUNNING
+        await second.cancel(shared)
+        assert (await second.wait(shared, timeout=30)).status is ExecutionStatus.CANCELLED

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidCommand
 from ..protocol import DEFAULT_MAX_FRAME
+from .process_tree import ENGINE_ENV
 from .secrets import masker_for
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ _RUN_ROOM = 64 * 1024
 
 # What the kernel takes across one execve besides the strings: a pointer each.
 _POINTER = 8
+_ENGINE_KEY = os.fsencode(ENGINE_ENV)
 _MAX_ARG_STRLEN = 32 * 4096  # Linux: the most one argument or variable may hold
 # Far below the frame limit, so a request that passes always fits a frame.
 _MAX_REQUEST = 16 * 1024 * 1024
@@ -47,12 +49,15 @@ class HostEnvironment:
     """The host's environment as bytes, copied again only when it has changed.
 
     Comparing the raw mapping with the last one seen costs about a microsecond;
-    the size the kernel will count for it is worked out once per change.
+    the size the kernel will count for it is worked out once per change. With
+    `engine_id`, it names the engine (`process_tree.ENGINE_ENV`), over any name
+    the host itself inherited from an engine that runs it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, engine_id: str | None = None) -> None:
         self._raw: dict[Any, Any] | None = None
         self._copy: dict[bytes, bytes] = {}
+        self._engine = {_ENGINE_KEY: engine_id.encode()} if engine_id else None
         self.size = 0
 
     def current(self) -> dict[bytes, bytes]:
@@ -60,8 +65,10 @@ class HostEnvironment:
         if raw is None:
             raw = dict(os.environb)
         if raw != self._raw:
-            # One copy, both compared against and handed out: nothing changes it.
-            self._raw = self._copy = dict(raw)
+            # Nothing changes either copy: the one compared against is the one
+            # handed out, unless the engine's name is added to it.
+            self._raw = dict(raw)
+            self._copy = self._raw if self._engine is None else {**self._raw, **self._engine}
             self.size = sum(len(k) + len(v) + 2 + _POINTER for k, v in self._copy.items())
         return self._copy
 

@@ -95,8 +95,10 @@ class JournalStore:
         timeout_ms: int,
         retention: Retention | None = None,
         mask: Callable[[str], str] | None = None,
+        engine_id: str | None = None,
     ) -> None:
         self.path = Path(os.path.expanduser(path))
+        self._engine_id = engine_id
         # The config's secrets, masked in every document written (typed into a command line, say).
         self._apply = apply_batch if mask is None else functools.partial(apply_batch, mask=mask)
         self.retention = retention
@@ -176,8 +178,9 @@ class JournalStore:
                 migrate(conn, self.path)
                 self._run = int(
                     conn.execute(
-                        "INSERT INTO runs (pid, hostname, opened_us) VALUES (?, ?, ?) RETURNING run",
-                        (os.getpid(), socket.gethostname(), now_us()),
+                        "INSERT INTO runs (pid, hostname, opened_us, engine_id) "
+                        "VALUES (?, ?, ?, ?) RETURNING run",
+                        (os.getpid(), socket.gethostname(), now_us(), self._engine_id),
                     ).fetchone()[0]
                 )
                 self.recovered = recover(conn)

@@ -3,7 +3,8 @@
 Only an engine holding the journal's lock runs this, so every unfinished row
 belongs to an engine that is gone. Processes still running for those
 executions on this machine are found by the marker every command carries in
-its environment (`CLOUDOPS_EXECUTION_ID`) and by the session its main process
+its environment (`CLOUDOPS_EXECUTION_ID`, with the dead engine's
+`CLOUDOPS_ENGINE_ID`: another engine may run the same id) and by the session its main process
 led (its pid, trusted only while no other process has taken that pid), and
 killed with their descendants before anything is written. Then each
 execution's row gets a `failed` result whose error starts with
@@ -43,7 +44,7 @@ def interrupted_error(host_pid: int) -> str:
 def recover(conn: sqlite3.Connection) -> int:
     """Fail what the journal has unfinished; returns how many executions and plans it ended."""
     rows = conn.execute(
-        "SELECT e.seq, e.id, e.kind, e.pid, e.started_us, e.log_path, r.pid "
+        "SELECT e.seq, e.id, e.kind, e.pid, e.started_us, e.log_path, r.pid, r.engine_id "
         "FROM entries AS e JOIN runs AS r ON r.run = e.run "
         "WHERE e.status IN ('pending', 'running')"
     ).fetchall()
@@ -54,7 +55,7 @@ def recover(conn: sqlite3.Connection) -> int:
     ended = now_us()
     results = _Results(datetime_from_us(ended))
     updates = []
-    for seq, key, _kind, _pid, started_us, log_path, host_pid in commands:
+    for seq, key, _kind, _pid, started_us, log_path, host_pid, _engine in commands:
         began = started_us if started_us is not None else ended
         text = results.json(key, datetime_from_us(began), log_path or "", interrupted_error(host_pid))
         updates.append((ended, (ended - began) * 1000, text, seq))
@@ -121,7 +122,8 @@ class _Results:
 
 
 def _kill_leftovers(commands: list[tuple[Any, ...]]) -> None:
-    markers = {str(UUID(bytes=row[1])) for row in commands}
+    # A run from before engines were named (no engine id) is found by its marker alone.
+    markers = {process_tree.marker_key(str(UUID(bytes=row[1])), row[7]) for row in commands}
     alive = set(psutil.pids())
     sessions: set[int] = set()
     checked: dict[int, bool] = {}

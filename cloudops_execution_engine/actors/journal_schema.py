@@ -11,7 +11,8 @@ epoch, so that what is read back equals what the engine held. `request` is the
 serde JSON of the request (a command submitted alone) or of the plan (a plan's
 row; its commands' rows have none, they are in the plan's); `result` is the
 serde JSON of the final result. `runs` has one row per engine that opened the
-journal: the pid recovery names when that engine died with work unfinished.
+journal: the pid recovery names when that engine died with work unfinished,
+and the engine's id, which its commands carry (from version 2).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ CREATE INDEX entries_by_submission ON entries (submitted_us);
 CREATE INDEX entries_by_end ON entries (ended_us) WHERE ended_us IS NOT NULL;
 """
 
-MIGRATIONS: list[str] = [_V1]
+# Which engine a run was (`process_tree.ENGINE_ENV` in its commands): recovery
+# then kills only that engine's processes of an execution id, not another's.
+_V2 = """
+ALTER TABLE runs ADD COLUMN engine_id TEXT;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -52,6 +52,7 @@ from typing import Protocol, TypeVar
 import psutil
 
 __all__ = [
+    "ENGINE_ENV",
     "MARKER_ENV",
     "Proc",
     "Signallable",
@@ -62,6 +63,7 @@ __all__ = [
     "find_abandoned",
     "kill_abandoned",
     "live",
+    "marker_key",
     "signal_group",
     "signal_processes",
     "stop_and_kill",
@@ -69,6 +71,17 @@ __all__ = [
 ]
 
 MARKER_ENV = "CLOUDOPS_EXECUTION_ID"
+# Which engine started the command. Ids are the host's to choose, so two engines
+# on one machine may run the same one: what one engine kills across the machine
+# (after a worker's death, or in recovery) is found by both.
+ENGINE_ENV = "CLOUDOPS_ENGINE_ID"
+
+
+def marker_key(execution_id: str, engine: str | None) -> str:
+    """What `kill_abandoned` looks for: one execution of one engine, or of any engine (`engine` None)."""
+    return f"{execution_id}/{engine}" if engine else execution_id
+
+
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -115,8 +128,21 @@ def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
         return {}
 
 
-def _marker_of(proc: psutil.Process) -> str | None:
-    return (_environ_of(proc) or {}).get(MARKER_ENV)
+def _marker_of(proc: psutil.Process, markers: set[str], ids: set[str]) -> tuple[str | None, bool]:
+    """(the process's marker, whether it is among `markers`, which `marker_key` made; `ids`: their ids).
+
+    A process without an engine id (a command that removed it) is taken by
+    its marker alone, as before engines were told apart; one with another
+    engine's id is not taken.
+    """
+    env = _environ_of(proc) or {}
+    theirs = env.get(MARKER_ENV)
+    if theirs is None:
+        return None, False
+    engine = env.get(ENGINE_ENV)
+    if engine is None:
+        return theirs, theirs in ids
+    return theirs, theirs in markers or f"{theirs}/{engine}" in markers
 
 
 _PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
@@ -416,19 +442,18 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process]:
-    """Every process on the machine of the given commands, with descendants.
+    """Every process on the machine of the given commands (`marker_key`s), with descendants.
 
     For when the worker that adopted them died and they were reparented elsewhere.
     """
     found: dict[int, psutil.Process] = {}
     me = os.getpid()
+    ids = {marker.partition("/")[0] for marker in markers}
     for proc in psutil.process_iter():
         if proc.pid in found or proc.pid == me:
             continue
-        theirs = _marker_of(proc)
-        if (theirs is not None and theirs in markers) or (
-            theirs is None and _session_of(proc.pid) in sessions
-        ):
+        theirs, taken = _marker_of(proc, markers, ids)
+        if taken or (theirs is None and _session_of(proc.pid) in sessions):
             pending = [proc]
             while pending:
                 current = pending.pop()

@@ -61,6 +61,7 @@ _DEFAULT_SIGNALS = tuple(
     if hasattr(signal, name)
 )
 _MARKER_KEY = os.fsencode(process_tree.MARKER_ENV)
+_ENGINE_KEY = os.fsencode(process_tree.ENGINE_ENV)
 
 # Tests turn it off to hold the other ways to the same behaviour. The spawner is
 # started by the C helper, so it needs that too.
@@ -159,6 +160,12 @@ class CommandEnv:
         env = self._encoded.copy()
         env.update((os.fsencode(k), os.fsencode(v)) for k, v in overlay.items())
         env.pop(_MARKER_KEY, None)
+        # Not the request's to set: it tells this engine's commands from another's.
+        engine = self._encoded.get(_ENGINE_KEY)
+        if engine is not None:
+            env[_ENGINE_KEY] = engine
+        else:
+            env.pop(_ENGINE_KEY, None)
         return [*(k + b"=" + v for k, v in env.items()), mark]
 
     def search_path(self, overlay: dict[str, str]) -> str:

@@ -274,8 +274,11 @@ def select_newest(items: list[tuple[int, _T]], limit: int | None) -> list[tuple[
     return items[-limit:]
 
 
-def store_for(config: ExecutionConfig, log_dir: Path) -> Store:
-    """The store `config` asks for: a journal when it names one, else memory; retention sweeps `log_dir`."""
+def store_for(config: ExecutionConfig, log_dir: Path, engine_id: str | None = None) -> Store:
+    """The store `config` asks for: a journal when it names one, else memory; retention sweeps `log_dir`.
+
+    `engine_id` is what the engine's commands carry (`process_tree.ENGINE_ENV`), for recovery.
+    """
     retention = Retention(config.retention, log_dir) if config.retention is not None else None
     if config.journal is None:
         return MemoryStore(config.max_retained_executions, retention)
@@ -285,5 +288,10 @@ def store_for(config: ExecutionConfig, log_dir: Path) -> Store:
 
     memory = MemoryStore(config.max_retained_executions)
     return JournalStore(
-        Path(config.journal), memory, config.default_timeout_ms, retention, json_masker(config.secrets)
+        Path(config.journal),
+        memory,
+        config.default_timeout_ms,
+        retention,
+        json_masker(config.secrets),
+        engine_id,
     )

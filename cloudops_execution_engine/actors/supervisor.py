@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Awaitable, Iterable
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from .._model import utc_from_timestamp
 from ..config import ExecutionConfig
@@ -58,7 +58,7 @@ from ..plans import check_plan
 from ..protocol import Cancel, Finished, Message, Output, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
-from . import after_fork, outcomes, resume, retries
+from . import after_fork, outcomes, process_tree, resume, retries
 from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
@@ -99,7 +99,9 @@ class Supervisor:
         self.config = config
         self.bus = bus
         self.log_dir = config.resolved_log_dir()
-        self._store: Store = store if store is not None else store_for(config, self.log_dir)
+        # Names this engine to its commands: another engine may run an execution of the same id.
+        self.engine_id = uuid4().hex
+        self._store: Store = store if store is not None else store_for(config, self.log_dir, self.engine_id)
         self._running_by_key: dict[bytes, Record] = {}
         self._scheduler = Scheduler(
             config.max_concurrent_executions,
@@ -113,7 +115,7 @@ class Supervisor:
         self._start_lock: asyncio.Lock | None = None
         self._closed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        self._environment = HostEnvironment()
+        self._environment = HostEnvironment(self.engine_id)
         self._admission = Admission(self._environment, config.secrets)
         self._max_frame = frame_limit_for(config.max_output_bytes)
         self._credit = OutputCredit(bus)
@@ -753,7 +755,8 @@ class Supervisor:
         assert self._pool is not None
         # Asked now, before the pool starts a successor: a remote pool cleans up
         # through the successor it places on the same node.
-        cleanup = self._pool.clean_up_after(worker, {str(r.id) for r in held}, {r.pid for r in held if r.pid})
+        markers = {process_tree.marker_key(str(r.id), self.engine_id) for r in held}
+        cleanup = self._pool.clean_up_after(worker, markers, {r.pid for r in held if r.pid})
         if self._state is EngineState.RUNNING:  # not a worker stopped at shutdown
             if self._telemetry is not None:
                 self._telemetry.worker_died()
