@@ -260,6 +260,7 @@ class WorkerPool(ABC, Generic[H]):
     def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> Awaitable[None]:
         """End the command trees a dead worker left running: those carrying `markers` or in `sessions`.
 
+        `markers` are `process_tree.marker_key`s: an execution of this engine.
         Called when the death is reported, before a successor is started; awaited afterwards.
         """
 

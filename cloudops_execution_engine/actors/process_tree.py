@@ -60,6 +60,7 @@ __all__ = [
     "children_of",
     "descendants",
     "describe_exit",
+    "execution_of",
     "find_abandoned",
     "kill_abandoned",
     "live",
@@ -80,6 +81,11 @@ ENGINE_ENV = "CLOUDOPS_ENGINE_ID"
 def marker_key(execution_id: str, engine: str | None) -> str:
     """What `kill_abandoned` looks for: one execution of one engine, or of any engine (`engine` None)."""
     return f"{execution_id}/{engine}" if engine else execution_id
+
+
+def execution_of(marker: str) -> str:
+    """The execution id a `marker_key` names."""
+    return marker.partition("/")[0]
 
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -448,7 +454,7 @@ def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process
     """
     found: dict[int, psutil.Process] = {}
     me = os.getpid()
-    ids = {marker.partition("/")[0] for marker in markers}
+    ids = {execution_of(marker) for marker in markers}
     for proc in psutil.process_iter():
         if proc.pid in found or proc.pid == me:
             continue

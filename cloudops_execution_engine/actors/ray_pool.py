@@ -54,6 +54,7 @@ from .pool import (
     WorkerStartError,
     resolve_if_pending,
 )
+from .process_tree import execution_of
 from .ray_node import NodeWorker
 from .telemetry import correlate
 
@@ -505,7 +506,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 resolve_if_pending(cleanup)
             return
         if cleaned.result():
-            suffix, extra = correlate(abandoned[0])
+            suffix, extra = correlate(map(execution_of, abandoned[0]))
             logger.warning(
                 "killed %d process(es) left on node %s%s",
                 cleaned.result(),
@@ -540,7 +541,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         try:
             await ref
         except RayError as exc:
-            suffix, extra = correlate(markers)
+            suffix, extra = correlate(map(execution_of, markers))
             logger.error(
                 "cleaning up after %s failed: %s%s", dead.describe(), _ray_cause(exc), suffix, extra=extra
             )
