@@ -35,6 +35,7 @@ from cloudops_execution_engine import (
     InvalidCommand,
     InvalidPlan,
     InvalidWorkingDir,
+    IoError,
     SerialStrategy,
     ShellCommand,
     ValidationError,
@@ -188,6 +189,14 @@ async def test_a_host_whose_directory_was_removed_gets_invalid_working_dir(
     assert await engine.list_executions() == [], "a refused request was registered"
     result = await result_of(engine, await engine.execute(run("pwd")), 30)
     assert result.stdout == f"{os.getcwd()}\n"
+
+
+def test_a_relative_log_dir_in_a_removed_directory_is_an_io_error_where_the_engine_is_made(
+    tmp_path: Path,
+) -> None:
+    """Relative to nothing: refused at once and clearly, not a `FileNotFoundError` from `os.getcwd()`."""
+    with in_a_removed_directory(tmp_path / "gone"), pytest.raises(IoError, match="'logs' is relative"):
+        ExecutionEngine(ExecutionConfig(log_dir=Path("logs")))
 
 
 @pytest.mark.parametrize(
