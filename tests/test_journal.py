@@ -524,6 +524,28 @@ async def test_what_a_journal_never_writable_again_keeps_for_it_is_bounded_and_s
     assert len(dropping) == 1
 
 
+async def test_a_journal_removed_under_the_engine_is_said_to_be_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clean-up of the state directory while a service runs: its history from then on goes nowhere.
+
+    The engine cannot keep it, but it must not lose it in silence.
+    """
+    monkeypatch.setattr(journal_writer, "_LOOK_AGAIN_S", 0.0)
+    path = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+        assert not [r for r in caplog.records if "was removed" in r.getMessage()]
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+        result = await engine.wait(await engine.execute(shell("echo after")), timeout=20)
+        assert result.status is C  # the engine goes on
+    removed = [r for r in caplog.records if r.levelname == "ERROR" and "was removed" in r.getMessage()]
+    assert len(removed) == 1
+    assert str(path) in removed[0].getMessage()
+
+
 # -- recovery --------------------------------------------------------------------------
 
 

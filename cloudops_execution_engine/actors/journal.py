@@ -136,6 +136,7 @@ class JournalStore:
             "cloudops-journal-writer",
             on_recovered=self._recovered,
             drop=DropOldest(),
+            path=self.path,
         )
         if not self._known.ready:
             connect = functools.partial(open_connection, self.path, readonly=True)

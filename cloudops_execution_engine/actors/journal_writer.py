@@ -33,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["Drop", "JournalWriter", "Op"]
@@ -76,6 +78,16 @@ _SPACING = 0.03
 # are kept for that (about a kilobyte each), the oldest dropped first.
 _RETRY_S = 1.0
 _MAX_RETAINED = 30_000
+# How often, at most, the writer checks that the journal's name still leads to its file.
+_LOOK_AGAIN_S = 1.0
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 class JournalWriter:
@@ -89,8 +101,14 @@ class JournalWriter:
         name: str,
         on_recovered: Callable[[], None],
         drop: Drop,
+        path: Path | None = None,
     ) -> None:
         self._conn = conn
+        # The file the journal is, as opened: removed or replaced under the engine
+        # (a clean-up of the state directory), what is written goes nowhere anyone will read.
+        self._path = path
+        self._identity = _identity(path) if path is not None else None
+        self._looked_at = time.monotonic()
         self._apply = apply
         self._loop = loop
         self._ops: deque[Op] = deque()
@@ -167,6 +185,8 @@ class JournalWriter:
                 if ops:
                     self._commit_batch()
                     self._last_commit = time.monotonic()
+                    if self._last_commit - self._looked_at >= _LOOK_AGAIN_S:
+                        self._look_at_the_file()
                 elif self.failing and time.monotonic() - self._tried_at >= _RETRY_S:
                     self._retry()
                 if self.failing and self._stopping and not ops:
@@ -218,6 +238,20 @@ class JournalWriter:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+
+    def _look_at_the_file(self) -> None:
+        self._looked_at = time.monotonic()
+        if self._identity is None or self._path is None:
+            return
+        now = _identity(self._path)
+        if now != self._identity:
+            self._identity = None  # said once
+            logger.error(
+                "journal %s was %s while this engine ran: what it records from now on goes to the "
+                "removed file, and is lost when the engine stops",
+                self._path,
+                "removed" if now is None else "replaced by another file",
+            )
 
     def _fail(self, exc: Exception, writes: list[tuple[Any, ...]]) -> None:
         self.failing = True
