@@ -32,17 +32,32 @@ def test_the_command_gets_its_pipes_directory_environment_and_exit_code(way: str
     assert f"{process_tree.MARKER_ENV}=the-marker" in err.splitlines()
 
 
-def test_a_request_cannot_set_the_marker_or_the_engine_a_command_carries(way: str) -> None:
-    """Both tell this engine's processes from others across the machine: they are not the request's."""
-    base = {os.fsencode(process_tree.ENGINE_ENV): b"this-engine"}
-    overlay = {process_tree.MARKER_ENV: "another-id", process_tree.ENGINE_ENV: "another-engine"}
-    env = CommandEnv(base).for_command(overlay, "the-marker")
+def test_an_overlay_of_new_names_adds_them_to_the_whole_base(way: str) -> None:
+    env = CommandEnv({b"KEEP": b"base", b"PATH": os.defpath.encode()}).for_command({"NEW": "mine"}, "m")
     _code, _out, err = spawn_and_read([SH, "-c", "env >&2"], env, "/")
     lines = err.splitlines()
-    assert f"{process_tree.MARKER_ENV}=the-marker" in lines
-    assert f"{process_tree.ENGINE_ENV}=this-engine" in lines
-    assert f"{process_tree.MARKER_ENV}=another-id" not in lines
-    assert f"{process_tree.ENGINE_ENV}=another-engine" not in lines
+    assert {"KEEP=base", "NEW=mine", f"{process_tree.MARKER_ENV}=m"} <= set(lines)
+    assert len(lines) == len(set(line.split("=", 1)[0] for line in lines)), "a name twice"
+
+
+@pytest.mark.parametrize("base_engine", [b"this-engine", None])
+def test_a_request_cannot_set_the_marker_or_the_engine_a_command_carries(
+    way: str, base_engine: bytes | None
+) -> None:
+    """Both tell this engine's processes from others across the machine: they are not the request's."""
+    base = {os.fsencode(process_tree.ENGINE_ENV): base_engine} if base_engine else {}
+    for overlay in (
+        {process_tree.MARKER_ENV: "another-id", process_tree.ENGINE_ENV: "another-engine"},
+        {process_tree.ENGINE_ENV: "another-engine", "NEW": "x"},
+        {process_tree.MARKER_ENV: "another-id"},
+    ):
+        env = CommandEnv(base).for_command(overlay, "the-marker")
+        _code, _out, err = spawn_and_read([SH, "-c", "env >&2"], env, "/")
+        lines = err.splitlines()
+        assert f"{process_tree.MARKER_ENV}=the-marker" in lines
+        engines = [line for line in lines if line.startswith(f"{process_tree.ENGINE_ENV}=")]
+        assert engines == ([f"{process_tree.ENGINE_ENV}=this-engine"] if base_engine else [])
+        assert f"{process_tree.MARKER_ENV}=another-id" not in lines
 
 
 def test_the_worker_stays_in_its_own_directory_with_the_helper(way: str, tmp_path: Path) -> None:

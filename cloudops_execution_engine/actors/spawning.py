@@ -135,6 +135,7 @@ def _start_with_spawner(
 
 
 _HOST_OWN = frozenset({_MARKER_KEY, b"CLOUDOPS_ATTEMPT"})
+_NOT_THE_REQUESTS = frozenset({_MARKER_KEY, _ENGINE_KEY})
 
 
 class CommandEnv:
@@ -157,8 +158,14 @@ class CommandEnv:
         mark = _MARKER_KEY + b"=" + marker.encode()
         if not overlay:
             return [*self._items, mark]
-        env = self._encoded.copy()
-        env.update((os.fsencode(k), os.fsencode(v)) for k, v in overlay.items())
+        added = [(os.fsencode(k), os.fsencode(v)) for k, v in overlay.items()]
+        base = self._encoded
+        if not any(k in base or k in _NOT_THE_REQUESTS for k, _v in added):
+            # Only new names (a trace context, say): the base's items as they are,
+            # not a copy of the whole environment for each command.
+            return [*self._items, *(k + b"=" + v for k, v in added), mark]
+        env = base.copy()
+        env.update(added)
         env.pop(_MARKER_KEY, None)
         # Not the request's to set: it tells this engine's commands from another's.
         engine = self._encoded.get(_ENGINE_KEY)
