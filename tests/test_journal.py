@@ -39,7 +39,7 @@ from cloudops_execution_engine import (
     ShellCommand,
     SyncExecutionEngine,
 )
-from cloudops_execution_engine.actors import journal, journal_known, journal_writer
+from cloudops_execution_engine.actors import journal, journal_known, journal_schema, journal_writer
 from cloudops_execution_engine.actors.journal import JournalStore, open_connection
 from cloudops_execution_engine.actors.journal_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from cloudops_execution_engine.config import default_journal_path
@@ -424,6 +424,51 @@ async def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouc
     assert victim.read_bytes() == b"precious\n"
 
 
+@pytest.mark.parametrize("user_version", [0, 1])
+async def test_another_applications_database_is_refused_and_left_as_it_was(
+    tmp_path: Path, user_version: int
+) -> None:
+    """`journal=` naming the host's own SQLite file by mistake: none of our tables or changes go in."""
+    path = tmp_path / "journal.sqlite3"
+    theirs = sqlite3.connect(path)
+    theirs.execute("CREATE TABLE runs (name TEXT PRIMARY KEY, score INTEGER)")
+    theirs.execute("INSERT INTO runs VALUES ('first', 1)")
+    theirs.execute(f"PRAGMA user_version = {user_version}")
+    theirs.commit()
+    schema = theirs.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+    theirs.close()
+    before = host_children()
+    with pytest.raises(
+        IoError, match=rf"journal {path} is a SQLite database of something else \(tables: runs\)"
+    ):
+        await ExecutionEngine(journalled(tmp_path)).start()
+    assert host_children() <= before, "a worker was started for an engine that cannot start"
+    theirs = sqlite3.connect(path)
+    try:
+        assert theirs.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+        assert theirs.execute("PRAGMA user_version").fetchone()[0] == user_version
+        assert theirs.execute("PRAGMA application_id").fetchone()[0] == 0
+        assert theirs.execute("SELECT * FROM runs").fetchall() == [("first", 1)]
+    finally:
+        theirs.close()
+
+
+async def test_a_database_marked_as_another_applications_is_refused(tmp_path: Path) -> None:
+    """SQLite's `application_id` says whose a file is, even while it has no table yet."""
+    path = tmp_path / "journal.sqlite3"
+    theirs = sqlite3.connect(path)
+    theirs.execute("PRAGMA application_id = 1234")
+    theirs.commit()
+    theirs.close()
+    with pytest.raises(IoError, match=r"of another application \(application_id 0x4d2\), not a journal"):
+        await ExecutionEngine(journalled(tmp_path)).start()
+    theirs = sqlite3.connect(path)
+    try:
+        assert theirs.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    finally:
+        theirs.close()
+
+
 async def test_a_journal_written_by_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
     """user_version above what this release knows: IoError naming the path and the versions."""
     journal = tmp_path / "journal.sqlite3"
@@ -658,6 +703,7 @@ async def test_a_journal_of_the_first_schema_is_brought_up_to_date_and_recovered
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == journal_schema.APPLICATION_ID
         runs = conn.execute("SELECT engine_id FROM runs ORDER BY run").fetchall()
         assert runs[0] == (None,)
         assert isinstance(runs[1][0], str)

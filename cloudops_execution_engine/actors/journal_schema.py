@@ -63,10 +63,22 @@ ALTER TABLE runs ADD COLUMN engine_id TEXT;
 
 MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
+# SQLite's field for telling one application's files from another's ("CoEE").
+APPLICATION_ID = 0x436F4545
+# Tables of a journal, with columns every version of it has.
+_OURS = {
+    "runs": {"run", "pid", "hostname", "opened_us"},
+    "entries": {"seq", "id", "kind", "run", "status", "submitted_us", "request", "result"},
+}
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the journal at `path` to `SCHEMA_VERSION`; `IoError` for one written by a newer release."""
+    """Bring the journal at `path` to `SCHEMA_VERSION`.
+
+    `IoError` for one written by a newer release, and for a database that is
+    not a journal (a host's own file, named by mistake), which is left as it was.
+    """
+    _check_is_a_journal(conn, path)
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > SCHEMA_VERSION:
         raise IoError(
@@ -79,9 +91,42 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             for statement in MIGRATIONS[number].split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            # PRAGMA takes no parameters; the value is our own integer.
+            # PRAGMA takes no parameters; the values are our own integers.
             conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _check_is_a_journal(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database some other application wrote: migrating it would change its tables.
+
+    A journal carries `APPLICATION_ID`. One without any is new (no tables),
+    or a journal from before the id was set (its tables are ours, with our
+    columns), or not a journal at all.
+    """
+    application = int(conn.execute("PRAGMA application_id").fetchone()[0])
+    if application == APPLICATION_ID:
+        return
+    if application != 0:
+        raise IoError(
+            f"journal {path} is a SQLite database of another application "
+            f"(application_id {application:#x}), not a journal"
+        )
+    listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    tables = {str(row[0]) for row in listed}
+    if not tables:
+        return  # new
+    if tables >= _OURS.keys() and all(_columns(conn, table) >= columns for table, columns in _OURS.items()):
+        return  # written before journals carried the id; it is set as they are brought up to date
+    raise IoError(
+        f"journal {path} is a SQLite database of something else (tables: {', '.join(sorted(tables))}), "
+        "not a journal"
+    )
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    # PRAGMA takes no parameters; the table's name is one of ours.
+    return {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
