@@ -3,7 +3,9 @@
 The schema version is SQLite's `PRAGMA user_version`: the number of entries of
 `MIGRATIONS` applied. Opening a journal applies the missing ones in order, each
 in a transaction of its own; a journal whose version is above what this code
-knows was written by a newer release and is refused, never downgraded.
+knows was written by a newer release and is refused, never downgraded. A
+journal also carries SQLite's `PRAGMA application_id`, so that a database of
+another application named by mistake is refused before anything is changed in it.
 
 One table holds executions and plans alike (`entries`), in submission order
 (`seq`). Ids are the UUIDs' 16 bytes. Times are integer microseconds since the
