@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -594,21 +595,40 @@ async def test_a_journal_removed_under_the_engine_is_said_to_be_lost(
 # -- recovery --------------------------------------------------------------------------
 
 
-async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_the_host(
-    tmp_path: Path,
-) -> None:
-    """Host SIGKILLed while its worker is stopped (nothing cleans up): recovery kills the tree, fails it."""
+@contextlib.contextmanager
+def a_dead_holder(tmp_path: Path) -> Iterator[tuple[int, dict[str, Any], psutil.Process]]:
+    """journal_holder.py SIGKILLed while its worker is stopped, so that nothing but recovery ends its tree.
+
+    Yields the dead host's pid, what it printed, and its command's main process.
+    """
     proc, started = holder(tmp_path)
     worker: psutil.Process | None = None
     try:
         command = psutil.Process(started["pid"])
         wait_until(lambda: len(command.children()) == 2, 10, "the command's two children")
-        tree = [command.pid] + [p.pid for p in command.children(recursive=True)]
         worker = command.parent()
         assert worker is not None
         worker.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        yield proc.pid, started, command
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if worker is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+                worker.wait(10)
+
+
+async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_the_host(
+    tmp_path: Path,
+) -> None:
+    """Host SIGKILLed while its worker is stopped (nothing cleans up): recovery kills the tree, fails it."""
+    with a_dead_holder(tmp_path) as (host_pid, started, command):
+        tree = [command.pid] + [p.pid for p in command.children(recursive=True)]
         assert not any(gone(pid) for pid in tree), (
             "the tree should outlive its host while its worker is stopped"
         )
@@ -620,38 +640,19 @@ async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_
             result = await engine.get_result(started["id"])
             assert result.error is not None
             assert result.error.startswith("Interrupted:")
-            assert f"pid {proc.pid}" in result.error
+            assert f"pid {host_pid}" in result.error
             plan = await engine.get_plan_result(started["plan"])
             assert plan.status is F
             assert all(r.status in (F, C) for r in plan.results)
             assert await engine.list_executions(status=ExecutionStatus.RUNNING) == []
             assert await engine.list_executions(status=ExecutionStatus.PENDING) == []
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if worker is not None:
-            try:
-                worker.kill()
-                worker.wait(10)
-            except psutil.NoSuchProcess:
-                pass
 
 
 async def test_recovery_spares_another_engines_command_of_the_same_id(tmp_path: Path) -> None:
     """The dead host's execution id is running in another engine too (ids are the host's to choose)."""
-    proc, started = holder(tmp_path)
-    worker: psutil.Process | None = None
     watcher = Recorder()
     bystanders = ExecutionEngine(config(tmp_path / "other", workers=1)).with_event_handler(watcher)
-    try:
-        command = psutil.Process(started["pid"])
-        worker = command.parent()
-        assert worker is not None
-        worker.send_signal(signal.SIGSTOP)  # so that nothing but recovery ends the dead host's tree
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+    with a_dead_holder(tmp_path) as (_host_pid, started, command):
         shared = UUID(started["id"])
         async with bystanders:
             same_id = ExecutionRequest(id=shared, command=ShellCommand(command="exec sleep 30"))
@@ -665,15 +666,6 @@ async def test_recovery_spares_another_engines_command_of_the_same_id(tmp_path: 
             assert await bystanders.get_status(shared) is ExecutionStatus.RUNNING
             await bystanders.cancel(shared)
             assert (await bystanders.wait(shared, timeout=20)).status is ExecutionStatus.CANCELLED
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if worker is not None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
-                worker.wait(10)
 
 
 async def test_a_journal_of_the_first_schema_is_brought_up_to_date_and_recovered(tmp_path: Path) -> None:

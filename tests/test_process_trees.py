@@ -261,3 +261,29 @@ def test_an_abandoned_process_counts_as_ended_once_dead_not_once_reaped() -> Non
     finally:
         keeper.kill()
         keeper.communicate(timeout=10)
+
+
+def test_an_abandoned_process_is_taken_by_its_engine_or_by_no_engine_but_not_by_another() -> None:
+    """`kill_abandoned` after a worker's death: the same execution id may be another engine's.
+
+    A process whose engine id was removed (a command that cleared it) goes by its marker alone.
+    """
+    marker = "shared-execution-id"
+    keepers = []
+    for engine in ("ours", "theirs", None):
+        env = {**os.environ, process_tree.MARKER_ENV: marker}
+        env.pop(process_tree.ENGINE_ENV, None)
+        if engine is not None:
+            env[process_tree.ENGINE_ENV] = engine
+        keepers.append(subprocess.Popen(["sleep", "30"], env=env))
+    try:
+        ours, theirs, unnamed = keepers
+        wait_until(lambda: all(psutil.Process(k.pid).environ() for k in keepers), 10, "the sleeps to exec")
+        assert process_tree.kill_abandoned({process_tree.marker_key(marker, "ours")}, set()) == 2
+        for keeper in (ours, unnamed):
+            assert keeper.wait(10) == -signal.SIGKILL
+        assert theirs.poll() is None, "another engine's process of the same id was killed"
+    finally:
+        for keeper in keepers:
+            keeper.kill()
+            keeper.wait(10)

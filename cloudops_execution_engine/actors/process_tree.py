@@ -134,7 +134,7 @@ def _environ_of(proc: psutil.Process) -> dict[str, str] | None:
         return {}
 
 
-def _marker_of(proc: psutil.Process, markers: set[str], ids: set[str]) -> tuple[str | None, bool]:
+def _marker_match(proc: psutil.Process, markers: set[str], ids: set[str]) -> tuple[str | None, bool]:
     """(the process's marker, whether it is among `markers`, which `marker_key` made; `ids`: their ids).
 
     A process without an engine id (a command that removed it) is taken by
@@ -458,7 +458,7 @@ def find_abandoned(markers: set[str], sessions: set[int]) -> list[psutil.Process
     for proc in psutil.process_iter():
         if proc.pid in found or proc.pid == me:
             continue
-        theirs, taken = _marker_of(proc, markers, ids)
+        theirs, taken = _marker_match(proc, markers, ids)
         if taken or (theirs is None and _session_of(proc.pid) in sessions):
             pending = [proc]
             while pending:
