@@ -43,7 +43,7 @@ from .actors import after_fork
 from .actors.handlers import STOP, EventBus, Subscription, is_coroutine_handler
 from .config import ExecutionConfig
 from .engine import ExecutionEngine, _coerce_id, _coerce_model
-from .errors import EngineClosed, InvalidCommand, InvalidPlan, IoError
+from .errors import EngineClosed, InvalidCommand, InvalidPlan, IoError, NotFound, NotRunning
 from .events import ExecutionEvent
 from .requests import ExecutionPlan, ExecutionRequest
 from .results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
@@ -146,9 +146,39 @@ class SyncExecutionEngine:
     def start(self) -> None:
         self._call(self._engine.start())
 
+    def _submit(self, submission: Callable[[], Awaitable[UUID]]) -> UUID:
+        """`_call` for a call that starts something: a caller that never gets the id leaves nothing running.
+
+        An interrupt can reach the caller after the engine took the submission
+        and before its id is returned; what was submitted is then cancelled, as
+        an interrupt before would have prevented it.
+        """
+        claim = _Claim()
+        try:
+            return self._call(self._claimed(submission, claim))
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # the loop has closed, and the engine with it
+                self._loop.call_soon_threadsafe(self._abandon, claim)
+            raise
+
+    async def _claimed(self, submission: Callable[[], Awaitable[UUID]], claim: _Claim) -> UUID:
+        claim.id = await submission()  # made here: a call refused before it ran leaves no coroutine behind
+        if claim.abandoned:
+            self._abandon(claim)
+        return claim.id
+
+    def _abandon(self, claim: _Claim) -> None:
+        """On the loop: cancel what the claim's caller submitted and will never hear of."""
+        claim.abandoned = True
+        if claim.id is None:
+            return  # not submitted yet: `_claimed` comes back here once it is
+        self._early.forget(claim.id)
+        with contextlib.suppress(EngineClosed, NotRunning, NotFound):
+            self._engine._supervisor.cancel(claim.id)
+
     def execute(self, request: ExecutionRequest) -> UUID:
         """Validate and queue one command; returns its id at once. Its events are kept for `events()`."""
-        return self._call(self._execute(request))
+        return self._submit(partial(self._execute, request))
 
     async def _execute(self, request: ExecutionRequest) -> UUID:
         request = _coerce_model(request, ExecutionRequest, InvalidCommand)
@@ -165,7 +195,7 @@ class SyncExecutionEngine:
 
     def execute_plan(self, plan: ExecutionPlan) -> UUID:
         """Validate and start a plan; returns its id at once. Its events are kept for `events()`."""
-        return self._call(self._execute_plan(plan))
+        return self._submit(partial(self._execute_plan, plan))
 
     async def _execute_plan(self, plan: ExecutionPlan) -> UUID:
         plan = _coerce_model(plan, ExecutionPlan, InvalidPlan)
@@ -213,7 +243,7 @@ class SyncExecutionEngine:
 
     def resume_plan(self, plan_id: UUID | str) -> UUID:
         """As `ExecutionEngine.resume_plan`: a new plan in which what completed counts as done."""
-        return self._call(self._engine.resume_plan(plan_id))
+        return self._submit(partial(self._engine.resume_plan, plan_id))
 
     def cancel(self, execution_id: UUID | str) -> None:
         self._call(self._engine.cancel(execution_id))
@@ -392,6 +422,16 @@ def _let_go(engine: ExecutionEngine, loop: asyncio.AbstractEventLoop, pid: int) 
         asyncio.run_coroutine_threadsafe(stop(), loop)
 
 
+class _Claim:
+    """What a submission's caller is owed, and whether it stopped waiting for it (loop thread only)."""
+
+    __slots__ = ("abandoned", "id")
+
+    def __init__(self) -> None:
+        self.id: UUID | None = None
+        self.abandoned = False
+
+
 class _Early:
     __slots__ = ("chars", "dropped", "ended", "events", "kept", "subscription")
 
@@ -458,6 +498,13 @@ class _EarlyBuffers:
         subscription.watcher = None
         self._bus.adopt(subscription)
         return subscription
+
+    def forget(self, key: UUID) -> None:
+        """Let go of `key`'s buffer, if it has one: nobody will ask for its events."""
+        early = self._buffers.pop(key, None)
+        if early is not None:
+            self._ended.pop(key, None)
+            self._let_go(early)
 
     def clear(self) -> None:
         for early in self._buffers.values():

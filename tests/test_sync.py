@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import config, host_children, run, shell, wait_until
 
@@ -24,6 +25,7 @@ from cloudops_execution_engine import (
     NotFound,
     ParallelStrategy,
     PlanExecutionResult,
+    SerialStrategy,
     SyncExecutionEngine,
 )
 
@@ -251,6 +253,70 @@ def test_a_keyboard_interrupt_while_blocked_cancels_the_call_on_the_loop(tmp_pat
         assert engine.get_status(eid) is ExecutionStatus.RUNNING
         engine.cancel(eid)
         assert [e.event_type for e in events] == ["cancelled"]
+
+
+def interrupt_once_the_call_returns(engine: SyncExecutionEngine) -> threading.Thread:
+    """A KeyboardInterrupt in the main thread after its next call has done its work, before it returns.
+
+    The loop is held until the main thread waits in the call; then SIGINT goes
+    to the loop's thread. Python runs the handler on the main thread, which
+    only the call's answer wakes: the interrupt comes with the answer.
+    """
+    held = threading.Event()
+    engine._loop.call_soon_threadsafe(held.wait, 10)
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 10
+        while not blocked_in_a_call() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(engine._thread.ident or 0, signal.SIGINT)
+        held.set()
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    return thread
+
+
+@pytest.mark.usefixtures("on_main_thread")
+@pytest.mark.parametrize("call", ["execute", "execute_plan", "resume_plan"])
+def test_a_submission_interrupted_after_the_engine_took_it_leaves_nothing_running(
+    tmp_path: Path, call: str
+) -> None:
+    """A caller whose execute() raised never learnt an id: nothing may run that it cannot cancel."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        slow = shell("echo started; exec sleep 30")
+        # Fails at its first run, and runs long at the next (its resumed plan's).
+        again = shell(f"test -e {tmp_path}/ran && exec sleep 30; touch {tmp_path}/ran; exit 1")
+        old_plan = engine.execute_plan(ExecutionPlan(commands=[again], strategy=SerialStrategy()))
+        assert engine.wait(old_plan, timeout=10).status is ExecutionStatus.FAILED
+        submissions: dict[str, Callable[[], object]] = {
+            "execute": lambda: engine.execute(slow),
+            "execute_plan": lambda: engine.execute_plan(
+                ExecutionPlan(commands=[slow, shell("exec sleep 30")], strategy=ParallelStrategy(max_concurrency=2))
+            ),
+            "resume_plan": lambda: engine.resume_plan(old_plan),
+        }
+        before = {summary.id for summary in engine.list_executions()}
+        interrupter = interrupt_once_the_call_returns(engine)
+        with pytest.raises(KeyboardInterrupt):
+            submissions[call]()
+        interrupter.join(10)
+
+        def unknown_ones_ended() -> bool:
+            new = [s for s in engine.list_executions() if s.id not in before]
+            return bool(new) and all(s.status is ExecutionStatus.CANCELLED for s in new)
+
+        wait_until(unknown_ones_ended, 10, "what the interrupted call submitted to be cancelled")
+        wait_until(lambda: not [p for p in host_children() if "sleep" in _cmdline(p)], 10, "no sleep left")
+        # The engine serves on.
+        assert engine.wait(engine.execute(run("true")), timeout=10).status is ExecutionStatus.COMPLETED
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
 
 
 @pytest.mark.usefixtures("on_main_thread")
