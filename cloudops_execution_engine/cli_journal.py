@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -58,7 +57,6 @@ __all__ = ["history", "journal_for", "journal_options", "logs", "show", "started
 
 _T = TypeVar("_T")
 _STATUSES = ["pending", "running", "completed", "failed", "cancelled", "timeout"]
-_FOLLOW_POLL_S = 0.1
 _HEADER_BYTES = 4096  # a log's header lines are at its start
 _DEFAULT_JOURNAL = "$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3"
 
@@ -296,10 +294,14 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
     key = _uuid(execution_id)
     log_file = (log_dir or default_log_dir()) / f"{key}.log"
     if follow and log_file.is_file():
-        # The running command's engine holds the journal; its log file is
-        # enough to follow, and its last line says when it has ended.
-        _follow(log_file)
-        return
+        # Followed as a file: the running command's engine holds the journal.
+        from .cli_follow import follow as follow_log
+
+        try:
+            code = follow_log(log_file, key, journal_for(journal, False))
+        except KeyboardInterrupt:
+            code = 130
+        sys.exit(code)
 
     async def read(engine: Queries) -> str:
         return await engine.read_logs(key)
@@ -340,28 +342,3 @@ def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _
         return asyncio.run(beside_its_owner())
     except ExecutionError as exc:
         _fail(str(exc))
-
-
-def _follow(log_file: Path) -> None:
-    """Print `log_file` as it grows, until its `# finished:` line."""
-    out = sys.stdout
-    with log_file.open("r", errors="replace") as handle:
-        pending = ""
-        try:
-            while True:
-                chunk = handle.read()
-                if not chunk:
-                    time.sleep(_FOLLOW_POLL_S)
-                    continue
-                pending += chunk
-                *lines, pending = pending.split("\n")
-                for line in lines:
-                    out.write(line + "\n")
-                    if line.startswith("# finished: "):
-                        rest = handle.read()  # an error line follows the footer at once
-                        out.write(pending + rest)
-                        out.flush()
-                        return
-                out.flush()
-        except KeyboardInterrupt:
-            sys.exit(130)

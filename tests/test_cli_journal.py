@@ -156,6 +156,81 @@ def test_a_run_beside_a_running_plan_and_logs_follow(tmp_path: Path) -> None:
                 proc.stdout.close()
 
 
+def start_cli(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "cloudops_execution_engine", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=environment(tmp_path),
+    )
+
+
+def plan_file(tmp_path: Path, *commands: dict[str, Any]) -> str:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"strategy": {"type": "serial"}, "commands": list(commands)}))
+    return str(path)
+
+
+def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Path) -> None:
+    """An attempt's footer is not the end: `logs -f` goes on while the journal says a retry is due."""
+    step = 'echo "try $CLOUDOPS_ATTEMPT"; [ "$CLOUDOPS_ATTEMPT" = 3 ]'
+    retried = {
+        "command": {"type": "shell", "command": step},
+        "retry": {"max_attempts": 3, "backoff_ms": 400, "jitter": False},
+    }
+    running = start_cli(tmp_path, "plan", "--events", "ndjson", plan_file(tmp_path, retried))
+    follower: subprocess.Popen[str] | None = None
+    try:
+        assert running.stdout is not None
+        started = json.loads(running.stdout.readline())
+        assert started["event_type"] == "started"
+        follower = start_cli(tmp_path, "logs", "--follow", started["execution_id"])
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err
+        assert [line.split()[-1] for line in out.splitlines() if " stdout try " in line] == ["1", "2", "3"]
+        footers = [line for line in out.splitlines() if line.startswith("# finished: ")]
+        statuses = [footer.split("status=")[1].split()[0] for footer in footers]
+        assert statuses == ["failed", "failed", "completed"]
+        assert out.endswith(footers[-1] + "\n")
+        assert running.wait(30) == 0
+    finally:
+        for proc in (running, follower):
+            if proc is not None:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("journal", ["recorded", "no journal"])
+def test_logs_follow_ends_when_the_engine_running_the_command_dies(tmp_path: Path, journal: str) -> None:
+    """A log its engine will never finish (the engine was SIGKILLed) is not followed for ever."""
+    extra = ["--no-journal"] if journal == "no journal" else []
+    step = {"command": {"type": "shell", "command": "echo begun; exec sleep 60"}}
+    running = start_cli(tmp_path, "plan", *extra, "--events", "ndjson", plan_file(tmp_path, step))
+    follower: subprocess.Popen[str] | None = None
+    try:
+        assert running.stdout is not None
+        started = json.loads(running.stdout.readline())
+        follower = start_cli(tmp_path, "logs", "--follow", started["execution_id"])
+        assert follower.stdout is not None
+        while "stdout begun" not in follower.stdout.readline():
+            pass
+        running.kill()
+        running.wait(10)
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 1
+        assert "# finished: " not in out
+        assert f"{started['execution_id']} did not end: the engine running it stopped" in err
+        if journal == "recorded":
+            assert "recorded as running" in err
+    finally:
+        for proc in (running, follower):
+            if proc is not None:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
 async def test_history_show_and_logs_read_a_journal_another_engine_holds(tmp_path: Path) -> None:
     """While an engine (a service, a long plan) owns the journal, the commands read what it committed."""
     from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionStatus

@@ -292,7 +292,9 @@ def test_a_submission_interrupted_after_the_engine_took_it_leaves_nothing_runnin
         submissions: dict[str, Callable[[], object]] = {
             "execute": lambda: engine.execute(slow),
             "execute_plan": lambda: engine.execute_plan(
-                ExecutionPlan(commands=[slow, shell("exec sleep 30")], strategy=ParallelStrategy(max_concurrency=2))
+                ExecutionPlan(
+                    commands=[slow, shell("exec sleep 30")], strategy=ParallelStrategy(max_concurrency=2)
+                )
             ),
             "resume_plan": lambda: engine.resume_plan(old_plan),
         }
