@@ -30,6 +30,7 @@ from cloudops_execution_engine import (
     ExecutionResult,
     ShellCommand,
 )
+from cloudops_execution_engine.actors import handler_raises
 
 HELPERS = Path(__file__).parent / "helpers"
 PYTHON = sys.executable
@@ -120,6 +121,34 @@ def describe(pids: list[int]) -> str:
         except psutil.NoSuchProcess:
             continue
     return ", ".join(found)
+
+
+def handler_raises_said(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(log records about a handler's raises, the raises they account for)."""
+    records = [r for r in caplog.records if r.getMessage().startswith("event handler")]
+    accounted = 0
+    for record in records:
+        message = record.getMessage()
+        if " more times after the last one logged" in message:
+            accounted += int(message.split(" raised ")[1].split()[0])
+        else:
+            accounted += 1
+            if "more raised since the last one logged" in message:
+                accounted += int(message.split("; it keeps receiving events (")[1].split()[0])
+    return len(records), accounted
+
+
+def assert_raises_logged_sparingly(
+    caplog: pytest.LogCaptureFixture, raises: int, elapsed: float, execution_id: UUID
+) -> None:
+    """A handler's raises: the first logged in full, at most one a second after, and all accounted for."""
+    records, accounted = handler_raises_said(caplog)
+    assert accounted == raises, "every raise is logged, or counted in a record"
+    assert records <= 2 + elapsed / handler_raises.LOG_INTERVAL_S
+    first = next(r for r in caplog.records if r.getMessage().startswith("event handler"))
+    assert first.exc_info is not None
+    assert "handler bug" in caplog.text
+    assert str(execution_id) in first.getMessage()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
-from conftest import Recorder, config, gone, host_children, result_of, run, shell, wait_until
+from conftest import (
+    Recorder,
+    assert_raises_logged_sparingly,
+    config,
+    gone,
+    handler_raises_said,
+    host_children,
+    result_of,
+    run,
+    shell,
+    wait_until,
+)
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -214,6 +228,55 @@ async def test_a_raising_handler_does_not_stop_others(
         assert (await engine.wait(second, timeout=20)).status is ExecutionStatus.COMPLETED
     assert Broken.calls >= 4
     assert "handler bug" in caplog.text
+
+
+async def test_a_handler_raising_on_every_line_is_not_logged_for_every_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A traceback per output line would cost the engine's loop 100 µs a line and flood the host's log."""
+
+    class Broken:
+        calls = 0
+
+        async def on_event(self, event: object) -> None:
+            Broken.calls += 1
+            raise ValueError("handler bug")
+
+    began = time.monotonic()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(Broken()) as engine:
+        eid = await engine.execute(shell("seq 200000"))
+        result = await engine.wait(eid, timeout=60)
+    assert result.status is ExecutionStatus.COMPLETED
+    assert Broken.calls == 200_002  # started, every line, completed
+    assert_raises_logged_sparingly(caplog, Broken.calls, time.monotonic() - began, eid)
+
+
+async def test_raises_only_counted_are_said_once_the_handler_goes_quiet(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst of raises is accounted for while the engine runs on, not only at its shutdown."""
+
+    class RaisesOnOutput:
+        async def on_event(self, event: Any) -> None:
+            if event.event_type == "stdout":
+                raise ValueError("handler bug")
+
+    counted = threading.Event()
+
+    class Counted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "more times after the last one logged" in record.getMessage():
+                counted.set()
+
+    watcher = Counted()
+    logging.getLogger("cloudops_execution_engine.events").addHandler(watcher)
+    try:
+        async with ExecutionEngine(config(tmp_path)).with_event_handler(RaisesOnOutput()) as engine:
+            await engine.wait(await engine.execute(shell("seq 1000")), timeout=20)
+            assert await asyncio.to_thread(counted.wait, 10), "the count was not said while the engine ran"
+            assert handler_raises_said(caplog) == (2, 1000)
+    finally:
+        logging.getLogger("cloudops_execution_engine.events").removeHandler(watcher)
 
 
 async def test_a_slow_handler_delays_only_itself(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import config, host_children, run, shell, wait_until
+from conftest import assert_raises_logged_sparingly, config, host_children, run, shell, wait_until
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -466,6 +466,24 @@ def test_a_handler_raising_a_base_exception_on_its_thread_keeps_receiving(
     assert len(logged) == 1
     assert logged[0].exc_info is not None
     assert logged[0].exc_info[0] is raised
+
+
+def test_a_handler_on_its_thread_raising_on_every_line_is_not_logged_for_every_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    def broken(event: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("handler bug")
+
+    began = time.monotonic()
+    with SyncExecutionEngine(config(tmp_path)).with_event_handler(broken) as engine:
+        eid = engine.execute(shell("seq 200000"))
+        assert engine.wait(eid, timeout=60).status is ExecutionStatus.COMPLETED
+    assert calls == 200_002  # started, every line, completed
+    assert_raises_logged_sparingly(caplog, calls, time.monotonic() - began, eid)
 
 
 def let_go(held: list[Any]) -> None:

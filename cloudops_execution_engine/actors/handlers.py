@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from ..events import ExecutionEvent
-from .telemetry import correlate
+from .handler_raises import HandlerRaises
 
 if TYPE_CHECKING:
     from .outcomes import LineEvents
@@ -88,11 +88,12 @@ class _Channel(_Listener):
     Items are single events, `(events, weight)` batches, or STOP.
     """
 
-    __slots__ = ("handler", "items", "task", "thread", "waiter")
+    __slots__ = ("handler", "items", "raises", "task", "thread", "waiter")
 
     def __init__(self, bus: EventBus, handler: Any, on_thread: bool) -> None:
         super().__init__(bus, counted=True)
         self.handler = handler
+        self.raises = HandlerRaises(handler)
         self.items: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
         deliver = _deliverer(handler)
@@ -116,11 +117,25 @@ class _Channel(_Listener):
     async def _run(self, deliver: Callable[[Any], Any]) -> None:
         # Seen by whatever the handler calls, and by the tasks it starts (they copy the context).
         _RUNNING_HANDLER.set(self)
+        try:
+            await self._deliver_all(deliver)
+        finally:
+            self.raises.flush()
+
+    async def _deliver_all(self, deliver: Callable[[Any], Any]) -> None:
         items = self.items
         bus = self.bus
         while True:
             if not items:
-                await self._wait()
+                due = self.raises.quiet_in()
+                if due is None:
+                    await self._wait()
+                else:
+                    # Raises only counted are said once the handler has gone quiet a while.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wait(), due)
+                    if not items:
+                        self.raises.flush()
                 continue
             item = items.popleft()
             if item is STOP:
@@ -142,9 +157,9 @@ class _Channel(_Listener):
                         raise
                     # The handler's own await was cancelled, not this channel:
                     # ending the channel here would strand every later event.
-                    _log_handler_error(self.handler, event)
+                    self.raises.record(event)
                 except Exception:
-                    _log_handler_error(self.handler, event)
+                    self.raises.record(event)
             if weight:
                 bus._delivered(self, weight)
 
@@ -213,7 +228,11 @@ class _HandlerThread:
         bus = self._channel.bus
         try:
             while True:
-                job = self._jobs.get()
+                try:
+                    job = self._jobs.get(timeout=self._channel.raises.quiet_in())
+                except queue.Empty:
+                    self._channel.raises.flush()  # quiet a while after raises only counted
+                    continue
                 if job is None or self._stopping:
                     return
                 items, done = job
@@ -230,6 +249,7 @@ class _HandlerThread:
                         self._post(bus._delivered, self._channel, weight)
                 self._post(_resolve, done)
         finally:
+            self._channel.raises.flush()
             self._post(_resolve, self.exited)
 
     def _call(self, event: Any) -> None:
@@ -243,7 +263,7 @@ class _HandlerThread:
             # `sys.exit()` (or a KeyboardInterrupt raised) here would end only this
             # thread, in Python: its queue would never drain, and backpressure
             # would hold every command's output back behind it for ever.
-            _log_handler_error(self._channel.handler, event)
+            self._channel.raises.record(event)
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         # RuntimeError: the loop has closed, and nobody waits for this any more.
@@ -689,18 +709,6 @@ def is_coroutine_handler(handler: Any) -> bool:
 def _name_of(handler: Any) -> str:
     name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
     return str(name)
-
-
-def _log_handler_error(handler: Any, event: Any) -> None:
-    about = getattr(event, "execution_id", None) or getattr(event, "plan_id", None)
-    suffix, extra = correlate([about] if about is not None else [])
-    logger.exception(
-        "event handler %r raised on %s; it keeps receiving events%s",
-        handler,
-        type(event).__name__,
-        suffix,
-        extra=extra,
-    )
 
 
 def _being_cancelled() -> bool:
