@@ -25,6 +25,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from .cli_output import CannotWrite, guard_stdout, say_cannot_write
+
 __all__ = ["main"]
 
 _EXTRA_MODULES = ("click", "rich", "yaml")  # what the [cli] extra installs, by import name
@@ -53,6 +55,8 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             "  pip install 'cloudops-execution-engine[cli]'\n"
         )
         sys.exit(1)
+    if args is None:
+        guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
     spare = _wants_local_worker(sys.argv[1:] if args is None else args)
     if spare:
         # Booted on another core while the models below are imported (`spare_worker`).
@@ -71,6 +75,9 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
                 gc.freeze()
                 gc.enable()
             commands.main(args=args, prog_name=prog_name or "cloudops-exec", **extra)
+        except CannotWrite as exc:
+            say_cannot_write(exc)
+            sys.exit(1)
         except KeyboardInterrupt:
             # Ctrl-C before the commands took over SIGINT (while importing): nothing
             # has run, and the spare worker, born ignoring SIGINT, goes below.
@@ -103,9 +110,15 @@ def _exit_now(status: object) -> NoReturn:
     try:
         atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        try:
+            sys.stdout.flush()
+        except CannotWrite as exc:
+            say_cannot_write(exc)
+            code = code or 1
+        except Exception:
+            pass  # a reader that left (SIGPIPE's exit status says so), or no stdout at all
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
         os._exit(code)
 
 

@@ -54,9 +54,10 @@ class _Output:
     nothing written later fails either.
     """
 
-    def __init__(self, stream: TextIO, closed: Callable[[], None]) -> None:
+    def __init__(self, stream: TextIO, closed: Callable[[], None], failed: Callable[[OSError], None]) -> None:
         self._stream = stream
         self._closed = closed
+        self._failed = failed
         self._open = True
         # Written as UTF-8 bytes: a command's output was bytes, and an ASCII-only
         # locale must neither drop what it cannot encode nor transcode the rest.
@@ -80,6 +81,9 @@ class _Output:
                 os.dup2(devnull, self._stream.fileno())
                 os.close(devnull)
             self._closed()
+        except OSError as exc:  # a full disk, an I/O error: `cli_output`
+            self._open = False
+            self._failed(exc)
 
     def flush(self) -> None:
         """Each write is flushed already."""
@@ -112,6 +116,7 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.signal: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.cannot_write: OSError | None = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
@@ -132,8 +137,24 @@ class _Interrupts:
         """Our reader is gone: the run ends as SIGPIPE would end it."""
         self._caught(signal.SIGPIPE)
 
+    def output_failed(self, exc: OSError) -> None:
+        """Our stdout cannot be written: the run ends, and fails, as a coreutil's would."""
+        from .cli_output import say_cannot_write
+
+        if self.cannot_write is None:
+            self.cannot_write = exc
+            say_cannot_write(exc)
+        self._caught(0)
+
     def output(self, stream: TextIO) -> _Output:
-        return _Output(stream, self.output_closed)
+        if stream is sys.stdout:
+            return _Output(stream, self.output_closed, self.output_failed)
+        # Nothing can be said when stderr fails: the command's output to it is dropped.
+        return _Output(stream, self.output_closed, lambda _exc: None)
+
+    def early_exit_code(self) -> int:
+        """The exit status of a run that a signal, or our output, ended early."""
+        return EXIT_FAILED if self.cannot_write is not None else EXIT_SIGNALLED + self.signal.result()
 
 
 async def _until_done_or_signal(engine: ExecutionEngine, entry: Any, interrupts: _Interrupts) -> Any:
@@ -316,7 +337,7 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
         except ExecutionError as exc:
             _fail(str(exc))
     if result is None:
-        return EXIT_SIGNALLED + interrupts.signal.result()
+        return interrupts.early_exit_code()
     assert isinstance(result, ExecutionResult)
     if result.status is not ExecutionStatus.COMPLETED and events != "ndjson":
         click.echo(f"cloudops-exec: {what_happened(result)}", err=True)
@@ -469,7 +490,7 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
     commands = [request.command.display() for request in parsed.commands]
     final_report(commands, result, report_to, console=on_terminal, footer=footer)
     if interrupts.signal.done():
-        return EXIT_SIGNALLED + interrupts.signal.result()
+        return interrupts.early_exit_code()
     return 0 if result.status is ExecutionStatus.COMPLETED else EXIT_FAILED
 
 

@@ -268,6 +268,44 @@ def test_a_reader_that_closes_our_stdout_ends_the_run_as_sigpipe_ends_a_pipeline
         wait_until(lambda: gone(pid), 10, "the command to be gone")
 
 
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["run", "--no-journal", "--", "seq", "3"],
+        ["run", "--no-journal", "--events", "ndjson", "--", "seq", "3"],
+        ["run", "--no-journal", "--shell", "--", "exec yes"],
+        ["plan", "--no-journal", "examples/diamond.json"],
+        ["schema", "request"],
+        ["history"],
+    ],
+    ids=["run", "run-ndjson", "run-endless", "plan", "schema", "history"],
+)
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_output_that_cannot_be_written_is_said_and_fails_the_run(
+    tmp_path: Path, words: list[str], stdout: str
+) -> None:
+    """As coreutils do: `cloudops-exec run -- seq 3 > /dev/full` says so and exits 1, never 0 in silence."""
+    if words == ["history"]:
+        assert cli("run", "--", "true", tmp_path=tmp_path).returncode == 0  # something to list
+    env = {**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    with open("/dev/full", "w") if stdout == "full" else contextlib.nullcontext() as full:
+        done = subprocess.run(
+            [*CLI, *words],
+            stdout=full if full is not None else None,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+            # A closed descriptor 1: the shell's `>&-`.
+            preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None,
+        )
+    why = "No space left on device" if stdout == "full" else "Bad file descriptor"
+    assert done.returncode == 1, done.stderr
+    assert f"cloudops-exec: cannot write to stdout: {why}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_run_passes_the_commands_utf8_through_whatever_our_stdout_encoding(tmp_path: Path) -> None:
     """A command's bytes are its own: an ASCII-only locale neither drops nor transcodes them."""
     done = subprocess.run(

@@ -1,0 +1,104 @@
+"""The command line's stdout: a write that fails is said, and fails the program, as coreutils do.
+
+`cloudops-exec run -- seq 3 > /dev/full` used to exit 0 having written
+nothing: the failed writes happened in an event handler, whose errors the
+engine logs to a logger nobody configured. And with descriptor 1 closed
+(`>&-`) Python sets `sys.stdout` to None, and click writes nowhere, in
+silence. Here stdout is a stream whose failures are `CannotWrite`, which the
+program turns into `cloudops-exec: cannot write to stdout: <why>` and exit 1.
+
+A closed descriptor 1 is given /dev/null, so that no file the program opens
+later (a journal, a log) becomes descriptor 1 and receives the output; writes
+to it still fail, as they would have.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import sys
+
+__all__ = ["CannotWrite", "discard_stdout", "guard_stdout", "say_cannot_write"]
+
+
+class CannotWrite(OSError):
+    """Our stdout cannot be written: a full disk, a closed descriptor, an I/O error."""
+
+
+class _Stdout(io.RawIOBase):
+    """Descriptor 1, writing as `FileIO` does but for its errors."""
+
+    def __init__(self, closed_at_start: bool) -> None:
+        super().__init__()
+        self._failing = closed_at_start
+        self._discarding = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return not self._failing and os.isatty(1)
+
+    def write(self, data: object) -> int:
+        view = memoryview(data)  # type: ignore[arg-type]
+        if self._discarding:
+            return len(view)
+        if self._failing:
+            raise CannotWrite(errno.EBADF, os.strerror(errno.EBADF))
+        try:
+            return os.write(1, view)
+        except BrokenPipeError:
+            raise  # a reader that left: ended as SIGPIPE ends a pipeline, elsewhere
+        except OSError as exc:
+            raise CannotWrite(exc.errno, exc.strerror) from None
+
+    def discard(self) -> None:
+        self._discarding = True
+
+
+_said = False
+_raw: _Stdout | None = None
+
+
+def guard_stdout() -> None:
+    """Make `sys.stdout` a stream whose failed writes raise `CannotWrite` (for the program, not a library)."""
+    global _raw
+    current = sys.stdout
+    closed = current is None
+    if closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 1:
+            os.dup2(devnull, 1)
+            os.close(devnull)
+    _raw = _Stdout(closed)
+    encoding = getattr(current, "encoding", None) or "utf-8"
+    errors = getattr(current, "errors", None) or "strict"
+    line_buffering = bool(getattr(current, "line_buffering", False))
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_raw), encoding=encoding, errors=errors, line_buffering=line_buffering
+    )
+
+
+def discard_stdout() -> None:
+    """From now on what is written to stdout is dropped: its failure has been said."""
+    if _raw is not None:
+        _raw.discard()
+
+
+def say_cannot_write(exc: OSError) -> None:
+    """Say once, on stderr, that stdout cannot be written."""
+    global _said
+    discard_stdout()
+    if _said:
+        return
+    _said = True
+    why = exc.strerror or str(exc)
+    try:
+        sys.stderr.write(f"cloudops-exec: cannot write to stdout: {why}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no stderr either: the exit status says it
