@@ -8,10 +8,12 @@ nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -541,3 +543,38 @@ def test_an_engine_used_from_a_second_event_loop_fails_clearly_and_leaves_no_wor
         asyncio.run(second())
     asyncio.run(engine.shutdown())
     wait_until(lambda: all(gone(pid) for pid in workers), 10, "the workers to exit")
+
+
+async def test_a_host_whose_default_executor_is_busy_still_has_a_whole_engine(tmp_path: Path) -> None:
+    """The loop's default executor is the host's: its own blocking calls may fill it for minutes.
+
+    The engine's blocking work (opening its journal, reading a log, cleaning up
+    after a dead worker, stopping its journal's writer) must not queue behind them.
+    """
+    loop = asyncio.get_running_loop()
+    hosts_own = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(hosts_own)
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 60)
+    engine = ExecutionEngine(config(tmp_path, journal=tmp_path / "journal.sqlite3", workers=1))
+    try:
+        await asyncio.wait_for(engine.start(), 10)
+        eid = await engine.execute(shell("echo $PPID; exec sleep 60"))
+        events = engine.events(eid)
+        async for event in events:
+            if event.event_type == "stdout":
+                break
+        log = await asyncio.wait_for(engine.read_logs(eid), 10)
+        worker = int(log.splitlines()[-1].split()[-1])
+        os.kill(worker, signal.SIGKILL)
+        result = await engine.wait(eid, timeout=10)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        assert f"Worker process {worker} died" in (result.error or "")
+        await asyncio.wait_for(engine.shutdown(), 10)
+        assert not busy.done(), "the host's own call was still holding the default executor"
+    finally:
+        release.set()
+        await busy
+        await engine.shutdown()
+        hosts_own.shutdown()

@@ -54,6 +54,7 @@ from .journal_rows import (
 )
 from .journal_schema import migrate
 from .journal_writer import JournalWriter
+from .off_loop import in_thread
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
 from .store import MemoryStore, matches, select_newest
@@ -127,7 +128,7 @@ class JournalStore:
         if self._writer is not None:
             return
         loop = asyncio.get_running_loop()
-        writer_conn = await asyncio.to_thread(self._open_blocking)
+        writer_conn = await in_thread(self._open_blocking, name="cloudops-journal-open")
         self._writer_conn = writer_conn
         self._writer = JournalWriter(
             writer_conn,
@@ -208,10 +209,10 @@ class JournalStore:
         writer = self._writer
         if writer is None:
             return
-        await asyncio.to_thread(self._stop_filler)
+        await in_thread(self._stop_filler)
         writer.put((op_closed(self._run), None, None))
         writer.stop()
-        await asyncio.to_thread(writer.join, _WRITER_JOIN_TIMEOUT)
+        await in_thread(writer.join, _WRITER_JOIN_TIMEOUT)
         self._finish()
 
     def abandon(self) -> None:

@@ -30,6 +30,7 @@ from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import after_fork, process_tree, spare_worker
 from .launcher import WorkerProcess, WorkerTarget, launch_worker
+from .off_loop import in_thread
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -385,4 +386,4 @@ class LocalWorkerPool(WorkerPool[ProcessWorkerHandle]):
     async def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> None:
         if markers or sessions:
             # Walking every process on the machine takes milliseconds: not on the loop.
-            await asyncio.to_thread(process_tree.kill_abandoned, markers, sessions)
+            await in_thread(process_tree.kill_abandoned, markers, sessions, name="cloudops-clean-up")

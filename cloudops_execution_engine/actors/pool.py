@@ -66,6 +66,7 @@ from typing import Any, Generic, TypeVar
 
 from ..logfiles import LogNode, read_log
 from ..protocol import FrameDecoder, Hello, Message, Ping, Pong, ProtocolError, SetEnv, decode_message
+from .off_loop import in_thread
 from .telemetry import correlate
 
 __all__ = [
@@ -87,6 +88,7 @@ HELLO_TIMEOUT = 60.0
 BROKEN_AFTER = 3
 _RETRY_FIRST = 0.25
 _RETRY_MAX = 5.0
+_CONCURRENT_READS = 8
 
 OnMessage = Callable[["WorkerHandle", Message], None]
 OnDeath = Callable[["WorkerHandle", str], None]
@@ -242,6 +244,9 @@ class WorkerPool(ABC, Generic[H]):
         self._on_ready = on_ready
         self._counter = 0
         self._closing = False
+        # Each read takes a thread of its own (`off_loop`): a host reading many logs at once
+        # gets them read this many at a time, not a thread apiece.
+        self._reads = asyncio.Semaphore(_CONCURRENT_READS)
         self._failed_starts = 0  # in a row, across every replacement under way
         self._replacing: set[asyncio.Task[None]] = set()
 
@@ -266,7 +271,8 @@ class WorkerPool(ABC, Generic[H]):
 
     async def read_log(self, worker: WorkerHandle | None, path: Path, missing_ok: bool = False) -> str:
         """A log file's text; `worker` is the one that wrote it, None if none ever ran it."""
-        return await asyncio.to_thread(read_log, path, missing_ok)
+        async with self._reads:
+            return await in_thread(read_log, path, missing_ok, name="cloudops-read-log")
 
     def log_location(self, worker: WorkerHandle | None) -> LogNode | None:
         """The node whose disk has `worker`'s log files when that is not this machine; None when it is."""

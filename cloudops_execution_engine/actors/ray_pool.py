@@ -43,6 +43,7 @@ from ..logfiles import LogNode
 from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import ray_link
+from .off_loop import in_thread, start_in_thread
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -251,7 +252,7 @@ class RayWorkerHandle(WorkerHandle):
             self.die(f"relay failed: {exc}")
 
     async def _connect(self, port: int) -> int:
-        pending = self._loop.run_in_executor(None, ray_link.connect, self.node_address, port, self._authkey)
+        pending = start_in_thread(ray_link.connect, self.node_address, port, self._authkey)
         try:
             return await asyncio.wait_for(asyncio.shield(pending), ray_link.HANDSHAKE_TIMEOUT + 5)
         except BaseException:
@@ -387,7 +388,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await asyncio.to_thread(_Connection.acquire, self._config)
+        await in_thread(_Connection.acquire, self._config)
         self._connected = True
         try:
             self._actor_class = ray.remote(NodeWorker)
@@ -410,7 +411,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
 
     async def _alive_nodes(self) -> list[str]:
         """The nodes Ray calls alive, less those found dead here; where their raylets listen is kept."""
-        alive = await asyncio.to_thread(_alive_nodes)
+        alive = await in_thread(_alive_nodes)
         new = [raylet for node_id, raylet in alive.items() if node_id not in self._raylets]
         for node_id, raylet in alive.items():
             self._raylets.setdefault(node_id, raylet)
@@ -589,4 +590,4 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             self._watcher = None
         if self._connected:
             self._connected = False
-            await asyncio.to_thread(_Connection.release)
+            await in_thread(_Connection.release)

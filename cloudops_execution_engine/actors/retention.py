@@ -37,6 +37,7 @@ from uuid import UUID
 
 from ..config import RetentionPolicy
 from ..logfiles import unlink_unless_in_use
+from .off_loop import in_thread
 
 __all__ = ["SWEEP_INTERVAL", "Retention", "Sweeps", "now", "run_job"]
 
@@ -255,7 +256,7 @@ class Sweeps:
         """Run `job` in a thread, unless the previous one is still running."""
         if self._task is not None and not self._task.done():
             return
-        self._task = asyncio.ensure_future(asyncio.to_thread(fn, job))
+        self._task = asyncio.ensure_future(in_thread(fn, job, name="cloudops-retention"))
 
     async def stop(self) -> None:
         self.abandon()

@@ -10,7 +10,6 @@ forgets the oldest finished entries beyond `max_retained_executions`.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +21,7 @@ from ..config import ExecutionConfig
 from ..errors import NotFound
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary, PlanExecutionResult
+from .off_loop import in_thread
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
 
@@ -108,7 +108,7 @@ class MemoryStore:
     async def open(self) -> None:
         retention = self.retention
         if retention is not None:
-            await asyncio.to_thread(run_job, retention.logs_job(set(), now()))
+            await in_thread(run_job, retention.logs_job(set(), now()), name="cloudops-retention")
             self._sweeps.start(self.sweep)
 
     def sweep(self) -> None:
