@@ -24,6 +24,7 @@ commands left behind; if that node is gone, the successor goes to another.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -31,7 +32,7 @@ import secrets
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import RayError
@@ -43,7 +44,7 @@ from ..logfiles import LogNode
 from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import ray_link
-from .off_loop import in_thread, start_in_thread
+from .off_loop import start_in_thread
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -72,6 +73,30 @@ _STOP_TIMEOUT = 10.0
 _PROBE_INTERVAL = 0.5
 _PROBE_TIMEOUT = 1.0
 _MAX_CONCURRENCY = 1000  # calls in flight per actor: sends, the stream, log reads
+
+
+# Ray is called from one lasting thread of the engine's own. Not the loop's default
+# executor, which is the host's and may be full of its calls; and not a thread per
+# call: a local cluster's processes are started with PR_SET_PDEATHSIG, which kills
+# them when the thread that started them ends.
+_ray_thread: concurrent.futures.ThreadPoolExecutor | None = None
+_T = TypeVar("_T")
+
+
+def _on_the_ray_thread(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    global _ray_thread
+    if _ray_thread is None:
+        _ray_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudops-ray")
+    return asyncio.wrap_future(_ray_thread.submit(fn, *args))
+
+
+def _forget_the_ray_thread() -> None:
+    """In a forked child: the thread is the parent's, and not in this process."""
+    global _ray_thread
+    _ray_thread = None
+
+
+os.register_at_fork(after_in_child=_forget_the_ray_thread)
 
 
 class _Connection:
@@ -388,7 +413,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await in_thread(_Connection.acquire, self._config)
+        await _on_the_ray_thread(_Connection.acquire, self._config)
         self._connected = True
         try:
             self._actor_class = ray.remote(NodeWorker)
@@ -411,7 +436,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
 
     async def _alive_nodes(self) -> list[str]:
         """The nodes Ray calls alive, less those found dead here; where their raylets listen is kept."""
-        alive = await in_thread(_alive_nodes)
+        alive = await _on_the_ray_thread(_alive_nodes)
         new = [raylet for node_id, raylet in alive.items() if node_id not in self._raylets]
         for node_id, raylet in alive.items():
             self._raylets.setdefault(node_id, raylet)
@@ -590,4 +615,4 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             self._watcher = None
         if self._connected:
             self._connected = False
-            await in_thread(_Connection.release)
+            await _on_the_ray_thread(_Connection.release)
