@@ -86,6 +86,25 @@ def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection
     return conn
 
 
+def _make_owner_only(path: Path) -> None:
+    """Make the journal's file owner-only before SQLite opens it, when it is missing.
+
+    SQLite makes a database file 0644 (less the umask), and its -wal and -shm
+    files with the database's mode at the moment it makes them: a journal
+    chmodded once open left those readable by every user for as long as the
+    engine ran. A file that exists (the host's, an earlier engine's) keeps its
+    mode, which they then follow.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)  # the umask took nothing from what is ours to set
+    finally:
+        os.close(fd)
+
+
 class JournalStore:
     """Executions and plans in memory and in a journal file (module docstring)."""
 
@@ -176,6 +195,7 @@ class JournalStore:
         conn: sqlite3.Connection | None = None
         try:
             with map_errors({sqlite3.Error: IoError, OSError: IoError}, f"cannot open journal {self.path}"):
+                _make_owner_only(self.path)
                 conn = open_connection(self.path)
                 migrate(conn, self.path)
                 self._run = int(
@@ -193,8 +213,6 @@ class JournalStore:
                 )
                 # Filled once the engine serves (`journal_known`); an empty journal's is whole already.
                 self._known = KnownIds(self._next_seq - 1, ready=self._next_seq == 1)
-                with contextlib.suppress(OSError):
-                    os.chmod(self.path, 0o600)
                 self._reader = open_connection(self.path, readonly=True)
                 conn.execute(f"PRAGMA busy_timeout = {int(WRITER_BUSY_TIMEOUT_S * 1000)}")
             return conn
