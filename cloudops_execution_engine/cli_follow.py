@@ -48,33 +48,69 @@ class _End(enum.Enum):
     ABANDONED = "abandoned"
 
 
-def follow(log_file: Path, execution_id: UUID, journal: Path | None) -> int:
-    """Print `log_file` as it grows until its execution ends: 0, or 1 when its engine stopped first."""
-    out = sys.stdout
+def follow(log_file: Path, execution_id: UUID, journal: Path | None) -> int | None:
+    """Print `log_file` as it grows until its execution ends: 0, or 1 when it will not.
+
+    A command recorded as queued has no log yet: it is waited for. None when
+    there is nothing to follow (no log, and nothing recorded that will make one).
+    """
     watch = _EndWatch(log_file, execution_id, journal)
     try:
-        with log_file.open("r", errors="replace") as handle:
-            pending = ""
-            while True:
-                chunk = handle.read()
-                if chunk:
-                    out.write(chunk)
-                    out.flush()
-                    *lines, pending = (pending + chunk).split("\n")
-                    watch.saw(lines, len(chunk))
-                    continue
-                end = watch.end()
-                if end is None:
-                    time.sleep(_POLL_S)
-                    continue
-                out.write(handle.read())  # what came between the last read and the answer
-                out.flush()
-                if end is _End.ABANDONED:
-                    print(f"cloudops-exec: {execution_id} did not end: {watch.why}", file=sys.stderr)
-                    return 1
-                return 0
+        if not log_file.is_file():
+            waited = _until_it_starts(log_file, execution_id, watch)
+            if waited != _STARTED:
+                return waited
+        return _follow_file(log_file, execution_id, watch)
     finally:
         watch.close()
+
+
+_STARTED = -1
+
+
+def _until_it_starts(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int | None:
+    """Wait while the journal says the command is queued: `_STARTED` once its log is there."""
+    while not log_file.is_file():
+        status = watch.status()
+        if status is None:
+            return None
+        if status in _ENDED:
+            if log_file.is_file():
+                break
+            print(
+                f"cloudops-exec: {execution_id} ended {status} before it started: it has no log",
+                file=sys.stderr,
+            )
+            return 1
+        if watch.engine_gone(status):
+            print(f"cloudops-exec: {execution_id} did not end: {watch.why}", file=sys.stderr)
+            return 1
+        time.sleep(_ASK_EVERY_S)
+    return _STARTED
+
+
+def _follow_file(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int:
+    out = sys.stdout
+    with log_file.open("r", errors="replace") as handle:
+        pending = ""
+        while True:
+            chunk = handle.read()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                *lines, pending = (pending + chunk).split("\n")
+                watch.saw(lines, len(chunk))
+                continue
+            end = watch.end()
+            if end is None:
+                time.sleep(_POLL_S)
+                continue
+            out.write(handle.read())  # what came between the last read and the answer
+            out.flush()
+            if end is _End.ABANDONED:
+                print(f"cloudops-exec: {execution_id} did not end: {watch.why}", file=sys.stderr)
+                return 1
+            return 0
 
 
 class _EndWatch:
@@ -104,23 +140,27 @@ class _EndWatch:
         if now - self._asked_at < _ASK_EVERY_S:
             return None
         self._asked_at = now
-        status = self._status()
+        status = self.status()
         if status in _ENDED:
             return _End.ENDED
         if status is not None:
             # Recorded and not ended: a retry may be due, so only its engine's death ends it.
-            holder = _held(_lock_file(self._journal)) if self._journal is not None else None
-            self.why = (
-                f"the engine running it stopped before it ended; it is recorded as {status} in "
-                f"{self._journal} until an engine opens that journal again"
-            )
-            return self._unless_held(holder, _End.ABANDONED)
+            return _End.ABANDONED if self.engine_gone(status) else None
         held = _held(self._log)
         if held is None:
             # No lock table to read: the footer is all there is to go by.
             return _End.ENDED if self._footer else None
         self.why = "the engine running it stopped writing its log before it ended (the log has no footer)"
         return self._unless_held(held, _End.ENDED if self._footer else _End.ABANDONED)
+
+    def engine_gone(self, status: str) -> bool:
+        """Whether no engine holds the journal that records the execution as `status` (not ended)."""
+        holder = _held(_lock_file(self._journal)) if self._journal is not None else None
+        self.why = (
+            f"the engine running it stopped before it ended; it is recorded as {status} in "
+            f"{self._journal} until an engine opens that journal again"
+        )
+        return self._unless_held(holder, _End.ABANDONED) is not None
 
     def _unless_held(self, held: bool | None, end: _End) -> _End | None:
         if held is not False:
@@ -129,8 +169,8 @@ class _EndWatch:
         self._unheld += 1
         return end if self._unheld >= _UNHELD_LOOKS else None
 
-    def _status(self) -> str | None:
-        """The execution's status in the journal; None when it is not recorded there (or unreadable)."""
+    def status(self) -> str | None:
+        """The command's status in the journal; None when it is not recorded there (or unreadable)."""
         if self._journal is None:
             return None
         try:
@@ -140,10 +180,12 @@ class _EndWatch:
                 from .actors.journal import open_connection
 
                 self._conn = open_connection(self._journal, readonly=True)
-            row = self._conn.execute("SELECT status FROM entries WHERE id = ?", (self._key,)).fetchone()
+            query = "SELECT status, kind FROM entries WHERE id = ?"
+            row = self._conn.execute(query, (self._key,)).fetchone()
         except sqlite3.Error:
             return None
-        return str(row[0]) if row is not None else None
+        # A plan has no log of its own to follow: its commands' logs are read, not followed.
+        return str(row[0]) if row is not None and row[1] == "command" else None
 
     def close(self) -> None:
         if self._conn is not None:

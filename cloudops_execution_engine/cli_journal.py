@@ -293,7 +293,7 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
 
     key = _uuid(execution_id)
     log_file = (log_dir or default_log_dir()) / f"{key}.log"
-    if follow and log_file.is_file():
+    if follow:
         # Followed as a file: the running command's engine holds the journal.
         from .cli_follow import follow as follow_log
 
@@ -301,7 +301,8 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
             code = follow_log(log_file, key, journal_for(journal, False))
         except KeyboardInterrupt:
             code = 130
-        sys.exit(code)
+        if code is not None:
+            sys.exit(code)
 
     async def read(engine: Queries) -> str:
         return await engine.read_logs(key)

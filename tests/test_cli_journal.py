@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
+import psutil
 import pytest
-from conftest import PYTHON, shell
+from conftest import PYTHON, shell, wait_until
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
@@ -200,6 +203,51 @@ def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Pat
             if proc is not None:
                 proc.kill()
                 proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("fate", ["runs", "cancelled while queued"])
+def test_logs_follow_of_a_queued_command_waits_for_it_to_start(tmp_path: Path, fate: str) -> None:
+    """A plan's later command has no log until it starts: `logs -f` waits for it, not fails."""
+    gate = tmp_path / "go-on"
+    holds = f"echo first; while [ ! -e {gate} ]; do sleep 0.05; done"
+    queued = str(uuid4())
+    first = {"command": {"type": "shell", "command": holds}}
+    second = {"id": queued, "command": {"type": "shell", "command": "echo second-ran"}}
+    running = start_cli(tmp_path, "plan", "--events", "ndjson", plan_file(tmp_path, first, second))
+    follower: subprocess.Popen[str] | None = None
+    try:
+        assert running.stdout is not None
+        assert json.loads(running.stdout.readline())["event_type"] == "started"
+        follower = start_cli(tmp_path, "logs", "--follow", queued)
+        journal = tmp_path / "state" / "cloudops-execution-engine" / "journal.sqlite3"
+        wait_until(lambda: watching(follower, journal), 20, "the follower to watch the journal")
+        if fate == "runs":
+            gate.touch()
+            out, err = follower.communicate(timeout=30)
+            assert follower.returncode == 0, err
+            assert "stdout second-ran" in out
+            assert out.rstrip("\n").splitlines()[-1].startswith("# finished: ")
+        else:
+            running.send_signal(signal.SIGINT)  # cancels the plan: the queued command never starts
+            out, err = follower.communicate(timeout=30)
+            assert follower.returncode == 1
+            assert out == ""
+            assert f"{queued} ended cancelled before it started: it has no log" in err
+        running.wait(30)
+    finally:
+        for proc in (running, follower):
+            if proc is not None:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
+def watching(proc: subprocess.Popen[str], journal: Path) -> bool:
+    """Whether `proc` has `journal` open: a follow waiting for its command to start."""
+    assert proc.poll() is None, "the follower ended instead of waiting"
+    try:
+        return any(Path(f.path) == journal for f in psutil.Process(proc.pid).open_files())
+    except psutil.Error:
+        return False
 
 
 @pytest.mark.parametrize("journal", ["recorded", "no journal"])

@@ -82,6 +82,7 @@ async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran
         results = {eid: await first.wait(eid, timeout=20) for eid in (ok, bad, plan)}
         listing = await first.list_executions()
         log_path = first.get_log_path(ok)
+        plan_logs = await first.read_logs(plan)
 
     other_logs = tmp_path / "elsewhere"
     async with ExecutionEngine(journalled(tmp_path, log_dir=other_logs)) as second:
@@ -95,6 +96,9 @@ async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran
         assert await asyncio.wait_for(second.wait(plan), 1) == results[plan]
         assert await second.list_executions() == listing
         assert "hello from the past" in await second.read_logs(ok)
+        assert "stdout one" in plan_logs
+        assert "stdout two" in plan_logs
+        assert await second.read_logs(plan) == plan_logs
         # The log is where the earlier engine wrote it, not in this engine's log_dir.
         assert second.get_log_path(ok) == log_path
         with pytest.raises(NotFound):

@@ -854,9 +854,10 @@ class Supervisor:
             raise IoError("the engine has not started, so no log exists yet")
         if isinstance(entry, Record):
             return await self._pool.read_log(entry.worker, entry.log_path)
-        texts = await asyncio.gather(
-            *(self._pool.read_log(r.worker, r.log_path, missing_ok=True) for r in entry.records if r.worker)
-        )
+        # Commands that ran: on a worker of this engine, or of an earlier one on the journal.
+        ran = [r for r in entry.records if r.worker is not None or r.started_at is not None]
+        reads = (self._pool.read_log(r.worker, r.log_path, missing_ok=True) for r in ran)
+        texts = await asyncio.gather(*reads)
         return "".join(texts)
 
     def log_location(self, entry_id: UUID) -> LogNode | None:
