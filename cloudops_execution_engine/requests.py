@@ -10,10 +10,10 @@ from uuid import UUID, uuid4
 from pydantic import BeforeValidator, Field, field_serializer
 
 from ._model import F64, I32, U32, U64, Model, StrictBool, Usize, UsizeKeyMap
-from .actors.secrets import MASK, check_secret
+from .actors.secrets import MASK, check_secret, json_masker, mask_error, masker_for
 from .commands import Command
 from .config import ExecutionConfig
-from .errors import InvalidCommand, InvalidWorkingDir, TimeoutTooLarge
+from .errors import InvalidCommand, InvalidWorkingDir, TimeoutTooLarge, ValidationError
 
 __all__ = [
     "DependencyGraphStrategy",
@@ -106,6 +106,22 @@ def _bytes_from_serde(value: Any) -> Any:
 Stdin = Annotated[str | bytes | None, BeforeValidator(_bytes_from_serde)]
 
 
+def _secret_values(requests: list[ExecutionRequest]) -> list[str]:
+    return [value for request in requests for value in request.secret_env.values()]
+
+
+def _masked(written: str, secrets: list[str], *, as_repr: bool = False) -> str:
+    """`written` (JSON, or with `as_repr` a repr) with `secrets` masked; as it was when there are none."""
+    if not secrets:
+        return written
+    if as_repr:
+        # As written, and as repr() escapes a string (a quote, a backslash, a control character).
+        masker = masker_for(tuple({form for secret in secrets for form in (secret, repr(secret)[1:-1])}))
+        return masker.mask_text(written) if masker is not None else written
+    mask = json_masker(secrets)
+    return mask(written) if mask is not None else written
+
+
 class ExecutionRequest(Model):
     id: UUID = Field(default_factory=uuid4)
     """The execution's id; a new UUID when not given."""
@@ -152,8 +168,26 @@ class ExecutionRequest(Model):
         if self.secret_env:
             yield "secret_env", dict.fromkeys(self.secret_env, MASK)
 
+    # A secret_env value typed into the command line (or anywhere else in the
+    # request) is masked there too, in the text and in the JSON written of it.
+    def __repr__(self) -> str:
+        return _masked(super().__repr__(), _secret_values([self]), as_repr=True)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        return _masked(super().model_dump_json(**kwargs), _secret_values([self]))
+
     def validate(self, config: ExecutionConfig) -> None:  # type: ignore[override]
-        """Raise the `ValidationError` that says why this request cannot run under `config`."""
+        """Raise the `ValidationError` that says why this request cannot run under `config`.
+
+        Its text names no secret: a path or a reason holding one says `***` there.
+        """
+        try:
+            self._validate(config)
+        except ValidationError as exc:
+            mask_error(exc, [*config.secrets, *self.secret_env.values()])
+            raise
+
+    def _validate(self, config: ExecutionConfig) -> None:
         if self.working_dir is not None:
             _check_text(str(self.working_dir), "working_dir")
             if not self.working_dir.is_dir():
@@ -291,3 +325,9 @@ class ExecutionPlan(Model):
     metadata: ExecutionMetadata = Field(default_factory=ExecutionMetadata)
     """Free-form information about the plan."""
     _positional: ClassVar[tuple[str, ...]] = ("commands", "strategy")
+
+    def __repr__(self) -> str:
+        return _masked(super().__repr__(), _secret_values(self.commands), as_repr=True)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        return _masked(super().model_dump_json(**kwargs), _secret_values(self.commands))

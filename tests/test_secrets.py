@@ -11,8 +11,10 @@ engine, with real 1 MiB pieces.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from conftest import PYTHON, Recorder, config, result_of, run, shell
@@ -23,9 +25,16 @@ from cloudops_execution_engine import (
     ExecCommand,
     ExecutionConfig,
     ExecutionEngine,
+    ExecutionPlan,
     ExecutionRequest,
     ExecutionStatus,
     InvalidCommand,
+    InvalidPlan,
+    InvalidWorkingDir,
+    ScriptCommand,
+    ScriptNotFound,
+    SerialStrategy,
+    ShellCommand,
     SyncExecutionEngine,
 )
 from cloudops_execution_engine.actors import output
@@ -186,6 +195,57 @@ async def test_an_error_text_is_masked(engine: ExecutionEngine) -> None:
     assert result.error is not None
     assert "/nonexistent/***/tool" in result.error
     assert SECRET not in result.error
+
+
+@pytest.mark.parametrize("whose", ["config", "secret_env"])
+async def test_a_refusal_names_no_secret(tmp_path: Path, whose: str) -> None:
+    """A working directory or script named with a secret is refused with the secret masked."""
+    secret_env = {"T": SECRET} if whose == "secret_env" else {}
+    bad = [
+        (
+            ExecutionRequest(
+                ShellCommand("true"), working_dir=f"/nonexistent/{SECRET}", secret_env=secret_env
+            ),
+            InvalidWorkingDir,
+            "Invalid working directory: /nonexistent/***",
+        ),
+        (
+            ExecutionRequest(ScriptCommand(f"/nonexistent/{SECRET}.sh"), secret_env=secret_env),
+            ScriptNotFound,
+            "Script file not found: /nonexistent/***.sh",
+        ),
+    ]
+    async with ExecutionEngine(config(tmp_path, secrets=[SECRET] if whose == "config" else [])) as engine:
+        for request, error, text in bad:
+            with pytest.raises(error) as refused:
+                await engine.execute(request)
+            assert str(refused.value) == text
+            assert SECRET not in str(getattr(refused.value, "path", ""))
+            plan = ExecutionPlan(commands=[request], strategy=SerialStrategy())
+            with pytest.raises(InvalidPlan) as in_plan:
+                await engine.execute_plan(plan)
+            assert str(in_plan.value).endswith(text)
+
+
+async def test_a_secret_env_value_is_masked_wherever_the_request_is_written(tmp_path: Path) -> None:
+    """Typed into the command line too: repr, JSON (alone and in a plan), and the journal."""
+    request = ExecutionRequest(ExecCommand("echo", ["--token", SECRET]), secret_env={"T": SECRET})
+    plan = ExecutionPlan(commands=[request], strategy=SerialStrategy())
+    for text in (repr(request), request.model_dump_json(), repr(plan), plan.model_dump_json()):
+        assert SECRET not in text
+        assert "***" in text
+    assert json.loads(request.model_dump_json())["command"]["args"] == ["--token", "***"]
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+        alone = await engine.execute(request.model_copy(update={"id": uuid4()}))
+        assert (await engine.wait(alone, timeout=20)).stdout == "--token ***\n"
+        planned = await engine.execute_plan(plan)
+        await engine.wait(planned, timeout=20)
+    with sqlite3.connect(journal) as conn:
+        rows = conn.execute("SELECT request, result FROM entries").fetchall()
+    conn.close()
+    assert rows
+    assert not [row for row in rows if SECRET in repr(row)]
 
 
 async def test_a_secret_across_a_piece_of_an_endless_line_is_masked(

@@ -22,8 +22,9 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from functools import lru_cache
+from pathlib import PurePath
 
-__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "json_masker", "masker_for"]
+__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "json_masker", "mask_error", "masker_for"]
 
 MASK = "***"
 MIN_SECRET = 4
@@ -123,8 +124,13 @@ class Masker:
 
 @lru_cache(maxsize=64)
 def masker_for(secrets: tuple[str, ...]) -> Masker | None:
-    """The masker for a set of secrets, compiled once per set; None when there is nothing to mask."""
-    return Masker(secrets) if secrets else None
+    """The masker for a set of secrets, compiled once per set; None when there is nothing to mask.
+
+    A value too short to be a secret (refused at validation, but masked in the
+    text of that very refusal) is left out: masking `*` with `***` never ends.
+    """
+    usable = tuple(secret for secret in secrets if len(secret) >= MIN_SECRET)
+    return Masker(usable) if usable else None
 
 
 def json_masker(secrets: Iterable[str]) -> Callable[[str], str] | None:
@@ -134,4 +140,19 @@ def json_masker(secrets: Iterable[str]) -> Callable[[str], str] | None:
     typed into a command line is in the request's JSON, escaped as JSON escapes it.
     """
     forms = {form for secret in secrets for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1])}
-    return Masker(forms).mask_text if forms else None
+    masker = masker_for(tuple(sorted(forms)))
+    return masker.mask_text if masker is not None else None
+
+
+def mask_error(exc: BaseException, secrets: Iterable[str]) -> None:
+    """Mask the secrets in an exception's text and in the path or reason it carries, in place."""
+    masker = masker_for(tuple(secrets))
+    if masker is None:
+        return
+    exc.args = tuple(masker.mask_text(arg) if isinstance(arg, str) else arg for arg in exc.args)
+    for name in ("path", "reason"):
+        value = getattr(exc, name, None)
+        if isinstance(value, str):
+            setattr(exc, name, masker.mask_text(value))
+        elif isinstance(value, PurePath):
+            setattr(exc, name, type(value)(masker.mask_text(str(value))))
