@@ -355,9 +355,19 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
 
 def _load(path: Path) -> Any:
     try:
-        text = path.read_text()
+        # JSON is UTF-8 whatever the locale says, and so are the YAML files one writes.
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         _fail(f"cannot read {path}: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        _fail(f"{path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}")
+    try:
+        return _parse(path, text)
+    except RecursionError:
+        _fail(f"{path} nests too deeply to be a request or a plan")
+
+
+def _parse(path: Path, text: str) -> Any:
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml

@@ -306,6 +306,33 @@ def test_output_that_cannot_be_written_is_said_and_fails_the_run(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "plan"])
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("latin1.json", b'{"commands": [], "caf\xe9": 1}', "is not UTF-8 text"),
+        ("deep.json", b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+        ("deep.yaml", b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    ],
+)
+def test_a_file_that_cannot_be_read_as_a_document_is_a_usage_error(
+    tmp_path: Path, command: str, name: str, content: bytes, said: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    done = cli(command, str(path), tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"cloudops-exec: {path} {said}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_history_takes_a_limit_beyond_any_count(tmp_path: Path) -> None:
+    assert cli("run", "--", "true", tmp_path=tmp_path).returncode == 0
+    done = cli("history", "--json", "--limit", str(2**70), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1
+
+
 def test_run_passes_the_commands_utf8_through_whatever_our_stdout_encoding(tmp_path: Path) -> None:
     """A command's bytes are its own: an ASCII-only locale neither drops nor transcodes them."""
     done = subprocess.run(

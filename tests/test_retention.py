@@ -181,6 +181,19 @@ async def test_without_a_journal_memory_is_trimmed_and_a_removed_log_is_reported
         assert engine.get_log_path(ids[-1]).exists()
 
 
+@pytest.mark.parametrize("max_age_s", [1e20, 1e308, float("inf")])
+async def test_an_age_beyond_any_clock_keeps_everything(tmp_path: Path, max_age_s: float) -> None:
+    """No execution ended that long ago: nothing is deleted, and the engine starts and sweeps."""
+    policy = RetentionPolicy(max_age_s=max_age_s)
+    async with ExecutionEngine(journalled(tmp_path, retention=policy)) as engine:
+        eid = await engine.execute(shell("echo kept"))
+        await engine.wait(eid, timeout=20)
+    async with ExecutionEngine(journalled(tmp_path, retention=policy)) as again:
+        assert "kept" in await again.read_logs(eid)
+    async with ExecutionEngine(config(tmp_path, retention=policy)) as without_journal:
+        await without_journal.wait(await without_journal.execute(shell("true")), timeout=20)
+
+
 async def test_another_engines_running_log_is_never_deleted_by_this_ones_retention(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

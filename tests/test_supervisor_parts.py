@@ -246,6 +246,9 @@ def test_a_result_from_a_finished_message_carries_everything_it_says() -> None:
         (["completed", "completed"], False, "completed"),
         (["completed", "timeout"], False, "failed"),
         (["cancelled", "completed"], True, "cancelled"),
+        # A cancel that came as the last command ended: every command completed, so the plan did.
+        (["completed", "completed"], True, "completed"),
+        (["completed", "failed"], True, "cancelled"),
     ],
 )
 def test_a_plan_result_counts_each_status(statuses: list[str], cancelled: bool, expected: str) -> None:

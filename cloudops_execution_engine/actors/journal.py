@@ -38,6 +38,7 @@ from .journal_lock import JournalLock
 from .journal_recovery import recover
 from .journal_rows import (
     ENTRY_COLUMNS,
+    SQLITE_MAX_INT,
     SUMMARY_COLUMNS,
     DropOldest,
     apply_batch,
@@ -438,7 +439,8 @@ class JournalStore:
         sql += " ORDER BY seq DESC"
         if limit is not None:
             sql += " LIMIT ?"
-            params.append(limit + len(skip))
+            # A limit past SQLite's integers is one past every row.
+            params.append(min(limit + len(skip), SQLITE_MAX_INT))
         with self._reading() as reader:
             rows = reader.execute(sql, params).fetchall()
         journalled = [(row[0], row) for row in rows if row[1] not in skip]

@@ -20,6 +20,7 @@ from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanEx
 from .records import PlanRun, Record
 
 __all__ = [
+    "SQLITE_MAX_INT",
     "SUMMARY_COLUMNS",
     "DropOldest",
     "apply_batch",
@@ -40,6 +41,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 _SUMMARY_FIELDS = set(ExecutionSummary.model_fields)
 
+# The largest integer SQLite stores: a bound past it is a bound past everything.
+SQLITE_MAX_INT = 2**63 - 1
 SUMMARY_COLUMNS = "seq, id, kind, plan_id, status, submitted_us, started_us, duration_ns"
 ENTRY_COLUMNS = "kind, status, plan_id, idx, submitted_us, started_us, log_path, request, result"
 

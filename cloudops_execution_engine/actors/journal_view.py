@@ -19,7 +19,14 @@ from uuid import UUID
 from ..errors import IoError, NotCompleted, NotFound, map_errors
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 from .journal import open_connection
-from .journal_rows import ENTRY_COLUMNS, SUMMARY_COLUMNS, plan_from_row, record_from_row, summary_from_row
+from .journal_rows import (
+    ENTRY_COLUMNS,
+    SQLITE_MAX_INT,
+    SUMMARY_COLUMNS,
+    plan_from_row,
+    record_from_row,
+    summary_from_row,
+)
 from .journal_schema import SCHEMA_VERSION
 
 __all__ = ["JournalView"]
@@ -76,7 +83,7 @@ class JournalView:
         sql += " ORDER BY seq DESC"
         if limit is not None:
             sql += " LIMIT ?"
-            params.append(limit)
+            params.append(min(limit, SQLITE_MAX_INT))
         with self._faults():
             rows = self._conn.execute(sql, params).fetchall()
         return [summary_from_row(tuple(row)) for row in reversed(rows)]

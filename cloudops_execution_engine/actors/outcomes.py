@@ -250,10 +250,12 @@ def plan_result(run: PlanRun) -> PlanExecutionResult:
             stats.cancelled += 1
         elif status is ExecutionStatus.TIMEOUT:
             stats.timeout += 1
-    if run.cancelled:
-        run.status = ExecutionStatus.CANCELLED
-    elif stats.completed == stats.total:
+    # In SPEC's order: a cancel that came as the last command ended leaves a plan whose
+    # every command completed, and such a plan completed.
+    if stats.completed == stats.total:
         run.status = ExecutionStatus.COMPLETED
+    elif run.cancelled:
+        run.status = ExecutionStatus.CANCELLED
     else:
         run.status = ExecutionStatus.FAILED
     return PlanExecutionResult.model_construct(

@@ -31,12 +31,13 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable, Generator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
 from ..config import RetentionPolicy
 from ..logfiles import unlink_unless_in_use
+from .journal_rows import us_of
 from .off_loop import in_thread
 
 __all__ = ["SWEEP_INTERVAL", "Retention", "Sweeps", "now", "run_job"]
@@ -88,19 +89,20 @@ class Retention:
         self.log_dir = log_dir
 
     def cutoff(self, now: float) -> datetime | None:
-        """What ended before this is too old; None without `max_age_s`."""
-        if self.policy.max_age_s is None:
-            return None
-        return datetime.fromtimestamp(now, UTC) - timedelta(seconds=self.policy.max_age_s)
+        """What ended before this is too old; None without `max_age_s`, or with one older than the epoch."""
+        max_age_s = self.policy.max_age_s
+        if max_age_s is None or max_age_s >= now:
+            return None  # nothing ended that long ago (and a date that old is out of range)
+        return datetime.fromtimestamp(now - max_age_s, UTC)
 
     # -- the journal (on its writer thread) ---------------------------------------
 
     def journal_job(self, conn: sqlite3.Connection, live: set[UUID], now: float) -> Iterator[None]:
         """Delete rows (and their logs) by age, then by count; then sweep the log directory."""
         policy = self.policy
-        if policy.max_age_s is not None:
-            cutoff_us = int((now - policy.max_age_s) * 1_000_000)
-            yield from self._delete_units(conn, "ended_us < ?", (cutoff_us,), None)
+        cutoff = self.cutoff(now)
+        if cutoff is not None:
+            yield from self._delete_units(conn, "ended_us < ?", (us_of(cutoff),), None)
         if policy.max_executions is not None:
             finished = yield from _count_finished_commands(conn)
             excess = finished - policy.max_executions
