@@ -445,11 +445,25 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
     schema = theirs.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
     theirs.close()
     before = host_children()
+    content = path.read_bytes()
     with pytest.raises(
         IoError, match=rf"journal {path} is a SQLite database of something else \(tables: runs\)"
     ):
         await ExecutionEngine(journalled(tmp_path)).start()
     assert host_children() <= before, "a worker was started for an engine that cannot start"
+    # Byte for byte (its journal mode is in its header), and nothing of ours beside it.
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+    # Nor does reading it with the command line's history change it.
+    done = subprocess.run(
+        [PYTHON, "-m", "cloudops_execution_engine", "history", "--journal", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
     theirs = sqlite3.connect(path)
     try:
         assert theirs.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
@@ -460,6 +474,17 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
         theirs.close()
 
 
+async def test_a_journal_path_that_is_no_regular_file_is_refused_with_nothing_put_beside_it(
+    tmp_path: Path,
+) -> None:
+    """`journal=/dev/null`, say: no lock file, WAL file or rollback journal is made next to it."""
+    fifo = tmp_path / "journal.sqlite3"
+    os.mkfifo(fifo)
+    with pytest.raises(IoError, match=f"journal {fifo} is not a regular file"):
+        await ExecutionEngine(journalled(tmp_path)).start()
+    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+
+
 async def test_a_database_marked_as_another_applications_is_refused(tmp_path: Path) -> None:
     """SQLite's `application_id` says whose a file is, even while it has no table yet."""
     path = tmp_path / "journal.sqlite3"
@@ -467,8 +492,11 @@ async def test_a_database_marked_as_another_applications_is_refused(tmp_path: Pa
     theirs.execute("PRAGMA application_id = 1234")
     theirs.commit()
     theirs.close()
+    content = path.read_bytes()
     with pytest.raises(IoError, match=r"of another application \(application_id 0x4d2\), not a journal"):
         await ExecutionEngine(journalled(tmp_path)).start()
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
     theirs = sqlite3.connect(path)
     try:
         assert theirs.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0

@@ -53,7 +53,7 @@ from .journal_rows import (
     summary_from_row,
     us_of,
 )
-from .journal_schema import migrate
+from .journal_schema import check_is_a_journal, migrate
 from .journal_writer import JournalWriter
 from .off_loop import in_thread
 from .records import PlanRun, Record
@@ -72,15 +72,23 @@ _EXISTS = "SELECT 1 FROM entries WHERE id = ?"
 
 
 def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode, in autocommit (transactions are begun explicitly)."""
+    """A connection in autocommit (transactions are begun explicitly); a writer's in WAL mode.
+
+    A writer's file is checked to be a journal (or empty) first: switching to
+    WAL mode rewrites the file's header, and another application's database
+    named by mistake is left exactly as it was. A reader changes nothing: WAL
+    mode, once set, is the file's own.
+    """
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     try:
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+            return conn
+        check_is_a_journal(conn, path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"cannot switch to WAL mode (the journal is in {mode} mode)")
         conn.execute("PRAGMA synchronous = NORMAL")
-        if readonly:
-            conn.execute("PRAGMA query_only = ON")
     except BaseException:
         conn.close()
         raise
@@ -190,6 +198,9 @@ class JournalStore:
             self._sweeping = False
 
     def _open_blocking(self) -> sqlite3.Connection:
+        if self.path.exists() and not self.path.is_file():
+            # A device or a FIFO (`/dev/null`): nothing of ours, not even a lock file, goes beside it.
+            raise IoError(f"journal {self.path} is not a regular file")
         with map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"):
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock.acquire()
@@ -220,7 +231,7 @@ class JournalStore:
         except BaseException:
             if conn is not None:
                 conn.close()
-            self._lock.release()
+            self._lock.release(discard=True)  # a journal refused leaves no lock file of ours beside it
             raise
 
     async def close(self) -> None:

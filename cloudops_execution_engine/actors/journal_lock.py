@@ -38,35 +38,55 @@ class JournalLock:
         self.journal = journal
         self.path = lock_path_for(journal)
         self._fd: int | None = None
+        self._made = False  # this lock created the file
 
     def acquire(self) -> None:
         """Take the lock, or raise `IoError` naming the pid of the engine that has it."""
         with map_errors({OSError: IoError}, f"cannot lock journal {self.journal}"):
-            # Truncated and written below: never through a link planted at its name.
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-            fd = os.open(self.path, flags, 0o600)
+            while not self._acquired():
+                pass  # the file was removed under us (`release(discard=True)`): lock its successor
+
+    def _acquired(self) -> bool:
+        # Truncated and written below: never through a link planted at its name.
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            made = True
+        except FileExistsError:
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise IoError(f"cannot lock journal {self.journal}: {self.path} is not a regular file")
-                _lock_or_wait_for_the_dead(fd)
-            except BlockingIOError:
-                holder = _read_pid(fd)
+                fd = os.open(self.path, flags)
+            except FileNotFoundError:
+                return False  # removed between the two opens: make it again
+            made = False
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IoError(f"cannot lock journal {self.journal}: {self.path} is not a regular file")
+            _lock_or_wait_for_the_dead(fd)
+            if not _still_named(fd, self.path):
+                # Its maker gave up on the journal and removed the file between our open
+                # and our lock: a lock on it would be a lock on nothing anyone else sees.
                 os.close(fd)
-                raise IoError(
-                    f"journal {self.journal} is in use by another engine (pid {holder}); "
-                    "one engine at a time may open a journal"
-                ) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            after_fork.track(self)
+                return False
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise IoError(
+                f"journal {self.journal} is in use by another engine (pid {holder}); "
+                "one engine at a time may open a journal"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._made = made
+        after_fork.track(self)
+        return True
 
     def forked(self) -> None:
         """In a process forked from the holder: close the child's copy; the parent keeps the lock."""
@@ -75,12 +95,27 @@ class JournalLock:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """Let go; with `discard`, also remove the lock file if this lock made it (a journal refused)."""
         fd, self._fd = self._fd, None
         if fd is not None:
+            if discard and self._made:
+                # Removed while still locked: whoever opened it meanwhile finds it gone once it locks.
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether `path` is still the file open at `fd`."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _lock_or_wait_for_the_dead(fd: int) -> None:

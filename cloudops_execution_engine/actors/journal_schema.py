@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import IoError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "check_is_a_journal", "migrate"]
 
 _V1 = """
 CREATE TABLE runs (
@@ -80,13 +80,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
     `IoError` for one written by a newer release, and for a database that is
     not a journal (a host's own file, named by mistake), which is left as it was.
     """
-    _check_is_a_journal(conn, path)
+    check_is_a_journal(conn, path)
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > SCHEMA_VERSION:
-        raise IoError(
-            f"journal {path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
-            "release knows: it was written by a newer cloudops-execution-engine"
-        )
     for number in range(version, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -102,15 +97,17 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
             raise
 
 
-def _check_is_a_journal(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse a database some other application wrote: migrating it would change its tables.
+def check_is_a_journal(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse, by reading alone, a database some other application wrote or a newer release did.
 
+    Migrating the first would change its tables, the second would be downgraded.
     A journal carries `APPLICATION_ID`. One without any is new (no tables),
     or a journal from before the id was set (its tables are ours, with our
     columns), or not a journal at all.
     """
     application = int(conn.execute("PRAGMA application_id").fetchone()[0])
     if application == APPLICATION_ID:
+        _check_version(conn, path)
         return
     if application != 0:
         raise IoError(
@@ -120,13 +117,25 @@ def _check_is_a_journal(conn: sqlite3.Connection, path: Path) -> None:
     listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
     tables = {str(row[0]) for row in listed}
     if not tables:
-        return  # new
+        _check_version(conn, path)  # new, unless a newer release marked it so
+        return
     if tables >= _OURS.keys() and all(_columns(conn, table) >= columns for table, columns in _OURS.items()):
-        return  # written before journals carried the id; it is set as they are brought up to date
+        # Written before journals carried the id; it is set as they are brought up to date.
+        _check_version(conn, path)
+        return
     raise IoError(
         f"journal {path} is a SQLite database of something else (tables: {', '.join(sorted(tables))}), "
         "not a journal"
     )
+
+
+def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise IoError(
+            f"journal {path} has schema version {version}, newer than the {SCHEMA_VERSION} this "
+            "release knows: it was written by a newer cloudops-execution-engine"
+        )
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
