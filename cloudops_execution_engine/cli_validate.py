@@ -13,6 +13,7 @@ from typing import Any
 
 import pydantic
 
+from .actors.admission import Admission, HostEnvironment
 from .config import ExecutionConfig
 from .errors import ExecutionError, InvalidPlan, InvalidWorkingDir, TimeoutTooLarge
 from .plans import check_plan
@@ -68,11 +69,19 @@ def _field_of(exc: ExecutionError) -> str:
 
 
 def _request_problems(
-    request: ExecutionRequest, config: ExecutionConfig, prefix: str, lint: bool = True
+    request: ExecutionRequest,
+    config: ExecutionConfig,
+    prefix: str,
+    lint: bool = True,
+    admission: Admission | None = None,
 ) -> list[str]:
     problems = []
+    if admission is None:
+        admission = Admission(HostEnvironment(), config.secrets)
     try:
         request.validate(config)
+        # What the engine checks as it takes the request: what an exec and a worker's pipe take.
+        admission.options(request, request.argv())
     except ExecutionError as exc:
         problem = f"{prefix}{_field_of(exc)}: {exc}"
         if isinstance(exc, TimeoutTooLarge):
@@ -118,6 +127,7 @@ def plan_problems(plan: ExecutionPlan, config: ExecutionConfig, lint: bool = Tru
         check_plan(plan)
     except InvalidPlan as exc:
         problems.append(f"strategy: {exc}")
+    admission = Admission(HostEnvironment(), config.secrets)
     for index, request in enumerate(plan.commands):
-        problems.extend(_request_problems(request, config, f"commands.{index}.", lint))
+        problems.extend(_request_problems(request, config, f"commands.{index}.", lint, admission))
     return problems

@@ -174,6 +174,30 @@ def test_plan_from_yaml(tmp_path: Path) -> None:
     assert "#0 stdout: yaml" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ({"type": "exec", "program": "\udcff"}, "not valid Unicode text"),
+        ({"type": "exec", "program": "echo", "args": ["x" * 200_000]}, "more than the 131072"),
+        ({"type": "exec", "program": "echo"}, "stdin is 17825792 bytes"),
+    ],
+    ids=["lone-surrogate", "long-argument", "large-stdin"],
+)
+def test_validate_finds_what_plan_would_refuse(tmp_path: Path, command: dict[str, Any], said: str) -> None:
+    """`validate` says valid only for what `plan` runs: the engine's admission checks run too."""
+    request: dict[str, Any] = {"command": command}
+    if said.startswith("stdin"):
+        request["stdin"] = "x" * (17 * 1024 * 1024)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"strategy": {"type": "serial"}, "commands": [request]}))
+    checked = cli("validate", str(path), tmp_path=tmp_path)
+    ran = cli("plan", "--no-journal", str(path), tmp_path=tmp_path)
+    assert (checked.returncode, ran.returncode) == (2, 2), (checked.stdout, ran.stderr)
+    assert "commands.0." in checked.stderr
+    assert said in checked.stderr
+    assert said in ran.stderr
+
+
 def test_validate_names_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"strategy": {"type": "serial"}, "commands": [{"command": {"type": "exec"}}]}))
