@@ -431,6 +431,20 @@ async def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouc
     assert victim.read_bytes() == b"precious\n"
 
 
+def files_of(journal: Path) -> list[str]:
+    """The journal's file and whatever lies beside it under its name (a lock, -wal, -shm)."""
+    return sorted(p.name for p in journal.parent.glob(journal.name + "*"))
+
+
+def history_exit_code(journal: Path) -> int:
+    done = subprocess.run(
+        [PYTHON, "-m", "cloudops_execution_engine", "history", "--journal", str(journal)],
+        capture_output=True,
+        timeout=60,
+    )
+    return done.returncode
+
+
 @pytest.mark.parametrize("user_version", [0, 1])
 async def test_another_applications_database_is_refused_and_left_as_it_was(
     tmp_path: Path, user_version: int
@@ -453,17 +467,11 @@ async def test_another_applications_database_is_refused_and_left_as_it_was(
     assert host_children() <= before, "a worker was started for an engine that cannot start"
     # Byte for byte (its journal mode is in its header), and nothing of ours beside it.
     assert path.read_bytes() == content
-    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+    assert files_of(path) == ["journal.sqlite3"]
     # Nor does reading it with the command line's history change it.
-    done = subprocess.run(
-        [PYTHON, "-m", "cloudops_execution_engine", "history", "--journal", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
+    assert history_exit_code(path) != 0
     assert path.read_bytes() == content
-    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+    assert files_of(path) == ["journal.sqlite3"]
     theirs = sqlite3.connect(path)
     try:
         assert theirs.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
@@ -482,7 +490,7 @@ async def test_a_journal_path_that_is_no_regular_file_is_refused_with_nothing_pu
     os.mkfifo(fifo)
     with pytest.raises(IoError, match=f"journal {fifo} is not a regular file"):
         await ExecutionEngine(journalled(tmp_path)).start()
-    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+    assert files_of(fifo) == ["journal.sqlite3"]
 
 
 async def test_a_database_marked_as_another_applications_is_refused(tmp_path: Path) -> None:
@@ -496,7 +504,7 @@ async def test_a_database_marked_as_another_applications_is_refused(tmp_path: Pa
     with pytest.raises(IoError, match=r"of another application \(application_id 0x4d2\), not a journal"):
         await ExecutionEngine(journalled(tmp_path)).start()
     assert path.read_bytes() == content
-    assert sorted(p.name for p in tmp_path.glob("journal.sqlite3*")) == ["journal.sqlite3"]
+    assert files_of(path) == ["journal.sqlite3"]
     theirs = sqlite3.connect(path)
     try:
         assert theirs.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0

@@ -204,13 +204,15 @@ async def test_a_refusal_names_no_secret(tmp_path: Path, whose: str) -> None:
     bad = [
         (
             ExecutionRequest(
-                ShellCommand("true"), working_dir=f"/nonexistent/{SECRET}", secret_env=secret_env
+                command=ShellCommand(command="true"),
+                working_dir=f"/nonexistent/{SECRET}",
+                secret_env=secret_env,
             ),
             InvalidWorkingDir,
             "Invalid working directory: /nonexistent/***",
         ),
         (
-            ExecutionRequest(ScriptCommand(f"/nonexistent/{SECRET}.sh"), secret_env=secret_env),
+            ExecutionRequest(command=ScriptCommand(path=f"/nonexistent/{SECRET}.sh"), secret_env=secret_env),
             ScriptNotFound,
             "Script file not found: /nonexistent/***.sh",
         ),
@@ -229,7 +231,9 @@ async def test_a_refusal_names_no_secret(tmp_path: Path, whose: str) -> None:
 
 async def test_a_secret_env_value_is_masked_wherever_the_request_is_written(tmp_path: Path) -> None:
     """Typed into the command line too: repr, JSON (alone and in a plan), and the journal."""
-    request = ExecutionRequest(ExecCommand("echo", ["--token", SECRET]), secret_env={"T": SECRET})
+    request = ExecutionRequest(
+        command=ExecCommand(program="echo", args=["--token", SECRET]), secret_env={"T": SECRET}
+    )
     plan = ExecutionPlan(commands=[request], strategy=SerialStrategy())
     for text in (repr(request), request.model_dump_json(), repr(plan), plan.model_dump_json()):
         assert SECRET not in text
@@ -238,7 +242,7 @@ async def test_a_secret_env_value_is_masked_wherever_the_request_is_written(tmp_
     journal = tmp_path / "journal.sqlite3"
     async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
         alone = await engine.execute(request.model_copy(update={"id": uuid4()}))
-        assert (await engine.wait(alone, timeout=20)).stdout == "--token ***\n"
+        assert (await result_of(engine, alone, 20)).stdout == "--token ***\n"
         planned = await engine.execute_plan(plan)
         await engine.wait(planned, timeout=20)
     with sqlite3.connect(journal) as conn:
