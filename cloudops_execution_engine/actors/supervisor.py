@@ -756,7 +756,10 @@ class Supervisor:
         # Asked now, before the pool starts a successor: a remote pool cleans up
         # through the successor it places on the same node.
         markers = {process_tree.marker_key(str(r.id), self.engine_id) for r in held}
-        cleanup = self._pool.clean_up_after(worker, markers, {r.pid for r in held if r.pid})
+        # Started now, as its own task: it runs even if the loop closes before the task below starts.
+        cleanup = asyncio.ensure_future(
+            self._pool.clean_up_after(worker, markers, {r.pid for r in held if r.pid})
+        )
         if self._state is EngineState.RUNNING:  # not a worker stopped at shutdown
             if self._telemetry is not None:
                 self._telemetry.worker_died()
