@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -117,21 +119,7 @@ def test_a_run_beside_a_running_plan_and_logs_follow(tmp_path: Path) -> None:
             {"strategy": {"type": "serial"}, "commands": [{"command": {"type": "shell", "command": step}}]}
         )
     )
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "cloudops_execution_engine", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=ROOT,
-            env=environment(tmp_path),
-        )
-        procs.append(proc)
-        return proc
-
-    try:
+    with cli_processes(tmp_path) as start:
         running = start("plan", "--events", "ndjson", str(plan))
         assert running.stdout is not None
         started = json.loads(running.stdout.readline())
@@ -151,23 +139,31 @@ def test_a_run_beside_a_running_plan_and_logs_follow(tmp_path: Path) -> None:
         assert "stdout ended-here" in rest
         assert "# finished: " in rest
         assert running.wait(30) == 0
+
+
+@contextlib.contextmanager
+def cli_processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `cloudops-exec` processes; each is killed and reaped at the end, whatever the test did."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "cloudops_execution_engine", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=environment(tmp_path),
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
     finally:
         for proc in procs:
             proc.kill()
-            proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()
-
-
-def start_cli(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [PYTHON, "-m", "cloudops_execution_engine", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=environment(tmp_path),
-    )
+            proc.communicate(timeout=10)
 
 
 def plan_file(tmp_path: Path, *commands: dict[str, Any]) -> str:
@@ -183,13 +179,12 @@ def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Pat
         "command": {"type": "shell", "command": step},
         "retry": {"max_attempts": 3, "backoff_ms": 400, "jitter": False},
     }
-    running = start_cli(tmp_path, "plan", "--events", "ndjson", plan_file(tmp_path, retried))
-    follower: subprocess.Popen[str] | None = None
-    try:
+    with cli_processes(tmp_path) as start:
+        running = start("plan", "--events", "ndjson", plan_file(tmp_path, retried))
         assert running.stdout is not None
         started = json.loads(running.stdout.readline())
         assert started["event_type"] == "started"
-        follower = start_cli(tmp_path, "logs", "--follow", started["execution_id"])
+        follower = start("logs", "--follow", started["execution_id"])
         out, err = follower.communicate(timeout=30)
         assert follower.returncode == 0, err
         assert [line.split()[-1] for line in out.splitlines() if " stdout try " in line] == ["1", "2", "3"]
@@ -198,11 +193,6 @@ def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Pat
         assert statuses == ["failed", "failed", "completed"]
         assert out.endswith(footers[-1] + "\n")
         assert running.wait(30) == 0
-    finally:
-        for proc in (running, follower):
-            if proc is not None:
-                proc.kill()
-                proc.communicate(timeout=10)
 
 
 @pytest.mark.parametrize("fate", ["runs", "cancelled while queued"])
@@ -213,12 +203,11 @@ def test_logs_follow_of_a_queued_command_waits_for_it_to_start(tmp_path: Path, f
     queued = str(uuid4())
     first = {"command": {"type": "shell", "command": holds}}
     second = {"id": queued, "command": {"type": "shell", "command": "echo second-ran"}}
-    running = start_cli(tmp_path, "plan", "--events", "ndjson", plan_file(tmp_path, first, second))
-    follower: subprocess.Popen[str] | None = None
-    try:
+    with cli_processes(tmp_path) as start:
+        running = start("plan", "--events", "ndjson", plan_file(tmp_path, first, second))
         assert running.stdout is not None
         assert json.loads(running.stdout.readline())["event_type"] == "started"
-        follower = start_cli(tmp_path, "logs", "--follow", queued)
+        follower = start("logs", "--follow", queued)
         journal = tmp_path / "state" / "cloudops-execution-engine" / "journal.sqlite3"
         wait_until(lambda: watching(follower, journal), 20, "the follower to watch the journal")
         if fate == "runs":
@@ -234,11 +223,6 @@ def test_logs_follow_of_a_queued_command_waits_for_it_to_start(tmp_path: Path, f
             assert out == ""
             assert f"{queued} ended cancelled before it started: it has no log" in err
         running.wait(30)
-    finally:
-        for proc in (running, follower):
-            if proc is not None:
-                proc.kill()
-                proc.communicate(timeout=10)
 
 
 def watching(proc: subprocess.Popen[str], journal: Path) -> bool:
@@ -255,12 +239,11 @@ def test_logs_follow_ends_when_the_engine_running_the_command_dies(tmp_path: Pat
     """A log its engine will never finish (the engine was SIGKILLed) is not followed for ever."""
     extra = ["--no-journal"] if journal == "no journal" else []
     step = {"command": {"type": "shell", "command": "echo begun; exec sleep 60"}}
-    running = start_cli(tmp_path, "plan", *extra, "--events", "ndjson", plan_file(tmp_path, step))
-    follower: subprocess.Popen[str] | None = None
-    try:
+    with cli_processes(tmp_path) as start:
+        running = start("plan", *extra, "--events", "ndjson", plan_file(tmp_path, step))
         assert running.stdout is not None
         started = json.loads(running.stdout.readline())
-        follower = start_cli(tmp_path, "logs", "--follow", started["execution_id"])
+        follower = start("logs", "--follow", started["execution_id"])
         assert follower.stdout is not None
         while "stdout begun" not in follower.stdout.readline():
             pass
@@ -272,11 +255,6 @@ def test_logs_follow_ends_when_the_engine_running_the_command_dies(tmp_path: Pat
         assert f"{started['execution_id']} did not end: the engine running it stopped" in err
         if journal == "recorded":
             assert "recorded as running" in err
-    finally:
-        for proc in (running, follower):
-            if proc is not None:
-                proc.kill()
-                proc.communicate(timeout=10)
 
 
 async def test_history_show_and_logs_read_a_journal_another_engine_holds(tmp_path: Path) -> None:

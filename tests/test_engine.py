@@ -204,21 +204,25 @@ async def test_events_in_order_for_each_of_several_handlers(tmp_path: Path) -> N
             assert sum(e.event_type in ("completed", "failed", "cancelled") for e in events) == 1
 
 
+class RaisingHandler:
+    """A handler with a bug: it raises on every event it is given, and counts them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def on_event(self, event: object) -> None:
+        self.calls += 1
+        raise RuntimeError("handler bug")
+
+
 async def test_a_raising_handler_does_not_stop_others(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A handler that raises is logged and ignored; the engine and other handlers go on."""
-
-    class Broken:
-        calls = 0
-
-        async def on_event(self, event: object) -> None:
-            Broken.calls += 1
-            raise RuntimeError("handler bug")
-
+    broken = RaisingHandler()
     good = Recorder()
     async with (
-        ExecutionEngine(config(tmp_path)).with_event_handler(Broken()).with_event_handler(good) as engine
+        ExecutionEngine(config(tmp_path)).with_event_handler(broken).with_event_handler(good) as engine
     ):
         eid = await engine.execute(shell("echo a; echo b"))
         await engine.wait(eid, timeout=20)
@@ -226,7 +230,7 @@ async def test_a_raising_handler_does_not_stop_others(
         assert good.types_of(eid) == ["started", "stdout", "stdout", "completed"]
         second = await engine.execute(run("true"))
         assert (await engine.wait(second, timeout=20)).status is ExecutionStatus.COMPLETED
-    assert Broken.calls >= 4
+    assert broken.calls >= 4
     assert "handler bug" in caplog.text
 
 
@@ -234,21 +238,14 @@ async def test_a_handler_raising_on_every_line_is_not_logged_for_every_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A traceback per output line would cost the engine's loop 100 µs a line and flood the host's log."""
-
-    class Broken:
-        calls = 0
-
-        async def on_event(self, event: object) -> None:
-            Broken.calls += 1
-            raise ValueError("handler bug")
-
+    broken = RaisingHandler()
     began = time.monotonic()
-    async with ExecutionEngine(config(tmp_path)).with_event_handler(Broken()) as engine:
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(broken) as engine:
         eid = await engine.execute(shell("seq 200000"))
         result = await engine.wait(eid, timeout=60)
     assert result.status is ExecutionStatus.COMPLETED
-    assert Broken.calls == 200_002  # started, every line, completed
-    assert_raises_logged_sparingly(caplog, Broken.calls, time.monotonic() - began, eid)
+    assert broken.calls == 200_002  # started, every line, completed
+    assert_raises_logged_sparingly(caplog, broken.calls, time.monotonic() - began, eid)
 
 
 async def test_raises_only_counted_are_said_once_the_handler_goes_quiet(
