@@ -151,7 +151,9 @@ class _EndWatch:
             # No lock table to read: the footer is all there is to go by.
             return _End.ENDED if self._footer else None
         self.why = "the engine running it stopped writing its log before it ended (the log has no footer)"
-        return self._unless_held(held, _End.ENDED if self._footer else _End.ABANDONED)
+        if not self._let_go(held):
+            return None
+        return _End.ENDED if self._footer else _End.ABANDONED
 
     def engine_gone(self, status: str) -> bool:
         """Whether no engine holds the journal that records the execution as `status` (not ended)."""
@@ -160,14 +162,15 @@ class _EndWatch:
             f"the engine running it stopped before it ended; it is recorded as {status} in "
             f"{self._journal} until an engine opens that journal again"
         )
-        return self._unless_held(holder, _End.ABANDONED) is not None
+        return self._let_go(holder)
 
-    def _unless_held(self, held: bool | None, end: _End) -> _End | None:
+    def _let_go(self, held: bool | None) -> bool:
+        """Whether the file was seen held by no one `_UNHELD_LOOKS` times in a row (None: cannot tell)."""
         if held is not False:
             self._unheld = 0
-            return None
+            return False
         self._unheld += 1
-        return end if self._unheld >= _UNHELD_LOOKS else None
+        return self._unheld >= _UNHELD_LOOKS
 
     def status(self) -> str | None:
         """The command's status in the journal; None when it is not recorded there (or unreadable)."""
