@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import psutil
 import pytest
 from conftest import (
     Recorder,
@@ -663,21 +664,26 @@ async def test_an_engine_let_go_without_shutdown_stops_its_workers_and_commands(
     held = [ExecutionEngine(config(tmp_path))]
     eid = await held[0].execute(run("sleep", "30"))
     for _ in range(1000):
-        if await held[0].get_status(eid) is ExecutionStatus.RUNNING:
+        # `running` once sent to a worker; its pid comes with its start, on a later turn of the loop.
+        running = await held[0].get_status(eid) is ExecutionStatus.RUNNING
+        if running and held[0]._supervisor.entry(eid).pid:  # type: ignore[union-attr]
             break
-        await asyncio.sleep(0.01)  # its start is reported on a later turn of the loop
+        await asyncio.sleep(0.01)
     sleeper = held[0]._supervisor.entry(eid).pid  # type: ignore[union-attr]
     assert sleeper
     assert not gone(sleeper)
     assert host_children() > before
+    workers = [w.pid for w in held[0]._supervisor._pool.workers]  # type: ignore[union-attr]
     with pytest.warns(ResourceWarning, match="without shutdown"):
         let_go(held)
     for _ in range(1000):
-        if host_children() <= before and gone(sleeper):
+        if host_children() <= before and gone(sleeper) and not any(map(psutil.pid_exists, workers)):
             break
         await asyncio.sleep(0.01)  # it is stopped on the loop, as `shutdown()` would
     assert host_children() <= before, "the engine's workers outlived it"
     assert gone(sleeper), "its command outlived it"
+    # Reaped, not only ended: the engine let go of them, and of their descriptors.
+    assert not any(map(psutil.pid_exists, workers)), "its workers were left unreaped"
 
 
 def test_an_engine_let_go_after_its_loop_closed_stops_its_workers(tmp_path: Path) -> None:

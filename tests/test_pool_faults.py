@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
+import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,7 +27,19 @@ from uuid import UUID
 
 import psutil
 import pytest
-from conftest import HELPERS, PYTHON, Recorder, config, gone, host_children, result_of, run, shell
+from conftest import (
+    HELPERS,
+    PYTHON,
+    Recorder,
+    config,
+    gone,
+    host_children,
+    open_fds,
+    result_of,
+    run,
+    shell,
+    wait_until,
+)
 from helpers import faulty_workers
 
 from cloudops_execution_engine import EngineClosed, ExecutionEngine, ExecutionStatus, SpawnFailed
@@ -291,3 +307,92 @@ async def test_a_cancelled_shutdown_raises_in_its_caller_and_a_second_call_await
     assert all(recorder.types_of(eid)[-1] == "cancelled" for eid in ids)
     with pytest.raises(EngineClosed):
         await engine.list_executions()
+
+
+# -- the loop closing as a worker dies ------------------------------------------------
+
+
+def run_in_thread(main: Callable[[], Any], timeout: float) -> None:
+    """`asyncio.run(main())` on a thread of its own; fail if it has not returned within `timeout`."""
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"asyncio.run did not return within {timeout}s"
+    assert not failed, failed
+
+
+def let_go(held: list[Any]) -> None:
+    """Drop the only reference to what `held` holds, and collect it."""
+    held.clear()
+    gc.collect()
+
+
+def wait_for_exit_in_place(pid: int) -> None:
+    """Block the loop until `pid` has ended, not reaping it: the loop learns of it on its next turn."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def test_a_worker_death_the_loop_closes_on_is_still_cleaned_up(tmp_path: Path) -> None:
+    """A worker dies as `asyncio.run` ends: its command's tree is killed and nothing of it stays open.
+
+    The loop's last turn reads the worker's exit, so its death report is due on
+    a turn that never comes; `asyncio.run` cancels it before it begins.
+    """
+    before, fds_before = host_children(), open_fds()
+    kept: list[ExecutionEngine] = []
+    sleeper: list[int] = []
+
+    async def main() -> None:
+        engine = ExecutionEngine(config(tmp_path, workers=1))
+        kept.append(engine)
+        recorder = Recorder()
+        engine.with_event_handler(recorder)
+        await engine.start()
+        eid = await engine.execute(shell("echo $$; exec sleep 30"))
+        await recorder.until(lambda _: "stdout" in recorder.types_of(eid))
+        sleeper.append(int(next(e.line for e in recorder.of(eid) if e.event_type == "stdout")))
+        worker = engine._supervisor._pool.workers[0]  # type: ignore[union-attr]
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_for_exit_in_place(worker.pid)
+
+    run_in_thread(main, 30)
+    wait_until(lambda: gone(sleeper[0]), 10, "the dead worker's command to be killed")
+    wait_until(lambda: "cloudops-clean-up" not in {t.name for t in threading.enumerate()}, 10, "the clean-up")
+    wait_until(lambda: host_children() <= before, 10, "the dead worker to be reaped")
+    left = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
+    assert not left, f"the dead worker's descriptors were left open: {left}"
+    with pytest.warns(ResourceWarning, match="without shutdown"):
+        let_go(kept)
+
+
+def test_a_shutdown_under_way_as_the_loop_closes_on_a_worker_death_ends(tmp_path: Path) -> None:
+    """The shutdown waits for a worker's exit, which comes on the loop's last turn: `asyncio.run` returns."""
+    before, fds_before = host_children(), open_fds()
+    kept: list[Any] = []
+
+    async def main() -> None:
+        engine = ExecutionEngine(config(tmp_path, workers=1))
+        await engine.start()
+        worker = engine._supervisor._pool.workers[0]  # type: ignore[union-attr]
+        os.kill(worker.pid, signal.SIGSTOP)  # its Shutdown goes unanswered: the stop waits for the exit
+        kept.append(asyncio.ensure_future(engine.shutdown()))
+        for _ in range(10_000):  # turns of the loop until the stop waits for the exit
+            if worker._exit_waiters:
+                break
+            await asyncio.sleep(0)
+        assert worker._exit_waiters, "the shutdown never came to wait for the worker's exit"
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_for_exit_in_place(worker.pid)
+
+    run_in_thread(main, 30)
+    wait_until(lambda: host_children() <= before, 10, "the worker to be reaped")
+    left = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
+    assert not left, f"the worker's descriptors were left open: {left}"

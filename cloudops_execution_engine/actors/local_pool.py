@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..protocol import Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import after_fork, process_tree, spare_worker
 from .launcher import WorkerProcess, WorkerTarget, launch_worker
-from .off_loop import in_thread
+from .off_loop import start_in_thread
 from .pool import (
     HELLO_TIMEOUT,
     OnBroken,
@@ -78,6 +78,10 @@ def start_worker_process(
         raise WorkerStartError(f"cannot start a worker process: {exc}") from exc
 
 
+def _kill_abandoned(markers: set[str], sessions: set[int]) -> None:
+    process_tree.kill_abandoned(markers, sessions)
+
+
 def _exit_watch(process: BaseProcess, pid: int) -> tuple[int, bool]:
     """An fd that becomes readable when the process ends, and whether it is ours to close.
 
@@ -103,6 +107,7 @@ class ProcessWorkerHandle(WorkerHandle):
         super().__init__(index, loop, on_message)
         self._on_death = on_death
         self._reported: asyncio.Future[None] = loop.create_future()
+        self._how = ""
         self._cause = ""
         self._killed = False
         # The exit is watched from start to reaping, by this handle alone:
@@ -160,10 +165,11 @@ class ProcessWorkerHandle(WorkerHandle):
         with contextlib.suppress(ValueError):
             self.process.close()
 
-    def _in_background(self, job: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self._loop.create_task(job)
         _background.add(task)
         task.add_done_callback(_background.discard)
+        return task
 
     def send(self, wire: list[Any]) -> None:
         if not self._dead:
@@ -211,6 +217,13 @@ class ProcessWorkerHandle(WorkerHandle):
 
     def abandon(self) -> None:
         if not self._mark_dead("was abandoned"):
+            if not self._reported.done():
+                # Dead, its report never made: the loop closed first. Let go of it without a report,
+                # which nothing could act on any more.
+                self._exit_code_in_place()
+                self._release_process()
+                self._close_exit_fd()
+                resolve_if_pending(self._reported)
             return
         self._writer.close()
         for fd in (self._rfd, self._wfd):
@@ -237,11 +250,51 @@ class ProcessWorkerHandle(WorkerHandle):
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._in_background(self._report_death(how))
+        self._how = how
+        report = self._in_background(self._report_death(how))
+        report.add_done_callback(self._report_cut_short)
 
     async def _report_death(self, how: str) -> None:
         try:
             code = await self._exit_code()
+        except asyncio.CancelledError:
+            self._report_in_place()
+            raise
+        self._report(how, code)
+
+    def _report_cut_short(self, report: asyncio.Task[None]) -> None:
+        """The report was cancelled, perhaps before it began: the loop is closing (`_report_in_place`)."""
+        if report.cancelled():
+            self._report_in_place()
+
+    def _report_in_place(self) -> None:
+        """Report the death now, waiting for the exit in place: the loop is closing.
+
+        Only the closing of the loop cancels a report (`asyncio.run` cancels
+        every task as it ends), and it may do so before the report's first
+        step, when no `finally` of it runs. Unreported, the worker would stay
+        unreaped with its descriptors open, its commands' trees left running
+        if it was killed, and a shutdown under way would wait for the report
+        for ever. The wait here is bounded, as `abandon`'s is; a successor is
+        not started (`cut_short`).
+        """
+        if self._reported.done():
+            return
+        self.cut_short = True
+        self._report(self._how, self._exit_code_in_place())
+
+    def _exit_code_in_place(self) -> int | None:
+        with contextlib.suppress(ValueError):  # let go of already
+            self.process.join(EXIT_TIMEOUT / 5)
+            if self.process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError, AttributeError):
+                    self.process.kill()
+                    self._killed = True
+                self.process.join(EXIT_TIMEOUT)
+        return self._exit_status()
+
+    def _report(self, how: str, code: int | None) -> None:
+        try:
             lost = isinstance(self.process, WorkerProcess) and self.process.status_lost
             self._release_process()
             if lost:
@@ -260,7 +313,7 @@ class ProcessWorkerHandle(WorkerHandle):
                 self._cause = how
             self._on_death(self, f"Worker process {self.pid} died ({self._cause})")
         finally:
-            self._reported.set_result(None)
+            resolve_if_pending(self._reported)
 
     async def _start_failure(self, exc: WorkerStartError) -> str:
         # Waiting for the report is bounded by `_exit_code`, and gives the exit status.
@@ -383,7 +436,11 @@ class LocalWorkerPool(WorkerPool[ProcessWorkerHandle]):
     async def _successor(self, dead: ProcessWorkerHandle) -> ProcessWorkerHandle:
         return self._new_handle()
 
-    async def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> None:
-        if markers or sessions:
-            # Walking every process on the machine takes milliseconds: not on the loop.
-            await in_thread(process_tree.kill_abandoned, markers, sessions, name="cloudops-clean-up")
+    def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> Awaitable[None]:
+        if not markers and not sessions:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        # Walking every process on the machine takes milliseconds: not on the loop. Started here,
+        # not on a task's first step: a loop that closes now cancels tasks before they begin.
+        return start_in_thread(_kill_abandoned, markers, sessions, name="cloudops-clean-up")

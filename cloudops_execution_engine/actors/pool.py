@@ -115,6 +115,8 @@ class WorkerHandle(ABC):
         self.alive = False
         self.ready = False
         self.said_hello = False  # and so may have held work: its death calls for a successor
+        # Its death was reported as the loop closed: nothing started now would run (no successor).
+        self.cut_short = False
         self.pid = 0
         self.last_env: dict[bytes, bytes] | None = None
         self._hello: asyncio.Future[None] = loop.create_future()
@@ -325,7 +327,7 @@ class WorkerPool(ABC, Generic[H]):
             # learns of the failure from `wait_ready` and retries or gives up.
             return
         self._on_death(dead, why)
-        if not self._closing:
+        if not self._closing and not dead.cut_short:
             task = asyncio.get_running_loop().create_task(self._replace(dead))
             self._replacing.add(task)
             task.add_done_callback(self._replacing.discard)

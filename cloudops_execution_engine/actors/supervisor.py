@@ -765,6 +765,11 @@ class Supervisor:
                 self._telemetry.worker_died()
             suffix, extra = correlate(r.id for r in held)
             logger.warning("%s; %d execution(s) it held fail%s", why, len(held), suffix, extra=extra)
+        if worker.cut_short:
+            # The loop is closing: a task started now would not run. Its trees are being
+            # killed on a thread of their own; its executions are failed without waiting for that.
+            self._fail_held(held, why)
+            return
         task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why, cleanup))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -783,13 +788,16 @@ class Supervisor:
             suffix, extra = correlate(r.id for r in held)
             logger.exception("cleaning up after a dead worker failed%s", suffix, extra=extra)
         finally:
-            error = f"{why} while running this execution"
-            for record in held:
-                self._scheduler.ran()
-                lost = outcomes.result_without_worker(record, FAILED, error)
-                if record.retry is None or not self._retry_later(record, lost, "worker_lost"):
-                    self._finalize(record, lost)
-            self._scheduler.dispatch()
+            self._fail_held(held, why)
+
+    def _fail_held(self, held: list[Record], why: str) -> None:
+        error = f"{why} while running this execution"
+        for record in held:
+            self._scheduler.ran()
+            lost = outcomes.result_without_worker(record, FAILED, error)
+            if record.retry is None or not self._retry_later(record, lost, "worker_lost"):
+                self._finalize(record, lost)
+        self._scheduler.dispatch()
 
     # -- queries ------------------------------------------------------------
 
