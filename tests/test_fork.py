@@ -136,3 +136,27 @@ async def test_a_fork_after_an_engine_stopped_leaves_the_childs_files_alone(tmp_
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_a_child_forked_on_the_engines_loop_that_ends_through_asyncio_run_leaves_the_parent_alone(
+    tmp_path: Path,
+) -> None:
+    """The child's copy of the loop runs as `asyncio.run` ends there: it must not read, report or kill.
+
+    Its epoll instance is the parent's, and its callbacks are the engine's: a
+    worker's pipe read there was a worker "death", and the clean-up after it
+    killed the parent's commands.
+    """
+    done = subprocess.run(
+        [PYTHON, str(HELPERS / "fork_on_loop.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["child_exit"] == 0
+    assert report["results"] == [["completed", None, 60]] * 3, done.stderr
+    assert report["workers_after"] == report["workers_before"], "the parent's workers were replaced"
+    assert "died" not in done.stderr, done.stderr

@@ -109,6 +109,7 @@ class ProcessWorkerHandle(WorkerHandle):
         self._reported: asyncio.Future[None] = loop.create_future()
         self._how = ""
         self._cause = ""
+        self._forked_away = False
         self._killed = False
         # The exit is watched from start to reaping, by this handle alone:
         # whoever waits for it (stop, the death report) waits on these.
@@ -141,6 +142,15 @@ class ProcessWorkerHandle(WorkerHandle):
         open: the number of one closed before the fork may name another file now.
         """
         fds = [] if self._dead else [self._rfd, self._wfd]
+        # The child's copy of the loop still holds this handle's callbacks, and runs
+        # if the child ends through `asyncio.run`; the epoll instance being the
+        # parent's, it is told of the parent's pipes. A copy that read, wrote or
+        # reported a death there would have the parent's commands killed as a
+        # dead worker's: it is made inert, and dead to everything else.
+        self._forked_away = True
+        self._dead = True
+        self.alive = self.ready = False
+        self._writer.forget()
         if self._own_exit_fd:
             self._own_exit_fd = False
             fds.append(self._exit_fd)
@@ -184,6 +194,8 @@ class ProcessWorkerHandle(WorkerHandle):
         self.die(f"stopped reading its pipe ({exc.strerror})")
 
     def _on_readable(self) -> None:
+        if self._forked_away:
+            return
         data = read_available(self._rfd)
         if data is None:
             return
@@ -193,6 +205,8 @@ class ProcessWorkerHandle(WorkerHandle):
         self._feed(data)
 
     def _on_exit(self) -> None:
+        if self._forked_away:
+            return
         self._loop.remove_reader(self._exit_fd)
         self._exited()
         self.die("exited")
@@ -294,6 +308,10 @@ class ProcessWorkerHandle(WorkerHandle):
         return self._exit_status()
 
     def _report(self, how: str, code: int | None) -> None:
+        if self._forked_away:
+            # A report under way as the process forked, run on in the child: the worker is the parent's.
+            resolve_if_pending(self._reported)
+            return
         try:
             lost = isinstance(self.process, WorkerProcess) and self.process.status_lost
             self._release_process()

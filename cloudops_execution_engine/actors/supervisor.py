@@ -749,6 +749,9 @@ class Supervisor:
         self._heartbeat_timer = loop.call_later(_HEARTBEAT, self._heartbeat)
 
     def _on_worker_death(self, worker: WorkerHandle, why: str) -> None:
+        if self._forked_away is not None:
+            # In a forked child's copy of the loop: the worker, its executions and trees are the parent's.
+            return
         held = [self._running_by_key.pop(k) for k in list(worker.held) if k in self._running_by_key]
         worker.held.clear()
         self._credit.forget(worker)

@@ -104,6 +104,12 @@ class PipeWriter:
         if self._on_flushed is not None:
             self._on_flushed()
 
+    def forget(self) -> None:
+        """Stop writing, without asking the loop (in a forked child: its epoll instance is the parent's)."""
+        self._closed = True
+        self._watching = False
+        self._buffer.clear()
+
     def close(self) -> None:
         """Stop writing; the caller owns and closes the fd."""
         self._closed = True
