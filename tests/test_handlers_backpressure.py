@@ -14,7 +14,7 @@ from typing import Any, cast
 from uuid import UUID, uuid4
 
 import pytest
-from conftest import config, shell
+from conftest import config, result_of, shell
 
 from cloudops_execution_engine import ExecutionEngine, StdoutEvent
 from cloudops_execution_engine.actors.handlers import STOP, EventBus
@@ -318,3 +318,46 @@ async def test_a_handler_waiting_on_the_engine_holds_nothing_back_until_it_is_ba
         engine.remove_event_handler(handler)
         await asyncio.wait_for(handler.back.wait(), 10)
     assert (bus.backlog, bus.congested) == (0, False)
+
+
+class Abort(BaseException):
+    """A host's own way to give up, not an `Exception`."""
+
+
+class Lines:
+    """Keeps every stdout line; raises `raised` on the line "boom"."""
+
+    def __init__(self, raised: type[BaseException] | None = None) -> None:
+        self.seen: list[str] = []
+        self.raised = raised
+
+    async def on_event(self, event: Any) -> None:
+        if isinstance(event, StdoutEvent):
+            self.seen.append(event.line)
+            if event.line == "boom" and self.raised is not None:
+                raise self.raised("the handler gives up on this one event")
+
+
+@pytest.mark.parametrize("raised", [Abort, GeneratorExit])
+async def test_a_handler_raising_a_base_exception_keeps_receiving_and_holds_no_output_back(
+    engine: ExecutionEngine, raised: type[BaseException]
+) -> None:
+    """Raised once: later events still come to it, and 30 MB of another command's output flows."""
+    handler = Lines(raised)
+    engine.with_event_handler(handler)
+    await engine.wait(await engine.execute(shell("echo boom")), timeout=20)
+    big = await engine.execute(shell("yes 0123456789012345678901234567890123456789 | head -c 30000000"))
+    result = await result_of(engine, big, timeout=60)
+    assert result.status == "completed", result.error
+    await engine.wait(await engine.execute(shell("echo after")), timeout=20)
+    await eventually(lambda: "after" in handler.seen, "the handler to get the last command's line")
+    assert handler.seen.count("0123456789012345678901234567890123456789") == 30_000_000 // 41
+
+
+async def test_a_handler_added_from_another_thread_receives_later_events(engine: ExecutionEngine) -> None:
+    """`with_event_handler` called off the engine's loop (a host's worker thread) is not lost."""
+    handler = Lines()
+    await engine.wait(await engine.execute(shell("echo before")), timeout=20)  # the bus is running
+    await asyncio.to_thread(engine.with_event_handler, handler)
+    await engine.wait(await engine.execute(shell("echo one; echo two")), timeout=20)
+    await eventually(lambda: handler.seen == ["one", "two"], "the handler to get both lines")

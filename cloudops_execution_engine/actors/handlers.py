@@ -158,7 +158,13 @@ class _Channel(_Listener):
                     # The handler's own await was cancelled, not this channel:
                     # ending the channel here would strand every later event.
                     self.raises.record(event)
-                except Exception:
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # the host's own exit, which asyncio raises out of the loop
+                except BaseException:
+                    # An `Exception`, or a handler's own kind of giving up (a GeneratorExit,
+                    # a host's abort type): one event's failure. Letting it end this task
+                    # would leave the handler registered and never served again, and its
+                    # queue holding the output credit every worker waits for.
                     self.raises.record(event)
             if weight:
                 bus._delivered(self, weight)
@@ -406,16 +412,28 @@ class EventBus:
         # Handlers waiting for the engine (`handler_waiting`), and how many waits each is in.
         self._handler_waits: dict[_Channel, int] = {}
         self.on_relief: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the engine's, once started
 
     # -- handlers ---------------------------------------------------------
 
     def add_handler(self, handler: Any, on_thread: bool = False) -> None:
-        """Deliver every event to `handler`; with `on_thread`, call it on a thread of its own."""
+        """Deliver every event to `handler`; with `on_thread`, call it on a thread of its own.
+
+        From any thread: off the loop of a started bus, the channel is opened on
+        the next turn of that loop (not waited for here: that loop's thread may be
+        waiting for this one), and the handler gets what is published from then on.
+        """
         _deliverer(handler)  # reject a non-handler now, not at the first event
-        if _loop_running():
-            self._channels.append(_Channel(self, handler, on_thread))
+        loop = self._loop
+        if loop is not None and not _on_loop(loop):
+            loop.call_soon_threadsafe(self._open, handler, on_thread)
+        elif _loop_running():
+            self._open(handler, on_thread)
         else:
             self._waiting.append((handler, on_thread))
+
+    def _open(self, handler: Any, on_thread: bool) -> None:
+        self._channels.append(_Channel(self, handler, on_thread))
 
     def remove_handler(self, handler: Any) -> None:
         """Stop delivering to `handler` (the first one equal to it); what was queued for it is dropped."""
@@ -437,6 +455,7 @@ class EventBus:
 
     def start(self) -> None:
         """Open a channel for each handler added before the loop was known."""
+        self._loop = asyncio.get_running_loop()
         waiting, self._waiting = self._waiting, []
         for handler, on_thread in waiting:
             self._channels.append(_Channel(self, handler, on_thread))
@@ -723,6 +742,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _loop_running() -> bool:
