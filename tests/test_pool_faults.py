@@ -11,6 +11,7 @@ serves afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -307,6 +308,33 @@ async def test_a_cancelled_shutdown_raises_in_its_caller_and_a_second_call_await
     assert all(recorder.types_of(eid)[-1] == "cancelled" for eid in ids)
     with pytest.raises(EngineClosed):
         await engine.list_executions()
+
+
+async def test_a_start_cancelled_as_its_workers_say_hello_is_quiet_and_leaves_nothing(tmp_path: Path) -> None:
+    """`wait_for(start(), t)` times out at every point of a four-worker start: no error, nothing left.
+
+    A worker that said hello before the start was given up held no work: its
+    stop is not a death to report (the report found no pool, and an assertion
+    failed in a task nobody awaited).
+    """
+    before = host_children()
+    errors: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(repr(context)))
+    try:
+        for step in range(20):
+            engine = ExecutionEngine(config(tmp_path, workers=4))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(engine.start(), 0.02 + step * 0.02)
+            await asyncio.wait_for(engine.shutdown(), 30)
+            del engine
+            gc.collect()
+        await until_gone(host_children() - before, 10, "the workers of the cancelled starts")
+        async with ExecutionEngine(config(tmp_path, workers=1)) as served:
+            await serves(served)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
 
 
 # -- the loop closing as a worker dies ------------------------------------------------

@@ -246,6 +246,7 @@ class WorkerPool(ABC, Generic[H]):
         self._on_ready = on_ready
         self._counter = 0
         self._closing = False
+        self._serving = False  # its start has succeeded: a death from now on may cost work
         # Each read takes a thread of its own (`off_loop`): a host reading many logs at once
         # gets them read this many at a time, not a thread apiece.
         self._reads = asyncio.Semaphore(_CONCURRENT_READS)
@@ -287,9 +288,11 @@ class WorkerPool(ABC, Generic[H]):
         except BaseException:
             await self._discard(handles, waits)
             raise
+        self._serving = True
 
     async def _discard(self, handles: list[H], waits: Sequence[asyncio.Future[None]] = ()) -> None:
-        """Undo a start that failed part way: no worker of it is left running."""
+        """Undo a start that failed part way: no worker of it is left running, nor replaced."""
+        self._closing = True
         for wait in waits:
             wait.cancel()
         for handle in handles:
@@ -326,7 +329,9 @@ class WorkerPool(ABC, Generic[H]):
             # It never said hello, so it never held work: whoever started it
             # learns of the failure from `wait_ready` and retries or gives up.
             return
-        self._on_death(dead, why)
+        if self._serving:
+            # Before, during the pool's own start, it held no work: nobody is told.
+            self._on_death(dead, why)
         if not self._closing and not dead.cut_short:
             task = asyncio.get_running_loop().create_task(self._replace(dead))
             self._replacing.add(task)
