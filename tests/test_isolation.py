@@ -578,3 +578,46 @@ async def test_a_host_whose_default_executor_is_busy_still_has_a_whole_engine(tm
         await busy
         await engine.shutdown()
         hosts_own.shutdown()
+
+
+SETTINGS = (
+    "import os, resource as r;"
+    "print([r.getrlimit(getattr(r, n)) for n in sorted(dir(r)) if n.startswith('RLIMIT_')],"
+    " os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0)))"
+)
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="a CPU set of one CPU cannot be told from all of them")
+@pytest.mark.parametrize("how", ["soft", "hard"])
+async def test_a_command_that_changes_its_workers_limits_nice_and_cpus_leaves_later_commands_as_before(
+    tmp_path: Path, how: str
+) -> None:
+    """prlimit, renice and taskset on `$PPID` and the spawner: later commands start as earlier ones did.
+
+    What the worker may undo (soft limits, nice, CPU set) it undoes in place;
+    a lowered hard limit it may not raise again (without CAP_SYS_RESOURCE,
+    which even root may lack in a container) makes it retire for a new worker.
+    """
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        worker = engine._supervisor._pool.workers[0].pid  # type: ignore[union-attr]
+        before = await result_of(engine, await engine.execute(run(PYTHON, "-c", SETTINGS)), timeout=20)
+        taint = await result_of(
+            engine, await engine.execute(run(PYTHON, str(HELPERS / "taint_parent.py"), how)), timeout=20
+        )
+        assert taint.status == "completed", taint.stderr
+        assert len(taint.stdout.split()) == 2, "expected the worker and its spawner to be changed"
+        after = await result_of(engine, await engine.execute(run(PYTHON, "-c", SETTINGS)), timeout=20)
+        assert (after.status, after.stdout) == ("completed", before.stdout), after.error
+        # The worker's own fd and file size limits are back too: its logs open, and are written whole.
+        big = await result_of(
+            engine, await engine.execute(shell("head -c 300000 /dev/zero | tr '\\0' x")), timeout=20
+        )
+        assert big.status == "completed", big.error
+        assert big.log_path.stat().st_size > 300_000
+        results = [
+            await result_of(engine, await engine.execute(run("echo", str(i))), timeout=20) for i in range(20)
+        ]
+        assert [r.status for r in results] == ["completed"] * 20, [r.error for r in results]
+        if how == "soft":
+            now = [w.pid for w in engine._supervisor._pool.workers]  # type: ignore[union-attr]
+            assert now == [worker], "a worker that could undo every change was replaced"

@@ -52,6 +52,80 @@ struct failure {
  * throughout, and the spawner is single-threaded. */
 static struct failure failed;
 
+/* What a process that starts commands (a worker, its spawner) was set to when
+ * it began: resource limits, nice value and CPU set. A command may change them
+ * in it (`prlimit`, `renice` or `taskset` on its parent), and every command
+ * started after would inherit the change; so each start puts them back first
+ * (`restore_own`). Best effort: what cannot be put back (a hard limit lowered,
+ * in a process without the privilege to raise it) stays as it is. */
+struct own_settings {
+    int recorded;
+    struct rlimit limits[RLIM_NLIMITS];
+    int have_nice;
+    int nice;
+    int have_affinity;
+    cpu_set_t affinity;
+};
+
+static struct own_settings own;
+
+static void __attribute__((unused))
+record_own(void)
+{
+    for (int r = 0; r < RLIM_NLIMITS; r++) {
+        if (getrlimit(r, &own.limits[r]) != 0) {
+            own.limits[r].rlim_cur = own.limits[r].rlim_max = RLIM_INFINITY;
+        }
+    }
+    errno = 0;
+    own.nice = getpriority(PRIO_PROCESS, 0);
+    own.have_nice = errno == 0;
+    own.have_affinity = sched_getaffinity(0, sizeof own.affinity, &own.affinity) == 0;
+    own.recorded = 1;
+}
+
+/* Put back what `record_own` saw; returns how many settings could not be. */
+static int __attribute__((unused))
+restore_own(void)
+{
+    if (!own.recorded) {
+        return 0;
+    }
+    int stuck = 0;
+    for (int r = 0; r < RLIM_NLIMITS; r++) {
+        struct rlimit now;
+        if (getrlimit(r, &now) != 0 ||
+            (now.rlim_cur == own.limits[r].rlim_cur && now.rlim_max == own.limits[r].rlim_max)) {
+            continue;
+        }
+        if (setrlimit(r, &own.limits[r]) == 0) {
+            continue;
+        }
+        stuck++;
+        if (now.rlim_max < own.limits[r].rlim_max) {
+            /* Its hard limit was lowered: the soft one at least goes back as far as it can. */
+            struct rlimit most = {own.limits[r].rlim_cur < now.rlim_max ? own.limits[r].rlim_cur : now.rlim_max,
+                                  now.rlim_max};
+            setrlimit(r, &most);
+        }
+    }
+    if (own.have_nice) {
+        errno = 0;
+        int now = getpriority(PRIO_PROCESS, 0);
+        if (errno == 0 && now != own.nice && setpriority(PRIO_PROCESS, 0, own.nice) != 0) {
+            stuck++;
+        }
+    }
+    if (own.have_affinity) {
+        cpu_set_t now;
+        if (sched_getaffinity(0, sizeof now, &now) == 0 && !CPU_EQUAL(&now, &own.affinity) &&
+            sched_setaffinity(0, sizeof own.affinity, &own.affinity) != 0) {
+            stuck++;
+        }
+    }
+    return stuck;
+}
+
 static void __attribute__((noinline, noreturn, unused))
 child(const char *path, char *const argv[], char *const envp[], const char *cwd, int out_fd, int err_fd,
       const int *defaults, long n_defaults, const struct limit *limits, long n_limits,

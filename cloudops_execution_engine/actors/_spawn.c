@@ -201,7 +201,26 @@ spawn(PyObject *module, PyObject *args)
     return PyLong_FromLong((long)pid);
 }
 
+static PyObject *
+py_record_own(PyObject *module, PyObject *unused)
+{
+    record_own();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_restore_own(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromLong(restore_own());
+}
+
 static PyMethodDef methods[] = {
+    {"record_own", py_record_own, METH_NOARGS,
+     "record_own() -> None\n\n"
+     "Remember this process's resource limits, nice value and CPU set (of the calling thread)."},
+    {"restore_own", py_restore_own, METH_NOARGS,
+     "restore_own() -> int\n\n"
+     "Put back what `record_own` remembered, as far as allowed; the number of settings that could not be."},
     {"spawn", spawn, METH_VARARGS,
      "spawn(path, argv, env, cwd, stdout_fd, stderr_fd, default_signals, limits, stdin_fd=-1, nice=0,\n"
      "      affinity=()) -> pid\n\n"

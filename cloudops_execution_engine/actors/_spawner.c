@@ -216,6 +216,7 @@ start_one(const struct header *h, char *body, const int fds[3], struct answer *a
     if (ok) {
         failed.stage = STAGE_NONE;
         failed.error = 0;
+        restore_own();  /* what an earlier command changed in us, its child does not inherit */
         sigset_t all;
         sigfillset(&all);
         sigprocmask(SIG_BLOCK, &all, &s.old_mask);
@@ -242,6 +243,7 @@ main(void)
 #endif
     signal(SIGINT, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
+    record_own();
     for (;;) {
         struct header h;
         int fds[3];

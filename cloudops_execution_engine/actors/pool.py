@@ -117,6 +117,8 @@ class WorkerHandle(ABC):
         self.said_hello = False  # and so may have held work: its death calls for a successor
         # Its death was reported as the loop closed: nothing started now would run (no successor).
         self.cut_short = False
+        # It asked to be replaced (`Retire`): it takes no more work, and is stopped once it holds none.
+        self.retiring = False
         self.pid = 0
         self.last_env: dict[bytes, bytes] | None = None
         self._hello: asyncio.Future[None] = loop.create_future()

@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..logfiles import LogNode, prepare_log_dir
 from ..plans import check_plan
-from ..protocol import Cancel, Finished, Message, Output, Run, Started, frame_limit_for, output_weight
+from ..protocol import Cancel, Finished, Message, Output, Retire, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 from . import after_fork, outcomes, process_tree, resume, retries
@@ -540,6 +540,8 @@ class Supervisor:
             self._on_started(message)
         elif isinstance(message, Finished):
             self._on_finished(worker, message)
+        elif isinstance(message, Retire):
+            self._on_retire(worker, message)
 
     def _on_started(self, message: Started) -> None:
         record = self._running_by_key.get(message.execution_id)
@@ -570,6 +572,8 @@ class Supervisor:
         if record is None:
             return
         worker.held.discard(record.key)
+        if worker.retiring and not worker.held:
+            self._stop_retired(worker)
         self._scheduler.ran()
         if message.log_error is not None:
             suffix, extra = correlate([record.id])
@@ -584,6 +588,24 @@ class Supervisor:
         if record.retry is None or not self._retry_later(record, result, retries.cause_of(result.status)):
             self._finalize(record, result)
         self._scheduler.dispatch()
+
+    def _on_retire(self, worker: WorkerHandle, message: Retire) -> None:
+        """The worker cannot start commands as it should: nothing more goes to it, and once
+        what it holds has ended it is stopped, and replaced as any worker that ended is."""
+        if worker.retiring or self._state is not EngineState.RUNNING:
+            return
+        worker.retiring = True
+        worker.ready = False
+        logger.warning(
+            "worker process %d retires: %s; a new worker takes its place", worker.pid, message.reason
+        )
+        if not worker.held:
+            self._stop_retired(worker)
+
+    def _stop_retired(self, worker: WorkerHandle) -> None:
+        task = asyncio.get_running_loop().create_task(worker.stop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- retries ------------------------------------------------------------
 

@@ -68,6 +68,7 @@ from ..protocol import (
     Ping,
     Pong,
     ProtocolError,
+    Retire,
     Run,
     SetEnv,
     Shutdown,
@@ -79,7 +80,7 @@ from ..protocol import (
 )
 from ..protocol.messages import Finished
 from ..protocol.pipe import READ_SIZE, PipeWriter, read_available
-from . import process_tree
+from . import own_settings, process_tree
 from .execution import (
     CANCEL,
     FINISH,
@@ -312,7 +313,9 @@ class Worker:
         self._pid = os.getpid()
         self._credit = OUTPUT_WINDOW
         self._limits, self.capacity = _raise_fd_limit()
+        own_settings.record()  # as set up, its fd limit raised: what each start puts back
         self._closing = False
+        self._retiring = False
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
         self._hurrying = False
@@ -469,6 +472,9 @@ class Worker:
             return
 
     def _start(self, run: Run, command_env: CommandEnv) -> None:
+        # What an earlier command changed in this worker (its limits, nice value, CPU set)
+        # is put back before this one's log opens and it starts (`own_settings`).
+        self._restore_own()
         marker = _uuid_text(run.execution_id)
         ex = _Execution(run, marker)
         self._executions[ex.id] = ex
@@ -705,6 +711,9 @@ class Worker:
             stderr, stderr_truncated = kept_text(err.kept, err.truncated, ex.max_output)
         else:
             stdout, stdout_truncated, stderr, stderr_truncated = "", False, "", False
+        # Before the end that frees its slot: a worker that must retire says so before the
+        # host would send it the next command.
+        self._restore_own()
         self._send(
             Finished(
                 ex.id,
@@ -726,6 +735,15 @@ class Worker:
             self._sweep(ex)
         if self._closing:
             self._apply_backpressure()
+
+    def _restore_own(self) -> None:
+        """Put back what a command changed in this worker; retire if some of it cannot be."""
+        if own_settings.restore() and not self._retiring:
+            # This worker's commands would start with what a command chose (and its own
+            # log files may not open): it asks to be replaced, and runs on what it holds.
+            self._retiring = True
+            reason = "a command lowered its hard resource limits, which it may not raise again"
+            self._send(Retire(reason).to_wire())
 
     def _release(self, ex: _Execution) -> None:
         self._killing.discard(ex)

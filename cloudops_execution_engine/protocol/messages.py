@@ -7,7 +7,7 @@ decodes as msgpack but does not match a message is a `ProtocolError` rather
 than an `IndexError` or `TypeError` deep in the supervisor.
 
     supervisor -> worker:  SetEnv, Run, Cancel, Shutdown, Ping, Credit
-    worker -> supervisor:  Hello, Started, Output, Finished, Pong
+    worker -> supervisor:  Hello, Started, Output, Finished, Pong, Retire
 
 A message is defined once, by its class: each field's annotation is its wire
 type, either a plain type (`str`, `int`, `float` for an int or a float,
@@ -43,6 +43,7 @@ __all__ = [
     "Output",
     "Ping",
     "Pong",
+    "Retire",
     "Run",
     "SetEnv",
     "Shutdown",
@@ -65,6 +66,7 @@ class Kind(IntEnum):
     OUTPUT = 12
     FINISHED = 13
     PONG = 14
+    RETIRE = 15
 
 
 class Stream(IntEnum):
@@ -326,6 +328,17 @@ class Pong(_Message):
     seq: int
 
 
+@_message(Kind.RETIRE)
+@dataclass(slots=True)
+class Retire(_Message):
+    """The worker can no longer start commands as it should (`reason`): send it nothing more, replace it.
+
+    What it holds runs on to its end; the supervisor then stops it.
+    """
+
+    reason: str
+
+
 @_message(Kind.STARTED)
 @dataclass(slots=True)
 class Started(_Message):
@@ -372,7 +385,9 @@ def output_weight(lines: list[str]) -> int:
     return sum(map(len, lines)) + 64 * len(lines)
 
 
-Message = SetEnv | Run | Cancel | Shutdown | Ping | Credit | Hello | Started | Output | Finished | Pong
+Message = (
+    SetEnv | Run | Cancel | Shutdown | Ping | Credit | Hello | Started | Output | Finished | Pong | Retire
+)
 
 
 def decode_message(frame: Any) -> Message:
