@@ -244,3 +244,11 @@ async def test_limits_apply_to_what_the_command_starts(engine: ExecutionEngine) 
         engine, await engine.execute(shell("sh -c 'ulimit -n'", limits=ResourceLimits(open_files=42))), 20
     )
     assert result.stdout == "42\n"
+
+
+async def test_a_command_that_sends_itself_sigxcpu_under_no_cpu_limit_is_not_said_to_hit_one(
+    engine: ExecutionEngine,
+) -> None:
+    """SIGXCPU from `kill`, no `cpu_seconds` and none inherited: the signal is reported, not a limit."""
+    result = await result_of(engine, await engine.execute(shell("kill -XCPU $$")), 20)
+    assert (result.status, result.error) == (ExecutionStatus.FAILED, "Command failed with exit code -24")

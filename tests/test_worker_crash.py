@@ -158,3 +158,15 @@ async def test_a_dead_workers_clean_up_spares_another_engines_command_of_the_sam
         assert await second.get_status(shared) is ExecutionStatus.RUNNING
         await second.cancel(shared)
         assert (await second.wait(shared, timeout=30)).status is ExecutionStatus.CANCELLED
+
+
+async def test_a_worker_a_command_terminates_is_said_to_be_killed_by_sigterm(tmp_path: Path) -> None:
+    """`kill -TERM $PPID`: the worker kills its trees and ends by that signal, which the failure names."""
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        result = await result_of(engine, await engine.execute(shell("kill -TERM $PPID; sleep 5")), timeout=30)
+        assert result.status == "failed"
+        assert result.error is not None
+        said = "died (killed by signal SIGTERM(-15)) while running this execution"
+        assert said in result.error, result.error
+        again = await result_of(engine, await engine.execute(run("echo", "served")), timeout=30)
+        assert again.stdout == "served\n"

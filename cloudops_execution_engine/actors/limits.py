@@ -18,7 +18,7 @@ import os
 import resource
 import signal
 
-__all__ = ["LIMIT_NAMES", "LimitRefused", "command_settings", "stopped_by"]
+__all__ = ["LIMIT_NAMES", "LimitRefused", "command_settings", "inherited_limits", "stopped_by"]
 
 Limits = tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is RLIM_INFINITY
 
@@ -117,17 +117,31 @@ _BY_SIGNAL: dict[int, tuple[str, str]] = {
 _SHELL_SIGNAL = 128
 
 
-def stopped_by(exit_code: int, limits: dict[str, int], cpu_used: float | None) -> str | None:
+def inherited_limits() -> frozenset[str]:
+    """The limits of `_BY_SIGNAL` that every command of this worker has without asking (the host's)."""
+    signalled = {name for name, _error in _BY_SIGNAL.values()}
+    return frozenset(
+        name
+        for name, (resource_id, _label) in _RLIMITS.items()
+        if name in signalled and resource.getrlimit(resource_id)[0] != resource.RLIM_INFINITY
+    )
+
+
+def stopped_by(
+    exit_code: int, limits: dict[str, int], cpu_used: float | None, inherited: frozenset[str] = frozenset()
+) -> str | None:
     """The error of a command a limit stopped, or None when none did.
 
-    SIGXCPU and SIGXFSZ name their limit; so does the exit code a shell gives
-    for a child they ended, when the request set that limit. A command that
-    handled SIGXCPU is killed at the CPU limit's hard value (SIGKILL): its CPU
-    time tells.
+    SIGXCPU and SIGXFSZ name their limit when one was in effect (the
+    request's, or one the command `inherited`): either signal may also be
+    sent by anyone, the command to itself included, and then no limit is to
+    blame. So does the exit code a shell gives for a child they ended, when
+    the request set that limit. A command that handled SIGXCPU is killed at
+    the CPU limit's hard value (SIGKILL): its CPU time tells.
     """
     named = _BY_SIGNAL.get(-exit_code)
     if named is not None:
-        return named[1]
+        return named[1] if named[0] in limits or named[0] in inherited else None
     named = _BY_SIGNAL.get(exit_code - _SHELL_SIGNAL)
     if named is not None and named[0] in limits:
         return named[1]

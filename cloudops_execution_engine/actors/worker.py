@@ -103,7 +103,7 @@ from .execution import (
     outcome,
 )
 from .killing import Escalation
-from .limits import LimitRefused, command_settings, stopped_by
+from .limits import LimitRefused, command_settings, inherited_limits, stopped_by
 from .output import (
     block_lines,
     keep,
@@ -314,8 +314,11 @@ class Worker:
         self._credit = OUTPUT_WINDOW
         self._limits, self.capacity = _raise_fd_limit()
         own_settings.record()  # as set up, its fd limit raised: what each start puts back
+        self._inherited_limits = inherited_limits()
         self._closing = False
         self._retiring = False
+        # The signal that ended it, which it ends by in turn (`worker_main`), so the host's report names it.
+        self.ended_by: signal.Signals | None = None
         self._serving = False
         self._unsure_since: dict[tuple[int, float], float] = {}
         self._hurrying = False
@@ -341,7 +344,7 @@ class Worker:
         _grow_pipe(self._wfd)
         self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        self.loop.add_signal_handler(signal.SIGTERM, self._abandon)
+        self.loop.add_signal_handler(signal.SIGTERM, self._terminated)
         self.loop.add_reader(self._rfd, self._on_control)
         start_spawner()
         self._send(Hello(self._pid, self.capacity).to_wire())
@@ -425,6 +428,11 @@ class Worker:
             for ex in list(self._executions.values()):
                 self._on(ex, CANCEL)
             self._apply_backpressure()
+
+    def _terminated(self) -> None:
+        """SIGTERM (the host, or a command's `kill $PPID`): end as `_abandon` does, then by that signal."""
+        self.ended_by = signal.SIGTERM
+        self._abandon()
 
     def _abandon(self) -> None:
         """The host is gone (or told us to die): kill every tree now and exit."""
@@ -695,7 +703,7 @@ class Worker:
         status, error, exit_code = outcome(ex.life, ex.success)
         if status == "failed" and ex.life.error is None:
             cpu = ex.rusage[0] + ex.rusage[1] if ex.rusage else None
-            error = stopped_by(exit_code, ex.limits, cpu) or error
+            error = stopped_by(exit_code, ex.limits, cpu, self._inherited_limits) or error
         if error is not None and ex.masker is not None:
             error = ex.masker.mask_text(error)
         self._log(ex, log_footer(ex.started_at, completed_at, status, exit_code, error))
@@ -911,7 +919,14 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     # What is alive now (modules, mostly) lives as long as the worker: leave it
     # out of every collection to come.
     gc.freeze()
-    Worker(read_fd, write_fd).serve()
+    worker = Worker(read_fd, write_fd)
+    worker.serve()
+    if worker.ended_by is not None:
+        # Its trees are killed; now it ends as the signal would have ended it.
+        signal.signal(worker.ended_by, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {worker.ended_by})
+        os.kill(os.getpid(), worker.ended_by)
+        os._exit(128 + worker.ended_by)
     os._exit(0)
 
 
