@@ -135,21 +135,31 @@ class SerialSchedule:
         self._total = total
         self._stop_on_error = strategy.stop_on_error
         self._next = 0
+        self._current = -1  # the command whose turn it is
+        # Commands that ended before their turn (one cancelled on its own while it waited):
+        # their turn is skipped, and their end is no failure of the command whose turn it is.
+        self._skipped: set[int] = set()
 
     def initial(self) -> list[int]:
-        self._next = 1
+        self._current, self._next = 0, 1
         return [0]
 
     def ended(self, index: int, succeeded: bool) -> tuple[list[int], list[int]]:
-        if self._next >= self._total:
+        if index != self._current:
+            self._skipped.add(index)
             return [], []
+        skipped = self._skipped
         if not succeeded and self._stop_on_error:
-            rest = list(range(self._next, self._total))
+            rest = [i for i in range(self._next, self._total) if i not in skipped]
             self._next = self._total
             return [], rest
-        nxt = self._next
+        while self._next in skipped:
+            self._next += 1
+        if self._next >= self._total:
+            return [], []
+        self._current = self._next
         self._next += 1
-        return [nxt], []
+        return [self._current], []
 
 
 class ParallelSchedule:

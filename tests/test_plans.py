@@ -197,6 +197,28 @@ async def test_plan_cancelled_midway(engine: ExecutionEngine, recorder: Recorder
         await engine.cancel(pid)
 
 
+@pytest.mark.parametrize("stop_on_error", [True, False])
+async def test_cancelling_a_later_command_of_a_serial_plan_leaves_those_before_it_to_run(
+    engine: ExecutionEngine, recorder: Recorder, tmp_path: Path, stop_on_error: bool
+) -> None:
+    """Only the command cancelled is: the ones before it in the plan still run, in order."""
+    gate = tmp_path / "gate"
+    busy = shell(f"echo busy; while [ ! -e '{gate}' ]; do sleep 0.01; done")
+    plan = ExecutionPlan(
+        commands=[busy, run("true"), run("true"), run("true")],
+        strategy=SerialStrategy(stop_on_error=stop_on_error),
+    )
+    pid = await engine.execute_plan(plan)
+    await recorder.until(lambda _: "stdout" in recorder.types_of(busy.id))
+    await engine.cancel(plan.commands[3].id)
+    assert await engine.get_status(plan.commands[1].id) is ExecutionStatus.PENDING
+    gate.touch()
+    result = await engine.wait(pid, timeout=30)
+    assert isinstance(result, PlanExecutionResult)
+    assert [r.status for r in result.results] == [C, C, C, X]
+    assert (result.stats.completed, result.stats.cancelled) == (3, 1)
+
+
 async def test_each_command_is_tracked_under_its_own_id(engine: ExecutionEngine) -> None:
     plan = ExecutionPlan(commands=[run("echo", "one"), run("echo", "two")], strategy=SerialStrategy())
     await run_plan(engine, plan)
@@ -340,6 +362,16 @@ def test_serial_schedule_without_stop_on_error_goes_on_after_a_failure() -> None
     assert schedule.ended(0, False) == ([1], [])
     assert schedule.ended(1, True) == ([2], [])
     assert schedule.ended(2, False) == ([], [])
+
+
+def test_serial_schedule_skips_a_command_that_ended_before_its_turn() -> None:
+    """A later command cancelled while it waits is skipped; it fails nothing of the one whose turn it is."""
+    schedule = schedule_for(plan_of(SerialStrategy(), 4))
+    assert schedule.initial() == [0]
+    assert schedule.ended(2, False) == ([], [])
+    assert schedule.ended(0, True) == ([1], [])
+    assert schedule.ended(1, True) == ([3], [])
+    assert schedule.ended(3, True) == ([], [])
 
 
 def test_parallel_schedule_starts_everything_under_its_limit() -> None:
