@@ -333,7 +333,7 @@ async def test_a_second_engine_on_a_journal_in_use_gets_io_error_naming_the_hold
         assert await second.list_executions() == []
 
 
-def holder(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def holder(tmp_path: Path, *mode: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """Another process holding the journal (journal_holder.py), once its command has started."""
     proc = subprocess.Popen(
         [
@@ -341,6 +341,7 @@ def holder(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
             str(HELPERS / "journal_holder.py"),
             str(tmp_path / "journal.sqlite3"),
             str(tmp_path / "logs"),
+            *mode,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -668,12 +669,12 @@ async def test_a_journal_removed_under_the_engine_is_said_to_be_lost(
 
 
 @contextlib.contextmanager
-def a_dead_holder(tmp_path: Path) -> Iterator[tuple[int, dict[str, Any], psutil.Process]]:
+def a_dead_holder(tmp_path: Path, *mode: str) -> Iterator[tuple[int, dict[str, Any], psutil.Process]]:
     """journal_holder.py SIGKILLed while its worker is stopped, so that nothing but recovery ends its tree.
 
     Yields the dead host's pid, what it printed, and its command's main process.
     """
-    proc, started = holder(tmp_path)
+    proc, started = holder(tmp_path, *mode)
     worker: psutil.Process | None = None
     try:
         command = psutil.Process(started["pid"])
@@ -718,6 +719,20 @@ async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_
             assert all(r.status in (F, C) for r in plan.results)
             assert await engine.list_executions(status=ExecutionStatus.RUNNING) == []
             assert await engine.list_executions(status=ExecutionStatus.PENDING) == []
+
+
+async def test_a_resumed_plan_a_dead_host_left_running_is_recovered_as_the_resumption_it_was(
+    tmp_path: Path,
+) -> None:
+    """Failed by recovery, it still says which plan it resumes, with a result for each of its commands."""
+    with a_dead_holder(tmp_path, "resumed") as (_host_pid, started, _command):
+        async with ExecutionEngine(journalled(tmp_path)) as engine:
+            plan = await engine.get_plan_result(started["plan"])
+            assert plan.status is F
+            assert plan.resumed_from == UUID(started["resumed_from"])
+            assert [r.status for r in plan.results] == [C, F]
+            first = await engine.get_plan_result(started["resumed_from"])
+            assert plan.results[0] == first.results[0], "the completed command is the one reused"
 
 
 async def test_recovery_spares_another_engines_command_of_the_same_id(tmp_path: Path) -> None:

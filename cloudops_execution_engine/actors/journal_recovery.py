@@ -154,7 +154,9 @@ def _may_lead(pid: int, started_us: int) -> bool:
 
 def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> None:
     """A plan's result from its commands' (now all final) results."""
-    submitted_us = conn.execute("SELECT submitted_us FROM entries WHERE seq = ?", (seq,)).fetchone()[0]
+    submitted_us, resumed_from = conn.execute(
+        "SELECT submitted_us, resumed_from FROM entries WHERE seq = ?", (seq,)
+    ).fetchone()
     texts = conn.execute(
         "SELECT result FROM entries WHERE plan_id = ? AND kind = 'command' ORDER BY idx", (key,)
     ).fetchall()
@@ -175,6 +177,7 @@ def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> Non
         results=results,
         total_duration=timedelta(microseconds=ended - submitted_us),
         stats=stats,
+        resumed_from=UUID(bytes=resumed_from) if resumed_from is not None else None,
     )
     conn.execute(
         "UPDATE entries SET status = 'failed', ended_us = ?, duration_ns = ?, result = ? WHERE seq = ?",

@@ -75,7 +75,8 @@ ADD, ADD_PLAN, STARTED, ENDED, CLOSED = range(5)
 
 _INSERT = (
     "INSERT INTO entries (seq, id, kind, plan_id, idx, run, status, submitted_us, started_us, ended_us, "
-    "duration_ns, pid, log_path, request, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "duration_ns, pid, log_path, request, result, resumed_from) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_ENDED = (
     "UPDATE entries SET status = ?, started_us = coalesce(?, started_us), ended_us = ?, duration_ns = ?, "
@@ -248,6 +249,7 @@ def apply_batch(
             values["log_path"],
             values["request"],
             result,
+            values.get("resumed_from"),
         )
 
     for op in ops:
@@ -303,6 +305,7 @@ def apply_batch(
                     submitted_us=us_of(plan_run.started_at),
                     log_path=None,
                     request=mask(plan_run.plan.model_dump_json()),
+                    resumed_from=plan_run.resumed_from.bytes if plan_run.resumed_from is not None else None,
                 )
             )
         elif kind == CLOSED:

@@ -14,7 +14,8 @@ serde JSON of the request (a command submitted alone) or of the plan (a plan's
 row; its commands' rows have none, they are in the plan's); `result` is the
 serde JSON of the final result. `runs` has one row per engine that opened the
 journal: the pid recovery names when that engine died with work unfinished,
-and the engine's id, which its commands carry (from version 2).
+and the engine's id, which its commands carry (from version 2). A resumed
+plan's row names the plan it resumes (`resumed_from`, from version 3).
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ _V2 = """
 ALTER TABLE runs ADD COLUMN engine_id TEXT;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+# Which plan a resumed plan resumes (`PlanExecutionResult.resumed_from`): known from the
+# start, so that recovery can say it of a resumed plan its dead host left running.
+_V3 = """
+ALTER TABLE entries ADD COLUMN resumed_from BLOB;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 # SQLite's field for telling one application's files from another's ("CoEE").
 APPLICATION_ID = 0x436F4545

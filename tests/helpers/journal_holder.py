@@ -1,10 +1,11 @@
 """Holds a journal: an engine on it, running a process tree and a plan, until it is killed.
 
-    journal_holder.py JOURNAL LOG_DIR
+    journal_holder.py JOURNAL LOG_DIR [resumed]
 
 Prints "holding <pid>" once the engine has started, then, once the tree's
 main process has started, a JSON line with the execution id, that process's
-pid and the plan's id.
+pid and the plan's id. With `resumed`, the plan is the resumption of one that
+failed (its id is `resumed_from` in the line), whose second command runs on.
 """
 
 from __future__ import annotations
@@ -32,15 +33,30 @@ async def main() -> None:
     request = ExecutionRequest(command=ShellCommand(command="sleep 60 & sleep 60; wait"))
     events = engine.events(request.id)
     await engine.execute(request)
-    plan = ExecutionPlan(
-        commands=[ExecutionRequest(command=ShellCommand(command="sleep 60"))], strategy=SerialStrategy()
-    )
-    await engine.execute_plan(plan)
     async for event in events:
         if event.event_type == "started":
             break
-    pid = engine._supervisor.entry(request.id).pid  # type: ignore[union-attr]
-    print(json.dumps({"id": str(request.id), "pid": pid, "plan": str(plan.id)}), flush=True)
+    started = {"id": str(request.id), "pid": engine._supervisor.entry(request.id).pid}  # type: ignore[union-attr]
+    if sys.argv[3:] == ["resumed"]:
+        # A plan that failed, resumed: its second command fails the first time and runs on the second.
+        mark = Path(sys.argv[2]) / "resumed.mark"
+        again = f"if [ -e '{mark}' ]; then exec sleep 60; else touch '{mark}'; exit 1; fi"
+        first = ExecutionPlan(
+            commands=[
+                ExecutionRequest(command=ShellCommand(command="true")),
+                ExecutionRequest(command=ShellCommand(command=again)),
+            ],
+            strategy=SerialStrategy(),
+        )
+        await engine.wait(await engine.execute_plan(first), timeout=30)
+        started["plan"] = str(await engine.resume_plan(first.id))
+        started["resumed_from"] = str(first.id)
+    else:
+        plan = ExecutionPlan(
+            commands=[ExecutionRequest(command=ShellCommand(command="sleep 60"))], strategy=SerialStrategy()
+        )
+        started["plan"] = str(await engine.execute_plan(plan))
+    print(json.dumps(started), flush=True)
     await asyncio.Event().wait()
 
 
