@@ -111,8 +111,13 @@ class _LiveOutput:
             self._stderr.write(event.line + "\n")
 
 
+# Signals that end a run: its commands are cancelled, and it exits 128 + the signal. SIGHUP (the
+# terminal went away) and SIGQUIT (Ctrl-\) too, which would otherwise end it before its commands.
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class _Interrupts:
-    """SIGINT/SIGTERM on the running loop become a future holding the signal number."""
+    """An ending signal (`_STOPPING`) on the running loop becomes a future holding the signal number."""
 
     def __init__(self) -> None:
         self.signal: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -121,12 +126,12 @@ class _Interrupts:
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _STOPPING:
             loop.add_signal_handler(sig, self._caught, sig)
         try:
             yield self
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOPPING:
                 loop.remove_signal_handler(sig)
 
     def _caught(self, sig: int) -> None:

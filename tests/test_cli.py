@@ -261,6 +261,35 @@ def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int)
         wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
 
 
+@pytest.mark.parametrize(
+    "sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name
+)
+def test_a_signal_to_the_whole_process_group_leaves_no_command_running(tmp_path: Path, sig: int) -> None:
+    """What a terminal sends to its foreground group (a hangup, Ctrl-\\, Ctrl-C) reaches the workers too.
+
+    A worker that died of SIGHUP or SIGQUIT at once left its commands running, in sessions of their own.
+    """
+    proc = subprocess.Popen(
+        [*CLI, "run", "--no-journal", "--", PYTHON, str(HELPERS / "tree.py"), "--ignore-term"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        pids = [int(proc.stdout.readline().split()[1]) for _ in range(3)]
+        os.killpg(proc.pid, sig)
+        assert proc.wait(30) == 128 + sig
+        wait_until(lambda: all(gone(p) for p in pids), 10, "the command tree to be gone")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
 @pytest.mark.parametrize("how", ["run", "run --events ndjson", "plan"])
 def test_a_reader_that_closes_our_stdout_ends_the_run_as_sigpipe_ends_a_pipeline(
     tmp_path: Path, how: str

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import os
 import resource
@@ -344,7 +345,10 @@ class Worker:
         _grow_pipe(self._wfd)
         self._writer = PipeWriter(self.loop, self._wfd, self._supervisor_gone, self._apply_backpressure)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        self.loop.add_signal_handler(signal.SIGTERM, self._terminated)
+        # Ended by a signal whose default would end it at once (a hangup or Ctrl-\ to the terminal's
+        # process group, a `kill $PPID`), it first kills every tree it holds, then ends by the signal.
+        for sig in _ENDING_SIGNALS:
+            self.loop.add_signal_handler(sig, functools.partial(self._terminated, sig))
         self.loop.add_reader(self._rfd, self._on_control)
         start_spawner()
         self._send(Hello(self._pid, self.capacity).to_wire())
@@ -429,9 +433,10 @@ class Worker:
                 self._on(ex, CANCEL)
             self._apply_backpressure()
 
-    def _terminated(self) -> None:
-        """SIGTERM (the host, or a command's `kill $PPID`): end as `_abandon` does, then by that signal."""
-        self.ended_by = signal.SIGTERM
+    def _terminated(self, sig: signal.Signals) -> None:
+        """An ending signal (`_ENDING_SIGNALS`): end as `_abandon` does, then by that signal."""
+        if self.ended_by is None:
+            self.ended_by = sig
         self._abandon()
 
     def _abandon(self) -> None:
@@ -922,13 +927,20 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     worker = Worker(read_fd, write_fd)
     worker.serve()
     if worker.ended_by is not None:
-        # Its trees are killed; now it ends as the signal would have ended it.
+        # Its trees are killed; now it ends as the signal would have ended it (without a core file).
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         signal.signal(worker.ended_by, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {worker.ended_by})
         os.kill(os.getpid(), worker.ended_by)
         os._exit(128 + worker.ended_by)
     os._exit(0)
 
+
+# Signals whose default action ends a process, which reach a worker from outside: SIGHUP and
+# SIGQUIT come with the terminal's process group (a hangup, Ctrl-\). SIGINT is ignored instead
+# (`worker_main`): the supervisor decides what a host's interrupt means.
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 # What Python itself ignores; commands get the default back (`spawning`).
 _PYTHONS_OWN = {getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)}
