@@ -242,6 +242,16 @@ def prepare_log_dir(log_dir: Path) -> None:
     umask of 002 makes directories group-writable), but a directory any user
     may write without the sticky bit is refused: any user could replace a log.
     """
+    try:
+        str(log_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        # A name of bytes that are not UTF-8 (a Latin-1 $TMPDIR): every log path would be one, and a
+        # result's JSON, its journal row and its events could not hold it.
+        shown = os.fsencode(log_dir).decode("utf-8", "backslashreplace")
+        raise IoError(
+            f"log directory {shown} is not valid UTF-8: its log files' paths could not be written in "
+            "results (JSON) or the journal; set log_dir to a path that is"
+        ) from None
     with map_errors({OSError: IoError}, "cannot prepare log directory"):
         try:
             log_dir.mkdir(mode=0o700, parents=True)

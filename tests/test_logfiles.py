@@ -20,7 +20,7 @@ from uuid import uuid4
 import pytest
 from conftest import HELPERS, config, result_of, shell
 
-from cloudops_execution_engine import ExecutionEngine, ExecutionStatus, IoError
+from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionStatus, IoError
 from cloudops_execution_engine.logfiles import open_log, prepare_log_dir, reopen_log, unlink_unless_in_use
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -522,3 +522,12 @@ async def test_a_log_dir_under_the_home_directory_is_there(
     assert result.log_path == tmp_path / "home" / "logs" / f"{result.id}.log"
     assert result.log_path.is_file()
     assert not (tmp_path / "~").exists()
+
+
+async def test_a_log_directory_whose_name_is_not_utf8_is_refused_at_start(tmp_path: Path) -> None:
+    """A Latin-1 name: no result's JSON, journal row or event could hold its logs' paths; said at once."""
+    log_dir = tmp_path / os.fsdecode(b"caf\xe9")
+    engine = ExecutionEngine(ExecutionConfig(log_dir=log_dir, journal=tmp_path / "journal.sqlite3"))
+    with pytest.raises(IoError, match=r"log directory .*caf\\xe9 is not valid UTF-8"):
+        await engine.start()
+    assert os.listdir(tmp_path) == [], "made something though it refused to start"
