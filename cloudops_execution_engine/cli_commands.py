@@ -358,10 +358,19 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
     return exit_code_for(result)
 
 
+# The most of a request or plan file read: a file past it (or an endless one, `/dev/zero`, a pipe
+# that never ends) is refused rather than read into memory for ever.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
 def _load(path: Path) -> Any:
     try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            _fail(f"{path} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB, more than a request or plan")
         # JSON is UTF-8 whatever the locale says, and so are the YAML files one writes.
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except OSError as exc:
         _fail(f"cannot read {path}: {exc.strerror}")
     except UnicodeDecodeError as exc:

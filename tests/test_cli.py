@@ -379,6 +379,17 @@ def test_a_file_that_cannot_be_read_as_a_document_is_a_usage_error(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "plan"])
+@pytest.mark.parametrize("endless", ["/dev/zero", "/dev/urandom"])
+def test_an_endless_file_is_refused_once_past_any_plan_not_read_for_ever(
+    tmp_path: Path, command: str, endless: str
+) -> None:
+    """It used to be read whole: 4 GB of memory in ten seconds, or a MemoryError traceback."""
+    done = cli(command, endless, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"cloudops-exec: {endless} is larger than 64 MiB, more than a request or plan" in done.stderr
+
+
 def test_history_takes_a_limit_beyond_any_count(tmp_path: Path) -> None:
     assert cli("run", "--", "true", tmp_path=tmp_path).returncode == 0
     done = cli("history", "--json", "--limit", str(2**70), tmp_path=tmp_path)
