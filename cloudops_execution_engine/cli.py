@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import gc
 import importlib.util
+import logging
 import os
 import sys
 from typing import Any, NoReturn
@@ -57,6 +58,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         sys.exit(1)
     if args is None:
         guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
+        _say_what_the_engine_logs()
     spare = _wants_local_worker(sys.argv[1:] if args is None else args)
     if spare:
         # Booted on another core while the models below are imported (`spare_worker`).
@@ -89,6 +91,24 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         if args is not None:
             raise  # called from Python, which goes on: not ours to end
         _exit_now(leaving.code)
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # One line a record, without a traceback: a message for the person at the terminal.
+        return f"cloudops-exec: {record.getMessage()}"
+
+
+def _say_what_the_engine_logs() -> None:
+    """The engine's warnings and errors on stderr: a journal it cannot write, a worker that died.
+
+    The library only logs them, to the host's logging; a command line has no
+    other host, and without this a run whose records were lost said nothing.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_OneLine())
+    logging.getLogger("cloudops_execution_engine").addHandler(handler)
 
 
 def _exit_now(status: object) -> NoReturn:

@@ -300,3 +300,13 @@ async def test_history_show_and_logs_read_a_journal_another_engine_holds(tmp_pat
         assert code == 0, err
         assert "committed before" in out
         await engine.cancel(running)
+
+
+def test_a_journal_removed_while_a_run_records_into_it_is_said_on_stderr(tmp_path: Path) -> None:
+    """The engine logs it; the command line shows what the engine logs, one line each, no traceback."""
+    journal = tmp_path / "removed.sqlite3"
+    remove = f"rm -f '{journal}' '{journal}-wal' '{journal}-shm'; sleep 1.5"
+    done = cli("run", "--journal", str(journal), "--shell", "--", remove, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"cloudops-exec: journal {journal} was removed while this engine ran" in done.stderr
+    assert "Traceback" not in done.stderr
