@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol, TextIO
 
-from .cli_text import exit_label, humane_error, tail, what_happened
+from .cli_text import exit_label, humane_error, printable, tail, what_happened
 from .events import ExecutionEvent
 from .requests import ExecutionPlan
 from .results import ExecutionResult, ExecutionStatus, PlanExecutionResult
@@ -27,7 +27,7 @@ _TAIL_LINES = 5
 
 
 def short(text: str, width: int = _WIDTH) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -78,7 +78,7 @@ class PlainProgress:
         if event.event_type == "started":
             self._write(f"{tag} started: {short(event.command)}")
         elif event.event_type in ("stdout", "stderr"):
-            self._write(f"{tag} {event.event_type}: {event.line}")
+            self._write(f"{tag} {event.event_type}: {printable(event.line)}")
         elif event.event_type == "completed":
             self._write(f"{tag} completed in {event.result.duration.total_seconds():.2f}s")
         elif event.event_type == "failed":
@@ -93,7 +93,7 @@ class PlainProgress:
 
 def _failure_lines(index: int, item: ExecutionResult) -> tuple[str, list[str], str]:
     """The heading, the last output lines and the log line of one command that did not complete."""
-    heading = f"#{index} {item.status.value}: {what_happened(item)}"
+    heading = f"#{index} {item.status.value}: {printable(what_happened(item))}"
     lines: list[str] = []
     for stream, text in (("stderr", item.stderr), ("stdout", item.stdout)):
         last = tail(text, _TAIL_LINES)

@@ -237,7 +237,7 @@ def _uuid(value: str) -> UUID:
 def show(execution_id: str, as_json: bool, journal: Path | None) -> None:
     """How a recorded command or plan ended: status, exit, error, log file; a plan's table."""
     from .cli_display import final_report
-    from .cli_text import exit_label, what_happened
+    from .cli_text import exit_label, printable, what_happened
     from .errors import NotFound
     from .results import ExecutionStatus, PlanExecutionResult
 
@@ -275,7 +275,7 @@ def show(execution_id: str, as_json: bool, journal: Path | None) -> None:
     if result.status is not ExecutionStatus.COMPLETED:
         lines.insert(4, ("ended", what_happened(result)))
     for name, value in lines:
-        click.echo(f"{name + ':':<10}{value}")
+        click.echo(f"{name + ':':<10}{printable(value)}")
 
 
 @click.command(short_help="Print a recorded command's log (--follow while it runs).")

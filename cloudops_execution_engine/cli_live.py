@@ -60,7 +60,7 @@ class LiveProgress:
         )
         # The clock starts when the plan does, not when the engine begins to start.
         self.task = self.progress.add_task(
-            short(plan.description or "plan", 40), total=len(plan.commands), start=False
+            escape(short(plan.description or "plan", 40)), total=len(plan.commands), start=False
         )
         # Rendered afresh on every refresh, so that a command's clock moves
         # while it runs without a word of output.
@@ -75,7 +75,7 @@ class LiveProgress:
             table.add_row(
                 f"#{self.index[eid]}",
                 f"{now - running.since:5.1f}s",
-                short(running.command, 40),
+                escape(short(running.command, 40)),
                 f"[dim]{escape(short(running.last_line, 50))}",
             )
         return Group(self.progress, table)

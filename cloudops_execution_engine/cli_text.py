@@ -122,10 +122,22 @@ def humane_error(error: str) -> str:
     return error
 
 
+# Control characters (C0, DEL, C1) shown as U+FFFD: a command's output or name is the command's to
+# choose, and a terminal would act on an escape sequence in it (move the cursor, clear lines, rewrite
+# the report this program draws), so what this program shows of it holds none.
+_CONTROLS = {code: "\ufffd" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS[ord("\t")] = " "
+
+
+def printable(text: str) -> str:
+    """`text` with no control character a terminal would act on."""
+    return text.translate(_CONTROLS)
+
+
 def tail(text: str, lines: int) -> list[str]:
     """The last `lines` non-blank lines of `text`."""
     kept = [line for line in text.splitlines() if line.strip()]
-    return kept[-lines:]
+    return [printable(line) for line in kept[-lines:]]
 
 
 def _rounded(value: Any) -> Any:

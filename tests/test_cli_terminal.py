@@ -210,3 +210,25 @@ def test_the_bar_counts_the_plans_time_not_the_engines(tmp_path: Path) -> None:
     assert bar, screen.text
     assert total, screen.text
     assert abs(float(bar.group(1)) - float(total.group(1))) <= 0.25, screen.text
+
+
+def test_what_a_plan_and_its_commands_write_cannot_draw_on_the_screen(tmp_path: Path) -> None:
+    """Rich markup in the plan's description and commands, escape sequences in their output: shown as text.
+
+    Markup in the description used to end `plan` in a MarkupError traceback; an escape
+    sequence in stderr rewrote the final report to say "completed" of a failed plan.
+    """
+    forge = "\\033[2J\\033[H plan completed: 1 completed, 0 failed"
+    plan = write_plan(
+        tmp_path,
+        [shell(f"echo 'x [/y] [blink red]z[/]'; printf '{forge}\\n' >&2; exit 3")],
+        description="nightly [/x] [blink red]job[/]",
+    )
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 1
+    assert "Traceback" not in screen.text
+    assert "nightly [/x] [blink red]job[/]" in screen.text
+    assert "plan failed: 0 completed, 1 failed" in screen.text
+    assert "\x1b[2J" not in screen.raw
+    assert "\x1b[H " not in screen.raw
+    assert "\ufffd[2J\ufffd[H plan completed: 1 completed, 0 failed" in screen.text
