@@ -544,27 +544,32 @@ async def test_an_empty_file_is_created_as_a_journal_in_wal_mode_at_the_current_
     assert journal.stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.parametrize("made", ["by the engine", "by the host, 0640"])
+@pytest.mark.parametrize("made", ["by the engine", "by the engine, named by a symlink", "by the host, 0640"])
 async def test_a_journals_wal_and_shm_are_as_private_as_the_journal(tmp_path: Path, made: str) -> None:
     """SQLite makes the -wal and -shm files with the database file's mode at that moment.
 
     A journal the engine made is owner-only from its first byte, and so are they,
-    whatever the umask and the directory's mode. A journal the host made keeps
-    the mode the host gave it (a group that reads history, say), and they follow it.
+    whatever the umask and the directory's mode (named by a symlink that leads
+    to nothing yet, it is made where the link leads). A journal the host made
+    keeps the mode the host gave it (a group that reads history, say), and they follow it.
     """
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o755)
     journal = shared / "journal.sqlite3"
+    named = journal
+    if made == "by the engine, named by a symlink":
+        named = shared / "link.sqlite3"
+        named.symlink_to(journal)
     expected = 0o600
-    if made != "by the engine":
+    if made == "by the host, 0640":
         async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
             await engine.wait(await engine.execute(shell("true")), timeout=20)
         journal.chmod(0o640)
         expected = 0o640
     umask = os.umask(0o022)
     try:
-        async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+        async with ExecutionEngine(config(tmp_path, journal=named)) as engine:
             await engine.wait(await engine.execute(shell("echo recorded")), timeout=20)
             files = [journal, shared / "journal.sqlite3-wal", shared / "journal.sqlite3-shm"]
             modes = {path.name: oct(path.stat().st_mode & 0o777) for path in files}

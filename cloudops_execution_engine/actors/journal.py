@@ -104,10 +104,17 @@ def _make_owner_only(path: Path) -> None:
     engine ran. A file that exists (the host's, an earlier engine's) keeps its
     mode, which they then follow.
     """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        return
+        if not os.path.islink(path) or os.path.exists(path):
+            return
+        # A symlink to nothing yet: SQLite makes the file where it leads, and so, first, do we.
+        try:
+            fd = os.open(os.path.realpath(path), flags, 0o600)
+        except FileExistsError:
+            return
     try:
         os.fchmod(fd, 0o600)  # the umask took nothing from what is ours to set
     finally:
