@@ -23,10 +23,11 @@ import gc
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
-from .cli_output import CannotWrite, guard_stdout, say_cannot_write
+from .cli_output import CannotWrite, guard_stdout, reader_left, say_cannot_write
 
 __all__ = ["main"]
 
@@ -90,7 +91,12 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
     except SystemExit as leaving:
         if args is not None:
             raise  # called from Python, which goes on: not ours to end
-        _exit_now(leaving.code)
+        code = leaving.code
+        if code == 1 and reader_left():
+            # click ends a write to a reader that left with 1; a pipeline's writer ends as SIGPIPE
+            # ends it, quietly, as `run` and coreutils do.
+            code = 128 + signal.SIGPIPE
+        _exit_now(code)
 
 
 class _OneLine(logging.Formatter):

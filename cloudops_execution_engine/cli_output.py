@@ -19,7 +19,7 @@ import io
 import os
 import sys
 
-__all__ = ["CannotWrite", "discard_stdout", "guard_stdout", "say_cannot_write"]
+__all__ = ["CannotWrite", "discard_stdout", "guard_stdout", "reader_left", "say_cannot_write"]
 
 
 class CannotWrite(OSError):
@@ -33,6 +33,7 @@ class _Stdout(io.RawIOBase):
         super().__init__()
         self._failing = closed_at_start
         self._discarding = False
+        self.reader_left = False
 
     def writable(self) -> bool:
         return True
@@ -52,6 +53,7 @@ class _Stdout(io.RawIOBase):
         try:
             return os.write(1, view)
         except BrokenPipeError:
+            self.reader_left = True
             raise  # a reader that left: ended as SIGPIPE ends a pipeline, elsewhere
         except OSError as exc:
             raise CannotWrite(exc.errno, exc.strerror) from None
@@ -62,6 +64,11 @@ class _Stdout(io.RawIOBase):
 
 _said = False
 _raw: _Stdout | None = None
+
+
+def reader_left() -> bool:
+    """Whether a write to stdout found its reader gone (`cloudops-exec history | head -1`)."""
+    return _raw is not None and _raw.reader_left
 
 
 def guard_stdout() -> None:

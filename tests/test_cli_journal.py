@@ -310,3 +310,29 @@ def test_a_journal_removed_while_a_run_records_into_it_is_said_on_stderr(tmp_pat
     assert done.returncode == 0, done.stderr
     assert f"cloudops-exec: journal {journal} was removed while this engine ran" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_history_and_logs_into_a_reader_that_leaves_end_as_sigpipe_ends_a_pipeline(tmp_path: Path) -> None:
+    """`cloudops-exec logs ID | head -1`: 141, quietly, as `run` and coreutils end; click's way was 1."""
+    assert cli("run", "--", "seq", "300000", tmp_path=tmp_path).returncode == 0
+    listed = cli("history", "--json", tmp_path=tmp_path)
+    execution = json.loads(listed.stdout.splitlines()[0])["id"]
+    reader = subprocess.Popen(
+        [PYTHON, "-m", "cloudops_execution_engine", "logs", execution],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=environment(tmp_path),
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline()
+        reader.stdout.close()
+        assert reader.wait(30) == 128 + signal.SIGPIPE
+        assert reader.stderr is not None
+        assert reader.stderr.read() == b""
+    finally:
+        reader.kill()
+        reader.wait(10)
+        if reader.stderr:
+            reader.stderr.close()
