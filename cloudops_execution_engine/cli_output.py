@@ -83,7 +83,12 @@ def guard_stdout() -> None:
             os.close(devnull)
     _raw = _Stdout(closed)
     encoding = getattr(current, "encoding", None) or "utf-8"
+    # What this program writes as text (reports, tables) in a locale that cannot say a character of
+    # it (an ellipsis in ASCII) shows it as "?" rather than end in a traceback; a command's output
+    # goes as UTF-8 bytes, past the encoding (`cli_commands._Output`).
     errors = getattr(current, "errors", None) or "strict"
+    if errors == "strict":
+        errors = "replace"
     line_buffering = bool(getattr(current, "line_buffering", False))
     sys.stdout = io.TextIOWrapper(
         io.BufferedWriter(_raw), encoding=encoding, errors=errors, line_buffering=line_buffering

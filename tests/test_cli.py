@@ -491,3 +491,31 @@ def test_an_empty_log_dir_option_is_the_working_directory_left_as_it_is(tmp_path
     assert len(logs) == 1
     assert f"cloudops-exec: log: {logs[0]}\n" in done.stderr
     assert stat.S_IMODE(here.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("command", ["plan", "history"])
+def test_reports_in_a_locale_that_cannot_say_every_character_are_written_not_a_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    """An ASCII stdout and a report with an ellipsis (a shortened command): the report is written whole."""
+    plan = tmp_path / "long.json"
+    words = "echo " + "word " * 30
+    step = {"command": {"type": "shell", "command": words}}
+    plan.write_text(json.dumps({"commands": [step], "strategy": {"type": "serial"}}))
+    assert cli("plan", str(plan), tmp_path=tmp_path).returncode == 0
+    done = subprocess.run(
+        [*CLI, command, *([str(plan)] if command == "plan" else [])],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=60,
+        env={
+            **os.environ,
+            "TMPDIR": str(tmp_path),
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+            "PYTHONIOENCODING": "ascii",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert b"completed" in done.stdout
+    assert b"word word" in done.stdout
