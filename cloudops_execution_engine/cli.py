@@ -60,6 +60,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
     if args is None:
         guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
         _say_what_the_engine_logs()
+        _forget_impossible_sizes()
     spare = _wants_local_worker(sys.argv[1:] if args is None else args)
     if spare:
         # Booted on another core while the models below are imported (`spare_worker`).
@@ -97,6 +98,18 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             # ends it, quietly, as `run` and coreutils do.
             code = 128 + signal.SIGPIPE
         _exit_now(code)
+
+
+def _forget_impossible_sizes() -> None:
+    """Drop a `COLUMNS` or `LINES` that no terminal has (0, -3, junk), which Rich would take as given.
+
+    `COLUMNS=0` made every report and table zero columns wide: `plan` and `history` printed nothing.
+    The terminal's own size is asked instead.
+    """
+    for name in ("COLUMNS", "LINES"):
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) > 0):
+            del os.environ[name]
 
 
 class _OneLine(logging.Formatter):

@@ -232,3 +232,13 @@ def test_what_a_plan_and_its_commands_write_cannot_draw_on_the_screen(tmp_path: 
     assert "\x1b[2J" not in screen.raw
     assert "\x1b[H " not in screen.raw
     assert "\ufffd[2J\ufffd[H plan completed: 1 completed, 0 failed" in screen.text
+
+
+@pytest.mark.parametrize("columns", ["0", "-3", "wide"])
+def test_a_columns_no_terminal_has_is_not_taken_as_the_width(tmp_path: Path, columns: str) -> None:
+    """`COLUMNS=0` made every report zero columns wide: the plan's table and summary were not shown."""
+    plan = write_plan(tmp_path, [shell("echo fine")])
+    screen = on_terminal(["plan", str(plan)], tmp_path, COLUMNS=columns)
+    assert screen.code == 0
+    assert "plan completed: 1 completed" in screen.text
+    assert "echo fine" in screen.text
