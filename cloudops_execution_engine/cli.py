@@ -61,13 +61,14 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
         _say_what_the_engine_logs()
         _forget_impossible_sizes()
+        signal.signal(signal.SIGINT, _interrupted_before_any_run)
     spare = _wants_local_worker(sys.argv[1:] if args is None else args)
-    if spare:
-        # Booted on another core while the models below are imported (`spare_worker`).
-        from .actors import spare_worker
-
-        spare_worker.start()
     try:
+        if spare:
+            # Booted on another core while the models below are imported (`spare_worker`).
+            from .actors import spare_worker
+
+            spare_worker.start()
         try:
             # The models' import makes a great many objects that live as long as the
             # process: collections during it find nothing to free, and later ones
@@ -84,7 +85,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             sys.exit(1)
         except KeyboardInterrupt:
             # Ctrl-C before the commands took over SIGINT (while importing): nothing
-            # has run, and the spare worker, born ignoring SIGINT, goes below.
+            # has run, and the spare worker, born blocking SIGINT, goes below.
             sys.exit(130)
         finally:
             if spare:
@@ -98,6 +99,16 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             # ends it, quietly, as `run` and coreutils do.
             code = 128 + signal.SIGPIPE
         _exit_now(code)
+
+
+def _interrupted_before_any_run(_sig: int, _frame: object) -> None:
+    """Ctrl-C before a run takes SIGINT over (while the program imports, parses, starts).
+
+    Nothing has started that must be stopped: the program ends, 130, as it would
+    a moment later. As a KeyboardInterrupt it ended in click's "Aborted!" and 1,
+    or a traceback.
+    """
+    raise SystemExit(128 + signal.SIGINT)
 
 
 def _forget_impossible_sizes() -> None:

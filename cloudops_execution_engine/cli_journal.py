@@ -101,18 +101,21 @@ def journal_for(journal: Path | None, no_journal: bool) -> Path | None:
 
 @contextlib.contextmanager
 def _workers_born_ignoring_sigint() -> Iterator[None]:
-    """SIGINT ignored while the engine starts its workers.
+    """SIGINT blocked while the engine starts its workers.
 
     Ctrl-C reaches the terminal's whole process group: a worker still
     importing would die of it with a traceback before it gets to ignore it
-    itself. An ignored signal stays ignored across exec, so workers are born
-    ignoring it; the host hears Ctrl-C again once they are up.
+    itself. A blocked signal stays blocked across fork and exec, so workers
+    are born blocking it, and ignore it before they unblock it (`worker_main`),
+    which discards one that came meanwhile. Blocked, not ignored, here: a
+    Ctrl-C during the start waits, and cancels the run once the start is
+    done, where an ignored one was lost and the command ran to its end.
     """
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 async def started_engine(config: ExecutionConfig, handlers: list[EventHandler]) -> ExecutionEngine:

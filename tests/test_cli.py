@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -519,3 +520,36 @@ def test_reports_in_a_locale_that_cannot_say_every_character_are_written_not_a_t
     assert b"Traceback" not in done.stderr
     assert b"completed" in done.stdout
     assert b"word word" in done.stdout
+
+
+def test_ctrl_c_at_any_moment_of_the_start_ends_the_run_with_130(tmp_path: Path) -> None:
+    """SIGINT at moments spread over start-up (imports, parsing, the engine's start, the command's).
+
+    A Ctrl-C while the engine started its workers was ignored, and the command ran to its end,
+    exit 0; one before the run took SIGINT over was click's "Aborted!", exit 1. One that comes
+    while the interpreter itself starts, before the program's first line, is Python's: it dies
+    of SIGINT (-2), which a shell reports as 130 too.
+    """
+    codes = []
+    for step in range(12):
+        proc = subprocess.Popen(
+            [*CLI, "run", "--", "sleep", "30"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")},
+        )
+        try:
+            time.sleep(step * 0.05)  # the moment of this Ctrl-C, not a wait for anything
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(20)
+            codes.append(130 if code == -signal.SIGINT else code)
+            assert proc.stderr is not None
+            said = proc.stderr.read()
+            assert code == -signal.SIGINT or b"Traceback" not in said, said
+        finally:
+            proc.kill()
+            proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+    assert codes == [130] * 12

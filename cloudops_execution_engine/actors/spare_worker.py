@@ -8,7 +8,7 @@ process takes it as its first worker (`local_pool.start_worker_process`).
 
 The spare belongs to the process that started it: a forked child never takes
 its parent's, and `discard` ends one that no pool took, so that it never
-outlives the command that wanted it. Workers are born ignoring SIGINT, for the
+outlives the command that wanted it. Workers are born blocking SIGINT, for the
 reason `cli_journal` gives, and hear only their host.
 """
 
@@ -37,18 +37,16 @@ def start(name: str = "cloudops-execution-worker-spare") -> int | None:
     global _spare, _owner
     if _spare is not None and _owner == os.getpid():
         return _spare[0].pid
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: the worker sets SIGINT aside itself, a moment later
-        previous = None
+    # Blocked, not ignored, while it is launched: the worker is born blocking SIGINT and ignores it
+    # before it unblocks it (`worker_main`), and a Ctrl-C meanwhile reaches this process afterwards.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         _spare = launch_worker(name, worker_main)
         _owner = os.getpid()
     except Exception:
         return None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return _spare[0].pid
 
 

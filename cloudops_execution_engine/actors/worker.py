@@ -914,10 +914,12 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
         os.closerange(3, low)
         os.closerange(low + 1, high)
         os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
-    _clean_signals()
     # Ctrl-C in a terminal goes to the whole foreground group; the supervisor
-    # decides what a host's interrupt means for running commands.
+    # decides what a host's interrupt means for running commands. Set before the
+    # signals are unblocked: one that came while the worker was born blocking it
+    # is pending, and ignoring it discards it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _clean_signals()
     _quiet_stdio()
     _close_on_exec_all()
     process_tree.become_subreaper()
@@ -955,8 +957,8 @@ def _clean_signals() -> None:
     """
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP) or sig in _PYTHONS_OWN:
-            continue
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT) or sig in _PYTHONS_OWN:
+            continue  # SIGINT the worker ignores itself (`worker_main`)
         with contextlib.suppress(OSError, ValueError):
             if signal.getsignal(sig) is signal.SIG_IGN:
                 signal.signal(sig, signal.SIG_DFL)
