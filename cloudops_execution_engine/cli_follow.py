@@ -196,6 +196,14 @@ class _EndWatch:
                 self._conn.close()
 
 
+def engine_holds(journal: Path) -> bool | None:
+    """Whether an engine holds `journal` (its lock file is `flock`ed); None when that cannot be told."""
+    lock = _lock_file(journal)
+    if not lock.exists():
+        return False
+    return _held(lock)
+
+
 def _lock_file(journal: Path) -> Path:
     from .actors.journal_lock import lock_path_for
 

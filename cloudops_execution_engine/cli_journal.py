@@ -338,11 +338,43 @@ def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _
             return await use(view)
 
     try:
+        if not _left_unfinished(path):
+            # Read without taking the journal: an engine opened here would hold it while it
+            # read, and a `run` started meanwhile would go unrecorded ("in use").
+            return asyncio.run(beside_its_owner())
         try:
-            return asyncio.run(main())
+            return asyncio.run(main())  # which recovers what a dead owner left
         except IoError as exc:
             if "in use" not in exc.reason:
                 raise
         return asyncio.run(beside_its_owner())
     except ExecutionError as exc:
         _fail(str(exc))
+
+
+def _left_unfinished(path: Path) -> bool:
+    """Whether the journal may hold what a dead owner left running, for an engine to recover.
+
+    True when no engine holds it and a row is `pending` or `running`, and
+    when whether one holds it cannot be told.
+    """
+    import sqlite3
+
+    from .cli_follow import engine_holds
+
+    held = engine_holds(path)
+    if held:
+        return False
+    if held is None:
+        return True
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return True  # an engine says what is wrong with it
+    try:
+        query = "SELECT 1 FROM entries WHERE status IN ('pending', 'running') LIMIT 1"
+        return conn.execute(query).fetchone() is not None
+    except sqlite3.Error:
+        return True
+    finally:
+        conn.close()

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -336,3 +337,23 @@ def test_history_and_logs_into_a_reader_that_leaves_end_as_sigpipe_ends_a_pipeli
         reader.wait(10)
         if reader.stderr:
             reader.stderr.close()
+
+
+def test_history_show_and_logs_read_the_journal_without_taking_it(tmp_path: Path) -> None:
+    """They opened an engine on it, which held it while they read: a `run` started then was not recorded.
+
+    Read beside it instead, they leave no trace: no engine's run in the journal, whose lock stays free.
+    """
+    assert cli("run", "--", "echo", "recorded", tmp_path=tmp_path).returncode == 0
+    journal = tmp_path / "state" / "cloudops-execution-engine" / "journal.sqlite3"
+
+    def runs() -> int:
+        with contextlib.closing(sqlite3.connect(journal)) as conn:
+            return int(conn.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+    before = runs()
+    execution = json.loads(cli("history", "--json", tmp_path=tmp_path).stdout.splitlines()[0])["id"]
+    for words in (["history"], ["show", execution], ["logs", execution]):
+        done = cli(*words, tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert runs() == before, "a reader opened an engine on the journal"
