@@ -726,18 +726,24 @@ async def test_recovery_kills_what_a_dead_host_left_running_and_fails_it_naming_
             assert await engine.list_executions(status=ExecutionStatus.PENDING) == []
 
 
+@pytest.mark.parametrize("mode", ["resumed", "resumed twice"])
 async def test_a_resumed_plan_a_dead_host_left_running_is_recovered_as_the_resumption_it_was(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
-    """Failed by recovery, it still says which plan it resumes, with a result for each of its commands."""
-    with a_dead_holder(tmp_path, "resumed") as (_host_pid, started, _command):
+    """Failed by recovery, it still says which plan it resumes, with a result for each of its commands.
+
+    Resumed twice, both resumptions reuse the one command that completed: each has its result.
+    """
+    with a_dead_holder(tmp_path, mode) as (_host_pid, started, _command):
         async with ExecutionEngine(journalled(tmp_path)) as engine:
-            plan = await engine.get_plan_result(started["plan"])
-            assert plan.status is F
-            assert plan.resumed_from == UUID(started["resumed_from"])
-            assert [r.status for r in plan.results] == [C, F]
             first = await engine.get_plan_result(started["resumed_from"])
-            assert plan.results[0] == first.results[0], "the completed command is the one reused"
+            for key in [started["plan"], *([started["again"]] if "again" in started else [])]:
+                plan = await engine.get_plan_result(key)
+                assert plan.status is F
+                assert plan.resumed_from == UUID(started["resumed_from"])
+                assert [r.status for r in plan.results] == [C, F]
+                assert (plan.stats.total, plan.stats.completed, plan.stats.failed) == (2, 1, 1)
+                assert plan.results[0] == first.results[0], "the completed command is the one reused"
 
 
 async def test_recovery_spares_another_engines_command_of_the_same_id(tmp_path: Path) -> None:

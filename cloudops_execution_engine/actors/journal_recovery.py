@@ -25,6 +25,7 @@ import psutil
 from pydantic import TypeAdapter
 
 from .._model import Duration, UtcDateTime, construct_unchecked
+from ..requests import ExecutionPlan
 from ..results import ExecutionResult, ExecutionStats, ExecutionStatus, PlanExecutionResult
 from . import process_tree
 from .journal_rows import datetime_from_us, now_us
@@ -152,15 +153,41 @@ def _may_lead(pid: int, started_us: int) -> bool:
     return abs(created - started_us / 1e6) < _START_TOLERANCE_S
 
 
+# Ids looked up at a time: well under SQLite's bound on a statement's parameters.
+_IDS_AT_ONCE = 500
+
+
+def _command_results(conn: sqlite3.Connection, key: bytes, plan_json: str | None) -> list[str | None]:
+    """The result JSON of each of the plan's commands, in its order.
+
+    Found by the ids in the plan's own JSON: a command a resumed plan reuses
+    is linked to the newest plan that reused it, so a plan resumed twice
+    would find, by link, only the commands that are its alone.
+    """
+    try:
+        ids = [request.id.bytes for request in ExecutionPlan.model_validate_json(plan_json or "").commands]
+    except ValueError:  # not the plan's JSON: the commands linked to it, as written
+        rows = conn.execute(
+            "SELECT result FROM entries WHERE plan_id = ? AND kind = 'command' ORDER BY idx", (key,)
+        ).fetchall()
+        return [text for (text,) in rows]
+    found: dict[bytes, str | None] = {}
+    for start in range(0, len(ids), _IDS_AT_ONCE):
+        chunk = ids[start : start + _IDS_AT_ONCE]
+        # Only "?" marks are put into the statement; the ids go as its parameters.
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT id, result FROM entries WHERE id IN ({marks})"
+        found.update(conn.execute(query, chunk).fetchall())
+    return [found[command] for command in ids if command in found]
+
+
 def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> None:
     """A plan's result from its commands' (now all final) results."""
-    submitted_us, resumed_from = conn.execute(
-        "SELECT submitted_us, resumed_from FROM entries WHERE seq = ?", (seq,)
+    submitted_us, resumed_from, plan_json = conn.execute(
+        "SELECT submitted_us, resumed_from, request FROM entries WHERE seq = ?", (seq,)
     ).fetchone()
-    texts = conn.execute(
-        "SELECT result FROM entries WHERE plan_id = ? AND kind = 'command' ORDER BY idx", (key,)
-    ).fetchall()
-    results = [ExecutionResult.model_validate_json(text) for (text,) in texts if text is not None]
+    texts = _command_results(conn, key, plan_json)
+    results = [ExecutionResult.model_validate_json(text) for text in texts if text is not None]
     stats = ExecutionStats(total=len(results))
     for result in results:
         if result.status is ExecutionStatus.COMPLETED:

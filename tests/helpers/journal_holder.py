@@ -1,11 +1,12 @@
 """Holds a journal: an engine on it, running a process tree and a plan, until it is killed.
 
-    journal_holder.py JOURNAL LOG_DIR [resumed]
+    journal_holder.py JOURNAL LOG_DIR [resumed | "resumed twice"]
 
 Prints "holding <pid>" once the engine has started, then, once the tree's
 main process has started, a JSON line with the execution id, that process's
 pid and the plan's id. With `resumed`, the plan is the resumption of one that
-failed (its id is `resumed_from` in the line), whose second command runs on.
+failed (its id is `resumed_from` in the line), whose second command runs on;
+with `resumed twice`, that plan is resumed a second time too (`again`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ async def main() -> None:
         if event.event_type == "started":
             break
     started = {"id": str(request.id), "pid": engine._supervisor.entry(request.id).pid}  # type: ignore[union-attr]
-    if sys.argv[3:] == ["resumed"]:
+    if sys.argv[3:] in (["resumed"], ["resumed twice"]):
         # A plan that failed, resumed: its second command fails the first time and runs on the second.
         mark = Path(sys.argv[2]) / "resumed.mark"
         again = f"if [ -e '{mark}' ]; then exec sleep 60; else touch '{mark}'; exit 1; fi"
@@ -51,6 +52,9 @@ async def main() -> None:
         await engine.wait(await engine.execute_plan(first), timeout=30)
         started["plan"] = str(await engine.resume_plan(first.id))
         started["resumed_from"] = str(first.id)
+        if sys.argv[3] == "resumed twice":
+            # Resumed again while the first resumption runs: both reuse the command that completed.
+            started["again"] = str(await engine.resume_plan(first.id))
     else:
         plan = ExecutionPlan(
             commands=[ExecutionRequest(command=ShellCommand(command="sleep 60"))], strategy=SerialStrategy()
