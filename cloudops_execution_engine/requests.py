@@ -110,13 +110,18 @@ def _secret_values(requests: list[ExecutionRequest]) -> list[str]:
     return [value for request in requests for value in request.secret_env.values()]
 
 
+def _repr_forms(secret: str) -> tuple[str, ...]:
+    """`secret` as written, and as repr() writes it inside a string: which quote repr() escapes
+    depends on the whole string, so both ways (a backslash, a control character escaped too)."""
+    return secret, repr(secret)[1:-1], repr("'\"" + secret)[4:-1]
+
+
 def _masked(written: str, secrets: list[str], *, as_repr: bool = False) -> str:
     """`written` (JSON, or with `as_repr` a repr) with `secrets` masked; as it was when there are none."""
     if not secrets:
         return written
     if as_repr:
-        # As written, and as repr() escapes a string (a quote, a backslash, a control character).
-        masker = masker_for(tuple({form for secret in secrets for form in (secret, repr(secret)[1:-1])}))
+        masker = masker_for(tuple({form for secret in secrets for form in _repr_forms(secret)}))
         return masker.mask_text(written) if masker is not None else written
     mask = json_masker(secrets)
     return mask(written) if mask is not None else written
@@ -172,6 +177,9 @@ class ExecutionRequest(Model):
     # request) is masked there too, in the text and in the JSON written of it.
     def __repr__(self) -> str:
         return _masked(super().__repr__(), _secret_values([self]), as_repr=True)
+
+    def __str__(self) -> str:  # print() and f-strings: pydantic's own, which repr() does not go through
+        return _masked(super().__str__(), _secret_values([self]), as_repr=True)
 
     def model_dump_json(self, **kwargs: Any) -> str:
         return _masked(super().model_dump_json(**kwargs), _secret_values([self]))
@@ -328,6 +336,9 @@ class ExecutionPlan(Model):
 
     def __repr__(self) -> str:
         return _masked(super().__repr__(), _secret_values(self.commands), as_repr=True)
+
+    def __str__(self) -> str:
+        return _masked(super().__str__(), _secret_values(self.commands), as_repr=True)
 
     def model_dump_json(self, **kwargs: Any) -> str:
         return _masked(super().model_dump_json(**kwargs), _secret_values(self.commands))

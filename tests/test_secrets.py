@@ -386,3 +386,34 @@ def test_no_secret_reaches_events_results_or_logs(tmp_path: Path) -> None:
             assert text.count("***") == len(parts)
 
         check()
+
+
+QUOTED = "pa'ssw0rd-XYZ"
+
+
+def test_a_request_printed_or_formatted_masks_what_repr_masks() -> None:
+    """`str()` (print, f-strings) and `repr()` alike, a secret quoted by either of repr's ways."""
+    request = ExecutionRequest(
+        command=ShellCommand(command=f'echo "hi" "{QUOTED}"; echo hunter2SECRETvalue'),
+        secret_env={"A": QUOTED, "B": "hunter2SECRETvalue"},
+    )
+    plan = ExecutionPlan(commands=[request], strategy=SerialStrategy())
+    for text in (str(request), f"{request}", repr(request), str(plan), repr(plan)):
+        assert "hunter2SECRETvalue" not in text
+        assert "pa'ssw0rd" not in text
+        assert "pa\\'ssw0rd" not in text
+        assert "***" in text
+
+
+async def test_a_secret_with_a_quote_in_an_argument_is_masked_in_the_command_line_shown(
+    tmp_path: Path,
+) -> None:
+    """The command line shown (the started event, the log's header) quotes it for a shell: masked too."""
+    recorder = Recorder()
+    async with ExecutionEngine(config(tmp_path)).with_event_handler(recorder) as engine:
+        request = run("true", QUOTED, secret_env={"TOKEN": QUOTED})
+        result = await result_of(engine, await engine.execute(request), timeout=20)
+    started = next(e for e in recorder.of(request.id) if e.event_type == "started")
+    for text in (started.command, result.log_path.read_text()):
+        assert "ssw0rd" not in text, text
+        assert "***" in text

@@ -130,7 +130,12 @@ def masker_for(secrets: tuple[str, ...]) -> Masker | None:
     text of that very refusal) is left out: masking `*` with `***` never ends.
     """
     usable = tuple(secret for secret in secrets if len(secret) >= MIN_SECRET)
-    return Masker(usable) if usable else None
+    if not usable:
+        return None
+    # A command line is shown quoted for a shell (`shlex.join`): a quote in a secret typed into
+    # an argument is written there as '"'"', and that form is masked too.
+    quoted = tuple(secret.replace("'", "'\"'\"'") for secret in usable if "'" in secret)
+    return Masker(usable + quoted)
 
 
 def json_masker(secrets: Iterable[str]) -> Callable[[str], str] | None:
