@@ -23,9 +23,11 @@ Until taken over, these early buffers are bounded (see `events`).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import logging
+import multiprocessing.util  # noqa: F401  # its exit handler first (see `_shut_down_at_exit`)
 import os
 import threading
 import warnings
@@ -93,6 +95,7 @@ class SyncExecutionEngine:
         # started its workers and their commands, for as long as the host lives.
         self._let_go = weakref.finalize(self, _let_go, self._engine, self._loop, self._pid)
         self._let_go.atexit = False
+        _open.add(self)
 
     def _call(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run `coro` on the loop and wait for it; an interrupted wait cancels it."""
@@ -396,6 +399,30 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_forever()
     # Stopped for good: by shutdown(), or by `_let_go` where nobody is left to close it.
     loop.close()
+
+
+# Engines of this process, shut down at its exit if their host did not (`_shut_down_at_exit`).
+_open: weakref.WeakSet[SyncExecutionEngine] = weakref.WeakSet()
+
+
+def _shut_down_at_exit() -> None:
+    """The interpreter ends with engines still open (a script that never called `shutdown()`).
+
+    multiprocessing's own exit handler, which runs after this one, terminates
+    every worker process: under an engine whose loop thread still runs, which
+    then started replacements that the exit cut off mid-spawn (an `EOFError`
+    traceback on stderr), and raced it for the processes it joins. So each
+    open engine is shut down first, as its host would have.
+    """
+    for engine in list(_open):
+        if engine._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+
+
+# Registered after multiprocessing's exit handler, which importing its `util` registers: exit
+# handlers run last first.
+atexit.register(_shut_down_at_exit)
 
 
 def _let_go(engine: ExecutionEngine, loop: asyncio.AbstractEventLoop, pid: int) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import gc
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +16,16 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import assert_raises_logged_sparingly, config, host_children, run, shell, wait_until
+from conftest import (
+    PYTHON,
+    assert_raises_logged_sparingly,
+    config,
+    gone,
+    host_children,
+    run,
+    shell,
+    wait_until,
+)
 
 from cloudops_execution_engine import (
     EngineClosed,
@@ -518,3 +528,30 @@ def test_a_sync_engine_never_started_and_let_go_leaves_no_thread(tmp_path: Path)
         10,
         "the engine's loop thread to end",
     )
+
+
+def test_a_script_that_never_shuts_its_engine_down_exits_quietly_and_leaves_nothing(tmp_path: Path) -> None:
+    """No `shutdown()`, a command still running at exit: the engine is shut down before the interpreter ends.
+
+    multiprocessing's exit handler terminated the workers under the engine's running loop thread,
+    which started replacements the exit cut off mid-spawn: an `EOFError` traceback, every time.
+    """
+    script = (
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionRequest, ShellCommand, "
+        "SyncExecutionEngine\n"
+        f"engine = SyncExecutionEngine(ExecutionConfig(log_dir={str(tmp_path / 'logs')!r}))\n"
+        "print(engine.wait(engine.execute(ExecutionRequest(command=ShellCommand(command='echo hi'))), "
+        "timeout=20).status.value)\n"
+        "request = ExecutionRequest(command=ShellCommand(command='echo $$; exec sleep 30'))\n"
+        "engine.execute(request)\n"
+        "for event in engine.events(request.id):\n"
+        "    if event.event_type == 'stdout':\n"
+        "        print(event.line, flush=True)\n"
+        "        break\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    status, pid = done.stdout.split()
+    assert status == "completed"
+    wait_until(lambda: gone(int(pid)), 10, "the running command to be gone")
