@@ -61,7 +61,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
         _say_what_the_engine_logs()
         _forget_impossible_sizes()
-        signal.signal(signal.SIGINT, _interrupted_before_any_run)
+        signal.signal(signal.SIGINT, _interrupt.caught)
     spare = _wants_local_worker(sys.argv[1:] if args is None else args)
     try:
         if spare:
@@ -79,6 +79,8 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
             finally:
                 gc.freeze()
                 gc.enable()
+            if _interrupt.imported():
+                sys.exit(128 + signal.SIGINT)
             commands.main(args=args, prog_name=prog_name or "cloudops-exec", **extra)
         except CannotWrite as exc:
             say_cannot_write(exc)
@@ -94,21 +96,42 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         if args is not None:
             raise  # called from Python, which goes on: not ours to end
         code = leaving.code
-        if code == 1 and reader_left():
+        if code == 1 and _interrupt.seen:
+            code = 128 + signal.SIGINT  # click's "Aborted!" for a Ctrl-C before the run took SIGINT over
+        elif code == 1 and reader_left():
             # click ends a write to a reader that left with 1; a pipeline's writer ends as SIGPIPE
             # ends it, quietly, as `run` and coreutils do.
             code = 128 + signal.SIGPIPE
         _exit_now(code)
 
 
-def _interrupted_before_any_run(_sig: int, _frame: object) -> None:
-    """Ctrl-C before a run takes SIGINT over (while the program imports, parses, starts).
+class _EarlyInterrupt:
+    """Ctrl-C before a run takes SIGINT over: while the program imports, parses, starts.
 
-    Nothing has started that must be stopped: the program ends, 130, as it would
-    a moment later. As a KeyboardInterrupt it ended in click's "Aborted!" and 1,
-    or a traceback.
+    Nothing has started that must be stopped, and the program ends with 130.
+    While the models are imported it is only noted, and the program ends
+    once they are: an exception raised into a class being made comes out as
+    a `RuntimeError` from pydantic, a traceback. After that it is the
+    `KeyboardInterrupt` it always was, which click ends as "Aborted!" and 1,
+    said as 130 instead.
     """
-    raise SystemExit(128 + signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._importing = True
+
+    def caught(self, _sig: int, _frame: object) -> None:
+        self.seen = True
+        if not self._importing:
+            raise KeyboardInterrupt
+
+    def imported(self) -> bool:
+        """The models are imported: from now on a Ctrl-C interrupts. Whether one came meanwhile."""
+        self._importing = False
+        return self.seen
+
+
+_interrupt = _EarlyInterrupt()
 
 
 def _forget_impossible_sizes() -> None:
