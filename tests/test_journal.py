@@ -347,8 +347,15 @@ def holder(tmp_path: Path, *mode: str) -> tuple[subprocess.Popen[str], dict[str,
         text=True,
     )
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == f"holding {proc.pid}"
-    return proc, json.loads(proc.stdout.readline())
+    try:
+        assert proc.stdout.readline().strip() == f"holding {proc.pid}"
+        return proc, json.loads(proc.stdout.readline())
+    except BaseException:
+        # A holder that never says what it holds (the test timing out meanwhile) is not left holding it.
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        raise
 
 
 async def test_another_process_holding_the_journal_is_named_and_its_sigkill_frees_it(tmp_path: Path) -> None:
