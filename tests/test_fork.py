@@ -23,17 +23,18 @@ from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, SyncExec
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_leaks")]
 
 
-def fork_host(tmp_path: Path, mode: str) -> dict[str, Any]:
+def helper_report(script: str, *args: str) -> tuple[dict[str, Any], str]:
+    """Run a helper host; the JSON line it reports, and what it wrote on stderr."""
     done = subprocess.run(
-        [PYTHON, str(HELPERS / "fork_host.py"), str(tmp_path), mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [PYTHON, str(HELPERS / script), *args], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
-    return report
+    return report, done.stderr
+
+
+def fork_host(tmp_path: Path, mode: str) -> dict[str, Any]:
+    return helper_report("fork_host.py", str(tmp_path), mode)[0]
 
 
 def assert_parent_untouched(report: dict[str, Any]) -> None:
@@ -147,16 +148,8 @@ def test_a_child_forked_on_the_engines_loop_that_ends_through_asyncio_run_leaves
     worker's pipe read there was a worker "death", and the clean-up after it
     killed the parent's commands.
     """
-    done = subprocess.run(
-        [PYTHON, str(HELPERS / "fork_on_loop.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report, said = helper_report("fork_on_loop.py", str(tmp_path))
     assert report["child_exit"] == 0
-    assert report["results"] == [["completed", None, 60]] * 3, done.stderr
+    assert report["results"] == [["completed", None, 60]] * 3, said
     assert report["workers_after"] == report["workers_before"], "the parent's workers were replaced"
-    assert "died" not in done.stderr, done.stderr
+    assert "died" not in said, said

@@ -458,7 +458,7 @@ class EventBus:
         self._loop = asyncio.get_running_loop()
         waiting, self._waiting = self._waiting, []
         for handler, on_thread in waiting:
-            self._channels.append(_Channel(self, handler, on_thread))
+            self._open(handler, on_thread)
 
     @property
     def active(self) -> bool:
