@@ -360,7 +360,7 @@ def holder(tmp_path: Path, *mode: str) -> tuple[subprocess.Popen[str], dict[str,
 
 async def test_another_process_holding_the_journal_is_named_and_its_sigkill_frees_it(tmp_path: Path) -> None:
     """A holder in another process is named by pid; SIGKILLed, it leaves no stuck lock."""
-    proc, _started = holder(tmp_path)
+    proc, started = holder(tmp_path)
     try:
         with pytest.raises(IoError, match=rf"in use by another engine \(pid {proc.pid}\)"):
             await ExecutionEngine(journalled(tmp_path)).start()
@@ -372,10 +372,11 @@ async def test_another_process_holding_the_journal_is_named_and_its_sigkill_free
         assert proc.stdout is not None
         proc.stdout.close()
     async with ExecutionEngine(journalled(tmp_path)) as engine:
-        summaries = await engine.list_executions()
-        assert summaries
-        assert all(s.status is F for s in summaries)
-        result = await engine.get_result(summaries[0].id)
+        statuses = {s.id: s.status for s in await engine.list_executions()}
+        assert statuses.pop(UUID(started["id"])) is F
+        assert statuses.pop(UUID(started["plan"])) is F
+        assert list(statuses.values()) == [F, C], "the plan's command failed; what had ended is as it was"
+        result = await engine.get_result(UUID(started["id"]))
         assert result.error is not None
         assert result.error.startswith("Interrupted:")
         assert f"pid {proc.pid}" in result.error
@@ -850,6 +851,52 @@ async def test_resume_plan_reuses_what_completed_and_runs_the_rest_with_new_ids(
         assert sorted(listed) == sorted(r.id for r in new.results)
         assert "resumed_from" not in json.loads(old.model_dump_json())
         assert json.loads(new.model_dump_json())["resumed_from"] == str(plan.id)
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "memory"])
+async def test_a_command_reused_by_a_resumed_plan_is_listed_under_both_plans(
+    tmp_path: Path, journal: bool
+) -> None:
+    """list_executions(plan_id=) lists every command of that plan, each summary naming that plan."""
+    (tmp_path / "a.ok").touch()
+    plan = plan_of(flaky(tmp_path, "a"), flaky(tmp_path, "b"))
+    settings = journalled(tmp_path) if journal else config(tmp_path)
+
+    async def listed(engine: ExecutionEngine, plan_id: UUID, **filters: Any) -> list[tuple[UUID, Any]]:
+        return [(s.id, s.plan_id) for s in await engine.list_executions(plan_id=plan_id, **filters)]
+
+    async with ExecutionEngine(settings) as engine:
+        await engine.execute_plan(plan)
+        old = await engine.wait(plan.id, timeout=20)
+        assert isinstance(old, PlanExecutionResult)
+        (tmp_path / "b.ok").touch()
+        new_id = await engine.resume_plan(plan.id)
+        new = await engine.wait(new_id, timeout=20)
+        assert isinstance(new, PlanExecutionResult)
+        a, b_old, b_new = old.results[0].id, old.results[1].id, new.results[1].id
+        assert new.results[0].id == a
+        seen = (
+            await listed(engine, plan.id),
+            await listed(engine, new_id),
+            await listed(engine, plan.id, status=C),
+            await listed(engine, new_id, limit=1),
+        )
+        assert seen == (
+            [(a, plan.id), (b_old, plan.id)],
+            [(a, new_id), (b_new, new_id)],
+            [(a, plan.id)],
+            [(b_new, new_id)],
+        )
+        everything = [s.id for s in await engine.list_executions()]
+        assert everything.count(a) == 1
+    if journal:
+        async with ExecutionEngine(settings) as again:
+            assert (
+                await listed(again, plan.id),
+                await listed(again, new_id),
+                await listed(again, plan.id, status=C),
+                await listed(again, new_id, limit=1),
+            ) == seen
 
 
 async def test_secrets_never_reach_the_journal_and_a_plan_needing_them_is_not_resumed_blind(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import socket
 import sqlite3
@@ -69,6 +70,8 @@ _WRITER_JOIN_TIMEOUT = 30.0
 # without waiting longer, and written later (`journal_writer`).
 WRITER_BUSY_TIMEOUT_S = 2.0
 _EXISTS = "SELECT 1 FROM entries WHERE id = ?"
+# Ids looked up per query when listing a plan's commands: under SQLite's bound on parameters.
+_IDS_PER_QUERY = 500
 
 
 def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -438,16 +441,15 @@ class JournalStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[ExecutionSummary]:
-        live = [(seq, entry) for seq, entry in self._live.values() if matches(entry, status, plan_id, since)]
+        if plan_id is not None:
+            return self._plan_summaries(plan_id, status, since, limit)
+        live = [(seq, entry) for seq, entry in self._live.values() if matches(entry, status, None, since)]
         skip = set(self._live)
         where: list[str] = []
         params: list[Any] = []
         if status is not None:
             where.append("status = ?")
             params.append(status.value)
-        if plan_id is not None:
-            where.append("plan_id = ?")
-            params.append(plan_id.bytes)
         if since is not None:
             where.append("submitted_us >= ?")
             params.append(us_of(since))
@@ -469,3 +471,46 @@ class JournalStore:
             item.summary() if isinstance(item, Record | PlanRun) else summary_from_row(item)
             for _, item in chosen
         ]
+
+    def _plan_summaries(
+        self, plan_id: UUID, status: ExecutionStatus | None, since: datetime | None, limit: int | None
+    ) -> list[ExecutionSummary]:
+        """A plan's commands, found by the ids in the plan: a resumed plan's reused ones among them.
+
+        Their rows name one plan (the newest to reuse them); listed under
+        another plan, the summary names that one.
+        """
+        in_memory = self._memory.plan_records(plan_id)
+        if in_memory:
+            ids = [record.key for record in in_memory]
+        else:
+            row = self._row(plan_id, "kind, request")
+            if row is None or row[0] != "plan":
+                return []
+            with self._reading():
+                ids = [UUID(command["id"]).bytes for command in json.loads(row[1])["commands"]]
+        rows: dict[bytes, tuple[Any, ...]] = {}
+        with self._reading() as reader:
+            for start in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[start : start + _IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT {SUMMARY_COLUMNS} FROM entries WHERE id IN ({marks})"
+                rows.update((row[1], tuple(row)) for row in reader.execute(query, chunk))
+        summaries: list[tuple[int, ExecutionSummary]] = []
+        for key in ids:
+            live = self._live.get(key)
+            if live is not None:
+                if not matches(live[1], status, None, since):
+                    continue
+                summary = live[1].summary()  # a command of this plan, running it
+            else:
+                found = rows.get(key)
+                if found is None:
+                    continue  # deleted by retention
+                if status is not None and found[4] != status.value:
+                    continue
+                if since is not None and found[5] < us_of(since):
+                    continue
+                summary = summary_from_row((*found[:3], plan_id.bytes, *found[4:]))
+            summaries.append((0, summary))
+        return [summary for _, summary in select_newest(summaries, limit)]

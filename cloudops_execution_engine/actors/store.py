@@ -90,7 +90,11 @@ class Store(Protocol):
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[ExecutionSummary]:
-        """Summaries of what matches every filter given, oldest submission first; the newest `limit`."""
+        """Summaries of what matches every filter given, oldest submission first; the newest `limit`.
+
+        With `plan_id`: that plan's commands, in the plan's order (a resumed
+        plan's reused commands among them), each summary naming that plan.
+        """
 
 
 class MemoryStore:
@@ -227,11 +231,24 @@ class MemoryStore:
         since: datetime | None = None,
         limit: int | None = None,
     ) -> list[ExecutionSummary]:
-        items: list[Record | PlanRun] = [*self._plans.values(), *self._records.values()]
-        if status is not None or plan_id is not None or since is not None:
-            items = [item for item in items if matches(item, status, plan_id, since)]
-        items.sort(key=_submitted)
+        items: list[Record | PlanRun]
+        if plan_id is not None:
+            items = list(self.plan_records(plan_id))
+        else:
+            items = [*self._plans.values(), *self._records.values()]
+            items.sort(key=_submitted)
+        if status is not None or since is not None:
+            items = [item for item in items if matches(item, status, None, since)]
         return [item.summary() for _, item in select_newest([(0, item) for item in items], limit)]
+
+    def plan_records(self, plan_id: UUID) -> list[Record]:
+        """A plan's commands in its order, as that plan holds them (none when it is no plan kept here).
+
+        A command a resumed plan reuses is a record of each plan: listed under
+        either, it is that plan's command.
+        """
+        run = self._plans.get(plan_id)
+        return run.records if run is not None else []
 
 
 def _submitted(item: Record | PlanRun) -> datetime:

@@ -4,7 +4,7 @@
 
 Prints "holding <pid>" once the engine has started, then, once the tree's
 main process has started, a JSON line with the execution id, that process's
-pid and the plan's id. With `resumed`, the plan is the resumption of one that
+pid and the plan's id, once all of that is in the journal. With `resumed`, the plan is the resumption of one that
 failed (its id is `resumed_from` in the line), whose second command runs on;
 with `resumed twice`, that plan is resumed a second time too (`again`).
 """
@@ -60,6 +60,10 @@ async def main() -> None:
             commands=[ExecutionRequest(command=ShellCommand(command="sleep 60"))], strategy=SerialStrategy()
         )
         started["plan"] = str(await engine.execute_plan(plan))
+    # Records are durable in the order they were made: once this one's end is, the plans' are too.
+    await engine.wait(
+        await engine.execute(ExecutionRequest(command=ShellCommand(command="true"))), timeout=30
+    )
     print(json.dumps(started), flush=True)
     await asyncio.Event().wait()
 
