@@ -116,15 +116,20 @@ def _repr_forms(secret: str) -> tuple[str, ...]:
     return secret, repr(secret)[1:-1], repr("'\"" + secret)[4:-1]
 
 
-def _masked(written: str, secrets: list[str], *, as_repr: bool = False) -> str:
-    """`written` (JSON, or with `as_repr` a repr) with `secrets` masked; as it was when there are none."""
+def _masked(written: str, secrets: list[str], *, as_repr: bool = False, **dumped: Any) -> str:
+    """`written` (JSON dumped with `dumped`'s options, or with `as_repr` a repr) with `secrets` masked.
+
+    As it was when there are none.
+    """
     if not secrets:
         return written
     if as_repr:
         masker = masker_for(tuple({form for secret in secrets for form in _repr_forms(secret)}))
         return masker.mask_text(written) if masker is not None else written
     mask = json_masker(secrets)
-    return mask(written) if mask is not None else written
+    if mask is None:
+        return written
+    return mask(written, dumped.get("indent"), bool(dumped.get("ensure_ascii", False)))
 
 
 class ExecutionRequest(Model):
@@ -182,7 +187,7 @@ class ExecutionRequest(Model):
         return _masked(super().__str__(), _secret_values([self]), as_repr=True)
 
     def model_dump_json(self, **kwargs: Any) -> str:
-        return _masked(super().model_dump_json(**kwargs), _secret_values([self]))
+        return _masked(super().model_dump_json(**kwargs), _secret_values([self]), **kwargs)
 
     def validate(self, config: ExecutionConfig) -> None:  # type: ignore[override]
         """Raise the `ValidationError` that says why this request cannot run under `config`.
@@ -341,4 +346,4 @@ class ExecutionPlan(Model):
         return _masked(super().__str__(), _secret_values(self.commands), as_repr=True)
 
     def model_dump_json(self, **kwargs: Any) -> str:
-        return _masked(super().model_dump_json(**kwargs), _secret_values(self.commands))
+        return _masked(super().model_dump_json(**kwargs), _secret_values(self.commands), **kwargs)

@@ -11,6 +11,7 @@ engine, with real 1 MiB pieces.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,55 @@ async def test_a_secret_env_value_is_masked_wherever_the_request_is_written(tmp_
     conn.close()
     assert rows
     assert not [row for row in rows if SECRET in repr(row)]
+
+
+def _words_of(document: str) -> list[str]:
+    """Pieces of `document` that a secret might happen to equal: its keys, tags, numbers and ids' parts."""
+    return sorted({word for word in re.findall(r"[A-Za-z_]{4,}|[0-9a-f]{4}", document)})
+
+
+async def test_a_secret_that_is_also_a_word_of_the_json_leaves_the_json_whole(tmp_path: Path) -> None:
+    """A secret equal to a key, a tag, a status or four digits of an id is masked in text, not in structure.
+
+    The request's JSON still parses, and a later engine reads back from the
+    journal the very result the first one announced.
+    """
+    journal = tmp_path / "journal.sqlite3"
+    first = ExecutionRequest(command=ExecCommand(program="true"))
+    async with ExecutionEngine(config(tmp_path / "probe", journal=tmp_path / "probe.sqlite3")) as engine:
+        probe = await result_of(engine, await engine.execute(first), 20)
+    words = _words_of(first.model_dump_json() + probe.model_dump_json())
+    assert {"exec", "status", "completed", "stdout"} <= set(words)
+    async with ExecutionEngine(config(tmp_path, journal=journal, secrets=words)) as engine:
+        request = ExecutionRequest(
+            command=ExecCommand(program="echo", args=[words[0]]), secret_env={"T": "completed"}
+        )
+        assert ExecutionRequest.model_validate_json(request.model_dump_json()).id == request.id
+        plan = ExecutionPlan(commands=[request], strategy=SerialStrategy())
+        assert ExecutionPlan.model_validate_json(plan.model_dump_json()).commands[0].id == request.id
+        alone = await engine.execute(first.model_copy(update={"id": uuid4()}))
+        announced = await result_of(engine, alone, 20)
+        said = await engine.execute(request)
+        assert (await result_of(engine, said, 20)).stdout == "***\n"
+    async with ExecutionEngine(config(tmp_path, journal=journal, secrets=words)) as later:
+        assert await later.get_result(alone) == announced
+        assert (await later.get_result(said)).stdout == "***\n"
+        assert [s.status for s in await later.list_executions()] == [ExecutionStatus.COMPLETED] * 2
+
+
+def test_a_secret_is_masked_in_json_written_with_any_of_pydantics_options() -> None:
+    """ensure_ascii writes a non-ASCII secret as escapes, indent spreads the document: masked either way."""
+    secret = "pässwört-ünïcode"
+    request = ExecutionRequest(
+        command=ExecCommand(program="login", args=[secret]), secret_env={"T": secret}, timeout_ms=5000
+    )
+    for options in ({}, {"ensure_ascii": True}, {"indent": 2}, {"indent": 2, "ensure_ascii": True}):
+        written = request.model_dump_json(**options)
+        assert secret not in written, options
+        assert json.dumps(secret)[1:-1] not in written, options
+        back = ExecutionRequest.model_validate_json(written)
+        assert back.command == ExecCommand(program="login", args=["***"]), options
+        assert back.timeout_ms == 5000
 
 
 async def test_a_secret_across_a_piece_of_an_endless_line_is_masked(

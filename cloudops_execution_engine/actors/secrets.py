@@ -20,11 +20,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import PurePath
+from typing import Protocol
 
-__all__ = ["MASK", "MIN_SECRET", "Masker", "check_secret", "json_masker", "mask_error", "masker_for"]
+__all__ = [
+    "MASK",
+    "MIN_SECRET",
+    "JsonMask",
+    "Masker",
+    "check_secret",
+    "json_masker",
+    "mask_error",
+    "masker_for",
+]
 
 MASK = "***"
 MIN_SECRET = 4
@@ -74,6 +84,10 @@ class Masker:
         while count:
             data, count = self._pattern.subn(_MASK_BYTES, data)
         return data
+
+    def finds(self, text: str) -> bool:
+        """Whether `text` holds any secret."""
+        return self._text_pattern.search(text) is not None
 
     def mask_text(self, text: str) -> str:
         """`text` with every secret replaced by `***`; for error texts, command lines and paths."""
@@ -138,15 +152,77 @@ def masker_for(secrets: tuple[str, ...]) -> Masker | None:
     return Masker(usable + quoted)
 
 
-def json_masker(secrets: Iterable[str]) -> Callable[[str], str] | None:
-    """Masks secrets in JSON text: as written, and as JSON escapes them (a quote, a backslash, a control).
+# Keys whose string values the engine makes or checks against a fixed set (ids,
+# the tags of a command's or a strategy's type, statuses, times, its own log
+# files): never a secret, and masking one leaves a document that no longer reads
+# back, as when a secret happens to be `exec`, `completed` or four digits of an id.
+_MADE_BY_THE_ENGINE = frozenset(
+    {
+        "id",
+        "type",
+        "status",
+        "started_at",
+        "completed_at",
+        "plan_id",
+        "resumed_from",
+        "conversation_id",
+        "retry_on",
+        "log_path",
+    }
+)
+# Maps of the host's own text: their keys are masked as well as their values.
+_HOSTS_MAPS = frozenset({"env", "secret_env", "tags"})
 
-    For documents the engine writes whole, such as a journal's rows: a secret
-    typed into a command line is in the request's JSON, escaped as JSON escapes it.
+
+class JsonMask(Protocol):
+    """Masks a JSON document dumped with these options (`json_masker`)."""
+
+    def __call__(self, document: str, indent: int | None = None, ensure_ascii: bool = False) -> str: ...
+
+
+def json_masker(secrets: Iterable[str]) -> JsonMask | None:
+    """Masks secrets in the text of a JSON document the engine writes, leaving its structure whole.
+
+    For documents written whole, such as a journal's rows or a request's JSON:
+    a secret typed into a command line is in the request's JSON, escaped as
+    JSON escapes it. Only the strings the host wrote are masked, never keys
+    or what the engine made (`_MADE_BY_THE_ENGINE`), so that the document still
+    reads back. Most documents hold no secret and are returned as they are.
     """
-    forms = {form for secret in secrets for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1])}
-    masker = masker_for(tuple(sorted(forms)))
-    return masker.mask_text if masker is not None else None
+    usable = tuple(sorted(set(secrets)))
+    masker = masker_for(usable)
+    if masker is None:
+        return None
+    # A secret as written in the document: as it is, and as JSON escapes it (a quote, a control, non-ASCII).
+    forms = {
+        form for s in usable for form in (s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])
+    }
+    seen = masker_for(tuple(sorted(forms)))
+    assert seen is not None
+
+    def mask(document: str, indent: int | None = None, ensure_ascii: bool = False) -> str:
+        if not seen.finds(document):
+            return document
+        masked = _masked_value(json.loads(document), masker, hosts=False)
+        separators = (",", ": ") if indent is not None else (",", ":")
+        return json.dumps(masked, ensure_ascii=ensure_ascii, indent=indent, separators=separators)
+
+    return mask
+
+
+def _masked_value(value: object, masker: Masker, *, hosts: bool) -> object:
+    if isinstance(value, str):
+        return masker.mask_text(value)
+    if isinstance(value, list):
+        return [_masked_value(item, masker, hosts=False) for item in value]
+    if isinstance(value, dict):
+        if hosts:
+            return {masker.mask_text(k): _masked_value(v, masker, hosts=False) for k, v in value.items()}
+        return {
+            k: v if k in _MADE_BY_THE_ENGINE else _masked_value(v, masker, hosts=k in _HOSTS_MAPS)
+            for k, v in value.items()
+        }
+    return value
 
 
 def mask_error(exc: BaseException, secrets: Iterable[str]) -> None:

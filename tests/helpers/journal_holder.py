@@ -3,10 +3,11 @@
     journal_holder.py JOURNAL LOG_DIR [resumed | "resumed twice"]
 
 Prints "holding <pid>" once the engine has started, then, once the tree's
-main process has started, a JSON line with the execution id, that process's
-pid and the plan's id, once all of that is in the journal. With `resumed`, the plan is the resumption of one that
-failed (its id is `resumed_from` in the line), whose second command runs on;
-with `resumed twice`, that plan is resumed a second time too (`again`).
+main process has started and all of it is in the journal, a JSON line with
+the execution id, that process's pid and the plan's id. With `resumed`, the
+plan is the resumption of one that failed (its id is `resumed_from` in the
+line), whose second command runs on; with `resumed twice`, that plan is
+resumed a second time too (`again`).
 """
 
 from __future__ import annotations
