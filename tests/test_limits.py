@@ -8,6 +8,7 @@ the command stopped, its execution `failed`, the error naming the limit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, result_of, run, shell, spawn_and_read
+from conftest import PYTHON, config, result_of, run, shell, spawn_and_read
 
 from cloudops_execution_engine import (
     ExecutionEngine,
@@ -29,6 +30,14 @@ from cloudops_execution_engine.actors.spawning import spawn
 pytestmark = pytest.mark.timeout(30)
 
 SH = shutil.which("sh") or "/bin/sh"
+NR_OPEN = int(Path("/proc/sys/fs/nr_open").read_text())
+RESOURCES = {
+    "memory_bytes": resource.RLIMIT_AS,
+    "cpu_seconds": resource.RLIMIT_CPU,
+    "open_files": resource.RLIMIT_NOFILE,
+    "processes": resource.RLIMIT_NPROC,
+    "file_size_bytes": resource.RLIMIT_FSIZE,
+}
 SETPRIV = shutil.which("setpriv")
 NOBODY = 65534
 
@@ -226,6 +235,18 @@ async def test_a_limit_the_node_cannot_grant_fails_by_name(engine: ExecutionEngi
     assert f"cpu_affinity names CPU(s) [{cpus + 5}]" in result.error
 
 
+def test_a_limit_above_the_workers_hard_one_is_refused_by_name_without_the_capability_to_raise_it() -> None:
+    """Root in a container without CAP_SYS_RESOURCE may not raise a hard limit: the refusal names it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    capable = int(Path("/proc/self/status").read_text().split("CapEff:")[1].split()[0], 16) >> 24 & 1
+    if capable or hard == resource.RLIM_INFINITY:
+        with contextlib.suppress(LimitRefused):  # above the kernel's ceiling is still refused
+            command_settings({"open_files": hard + 1}, [], ())
+        pytest.skip("this process may raise its hard limits")
+    with pytest.raises(LimitRefused, match=rf"open_files={hard + 1} is above the hard limit {hard}"):
+        command_settings({"open_files": hard + 1}, [], ())
+
+
 async def test_limits_out_of_range_are_refused_at_execute(engine: ExecutionEngine) -> None:
     """An empty CPU list, a CPU beyond any mask, or a limit past what setrlimit takes: InvalidCommand."""
     for limits in (
@@ -235,6 +256,28 @@ async def test_limits_out_of_range_are_refused_at_execute(engine: ExecutionEngin
     ):
         with pytest.raises(InvalidCommand, match="limits"):
             await engine.execute(run("true", limits=limits))
+
+
+async def test_the_largest_limits_allowed_run_and_leave_the_worker_to_others(tmp_path: Path) -> None:
+    """Each limit at the largest value validation lets through runs, on the one worker another command shares.
+
+    The CPU limit's hard value is one second more than asked: past what
+    setrlimit takes, it is the largest there is, not a worker's crash.
+    """
+    largest = 2**63 - 1
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        other = await engine.execute(shell("read line; echo $line", stdin="still here\n"))
+        for name in RESOURCES:
+            # Bounded by the worker's own hard limit (raising it takes CAP_SYS_RESOURCE), and
+            # descriptors by the kernel's ceiling.
+            hard = resource.getrlimit(RESOURCES[name])[1]
+            value = largest if hard == resource.RLIM_INFINITY else hard
+            if name == "open_files":
+                value = min(value, NR_OPEN)
+            limited = shell("ulimit -t", limits=ResourceLimits(**{name: value}))
+            result = await result_of(engine, await engine.execute(limited), 20)
+            assert (name, result.status, result.error) == (name, ExecutionStatus.COMPLETED, None)
+        assert (await result_of(engine, other, 20)).stdout == "still here\n"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux limits")

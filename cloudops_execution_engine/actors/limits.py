@@ -14,6 +14,7 @@ errno from inside the child.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -39,25 +40,42 @@ class LimitRefused(ValueError):
     """A limit the kernel would refuse for this worker's commands."""
 
 
-def _is_root() -> bool:
+_CAP_SYS_NICE = 23
+_CAP_SYS_RESOURCE = 24
+
+
+@functools.cache
+def _capable(capability: int) -> bool:
+    """Whether this process may do what `capability` allows: root is not, in a container that drops it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> capability & 1)
+    except (OSError, ValueError, IndexError):
+        pass
     return os.geteuid() == 0
 
 
+# The largest finite limit setrlimit takes (a signed 64-bit value; larger means "unlimited").
+_RLIM_MAX = 2**63 - 1
+
+
 def _rlimit(resource_id: int, name: str, label: str, value: int, extra: int) -> tuple[int, int, int]:
-    _soft, hard = resource.getrlimit(resource_id)
-    wanted = value + extra
-    if hard != resource.RLIM_INFINITY and wanted > hard:
-        if value > hard and not _is_root():
-            raise LimitRefused(
-                f"limits.{name}={value} is above the hard limit {hard} ({label}) this worker runs under; "
-                "only a privileged worker can raise it"
-            )
-        if not _is_root():
-            wanted = value
     if resource_id == resource.RLIMIT_NOFILE:
         ceiling = _nr_open()
         if ceiling and value > ceiling:
             raise LimitRefused(f"limits.{name}={value} is above the kernel's ceiling fs.nr_open={ceiling}")
+        extra = 0
+    _soft, hard = resource.getrlimit(resource_id)
+    # The CPU limit's second of grace is no more than the largest limit there is.
+    wanted = min(value + extra, _RLIM_MAX)
+    if hard != resource.RLIM_INFINITY and wanted > hard and not _capable(_CAP_SYS_RESOURCE):
+        if value > hard:
+            raise LimitRefused(
+                f"limits.{name}={value} is above the hard limit {hard} ({label}) this worker runs under; "
+                "only a worker with CAP_SYS_RESOURCE can raise it"
+            )
         wanted = value
     return (resource_id, value, wanted)
 
@@ -88,7 +106,7 @@ def command_settings(
         resource_id, label = known
         chosen[resource_id] = _rlimit(resource_id, name, label, value, 1 if name == "cpu_seconds" else 0)
     nice = limits.get("nice", 0)
-    if nice < 0 and not _is_root():
+    if nice < 0 and not _capable(_CAP_SYS_NICE):
         target = os.getpriority(os.PRIO_PROCESS, 0) + nice
         allowed = 20 - resource.getrlimit(resource.RLIMIT_NICE)[0]
         if max(target, _NICE_MIN) < allowed:

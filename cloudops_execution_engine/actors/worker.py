@@ -509,7 +509,9 @@ class Worker:
                 stdin_r, stdin_w = os.pipe()
             search = command_env.search_path(run.env)
             pid, out_fd, err_fd = spawn(run.argv, env, run.cwd, search, limits, stdin_r, nice, cpus)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
+            # Whatever stops one command from starting (a refused limit, a value the
+            # spawner cannot carry) is that execution's failure, never this worker's end.
             if stdin_w >= 0:
                 os.close(stdin_w)
             reason = str(SpawnFailed(str(exc))) if isinstance(exc, LimitRefused) else None
