@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol, assert_never
 
-from .errors import InvalidPlan
+from .errors import InvalidCommand, InvalidPlan
 from .requests import (
     DependencyGraphStrategy,
     ExecutionPlan,
     ParallelStrategy,
     SerialStrategy,
+    check_text,
 )
 
 __all__ = [
@@ -40,6 +41,11 @@ def check_plan(plan: ExecutionPlan) -> None:
     total = len(plan.commands)
     if total == 0:
         raise InvalidPlan("the plan has no commands")
+    try:
+        check_text(plan.description, "description")
+        plan.metadata.check_text("metadata")
+    except InvalidCommand as exc:
+        raise InvalidPlan(exc.reason) from None
     seen: dict[object, int] = {plan.id: -1}
     for index, request in enumerate(plan.commands):
         first = seen.setdefault(request.id, index)

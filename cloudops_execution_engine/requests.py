@@ -25,6 +25,7 @@ __all__ = [
     "ResourceLimits",
     "RetryPolicy",
     "SerialStrategy",
+    "check_text",
 ]
 
 RetryCause = Literal["failed", "timeout", "worker_lost"]
@@ -83,6 +84,14 @@ class ExecutionMetadata(Model):
     """A caller's own correlation id."""
     tags: dict[str, str] = Field(default_factory=dict)
     """Free-form labels."""
+
+    def check_text(self, where: str) -> None:
+        """`InvalidCommand` for text here that JSON cannot carry (a lone surrogate): it is written whole."""
+        if self.source is not None:
+            check_text(self.source, f"{where}.source")
+        for key, value in self.tags.items():
+            check_text(key, f"a tag name of {where}")
+            check_text(value, f"{where}.tags[{key!r}]")
 
 
 def _is_none(value: object) -> bool:
@@ -202,7 +211,7 @@ class ExecutionRequest(Model):
 
     def _validate(self, config: ExecutionConfig) -> None:
         if self.working_dir is not None:
-            _check_text(str(self.working_dir), "working_dir")
+            check_text(str(self.working_dir), "working_dir")
             if not self.working_dir.is_dir():
                 raise InvalidWorkingDir(self.working_dir)
         self.command.validate(self.working_dir)
@@ -240,7 +249,8 @@ class ExecutionRequest(Model):
             if not _I32_MIN <= code <= _I32_MAX:
                 raise InvalidCommand(f"success_exit_codes holds {code}, which is not an i32 exit code")
         if isinstance(self.stdin, str):
-            _check_text(self.stdin, "stdin")
+            check_text(self.stdin, "stdin")
+        self.metadata.check_text("metadata")
         if self.limits is not None:
             _check_limits(self.limits)
 
@@ -288,7 +298,8 @@ def _check_limits(limits: ResourceLimits) -> None:
                 raise InvalidCommand(f"limits.cpu_affinity names CPU {cpu}, outside 0..{CPU_SETSIZE - 1}")
 
 
-def _check_text(text: str, what: str) -> None:
+def check_text(text: str, what: str) -> None:
+    """`InvalidCommand` naming `what` when `text` cannot be UTF-8 (a lone surrogate)."""
     if not text.isascii():
         try:
             text.encode()

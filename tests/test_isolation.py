@@ -30,6 +30,7 @@ from cloudops_execution_engine import (
     ExecCommand,
     ExecutionConfig,
     ExecutionEngine,
+    ExecutionMetadata,
     ExecutionPlan,
     ExecutionRequest,
     ExecutionResult,
@@ -209,8 +210,16 @@ def test_a_relative_log_dir_in_a_removed_directory_is_an_io_error_where_the_engi
         ExecutionRequest(command=ExecCommand(program="true"), env={"BAD\udcfe": "x"}),
         ExecutionRequest(command=ExecCommand(program="true"), working_dir=Path("/tmp/\udcff")),
         shell("echo \ud800"),
+        ExecutionRequest(command=ExecCommand(program="true"), metadata=ExecutionMetadata(source="a\udcff")),
+        ExecutionRequest(
+            command=ExecCommand(program="true"), metadata=ExecutionMetadata(tags={"k": "\udcff"})
+        ),
+        ExecutionRequest(
+            command=ExecCommand(program="true"), metadata=ExecutionMetadata(tags={"\udcff": "v"})
+        ),
+        ExecutionRequest(command=ExecCommand(program="true"), secret_env={"TOKEN": "long-\udcff-secret"}),
     ],
-    ids=["argument", "env-value", "env-name", "working-dir", "script"],
+    ids=["argument", "env-value", "env-name", "working-dir", "script", "source", "tag", "tag-name", "secret"],
 )
 async def test_a_lone_surrogate_is_refused_and_nothing_waits_behind_it(
     tmp_path: Path, request_: ExecutionRequest
@@ -223,6 +232,31 @@ async def test_a_lone_surrogate_is_refused_and_nothing_waits_behind_it(
         after = await engine.execute(shell("echo next"))
         assert (await result_of(engine, after, 30)).stdout == "next\n"
         assert (await result_of(engine, running, 30)).status is ExecutionStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"description": "deploy \udcff"},
+        {"metadata": ExecutionMetadata(source="\ud800")},
+        {"metadata": ExecutionMetadata(tags={"stage": "\udcfe"})},
+    ],
+    ids=["description", "source", "tag"],
+)
+async def test_a_plan_with_a_lone_surrogate_is_refused_and_the_journal_records_what_follows(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """Text the journal could not write is refused at execute_plan, never accepted to be lost with others."""
+    journal = tmp_path / "journal.sqlite3"
+    plan = ExecutionPlan(commands=[shell("true")], strategy=SerialStrategy()).model_copy(update=change)
+    async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+        with pytest.raises(InvalidPlan, match="Unicode"):
+            await engine.execute_plan(plan)
+        after = await engine.execute(shell("echo next"))
+        assert (await result_of(engine, after, 30)).stdout == "next\n"
+    async with ExecutionEngine(config(tmp_path, journal=journal)) as later:
+        assert (await later.get_result(after)).stdout == "next\n"
+        assert [s.id for s in await later.list_executions()] == [after]
 
 
 async def test_a_host_environment_that_is_not_utf8_reaches_commands_byte_exact(tmp_path: Path) -> None:

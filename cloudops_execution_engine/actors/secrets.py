@@ -56,16 +56,22 @@ def check_secret(value: str, what: str) -> None:
         raise ValueError(f"{what} is not valid Unicode text: {exc.reason} at {exc.start}") from None
 
 
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
 class Masker:
     """Replaces every occurrence of the given secrets with `***`."""
 
     __slots__ = ("_needles", "_pattern", "_text_pattern", "hold")
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        unique = sorted({s for s in secrets if s}, key=lambda s: (-len(s.encode()), s))
+        # A value with a lone surrogate is refused as a secret, but masked in the text of
+        # that very refusal: as bytes it is one no output can hold.
+        unique = sorted({s for s in secrets if s}, key=lambda s: (-len(_utf8(s)), s))
         if not unique:
             raise ValueError("a Masker needs at least one secret")
-        self._needles = tuple(s.encode() for s in unique)
+        self._needles = tuple(_utf8(s) for s in unique)
         self._pattern = re.compile(b"|".join(re.escape(n) for n in self._needles))
         self._text_pattern = re.compile("|".join(re.escape(s) for s in unique))
         # Bytes of a line held back before a piece is cut, so that an occurrence
