@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -26,6 +27,7 @@ from cloudops_execution_engine import (
     ExecCommand,
     ExecutionConfig,
     ExecutionEngine,
+    ExecutionMetadata,
     ExecutionPlan,
     ExecutionRequest,
     ExecutionResult,
@@ -620,6 +622,41 @@ async def test_a_journal_that_cannot_be_written_for_a_while_announces_ends_and_l
     failures = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(failures) == 1, [r.getMessage() for r in failures]
     assert any("written again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_record_that_cannot_be_made_is_left_out_alone_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A document that can never be written (its JSON cannot be made) costs its own row, not the journal.
+
+    It is not taken for a file that cannot be written for a while: nothing is
+    retried for ever, and what comes before and after it in its batch is written.
+    """
+    dump = ExecutionRequest.model_dump_json
+
+    def unwritable(request: ExecutionRequest, **kwargs: Any) -> str:
+        if request.metadata.source == "unwritable":
+            raise ValueError("this request cannot be written")
+        return dump(request, **kwargs)
+
+    monkeypatch.setattr(ExecutionRequest, "model_dump_json", unwritable)
+    monkeypatch.setattr(journal_writer, "_SPACING", 3600.0)  # one batch for all three, while they run
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        poison = shell("echo poison").model_copy(update={"metadata": ExecutionMetadata(source="unwritable")})
+        ids = [await engine.execute(shell("echo before")), await engine.execute(poison)]
+        ids.append(await engine.execute(shell("echo after")))
+        results = [await engine.wait(eid, timeout=20) for eid in ids]
+        assert [r.status for r in results] == [C, C, C]
+        assert (await engine.get_result(poison.id)).stdout == "poison\n", "still answered from memory"
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        assert (await later.get_result(ids[0])).stdout == "before\n"
+        assert (await later.get_result(ids[2])).stdout == "after\n"
+        with pytest.raises(NotFound):
+            await later.get_result(poison.id)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert str(poison.id) in said[0]
+    assert "this request cannot be written" in said[0]
 
 
 async def test_what_a_journal_never_writable_again_keeps_for_it_is_bounded_and_said(

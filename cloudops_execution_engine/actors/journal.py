@@ -43,6 +43,7 @@ from .journal_rows import (
     SUMMARY_COLUMNS,
     DropOldest,
     apply_batch,
+    describe_op,
     now_us,
     op_added,
     op_closed,
@@ -176,6 +177,7 @@ class JournalStore:
             on_recovered=self._recovered,
             drop=DropOldest(),
             path=self.path,
+            describe=describe_op,
         )
         if not self._known.ready:
             connect = functools.partial(open_connection, self.path, readonly=True)

@@ -25,6 +25,7 @@ __all__ = [
     "DropOldest",
     "apply_batch",
     "datetime_from_us",
+    "describe_op",
     "now_us",
     "op_added",
     "op_closed",
@@ -106,6 +107,21 @@ def op_ended(seq: int, entry: Record | PlanRun) -> tuple[Any, ...]:
 
 def op_closed(run: int) -> tuple[Any, ...]:
     return (CLOSED, run)
+
+
+def describe_op(op: tuple[Any, ...]) -> str:
+    """What an operation is about, for a message: the execution or plan it writes."""
+    kind = op[0]
+    if kind == ADD:
+        return f"execution {op[3].id}"
+    if kind == ADD_PLAN:
+        return f"plan {op[2].id}"
+    if kind == ENDED:
+        entry = op[2]
+        return f"the end of {'execution' if isinstance(entry, Record) else 'plan'} {entry.id}"
+    if kind == STARTED:
+        return f"the start of the execution in row {op[1]}"
+    return f"the close of run {op[1]}"
 
 
 class DropOldest:

@@ -102,8 +102,10 @@ class JournalWriter:
         on_recovered: Callable[[], None],
         drop: Drop,
         path: Path | None = None,
+        describe: Callable[[tuple[Any, ...]], str] = repr,
     ) -> None:
         self._conn = conn
+        self._describe = describe
         # The file the journal is, as opened: removed or replaced under the engine
         # (a clean-up of the state directory), what is written goes nowhere anyone will read.
         self._path = path
@@ -221,12 +223,40 @@ class JournalWriter:
                 self._retry()
             return
         try:
-            self._write(writes)
-        except Exception as exc:
+            self._write_sound(writes)
+        except _Unwritten as exc:
             # The engine goes on without durability rather than leave waiters hanging.
-            self._fail(exc, writes)
+            self._fail(exc.cause, exc.rest)
         if done:
             self._post(done)
+
+    def _write_sound(self, writes: list[tuple[Any, ...]]) -> None:
+        """Write `writes` in one transaction; `_Unwritten` with what is left when the file cannot be written.
+
+        A write whose record can never be made (its document cannot be
+        serialised, a value SQLite refuses) fails its whole batch every time:
+        the batch is then written one write per transaction, and that write
+        alone is left out, and said, rather than kept and tried for ever with
+        everything after it.
+        """
+        try:
+            self._write(writes)
+            return
+        except Exception as exc:
+            if not _about_the_record(exc):
+                raise _Unwritten(exc, writes) from exc
+        for at, write in enumerate(writes):
+            try:
+                self._write([write])
+            except Exception as exc:
+                if not _about_the_record(exc):
+                    raise _Unwritten(exc, writes[at:]) from exc
+                logger.error(
+                    "a journal record of %s cannot be made and is left out: %s: %s",
+                    self._describe(write),
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _write(self, writes: list[tuple[Any, ...]]) -> None:
         conn = self._conn
@@ -281,8 +311,9 @@ class JournalWriter:
     def _retry(self) -> None:
         self._tried_at = time.monotonic()
         try:
-            self._write(self._retained)
-        except Exception:
+            self._write_sound(self._retained)
+        except _Unwritten as exc:
+            self._retained = exc.rest
             return  # said when it began; the next try is _RETRY_S away
         written, dropped = len(self._retained), self._dropped
         self._retained, self._dropped = [], 0
@@ -317,6 +348,27 @@ class JournalWriter:
         # RuntimeError: the loop has closed (the engine was abandoned); nobody waits any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_run_all, done)
+
+
+class _Unwritten(Exception):
+    """The journal's file could not be written: `rest` is what was not, from the first unwritten on."""
+
+    def __init__(self, cause: Exception, rest: list[tuple[Any, ...]]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.rest = rest
+
+
+def _about_the_record(exc: Exception) -> bool:
+    """Whether `exc` says a record cannot be made, rather than that the file cannot be written now.
+
+    SQLite's operational errors (a full disk, a lock held, an I/O error) and a
+    damaged file pass, or may; a document that cannot be serialised, or a value
+    SQLite refuses to store, fails the same way every time.
+    """
+    if isinstance(exc, sqlite3.OperationalError | OSError | MemoryError):
+        return False
+    return type(exc) is not sqlite3.DatabaseError
 
 
 def _run_all(done: list[tuple[Callable[[Any], None], Any]]) -> None:
