@@ -42,7 +42,13 @@ from cloudops_execution_engine import (
     ShellCommand,
     SyncExecutionEngine,
 )
-from cloudops_execution_engine.actors import journal, journal_known, journal_schema, journal_writer
+from cloudops_execution_engine.actors import (
+    journal,
+    journal_known,
+    journal_recovery,
+    journal_schema,
+    journal_writer,
+)
 from cloudops_execution_engine.actors.journal import JournalStore, open_connection
 from cloudops_execution_engine.actors.journal_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from cloudops_execution_engine.config import default_journal_path
@@ -322,6 +328,44 @@ async def test_list_executions_filters_combine_and_limit_keeps_the_newest(
 
 
 # -- one engine per journal --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("then", ["the same engine", "a new engine"])
+async def test_a_start_cancelled_while_the_journal_opens_leaves_the_journal_to_whoever_starts_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The open goes on in its thread after the caller stopped waiting: taken up, or let go of, never kept.
+
+    A host that starts the engine on its first request, cancelled when the
+    client went away, starts it again, or makes another engine, on the same journal.
+    """
+    inside, go_on = threading.Event(), threading.Event()
+    recover = journal_recovery.recover
+
+    def slow_recover(conn: sqlite3.Connection) -> int:
+        inside.set()
+        go_on.wait(10)
+        return recover(conn)
+
+    monkeypatch.setattr(journal, "recover", slow_recover)
+    first = ExecutionEngine(journalled(tmp_path))
+    starting = asyncio.ensure_future(first.start())
+    await asyncio.to_thread(inside.wait, 10)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    go_on.set()
+    engine = first if then == "the same engine" else ExecutionEngine(journalled(tmp_path))
+    try:
+        async with engine:
+            done = await engine.wait(await engine.execute(shell("echo started")), timeout=20)
+            assert isinstance(done, ExecutionResult)
+            assert done.stdout == "started\n"
+    finally:
+        await first.shutdown()
+    assert not [f for f in psutil.Process().open_files() if f.path.startswith(str(tmp_path))]
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        assert [s.id for s in await later.list_executions()] == [done.id]
 
 
 async def test_a_second_engine_on_a_journal_in_use_gets_io_error_naming_the_holder(tmp_path: Path) -> None:

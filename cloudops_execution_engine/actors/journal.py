@@ -35,7 +35,7 @@ from ..errors import IoError, NotFound, map_errors
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
 from .journal_known import IdFiller, KnownIds
-from .journal_lock import JournalLock
+from .journal_lock import JournalLock, letting_go
 from .journal_recovery import recover
 from .journal_rows import (
     ENTRY_COLUMNS,
@@ -57,7 +57,7 @@ from .journal_rows import (
 )
 from .journal_schema import check_is_a_journal, migrate
 from .journal_writer import JournalWriter
-from .off_loop import in_thread
+from .off_loop import in_thread, start_in_thread
 from .records import PlanRun, Record
 from .retention import Retention, Sweeps, now, run_job
 from .store import MemoryStore, matches, select_newest
@@ -148,6 +148,9 @@ class JournalStore:
         self._memory = memory
         self._timeout_ms = timeout_ms
         self._lock = JournalLock(self.path)
+        # A thread opening the journal, and whether an open() waits for it (`open`).
+        self._opening: asyncio.Future[sqlite3.Connection] | None = None
+        self._claimed = False
         self._writer: JournalWriter | None = None
         self._reader: sqlite3.Connection | None = None
         self._reads = threading.RLock()  # `get_log_path` may read from another thread
@@ -167,7 +170,24 @@ class JournalStore:
         if self._writer is not None:
             return
         loop = asyncio.get_running_loop()
-        writer_conn = await in_thread(self._open_blocking, name="cloudops-journal-open")
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = start_in_thread(self._open_blocking, name="cloudops-journal-open")
+        self._claimed = True
+        try:
+            writer_conn = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The caller stopped waiting (a start cancelled); the open runs on in its
+            # thread, holding the lock. The next open() takes it up; if none has by the
+            # time it ends, it is let go of, so that no engine is refused for it.
+            self._claimed = False
+            letting_go(self.path, True)
+            opening.add_done_callback(self._let_go_unclaimed)
+            raise
+        finally:
+            if opening.done():
+                self._opening = None
+        letting_go(self.path, False)
         self._writer_conn = writer_conn
         self._writer = JournalWriter(
             writer_conn,
@@ -184,6 +204,23 @@ class JournalStore:
             self._filler = IdFiller(connect, self._next_seq - 1, self._known_filled_on(loop))
         if self.retention is not None:
             self._sweeps.start(self.sweep)
+
+    def _let_go_unclaimed(self, opening: asyncio.Future[sqlite3.Connection]) -> None:
+        """An open whose caller was cancelled has ended: unless taken up meanwhile, undo it."""
+        if self._claimed or self._writer is not None:
+            return
+        if self._opening is opening:
+            self._opening = None
+        if not opening.cancelled() and opening.exception() is None:
+            conn = opening.result()
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("UPDATE runs SET closed_us = ? WHERE run = ?", (now_us(), self._run))
+            conn.close()
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._lock.release()
+        letting_go(self.path, False)
 
     def _known_filled_on(self, loop: asyncio.AbstractEventLoop) -> Callable[[KnownIds], None]:
         def filled(known: KnownIds) -> None:

@@ -21,10 +21,23 @@ from pathlib import Path
 from ..errors import IoError, map_errors
 from . import after_fork
 
-__all__ = ["JournalLock", "lock_path_for"]
+__all__ = ["JournalLock", "letting_go", "lock_path_for"]
 
 _EXITING_HOLDER_WAIT = 2.0
 _PF_EXITING = 0x4
+
+# Journals whose lock this process holds for an engine's start that was
+# cancelled, and lets go of when that open ends: a lock of this process
+# meanwhile waits for it, as for a holder that is exiting, rather than be refused.
+_letting_go: set[Path] = set()
+
+
+def letting_go(journal: Path, going: bool) -> None:
+    """Say that this process's lock of `journal` is being let go of (`going`), or no longer."""
+    if going:
+        _letting_go.add(journal)
+    else:
+        _letting_go.discard(journal)
 
 
 def lock_path_for(journal: Path) -> Path:
@@ -61,7 +74,7 @@ class JournalLock:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise IoError(f"cannot lock journal {self.journal}: {self.path} is not a regular file")
-            _lock_or_wait_for_the_dead(fd)
+            _lock_or_wait_for_the_dead(fd, self.journal)
             if not _still_named(fd, self.path):
                 # Its maker gave up on the journal and removed the file between our open
                 # and our lock: a lock on it would be a lock on nothing anyone else sees.
@@ -118,11 +131,12 @@ def _still_named(fd: int, path: Path) -> bool:
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _lock_or_wait_for_the_dead(fd: int) -> None:
+def _lock_or_wait_for_the_dead(fd: int, journal: Path) -> None:
     """Take the lock; while its holder is a process that is exiting, wait for the kernel to release it.
 
     A holder killed a moment ago still holds its descriptors until its exit
     has run: a successor started right after the kill must not be refused.
+    So is this process while it lets go of the journal (`letting_go`).
     """
     deadline = time.monotonic() + _EXITING_HOLDER_WAIT
     while True:
@@ -131,7 +145,10 @@ def _lock_or_wait_for_the_dead(fd: int) -> None:
             return
         except BlockingIOError:
             holder = _read_pid(fd)
-            if time.monotonic() > deadline or not holder.isdigit() or not _exiting(int(holder)):
+            if time.monotonic() > deadline or not holder.isdigit():
+                raise
+            ours = int(holder) == os.getpid() and journal in _letting_go
+            if not ours and not _exiting(int(holder)):
                 raise
         time.sleep(0.01)
 
