@@ -29,6 +29,8 @@ from cloudops_execution_engine import (
     SerialStrategy,
 )
 from cloudops_execution_engine.actors import retention
+from cloudops_execution_engine.actors.records import Record
+from cloudops_execution_engine.actors.store import MemoryStore
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
 
@@ -272,3 +274,43 @@ async def test_finished_commands_are_counted_a_step_at_a_time_ties_and_plans_inc
                 assert steps == 10 // step  # ten ended rows, the plan's own among them
         finally:
             conn.close()
+
+
+async def test_with_a_journal_memory_is_trimmed_too_and_agrees_with_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What retention deleted from the journal is gone from memory: not answered, not kept."""
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    async with ExecutionEngine(journalled(tmp_path, retention=RetentionPolicy(max_executions=2))) as engine:
+        ids = await run_all(engine, *(f"echo {i}" for i in range(6)))
+        plan = ExecutionPlan(commands=[shell("echo a")], strategy=SerialStrategy())
+        await engine.execute_plan(plan)
+        await engine.wait(plan.id, timeout=20)
+        deadline = time.monotonic() + 10
+        while [s.id for s in await engine.list_executions()] != [ids[-1], plan.commands[0].id, plan.id]:
+            assert time.monotonic() < deadline, "the journal was not trimmed to the newest two commands"
+            await asyncio.sleep(0.01)
+        for eid in ids[:-1]:
+            with pytest.raises(NotFound):
+                await engine.get_status(eid)
+        kept = engine._supervisor._store.records()
+        assert {record.id for record in kept} <= {ids[-1], plan.commands[0].id}
+
+
+@pytest.mark.timeout(20)
+def test_trimming_memory_costs_each_entry_once() -> None:
+    """30,000 finished entries trimmed to 10 at one sweep: linear, not a recount per entry forgotten."""
+    store = MemoryStore(
+        retention=retention.Retention(RetentionPolicy(max_executions=10), Path("/nonexistent"))
+    )
+    request = shell("true")
+    records = []
+    for _ in range(30_000):
+        record = Record(
+            request.model_copy(update={"id": uuid4()}), [], None, 1000, log_dir=Path("/nonexistent")
+        )
+        store.add(record)
+        store.retire(record)
+        records.append(record)
+    assert store.trim(None, 10) == 29_990
+    assert [record.id for record in store.records()] == [record.id for record in records[-10:]]

@@ -100,12 +100,18 @@ class Store(Protocol):
 class MemoryStore:
     """Executions and plans in dicts, with retention by count (and age) of finished entries."""
 
-    def __init__(self, max_retained: int | None = None, retention: Retention | None = None) -> None:
+    def __init__(
+        self, max_retained: int | None = None, retention: Retention | None = None, *, trimmed: bool = False
+    ) -> None:
+        """`trimmed`: another sweeps by its retention and calls `trim` (a journal's memory)."""
         self._records: dict[UUID, Record] = {}
         self._plans: dict[UUID, PlanRun] = {}
         self._retired: deque[UUID] = deque()
+        # The commands of the entries in `_retired` (a plan counts as its commands), kept
+        # as they come and go: counted afresh per entry forgotten, a trim was quadratic.
+        self._retired_commands = 0
         self._max_retained = max_retained
-        self._track_retired = retention is not None or max_retained is not None
+        self._track_retired = retention is not None or max_retained is not None or trimmed
         self.retention = retention
         self._sweeps = Sweeps()
 
@@ -184,18 +190,22 @@ class MemoryStore:
         if not self._track_retired:
             return
         self._retired.append(entry.id)
+        self._retired_commands += len(entry.records) if isinstance(entry, PlanRun) else 1
         limit = self._max_retained
         if limit is not None:
             while len(self._retired) > limit:
                 self._forget(self._retired.popleft())
 
     def _forget(self, old: UUID) -> None:
+        """Forget a retired entry, just taken off `_retired`."""
         plan = self._plans.pop(old, None)
         if plan is not None:
+            self._retired_commands -= len(plan.records)
             for record in plan.records:
                 if self._records.get(record.id) is record:
                     del self._records[record.id]
         else:
+            self._retired_commands -= 1
             self._records.pop(old, None)
 
     def trim(self, ended_before: datetime | None, keep: int | None) -> int:
@@ -212,17 +222,10 @@ class MemoryStore:
                 self._forget(retired.popleft())
                 forgotten += 1
         if keep is not None:
-            while retired and self._finished_commands() > keep:
+            while retired and self._retired_commands > keep:
                 self._forget(retired.popleft())
                 forgotten += 1
         return forgotten
-
-    def _finished_commands(self) -> int:
-        count = 0
-        for key in self._retired:
-            run = self._plans.get(key)
-            count += len(run.records) if run is not None else 1
-        return count
 
     def summaries(
         self,
@@ -303,7 +306,7 @@ def store_for(config: ExecutionConfig, log_dir: Path, engine_id: str | None = No
     from .journal import JournalStore
     from .secrets import json_masker
 
-    memory = MemoryStore(config.max_retained_executions)
+    memory = MemoryStore(config.max_retained_executions, trimmed=retention is not None)
     return JournalStore(
         Path(config.journal),
         memory,
