@@ -26,7 +26,7 @@ from conftest import HELPERS, PYTHON, Recorder, config, result_of, run, shell
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags, TraceState
@@ -37,6 +37,7 @@ from cloudops_execution_engine import (
     ExecutionEngine,
     ExecutionPlan,
     ExecutionStatus,
+    NotFound,
     ParallelStrategy,
     RayConfig,
     RetryPolicy,
@@ -88,9 +89,13 @@ class Otel:
 
 
 @pytest.fixture(scope="module")
-def otel_module() -> Iterator[Otel]:
+def tracer_provider() -> TracerProvider:
+    return TracerProvider()
+
+
+@pytest.fixture(scope="module")
+def otel_module(tracer_provider: TracerProvider) -> Iterator[Otel]:
     spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
@@ -324,6 +329,179 @@ async def test_a_retry_is_an_event_on_the_one_span(tmp_path: Path, otel: Otel) -
         ("cloudops.retry", {"cloudops.attempt": 3}),
     ]
     assert dict(span.attributes or {})["cloudops.attempts"] == 3
+
+
+class FailingProcessor(SpanProcessor):
+    """A host's span processor with a bug: it raises for the spans it is told of, at their start or end."""
+
+    def __init__(self) -> None:
+        self.at_start: set[str] = set()  # span names
+        self.at_end: set[str] = set()  # execution ids
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if span.name in self.at_start:
+            raise RuntimeError("a span processor's bug at the start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if (span.attributes or {}).get("cloudops.execution.id") in self.at_end:
+            raise RuntimeError("a span processor's bug at the end")
+
+
+@pytest.fixture
+def failing(otel_module: Otel, tracer_provider: TracerProvider) -> Iterator[FailingProcessor]:
+    processor = FailingProcessor()
+    tracer_provider.add_span_processor(processor)
+    try:
+        yield processor
+    finally:
+        processor.at_start.clear()
+        processor.at_end.clear()
+
+
+async def test_a_span_processor_raising_at_a_spans_end_costs_that_span_alone(
+    tmp_path: Path, otel: Otel, failing: FailingProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every execution ends and is answered, those after it on the same worker too, and shutdown returns."""
+    running_before = otel.value("cloudops.executions.running")
+    requests = [run("true") for _ in range(6)]
+    failing.at_end.add(str(requests[2].id))
+    async with asyncio.timeout(30), ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        ids = [await engine.execute(request) for request in requests]
+        results = [await engine.wait(eid, timeout=20) for eid in ids]
+        assert [r.status for r in results] == [ExecutionStatus.COMPLETED] * 6
+    assert otel.value("cloudops.executions.running") == running_before
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING and "span" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert getattr(said[0], "execution_id", None) == str(requests[2].id)
+
+
+async def test_a_plan_whose_span_cannot_start_runs_untraced_and_leaves_the_counters_right(
+    tmp_path: Path, otel: Otel, failing: FailingProcessor
+) -> None:
+    """The plan's span is lost, not the plan: it runs, its commands' spans start, nothing stays pending."""
+    pending_before = otel.value("cloudops.executions.pending")
+    failing.at_start.add("cloudops.plan")
+    plan = ExecutionPlan(commands=[run("true"), run("true")], strategy=ParallelStrategy())
+    async with asyncio.timeout(30), ExecutionEngine(config(tmp_path)) as engine:
+        await engine.execute_plan(plan)
+        result = await engine.wait(plan.id, timeout=20)
+        assert result.status is ExecutionStatus.COMPLETED
+    assert otel.value("cloudops.executions.pending") == pending_before
+    assert not otel.finished("cloudops.plan")
+    assert [otel.span_of(command.id).status.status_code for command in plan.commands] == [
+        StatusCode.UNSET
+    ] * 2
+
+
+async def test_a_command_gets_its_spans_trace_state_not_the_hosts_own(
+    tmp_path: Path, otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host started inside a trace (TRACEPARENT/TRACESTATE in its environment) passes its commands
+    their own span's context: the host's TRACESTATE does not ride along with another TRACEPARENT."""
+    monkeypatch.setenv("TRACEPARENT", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    monkeypatch.setenv("TRACESTATE", "host=stale")
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        eid = await engine.execute(shell('printf "%s|%s" "$TRACEPARENT" "$TRACESTATE"'))
+        result = await result_of(engine, eid, 20)
+    assert result.stdout == f"{_traceparent(otel.span_of(eid))}|"
+
+
+async def test_a_span_that_cannot_start_is_said_with_its_execution(
+    tmp_path: Path, otel: Otel, failing: FailingProcessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning carries the execution's id in its fields, as every other warning does."""
+    failing.at_start.add("cloudops.execution")
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        eid = await engine.execute(run("true"))
+        assert (await result_of(engine, eid, 20)).status is ExecutionStatus.COMPLETED
+    said = [r for r in caplog.records if "could not start the span" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert getattr(said[0], "execution_id", None) == str(eid)
+    assert getattr(said[0], "execution_ids", None) == [str(eid)]
+
+
+def test_an_engine_left_when_its_loop_closed_takes_its_counts_and_spans_with_it(
+    tmp_path: Path, otel: Otel
+) -> None:
+    """asyncio.run ended with commands running and queued: once the engine is let go of, nothing of
+    theirs is counted as running or pending, and their spans have ended, as errors."""
+    running_before = otel.value("cloudops.executions.running")
+    pending_before = otel.value("cloudops.executions.pending")
+    engine = ExecutionEngine(config(tmp_path, max_concurrent_executions=1))
+
+    async def leave_running() -> list[Any]:
+        await engine.start()
+        ids = [await engine.execute(shell("exec sleep 30")) for _ in range(3)]
+        async with asyncio.timeout(20):
+            async for event in engine.events(ids[0]):
+                if event.event_type == "started":
+                    break
+        return ids
+
+    ids = asyncio.run(leave_running())
+    assert otel.value("cloudops.executions.running") == running_before + 1
+    asyncio.run(engine.shutdown())  # its loop is gone: the engine is abandoned
+    assert otel.value("cloudops.executions.running") == running_before
+    assert otel.value("cloudops.executions.pending") == pending_before
+    assert [otel.span_of(eid).status.status_code for eid in ids] == [StatusCode.ERROR] * 3
+
+
+async def test_a_log_line_about_an_execution_no_longer_kept_still_names_its_trace(
+    tmp_path: Path, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that fails on a terminal event after the engine let the execution go (it keeps one)."""
+    first = run("true")
+    release = asyncio.Event()
+
+    class FailsLate:
+        async def on_event(self, event: Any) -> None:
+            if event.event_type == "completed" and event.execution_id == first.id:
+                await release.wait()
+                raise RuntimeError("handler bug")
+
+    caplog.set_level(logging.ERROR, logger="cloudops_execution_engine")
+    engine = ExecutionEngine(config(tmp_path, max_retained_executions=1)).with_event_handler(FailsLate())
+    async with engine:
+        await result_of(engine, await engine.execute(first), 20)
+        for _ in range(2):
+            await result_of(engine, await engine.execute(run("true")), 20)
+        with pytest.raises(NotFound):
+            await engine.get_status(first.id)
+        release.set()
+    trace_id = _hex(otel.span_of(first.id).context.trace_id, 32)
+    errors = [r for r in caplog.records if str(first.id) in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    assert getattr(errors[0], "trace_id", None) == trace_id
+    assert f"{first.id} (trace {trace_id})" in errors[0].getMessage()
+
+
+async def test_a_child_forked_from_the_host_counts_its_own_executions_not_its_parents(
+    tmp_path: Path, otel: Otel, recorder: Recorder
+) -> None:
+    """The up-down counters and the executions counter are this process's: a forked child starts at 0."""
+    engine = ExecutionEngine(config(tmp_path, max_concurrent_executions=1)).with_event_handler(recorder)
+    async with engine:
+        await result_of(engine, await engine.execute(run("true")), 20)
+        running = await engine.execute(shell("exec sleep 30"))
+        await engine.execute(shell("true"))  # waits behind it
+        await recorder.until(lambda _: "started" in recorder.types_of(running))
+        assert otel.value("cloudops.executions.running") >= 1
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: reads its counters and leaves at once
+            try:
+                names = ("cloudops.executions.running", "cloudops.executions.pending")
+                seen = [otel.value(name) for name in names]
+                seen.append(otel.value("cloudops.executions", **{"cloudops.status": "completed"}))
+                os.write(write, json.dumps(seen).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as answer:
+            seen = json.loads(answer.read())
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        await engine.cancel(running)
+    assert seen == [0, 0, 0]
 
 
 def _host(script: str, tmp_path: Path) -> dict[str, Any]:

@@ -218,6 +218,12 @@ class Supervisor:
             for worker in list(self._pool.workers):
                 worker.abandon()
             self._pool.workers.clear()
+        if self._telemetry is not None:
+            # What was running or queued will never end here: its counts go, its spans end.
+            live = self._store.live_ids()
+            records = [record for record in self._store.records() if record.id in live]
+            plans = [run for run in self._store.plans() if run.id in live]
+            self._telemetry.abandoned(records, plans)
         self._store.abandon()
 
     async def start(self) -> None:

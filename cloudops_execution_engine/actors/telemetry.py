@@ -31,7 +31,10 @@ it belongs to:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import threading
 import weakref
 from collections import deque
@@ -76,15 +79,37 @@ TRACESTATE = "TRACESTATE"
 
 @dataclass
 class _Counts:
-    """What the observable instruments report: process-wide, bumped by every engine's hooks."""
+    """What the observable instruments report: process-wide, bumped by every engine's hooks.
+
+    Engines run on their own loops' threads (two `SyncExecutionEngine`s), so
+    each change is made under `lock`: a read and a write of another thread's
+    between them would lose a count.
+    """
 
     pending: int = 0
     running: int = 0
     worker_deaths: int = 0
     executions: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _COUNTS = _Counts()
+
+
+def _forked() -> None:
+    # A child forked from a host counts its own executions, not its parent's (nor a lock held there).
+    global _COUNTS
+    _COUNTS = _Counts()
+    _recent_traces.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+# The traces of executions that ended lately, for log lines about them once their
+# engine no longer keeps them (`max_retained_executions`, retention): a handler's
+# error about a terminal event may come after that.
+_recent_traces: dict[bytes, int] = {}
+_RECENT_TRACES = 4096
 
 
 class _Meters:
@@ -186,6 +211,9 @@ class Telemetry:
         self._current_context: Callable[[], Context] = context.get_current
         self._error: StatusCode = trace.StatusCode.ERROR
         self._unstarted: list[_Unstarted] = []
+        # Whether commands inherit the host's own TRACESTATE (a host started inside a
+        # trace): the workers, started with the engine, take the host's environment then.
+        self._hosts_tracestate = TRACESTATE in os.environ
         # The event loop's thread (an engine starts on its loop), which alone starts spans.
         self._thread = threading.get_ident()
         _LIVE.add(self)
@@ -239,26 +267,46 @@ class Telemetry:
                     _EXECUTION_SPAN, parent, attributes={_EXECUTION_ID: str(record.id)}, start_time=start
                 )
             except Exception:  # a host's failing sampler or processor costs a span, not the dispatch
-                logger.warning("could not start the span of execution %s", record.id, exc_info=True)
+                # Not `correlate`, which would start the spans waiting: this is that.
+                execution = str(record.id)
+                logger.warning(
+                    "could not start the span of execution %s",
+                    execution,
+                    exc_info=True,
+                    extra={
+                        "execution_id": execution,
+                        "execution_ids": [execution],
+                        "trace_id": None,
+                        "trace_ids": [None],
+                    },
+                )
 
     # -- hooks ----------------------------------------------------------------
 
     def plan_submitted(self, run: PlanRun) -> None:
         """A plan's span, and its commands' spans under it (a command of a resumed plan may be done)."""
+        pending = [record for record in run.records if record.status is _PENDING]
+        counts = _COUNTS
+        with counts.lock:
+            counts.pending += len(pending)
         tracer, _meters = self._current()
-        parent = None
-        if tracer is not None:
+        if tracer is None:
+            return
+        try:
             run.span = span = tracer.start_span("cloudops.plan", attributes={"cloudops.plan.id": str(run.id)})
             parent = self._trace.set_span_in_context(span)
-        for record in run.records:
-            if record.status is _PENDING:
-                _COUNTS.pending += 1
-                if tracer is not None and parent is not None:
-                    self._wait_to_start(record, tracer, parent)
+        except Exception:  # a host's failing sampler or processor costs the plan's span, not the plan
+            suffix, extra = correlate([run.id])
+            logger.warning("could not start the span of plan%s", suffix, exc_info=True, extra=extra)
+            parent = self._current_context()
+        for record in pending:
+            self._wait_to_start(record, tracer, parent)
 
     def submitted(self, record: Record) -> None:
         """At `execute()`: the span, to be started under the context current now and as of now."""
-        _COUNTS.pending += 1
+        counts = _COUNTS
+        with counts.lock:
+            counts.pending += 1
         tracer, _meters = self._current()
         if tracer is not None:
             self._wait_to_start(record, tracer, self._current_context())
@@ -266,8 +314,10 @@ class Telemetry:
     def dispatched(self, record: Record) -> None:
         """A Run is about to go to a worker; a retry's Run (already running) changes no count."""
         if record.status is _PENDING:
-            _COUNTS.pending -= 1
-            _COUNTS.running += 1
+            counts = _COUNTS
+            with counts.lock:
+                counts.pending -= 1
+                counts.running += 1
 
     def env_for(self, record: Record, env: dict[str, str]) -> dict[str, str]:
         """`env` with the execution span's trace context, unless `env` sets one itself."""
@@ -285,12 +335,16 @@ class Telemetry:
         overlay[TRACEPARENT] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
         if context.trace_state:
             overlay[TRACESTATE] = context.trace_state.to_header()
+        elif self._hosts_tracestate:
+            # The host's own (it runs inside a trace) belongs to another TRACEPARENT: empty is none.
+            overlay[TRACESTATE] = ""
         return overlay
 
     def started(self, record: Record, attempt: int) -> None:
         if attempt > 1:
             if record.span is not None:
-                record.span.add_event("cloudops.retry", {"cloudops.attempt": attempt})
+                with self._guarded(record.id, "add the retry to"):
+                    record.span.add_event("cloudops.retry", {"cloudops.attempt": attempt})
             return
         meters = self._meters
         if meters is not None:
@@ -305,7 +359,8 @@ class Telemetry:
         if record.span is None and self._unstarted:
             self._start_spans()
         if record.span is not None:
-            record.span.add_event("cloudops.cancel")
+            with self._guarded(record.id, "add the cancel to"):
+                record.span.add_event("cloudops.cancel")
 
     def ended(self, record: Record, result: ExecutionResult, pool: WorkerPool[Any] | None) -> None:
         """Before the record takes its final status: `record.status` is still pending or running.
@@ -313,13 +368,15 @@ class Telemetry:
         The span ends here, not in a batch: whoever learns of this end may be
         running before any callback scheduled now would.
         """
-        if record.status is _RUNNING:
-            _COUNTS.running -= 1
-        elif record.status is _PENDING:
-            _COUNTS.pending -= 1
         status: str = result.status._value_  # `.value` is a descriptor call
-        executions = _COUNTS.executions
-        executions[status] = executions.get(status, 0) + 1
+        counts = _COUNTS
+        with counts.lock:
+            if record.status is _RUNNING:
+                counts.running -= 1
+            elif record.status is _PENDING:
+                counts.pending -= 1
+            executions = counts.executions
+            executions[status] = executions.get(status, 0) + 1
         meters = self._meters
         if meters is not None and record.started_at is not None:
             meters.durations.append(result.duration.total_seconds())
@@ -342,42 +399,94 @@ class Telemetry:
         if node is not None:  # a remote node (Ray)
             attributes["cloudops.node.address"] = str(node)
             attributes["cloudops.node.id"] = node.node_id
-        span.set_attributes(attributes)
-        if result.status in _ERRORS:
-            span.set_status(self._error, result.error)
-        span.end()
         record.span = None
-        record.trace_id = span.get_span_context().trace_id
+        with self._guarded(record.id, "end"):
+            record.trace_id = trace_id = span.get_span_context().trace_id
+            _remember_trace(record.key, trace_id)
+            span.set_attributes(attributes)
+            if result.status in _ERRORS:
+                span.set_status(self._error, result.error)
+            span.end()
 
     def plan_ended(self, run: PlanRun) -> None:
         span = run.span
         if span is None or run.result is None:
             return
-        span.set_attribute("cloudops.status", run.result.status.value)
-        if run.result.status in _ERRORS:
-            span.set_status(self._error, f"plan {run.result.status.value}")
-        span.end()
         run.span = None
-        run.trace_id = span.get_span_context().trace_id
+        with self._guarded(run.id, "end"):
+            run.trace_id = span.get_span_context().trace_id
+            span.set_attribute("cloudops.status", run.result.status.value)
+            if run.result.status in _ERRORS:
+                span.set_status(self._error, f"plan {run.result.status.value}")
+            span.end()
+
+    def abandoned(self, records: Iterable[Record], plans: Iterable[PlanRun]) -> None:
+        """The engine's loop closed with these not ended: they never will be, here; their counts go."""
+        counts = _COUNTS
+        for record in records:
+            with counts.lock:
+                if record.status is _RUNNING:
+                    counts.running -= 1
+                elif record.status is _PENDING:
+                    counts.pending -= 1
+                else:
+                    continue
+            span, record.span = record.span, None
+            if span is not None:
+                with self._guarded(record.id, "end"):
+                    span.set_status(self._error, "the engine was abandoned: its event loop closed")
+                    span.end()
+        for run in plans:
+            span, run.span = run.span, None
+            if span is not None and run.result is None:
+                with self._guarded(run.id, "end"):
+                    span.set_status(self._error, "the engine was abandoned: its event loop closed")
+                    span.end()
 
     def worker_died(self) -> None:
-        _COUNTS.worker_deaths += 1
+        counts = _COUNTS
+        with counts.lock:
+            counts.worker_deaths += 1
+
+    @contextlib.contextmanager
+    def _guarded(self, entry_id: UUID, what: str) -> Iterator[None]:
+        """A host's span processor or exporter that raises costs the span, never the execution."""
+        try:
+            yield
+        except Exception:
+            suffix, extra = correlate([entry_id])
+            logger.warning("could not %s the span%s", what, suffix, exc_info=True, extra=extra)
 
     # -- log correlation ----------------------------------------------------------
 
     def trace_id_of(self, execution_id: UUID) -> str | None:
         try:
             entry = self._store.entry(execution_id)
-        except Exception:  # not (or no longer) this engine's: another engine may know it
-            return None
+        except Exception:  # not (or no longer) this engine's: it may have ended lately
+            trace_id = _recent_traces.get(execution_id.bytes, 0)
+            return f"{trace_id:032x}" if trace_id else None
         # Spans waiting to start are started on the loop's own thread only; a log line
         # written elsewhere meanwhile goes without the trace of one not yet dispatched.
         if self._unstarted and threading.get_ident() == self._thread:
             self._start_spans()
         # What a durable store brings back from an earlier engine has no span.
         span: Span | None = getattr(entry, "span", None)
+        if span is None and not getattr(entry, "trace_id", 0):
+            trace_id = _recent_traces.get(execution_id.bytes, 0)
+            return f"{trace_id:032x}" if trace_id else None
         trace_id = span.get_span_context().trace_id if span is not None else getattr(entry, "trace_id", 0)
         return f"{trace_id:032x}" if trace_id else None  # 0: not traced (or an invalid context)
+
+
+def _remember_trace(key: bytes, trace_id: int) -> None:
+    if not trace_id:
+        return
+    recent = _recent_traces
+    recent[key] = trace_id
+    if len(recent) > _RECENT_TRACES:
+        # Dicts keep insertion order: the oldest go, a quarter at a time.
+        for old in list(itertools.islice(recent, _RECENT_TRACES // 4)):
+            recent.pop(old, None)
 
 
 _UNREADABLE = object()
