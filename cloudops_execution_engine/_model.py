@@ -139,9 +139,21 @@ class Model(BaseModel, metaclass=_ModelMetaclass):
     # Each model's validator and serializer are built on its first use, not
     # when its module is imported: a process uses only some of the models
     # (`cloudops-exec run` about half), and building one costs a millisecond or more.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=_DEFER_BUILD)
+    # An attribute set after construction is validated as the constructor would: a host that edits
+    # a request (`request.timeout_ms = 1.5`) hears of a wrong value there, not from a worker.
+    model_config = ConfigDict(
+        extra="ignore", populate_by_name=True, defer_build=_DEFER_BUILD, validate_assignment=True
+    )
     _positional: ClassVar[tuple[str, ...]] = ()
     _keywords: ClassVar[frozenset[str]] = frozenset()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ModelValidationError:
+            raise
+        except ValidationError as exc:  # refused as the constructor refuses: a contract error
+            raise _as_model_error(exc, bool(self.model_config.get("hide_input_in_errors"))) from None
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -69,7 +69,8 @@ class ExecutionEngine:
     """
 
     def __init__(self, config: ExecutionConfig | None = None) -> None:
-        self.config = config if config is not None else ExecutionConfig()
+        # A copy: the host's own object, edited later, neither changes nor breaks this engine.
+        self.config = config.model_copy(deep=True) if config is not None else ExecutionConfig()
         self._bus = EventBus()
         self._supervisor = Supervisor(self.config, self._bus)
         # An engine dropped without shutdown() would leave its workers, and their

@@ -204,7 +204,12 @@ class ExecutionRequest(Model):
         Its text names no secret: a path or a reason holding one says `***` there.
         """
         try:
-            self._validate(config)
+            try:
+                self._validate(config)
+            except (TypeError, AttributeError, ValueError, OverflowError) as exc:
+                # A field edited in place after construction (`request.env["A"] = 1`), which
+                # no validator saw: said as the constructor would have refused it.
+                raise InvalidCommand(f"a field holds a value of the wrong type: {exc}") from None
         except ValidationError as exc:
             mask_error(exc, [*config.secrets, *self.secret_env.values()])
             raise
@@ -246,6 +251,8 @@ class ExecutionRequest(Model):
         if not self.success_exit_codes:
             raise InvalidCommand("success_exit_codes must name at least one exit code")
         for code in self.success_exit_codes:
+            if type(code) is not int:
+                raise InvalidCommand(f"success_exit_codes holds {code!r}, which is not an integer")
             if not _I32_MIN <= code <= _I32_MAX:
                 raise InvalidCommand(f"success_exit_codes holds {code}, which is not an i32 exit code")
         if isinstance(self.stdin, str):
@@ -288,6 +295,8 @@ CPU_SETSIZE = 1024  # the CPUs a Linux affinity mask can name
 def _check_limits(limits: ResourceLimits) -> None:
     for name in ("memory_bytes", "cpu_seconds", "open_files", "processes", "file_size_bytes"):
         value = getattr(limits, name)
+        if value is not None and type(value) is not int:
+            raise InvalidCommand(f"limits.{name} is {value!r}, which is not an integer")
         if value is not None and value > _RLIMIT_MAX:
             raise InvalidCommand(f"limits.{name}={value} is larger than a resource limit can be")
     if limits.cpu_affinity is not None:

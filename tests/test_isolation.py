@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from cloudops_execution_engine import (
     InvalidPlan,
     InvalidWorkingDir,
     IoError,
+    ResourceLimits,
     SerialStrategy,
     ShellCommand,
     ValidationError,
@@ -257,6 +258,83 @@ async def test_a_plan_with_a_lone_surrogate_is_refused_and_the_journal_records_w
     async with ExecutionEngine(config(tmp_path, journal=journal)) as later:
         assert (await later.get_result(after)).stdout == "next\n"
         assert [s.id for s in await later.list_executions()] == [after]
+
+
+def _float_limit(request: ExecutionRequest) -> None:
+    request.limits = ResourceLimits(open_files=64)
+    request.limits.open_files = 1.5  # type: ignore[assignment]
+
+
+def _changed(change: Callable[[ExecutionRequest], object]) -> ExecutionRequest:
+    request = shell("echo changed")
+    change(request)
+    return request
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: setattr(r, "timeout_ms", 1500.5),
+        lambda r: setattr(r, "timeout_ms", True),
+        lambda r: setattr(r, "timeout_ms", "5000"),
+        lambda r: setattr(r, "success_exit_codes", [True]),
+        lambda r: r.success_exit_codes.append(True),
+        lambda r: r.success_exit_codes.append(2.5),
+        lambda r: setattr(r, "env", {"A": 1}),
+        lambda r: r.env.update({"A": 1}),
+        lambda r: setattr(r, "env", None),
+        lambda r: setattr(r, "stdin", 5),
+        lambda r: _float_limit(r),
+        lambda r: setattr(r.command, "command", None),
+        lambda r: setattr(r, "working_dir", "/tmp"),
+    ],
+    ids=[
+        "float-timeout",
+        "bool-timeout",
+        "str-timeout",
+        "bool-exit-codes",
+        "bool-appended",
+        "float-appended",
+        "int-env",
+        "int-env-in-place",
+        "no-env",
+        "int-stdin",
+        "float-limit",
+        "no-shell-command",
+        "str-working-dir",
+    ],
+)
+async def test_a_request_changed_after_it_was_made_is_refused_or_runs_and_no_worker_dies_of_it(
+    tmp_path: Path, change: Callable[[ExecutionRequest], object]
+) -> None:
+    """A host that edits a request's attributes gets a ValidationError (at the edit or at execute), or
+    the value it meant; never a worker's death that fails the commands beside it."""
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        beside = await engine.execute(shell("read line; echo $line", stdin="beside\n"))
+        try:
+            request = _changed(change)
+            changed = await engine.execute(request)
+        except ValidationError:
+            changed = None
+        if changed is not None:
+            result = await result_of(engine, changed, 20)
+            assert result.error is None or "Worker" not in result.error, result.error
+        assert (await result_of(engine, beside, 20)).stdout == "beside\n"
+
+
+@pytest.mark.parametrize("field", ["kill_grace_ms", "default_timeout_ms", "max_output_bytes"])
+async def test_a_config_changed_after_the_engine_was_made_changes_nothing_it_runs(
+    tmp_path: Path, field: str
+) -> None:
+    """The engine keeps the configuration it was given, as it was then: a later edit neither breaks it
+    nor half-applies."""
+    settings = config(tmp_path, workers=1)
+    engine = ExecutionEngine(settings)
+    with contextlib.suppress(ValidationError):
+        setattr(settings, field, 1500.5)
+    async with engine:
+        result = await result_of(engine, await engine.execute(shell("echo kept")), 20)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "kept\n")
 
 
 async def test_a_host_environment_that_is_not_utf8_reaches_commands_byte_exact(tmp_path: Path) -> None:

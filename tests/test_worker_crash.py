@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from uuid import uuid4
 
 import psutil
@@ -22,6 +23,7 @@ from cloudops_execution_engine import (
     ExecutionStatus,
     ShellCommand,
 )
+from cloudops_execution_engine.protocol import messages
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -170,3 +172,31 @@ async def test_a_worker_a_command_terminates_is_said_to_be_killed_by_sigterm(tmp
         assert said in result.error, result.error
         again = await result_of(engine, await engine.execute(run("echo", "served")), timeout=30)
         assert again.stdout == "served\n"
+
+
+async def test_a_command_the_worker_cannot_read_fails_alone_and_the_worker_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Run whose fields do not decode (a value of the wrong type slipped past the host) is that
+    execution's failure, said as such; the worker, and the command it runs beside it, go on."""
+    unreadable = shell("echo never")
+    to_wire = messages.Run.to_wire
+
+    def garbled(run: messages.Run) -> list[Any]:
+        wire = to_wire(run)
+        if run.execution_id == unreadable.id.bytes:
+            wire[5] = 1500.5  # timeout_ms: no worker takes a float there
+        return wire
+
+    monkeypatch.setattr(messages.Run, "to_wire", garbled)
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        beside = await engine.execute(shell("read line; echo $line", stdin="beside\n"))
+        failed = await result_of(engine, await engine.execute(unreadable), 20)
+        assert failed.status is ExecutionStatus.FAILED
+        assert failed.error is not None
+        assert "could not read" in failed.error
+        assert "timeout_ms" in failed.error
+        assert (await result_of(engine, beside, 20)).stdout == "beside\n"
+        after = await result_of(engine, await engine.execute(shell("echo after")), 20)
+        assert after.stdout == "after\n"
+        assert len({engine._supervisor.entry(eid).worker for eid in (beside, after.id)}) == 1  # type: ignore[union-attr]

@@ -79,7 +79,7 @@ from ..protocol import (
     encode_frame,
     output_weight,
 )
-from ..protocol.messages import Finished
+from ..protocol.messages import Finished, Kind
 from ..protocol.pipe import READ_SIZE, PipeWriter, read_available
 from . import own_settings, process_tree
 from .execution import (
@@ -169,6 +169,10 @@ _CHATTY_PIPE = 256 * 1024
 # host's, other programs') a page or two.
 _GROWN_PIPES_MAX = 16
 _SET_PIPE_SIZE: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+
+
+# An execution's id on the wire: its UUID's bytes.
+_ID_BYTES = 16
 
 
 class _PipeBudget:
@@ -400,11 +404,34 @@ class Worker:
             return
         try:
             for frame in self._decoder.feed(data):
-                self._handle(decode_message(frame))
+                try:
+                    message = decode_message(frame)
+                except ProtocolError as exc:
+                    if not self._refuse_run(frame, exc):
+                        raise
+                    continue
+                self._handle(message)
         except ProtocolError:
             # A supervisor that sends garbage cannot be trusted to send a
             # shutdown either: behave as if it died.
             self._abandon()
+
+    def _refuse_run(self, frame: object, exc: ProtocolError) -> bool:
+        """A command's request with a field that does not decode fails alone, when it names its execution.
+
+        A value of the wrong type that slipped past the host's checks is that
+        request's fault, not a sign that the host cannot be trusted.
+        """
+        if not (isinstance(frame, list) and len(frame) > 1 and frame[0] == Kind.RUN):
+            return False
+        key = frame[1]
+        if not isinstance(key, bytes) or len(key) != _ID_BYTES or key in self._executions:
+            return False
+        now = time.time()
+        error = f"Process spawn failed: the worker could not read this command's request ({exc})"
+        self._send(Started(key, 0, now).to_wire())
+        self._send(Finished(key, "failed", -1, "", "", False, False, now, now, error, None, None).to_wire())
+        return True
 
     def _handle(self, message: object) -> None:
         if isinstance(message, Run):
