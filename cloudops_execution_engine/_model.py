@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Self, TypeVar
 import pydantic.main
 from annotated_types import Ge, Le
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -48,10 +49,12 @@ __all__ = [
     "U32",
     "U64",
     "Duration",
+    "FiniteF64",
     "Model",
     "ModelValidationError",
     "NanoDateTime",
     "NanoDuration",
+    "PositiveU32",
     "StrictBool",
     "Usize",
     "UsizeKeyMap",
@@ -75,6 +78,10 @@ I32 = Annotated[int, Strict(), Ge(I32_MIN), Le(I32_MAX)]
 Usize = U64  # the crate's usize on the 64-bit targets it runs on
 StrictBool = Annotated[bool, Strict()]
 F64 = Annotated[float, Strict()]  # serde's f64 takes JSON integers too, and so does a strict float
+# A float that goes into serde's JSON: serde_json writes inf and NaN as null, which no f64 reads back.
+FiniteF64 = Annotated[float, Strict(), AllowInfNan(False)]
+# A count that starts at one (attempts): `Field(ge=1)` on a U32 would lose to its own Ge(0).
+PositiveU32 = Annotated[int, Strict(), Ge(1), Le(U32_MAX)]
 
 
 class ModelValidationError(ValidationError, errors.ValidationError):

@@ -79,7 +79,12 @@ class ExecutionEngine:
         self._let_go.atexit = False
 
     def with_event_handler(self, handler: EventHandler) -> ExecutionEngine:
-        """Add a handler that receives every event; returns the engine for chaining."""
+        """Add a handler that receives every event; returns the engine for chaining.
+
+        `EngineClosed` once shutdown has begun: it would never be told to stop.
+        """
+        if self._supervisor.winding_down:
+            raise EngineClosed()
         self._bus.add_handler(handler)
         return self
 
@@ -289,6 +294,11 @@ def _checked_timeout(timeout: float | None) -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if isinstance(timeout, int):
+        try:
+            timeout = float(timeout)
+        except OverflowError:  # past any float: for ever, or not at all
+            return None if timeout > 0 else 0.0
     if math.isnan(timeout):
         raise ValueError("timeout must be a number of seconds, not NaN")
     return timeout

@@ -9,7 +9,7 @@ from uuid import UUID, uuid4
 
 from pydantic import BeforeValidator, Field, field_serializer
 
-from ._model import F64, I32, U32, U64, Model, StrictBool, Usize, UsizeKeyMap
+from ._model import I32, U64, FiniteF64, Model, PositiveU32, StrictBool, Usize, UsizeKeyMap
 from .actors.secrets import MASK, check_secret, json_masker, mask_error, masker_for
 from .commands import Command
 from .config import ExecutionConfig
@@ -43,11 +43,11 @@ class RetryPolicy(Model):
     [delay/2, delay]. `worker_lost` is opt-in: the command may have partly run.
     """
 
-    max_attempts: U32 = Field(default=3, ge=1)
+    max_attempts: PositiveU32 = 3
     """Attempts in all, the first one included."""
     backoff_ms: U64 = Field(default=1000, ge=0)
     """Delay before the second attempt, in milliseconds."""
-    backoff_multiplier: F64 = Field(default=2.0, ge=1.0)
+    backoff_multiplier: FiniteF64 = Field(default=2.0, ge=1.0)
     """Each later delay is the one before it times this."""
     max_backoff_ms: U64 = Field(default=60_000, ge=0)
     """The longest delay, in milliseconds."""

@@ -10,14 +10,14 @@ from uuid import UUID
 from pydantic import Field
 
 from ._model import (
-    F64,
     I32,
-    U32,
     U64,
     Duration,
+    FiniteF64,
     Model,
     NanoDateTime,
     NanoDuration,
+    PositiveU32,
     StrictBool,
     Usize,
     UtcDateTime,
@@ -51,9 +51,9 @@ class ExecutionStatus(StrEnum):
 class ResourceUsage(Model):
     """The kernel's accounting for the command and the descendants it waited for."""
 
-    user_cpu_s: F64
+    user_cpu_s: FiniteF64
     """CPU time in user mode, in seconds."""
-    system_cpu_s: F64
+    system_cpu_s: FiniteF64
     """CPU time in the kernel, in seconds."""
     max_rss_bytes: U64
     """Peak resident memory of its largest process, in bytes."""
@@ -87,7 +87,7 @@ class ExecutionResult(Model):
     """stdout was cut at max_output_bytes; the log file has all of it."""
     stderr_truncated: StrictBool = False
     """stderr was cut at max_output_bytes; the log file has all of it."""
-    attempts: U32 = Field(default=1, ge=1, exclude_if=lambda v: v == 1)
+    attempts: PositiveU32 = Field(default=1, exclude_if=lambda v: v == 1)
     """How many times the command ran (more than one under a `RetryPolicy`)."""
 
 

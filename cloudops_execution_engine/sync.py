@@ -126,16 +126,32 @@ class SyncExecutionEngine:
             raise
 
     def with_event_handler(self, handler: Any) -> SyncExecutionEngine:
-        """Add a handler; one that is not a coroutine function runs on a thread of its own."""
-        self._call(_run_sync(self._bus.add_handler, handler, not is_coroutine_handler(handler)))
+        """Add a handler; one that is not a coroutine function runs on a thread of its own.
+
+        `EngineClosed` once shutdown has begun.
+        """
+        if self._engine._supervisor.winding_down:
+            raise EngineClosed()
+        self._call(_run_sync(self._add_handler, handler))
         return self
+
+    def _add_handler(self, handler: Any) -> None:
+        # Asked again on the loop: shutdown may have begun since.
+        if self._engine._supervisor.winding_down:
+            raise EngineClosed()
+        self._bus.add_handler(handler, not is_coroutine_handler(handler))
 
     def remove_event_handler(self, handler: Any) -> None:
         """Stop delivering events to `handler`; events already queued for it are dropped."""
         self._call(_run_sync(self._bus.remove_handler, handler))
 
     def __enter__(self) -> SyncExecutionEngine:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # `__exit__` never runs for a `with` whose entry failed: its loop thread ends here.
+            self.shutdown()
+            raise
         return self
 
     def __exit__(

@@ -45,6 +45,7 @@ from cloudops_execution_engine import (
     ScriptCommand,
     ScriptNotFound,
     SerializationError,
+    SyncExecutionEngine,
     TimeoutTooLarge,
     ValidationError,
 )
@@ -730,3 +731,56 @@ def test_a_loop_closing_during_a_shutdown_its_caller_gave_up_on_logs_nothing_and
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     assert gone(sleeper[0]), "its command outlived the loop"
     wait_until(lambda: host_children() <= before, 10, "the engine's workers to end")
+
+
+async def test_a_handler_added_once_shutdown_began_is_refused(tmp_path: Path) -> None:
+    """EngineClosed while shutdown drains the handlers and after it; nothing is left on the host's loop."""
+    release = asyncio.Event()
+    draining = asyncio.Event()
+
+    class Slow:
+        async def on_event(self, event: Any) -> None:
+            if event.event_type == "completed":
+                draining.set()
+                await release.wait()
+
+    engine = ExecutionEngine(config(tmp_path)).with_event_handler(Slow())
+    await engine.start()
+    await engine.wait(await engine.execute(shell("true")), timeout=20)
+    await draining.wait()
+    stopping = asyncio.ensure_future(engine.shutdown())
+    await asyncio.sleep(0)  # the task's first step: shutdown begins, and waits for the slow handler
+    assert engine._supervisor.winding_down
+    with pytest.raises(EngineClosed):
+        engine.with_event_handler(Recorder())
+    release.set()
+    await stopping
+    tasks = len(asyncio.all_tasks())
+    with pytest.raises(EngineClosed):
+        engine.with_event_handler(Recorder())
+    assert len(asyncio.all_tasks()) == tasks
+
+
+def test_a_handler_added_to_a_blocking_engine_once_shutdown_began_is_refused(tmp_path: Path) -> None:
+    release = threading.Event()
+    draining = threading.Event()
+
+    def slow(event: Any) -> None:
+        if event.event_type == "completed":
+            draining.set()
+            release.wait(10)
+
+    engine = SyncExecutionEngine(config(tmp_path)).with_event_handler(slow)
+    engine.wait(engine.execute(shell("true")), timeout=20)
+    assert draining.wait(10)
+    stopping = threading.Thread(target=engine.shutdown)
+    stopping.start()
+    try:
+        wait_until(lambda: engine._engine._supervisor.winding_down, 10, "shutdown to begin")
+        with pytest.raises(EngineClosed):
+            engine.with_event_handler(lambda event: None)
+    finally:
+        release.set()
+        stopping.join(20)
+    with pytest.raises(EngineClosed):
+        engine.with_event_handler(lambda event: None)

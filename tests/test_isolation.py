@@ -44,6 +44,7 @@ from cloudops_execution_engine import (
     ShellCommand,
     ValidationError,
 )
+from cloudops_execution_engine.actors import supervisor
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leaks")]
 
@@ -382,6 +383,44 @@ def test_a_configured_maximum_beyond_u64_is_refused() -> None:
 # -- 5. a stopped worker -------------------------------------------------------------------
 
 
+async def test_a_host_whose_loop_was_blocked_keeps_its_quiet_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host, not the worker, was late: no ping went out while its loop was blocked, so a worker
+    that said nothing meanwhile had nothing to answer, and its commands run on."""
+    monkeypatch.setattr(supervisor, "_SILENCE_LIMIT", 1.0)
+    async with ExecutionEngine(config(tmp_path, workers=2)) as engine:
+        quiet = [await engine.execute(shell("read line; echo $line", stdin="done\n")) for _ in range(2)]
+        quiet += [await engine.execute(shell(f"while [ ! -e {tmp_path / 'go'} ]; do sleep 0.05; done"))]
+        await result_of(engine, quiet[0], 20)
+        time.sleep(2.5)  # the host's own sync work, on its loop: longer than the limit  # noqa: ASYNC251
+        (tmp_path / "go").touch()
+        results = [await result_of(engine, eid, 20) for eid in quiet]
+    assert [(r.status, r.error) for r in results] == [(ExecutionStatus.COMPLETED, None)] * 3
+
+
+async def test_a_dead_workers_unsent_commands_are_let_go_of_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was queued for a worker that died unread (commands with 4 MiB of stdin each) is freed,
+    though the records of its failed executions, which name it, are kept."""
+    monkeypatch.setattr(supervisor, "_SILENCE_LIMIT", 1.0)
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        pool = engine._supervisor._pool
+        assert pool is not None
+        [worker] = pool.workers
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            ids = [await engine.execute(run("cat", stdin=b"x" * (4 << 20))) for _ in range(4)]
+            results = [await result_of(engine, eid, 20) for eid in ids]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGCONT)
+        assert all("stopped responding" in (r.error or "") for r in results)
+        assert engine._supervisor.entry(ids[0]).worker is worker  # type: ignore[union-attr]
+        assert worker._writer.backlog == 0  # type: ignore[union-attr]
+
+
 async def test_a_stopped_worker_is_replaced_and_its_executions_fail(tmp_path: Path) -> None:
     async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
         bystander = await engine.execute(shell("echo $$ > by.pid; exec sleep 60", working_dir=tmp_path))
@@ -628,7 +667,7 @@ async def test_a_command_that_stops_the_spawner_costs_at_most_one_start(tmp_path
 
 def test_a_stalled_spawner_is_given_up_well_before_its_worker_would_be() -> None:
     # Two limits that meet: the worker waits for its spawner while the host waits for the worker.
-    from cloudops_execution_engine.actors import spawner, supervisor
+    from cloudops_execution_engine.actors import spawner
 
     assert spawner._ANSWER_TIMEOUT * 2 <= supervisor._SILENCE_LIMIT
 

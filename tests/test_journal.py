@@ -113,6 +113,36 @@ async def test_an_engine_on_the_same_journal_answers_for_what_an_earlier_one_ran
             await second.get_status(uuid4())
 
 
+async def test_an_engine_not_yet_started_answers_from_the_journal(tmp_path: Path) -> None:
+    """Queries are a use that starts the engine: it answers for what earlier engines recorded."""
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        eid = await first.execute(shell("echo recorded"))
+        await first.wait(eid, timeout=20)
+        recorded_log = first.get_log_path(eid)
+    elsewhere = journalled(tmp_path, log_dir=tmp_path / "other-logs")
+    fresh = ExecutionEngine(elsewhere)
+    try:
+        assert fresh.get_log_path(eid) == recorded_log
+        assert await fresh.get_status(eid) is C
+    finally:
+        await fresh.shutdown()
+    for ask in ("get_result", "wait", "list_executions", "read_logs"):
+        engine = ExecutionEngine(elsewhere)
+        try:
+            if ask == "list_executions":
+                assert [s.id for s in await engine.list_executions()] == [eid]
+            elif ask == "read_logs":
+                assert "recorded" in await engine.read_logs(eid)
+            else:
+                result = await getattr(engine, ask)(eid)
+                assert isinstance(result, ExecutionResult)
+                assert result.stdout == "recorded\n"
+            with pytest.raises(NotFound):
+                await engine.get_status(uuid4())
+        finally:
+            await engine.shutdown()
+
+
 async def journalled_trues(tmp_path: Path, count: int) -> list[UUID]:
     """The ids of `count` executions an earlier engine ran and journalled."""
     async with ExecutionEngine(journalled(tmp_path)) as engine:

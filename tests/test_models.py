@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pydantic
@@ -268,3 +269,29 @@ def test_models_first_used_from_many_threads_at_once_give_every_thread_the_same_
         )
         report = json.loads(done.stdout)
         assert report["threads"] == [report["alone"]] * len(report["threads"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cee.RetryPolicy(max_attempts=0),
+        lambda: cee.RetryPolicy.model_validate_json('{"max_attempts": 0}'),
+        lambda: cee.RetryPolicy(backoff_multiplier=float("inf")),
+        lambda: cee.RetryPolicy(backoff_multiplier=float("nan")),
+        lambda: cee.RetryPolicy.model_validate_json('{"backoff_multiplier": Infinity}'),
+        lambda: cee.RetryPolicy.model_validate_json('{"backoff_multiplier": 1e400}'),
+        lambda: cee.ResourceUsage(user_cpu_s=float("nan"), system_cpu_s=0.0, max_rss_bytes=0),
+    ],
+    ids=["zero-attempts", "zero-attempts-json", "inf", "nan", "json-infinity", "json-overflow", "nan-usage"],
+)
+def test_what_serde_could_not_write_back_is_refused(make: Any) -> None:
+    """No attempts at all, or a float JSON has no number for (serde writes null for it, and reads
+    null back as no float): refused (pydantic's error from JSON, the contract's from a constructor),
+    not a value that cannot come back from a journal."""
+    with pytest.raises(pydantic.ValidationError):
+        make()
+
+
+def test_attempts_are_at_least_one_in_the_schema_too() -> None:
+    assert cee.RetryPolicy.model_json_schema()["properties"]["max_attempts"]["minimum"] == 1
+    assert cee.ExecutionResult.model_json_schema()["properties"]["attempts"]["minimum"] == 1

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -555,3 +556,27 @@ def test_a_script_that_never_shuts_its_engine_down_exits_quietly_and_leaves_noth
     status, pid = done.stdout.split()
     assert status == "completed"
     wait_until(lambda: gone(int(pid)), 10, "the running command to be gone")
+
+
+def test_a_with_block_whose_start_fails_leaves_no_thread_and_no_warning(tmp_path: Path) -> None:
+    """`__exit__` never runs when `__enter__` raised: the engine's loop thread ends all the same."""
+    (tmp_path / "a-file").touch()
+    threads_before = set(threading.enumerate())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with pytest.raises(IoError), SyncExecutionEngine(config(tmp_path, log_dir=tmp_path / "a-file")):
+            pytest.fail("the block ran")
+        gc.collect()
+    assert set(threading.enumerate()) <= threads_before
+
+
+@pytest.mark.parametrize("timeout", [10**400, -(10**400)], ids=["huge", "hugely-negative"])
+def test_wait_takes_any_integer_timeout(tmp_path: Path, timeout: int) -> None:
+    """An int past what a float holds waits for ever (or not at all), as 1e300 and -1e300 do."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        eid = engine.execute(shell("true"))
+        if timeout > 0:
+            assert engine.wait(eid, timeout=timeout).status is ExecutionStatus.COMPLETED
+        else:
+            engine.wait(eid, timeout=60)
+            assert engine.wait(eid, timeout=timeout).status is ExecutionStatus.COMPLETED

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ..protocol import Shutdown, encode_frame
+from ..protocol import FrameDecoder, Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
 from . import after_fork, process_tree, spare_worker
 from .launcher import WorkerProcess, WorkerTarget, launch_worker
@@ -261,6 +261,7 @@ class ProcessWorkerHandle(WorkerHandle):
         # exit is what `stop` and the death report wait for.
         self._loop.remove_reader(self._rfd)
         self._writer.close()
+        self._decoder = FrameDecoder()  # nor a frame half read: records of its executions outlive it
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)

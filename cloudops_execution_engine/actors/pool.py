@@ -111,6 +111,10 @@ class WorkerHandle(ABC):
         self.held: set[bytes] = set()
         self.capacity = 1  # executions it can hold at once, as its hello says
         self.last_heard = loop.time()  # when a frame last came from it
+        # When the oldest ping it has not answered yet was sent (None: it has answered them all).
+        # Silence counts from there: a host whose loop was blocked sent no ping meanwhile, and a
+        # worker that had none to answer is not silent, however long ago it last spoke.
+        self.unanswered_since: float | None = None
         self.pings = 0
         self.alive = False
         self.ready = False
@@ -177,11 +181,14 @@ class WorkerHandle(ABC):
 
     def ping(self) -> None:
         self.pings += 1
+        if self.unanswered_since is None:
+            self.unanswered_since = self._loop.time()
         self.send(Ping(self.pings).to_wire())
 
     def _feed(self, data: bytes) -> None:
         """Decode what the worker sent and hand each message to the supervisor."""
         self.last_heard = self._loop.time()
+        self.unanswered_since = None  # whatever it sends, it sent after the pings before
         try:
             for frame in self._decoder.feed(data):
                 message = decode_message(frame)

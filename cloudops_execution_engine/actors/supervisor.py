@@ -140,6 +140,11 @@ class Supervisor:
         if self._state is EngineState.CLOSING or self._state is EngineState.CLOSED:
             raise EngineClosed()
 
+    @property
+    def winding_down(self) -> bool:
+        """Shutdown has begun (or is done)."""
+        return self._state is EngineState.CLOSING or self._state is EngineState.CLOSED
+
     def check_usable(self) -> None:
         """Queries keep working while shutdown winds down, and stop once it is done."""
         if self._forked_away is not None:
@@ -769,9 +774,9 @@ class Supervisor:
         for worker in list(self._pool.workers):
             if not worker.ready:
                 continue
-            silent = now - worker.last_heard
-            if silent > _SILENCE_LIMIT:
-                worker.die(f"stopped responding (no answer in {silent:.1f}s)")
+            asked = worker.unanswered_since
+            if asked is not None and now - asked > _SILENCE_LIMIT:
+                worker.die(f"stopped responding (no answer in {now - asked:.1f}s)")
             else:
                 worker.ping()
         self._heartbeat_timer = loop.call_later(_HEARTBEAT, self._heartbeat)

@@ -111,8 +111,9 @@ class PipeWriter:
         self._buffer.clear()
 
     def close(self) -> None:
-        """Stop writing; the caller owns and closes the fd."""
+        """Stop writing, and let go of what was never written; the caller owns and closes the fd."""
         self._closed = True
+        self._buffer = bytearray()  # a dead worker's backlog (commands' stdin) may be large
         if self._watching:
             self._loop.remove_writer(self._fd)
             self._watching = False
