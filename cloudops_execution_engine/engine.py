@@ -158,22 +158,22 @@ class ExecutionEngine:
         return self._supervisor.submit_plan(plan)
 
     async def get_status(self, execution_id: UUID | str) -> ExecutionStatus:
-        self._supervisor.check_usable()
+        await self._ready_to_answer()
         return self._supervisor.status(_coerce_id(execution_id))
 
     async def get_result(self, execution_id: UUID | str) -> ExecutionResult:
-        self._supervisor.check_usable()
+        await self._ready_to_answer()
         return self._supervisor.result(_coerce_id(execution_id))
 
     async def get_plan_result(self, plan_id: UUID | str) -> PlanExecutionResult:
-        self._supervisor.check_usable()
+        await self._ready_to_answer()
         return self._supervisor.plan_result(_coerce_id(plan_id))
 
     async def wait(
         self, execution_id: UUID | str, timeout: float | None = None
     ) -> ExecutionResult | PlanExecutionResult:
         """Wait for an execution or plan to end; `TimeoutError` if `timeout` seconds pass first."""
-        self._supervisor.check_usable()
+        await self._ready_to_answer()
         return await self._supervisor.wait(_coerce_id(execution_id), _checked_timeout(timeout))
 
     async def list_executions(
@@ -191,10 +191,21 @@ class ExecutionEngine:
         it; `limit`, applied last, keeps the newest `limit`. With a journal,
         earlier engines' executions and plans are listed too.
         """
-        self._supervisor.check_usable()
         filters = _list_filters(status, plan_id, since, limit)
+        await self._ready_to_answer()
         with map_errors({sqlite3.Error: IoError}, "cannot read journal"):
             return self._supervisor.summaries(**filters)
+
+    async def _ready_to_answer(self) -> None:
+        """Queries work until shutdown is done; with a journal, the first one starts the engine.
+
+        The journal is what answers for earlier engines' work, and it is opened
+        (and what a dead host left recovered) by `start()`.
+        """
+        supervisor = self._supervisor
+        supervisor.check_usable()
+        if self.config.journal is not None and not supervisor.running and not supervisor.winding_down:
+            await supervisor.start()
 
     async def resume_plan(self, plan_id: UUID | str) -> UUID:
         """Run an ended plan again as a new plan: what completed counts as done, the rest runs again.
@@ -216,8 +227,8 @@ class ExecutionEngine:
 
     async def read_logs(self, execution_id: UUID | str) -> str:
         """The log file's contents; for a plan, its commands' logs one after another."""
-        self._supervisor.check_usable()
         key = _coerce_id(execution_id)
+        await self._ready_to_answer()
         try:
             return await self._supervisor.read_logs(key)
         except IoError:

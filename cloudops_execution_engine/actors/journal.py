@@ -469,9 +469,17 @@ class JournalStore:
             self._reads,
             map_errors({sqlite3.Error: IoError, ValueError: IoError}, f"cannot read journal {self.path}"),
         ):
-            if self._reader is None:
+            if self._reader is not None:
+                yield self._reader
+                return
+            if not self.path.is_file():
                 raise IoError(f"journal {self.path} is not open")
-            yield self._reader
+            # Not open (yet, or any more): a read beside whoever holds it, as `journal_view` reads.
+            reader = open_connection(self.path, readonly=True)
+            try:
+                yield reader
+            finally:
+                reader.close()
 
     def summaries(
         self,
