@@ -40,7 +40,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 if TYPE_CHECKING:
@@ -75,6 +75,20 @@ __all__ = [
 
 class ExecutionError(Exception):
     """Base of every error the engine raises."""
+
+    # Each subclass takes the parts of its message, not the message: rebuilt by
+    # calling it with `args`, as pickle and copy do, one would word it twice (or
+    # fail). It is rebuilt as it is instead: its text (masked, if it was) and fields,
+    # so that an error crosses processes (multiprocessing, concurrent.futures) whole.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuilt, (type(self), self.args, dict(vars(self))))
+
+
+def _rebuilt(cls: type[ExecutionError], args: tuple[Any, ...], fields: dict[str, Any]) -> ExecutionError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    vars(error).update(fields)
+    return error
 
 
 class ValidationError(ExecutionError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
@@ -11,6 +13,8 @@ import pydantic
 import pytest
 
 import cloudops_execution_engine as cee
+from cloudops_execution_engine import errors
+from cloudops_execution_engine.actors.secrets import mask_error
 from cloudops_execution_engine.errors import ErrorMapping, map_errors, mapped
 from cloudops_execution_engine.logfiles import read_log
 
@@ -225,3 +229,43 @@ def test_reading_a_missing_log_maps_to_io_error_unless_allowed(tmp_path: Path) -
         read_log(missing)
     assert str(caught.value) == f"IO error: cannot read log file: No such file or directory: {missing}"
     assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.InvalidCommand("bad"),
+        errors.ScriptNotFound("/no/such/script"),
+        errors.TimeoutTooLarge(10, 5),
+        errors.InvalidWorkingDir("/no/such/dir"),
+        errors.MissingField("command"),
+        errors.InvalidPlan("a cycle"),
+        errors.NotFound(UUID(int=1)),
+        errors.NotRunning(UUID(int=2)),
+        errors.NotCompleted(UUID(int=3)),
+        errors.EngineClosed(),
+        errors.EngineClosed("forked"),
+        errors.Timeout(100),
+        errors.Cancelled(),
+        errors.CommandFailed(3),
+        errors.SpawnFailed("no such file"),
+        errors.IoError("disk full"),
+        errors.SerializationError("EOF"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_an_error_crosses_processes_and_copies_as_it_was(error: errors.ExecutionError) -> None:
+    """A host that runs the engine under multiprocessing or concurrent.futures gets the error raised
+    in its worker: pickled, and copied, each is the same class with the same text and fields."""
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+        assert type(again) is type(error)
+        assert str(again) == str(error)
+        assert vars(again) == vars(error)
+
+
+def test_a_masked_error_stays_masked_across_processes() -> None:
+    error = errors.InvalidWorkingDir("/tmp/s3cr3t-value")
+    mask_error(error, ["s3cr3t-value"])
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) == "Invalid working directory: /tmp/***"
+    assert again.path == error.path
