@@ -448,10 +448,12 @@ def _plain(value: datetime) -> datetime:
 
 # RFC 3339 as chrono writes and reads it; a year beyond four digits (chrono's
 # `+10000`) or a sign is matched so that refusing it can say why.
+# ASCII digits only, as chrono reads them: Python's `\d` takes every script's.
 _TIMESTAMP = re.compile(
     r"(?P<year>[+-]?\d{4,})-(?P<month>\d\d)-(?P<day>\d\d)[Tt ]"
     r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d)(?:\.(?P<fraction>\d+))?"
-    r"(?P<offset>[Zz]|(?i:utc)|[+-]\d\d:?\d\d)?"
+    r"(?P<offset>[Zz]|(?i:utc)|[+-]\d\d:?\d\d)?",
+    re.ASCII,
 )
 
 

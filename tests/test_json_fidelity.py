@@ -209,6 +209,9 @@ def test_nanos_beyond_a_second_carry_into_seconds_as_serde_does() -> None:
         ("0001-01-01T00:00:00+01:00", "outside years 1..=9999 in UTC"),
         ("2024-05-01", "not an RFC 3339 timestamp"),
         ("1714564800", "not an RFC 3339 timestamp"),
+        ("\u0662\u0660\u0662\u0664-01-01T00:00:00Z", "not an RFC 3339 timestamp"),  # Arabic-Indic digits
+        ("\uff12\uff10\uff12\uff14-01-01T00:00:00Z", "not an RFC 3339 timestamp"),  # full-width digits
+        ("2024-01-01T00:00:00.\u0661\u0662\u0663Z", "not an RFC 3339 timestamp"),
     ],
 )
 def test_timestamps_python_cannot_hold_are_validation_errors_that_say_why(timestamp: str, why: str) -> None:
