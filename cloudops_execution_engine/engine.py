@@ -112,7 +112,8 @@ class ExecutionEngine:
         """Stop the engine; leaves no worker or command process behind.
 
         With `cancel` (the default) pending and running executions are cancelled
-        and their trees killed; otherwise they are let finish first.
+        and their trees killed; otherwise they are let finish first, unless a
+        later call with `cancel` asks to cancel what is left.
         """
         if self._supervisor.loop_closed():
             # Started under a loop that is gone (a finished `asyncio.run`): what

@@ -505,6 +505,27 @@ async def test_shutdown_without_cancel_lets_work_finish(tmp_path: Path) -> None:
     assert "status=completed" in engine.get_log_path(eid).read_text()
 
 
+async def test_shutdown_asked_again_to_cancel_stops_a_graceful_one_at_once(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """shutdown(cancel=False) waits for the work; a later shutdown() cancels what is left, as it
+    would have alone, and both calls return once it is all stopped."""
+    engine = ExecutionEngine(config(tmp_path, max_concurrent_executions=1)).with_event_handler(recorder)
+    await engine.start()
+    running = await engine.execute(shell("echo up; exec sleep 30"))
+    queued = await engine.execute(shell("echo never"))
+    await recorder.until(lambda _: "stdout" in recorder.types_of(running))
+    graceful = asyncio.ensure_future(engine.shutdown(cancel=False))
+    await asyncio.sleep(0)  # its first step: shutdown has begun, and waits for the work
+    assert engine._supervisor.winding_down
+    assert not graceful.done()
+    async with asyncio.timeout(10):
+        await engine.shutdown()
+        await graceful
+    assert recorder.types_of(running)[-1] == "cancelled"
+    assert recorder.types_of(queued) == ["cancelled"]
+
+
 async def test_engine_starts_lazily_without_a_context_manager(tmp_path: Path) -> None:
     engine = ExecutionEngine(config(tmp_path))
     try:

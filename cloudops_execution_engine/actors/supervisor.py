@@ -126,6 +126,8 @@ class Supervisor:
         self._forked_away: str | None = None
         self._owner_pid = 0
         self._winding_down: asyncio.Task[None] | None = None
+        # Set by a shutdown that cancels: one that waits for the work stops waiting for it.
+        self._cancel_asked = asyncio.Event()
         # None unless OpenTelemetry is installed: then every hook below is skipped by one check.
         self._telemetry: Telemetry | None = None
 
@@ -305,6 +307,8 @@ class Supervisor:
     async def shutdown(self, cancel: bool = True) -> None:
         """Stop the engine; a second call, or one while it winds down, waits for the same end.
 
+        One that cancels, while a graceful one waits for the work, cancels what is left.
+
         The work runs in a task the supervisor holds, shielded from the caller:
         a caller that stops waiting (a timeout, its own cancellation) gets its
         CancelledError, and the pool and every command are stopped all the same.
@@ -312,6 +316,9 @@ class Supervisor:
         if self._state is EngineState.CLOSED:
             return
         winding_down = self._begin_wind_down(cancel)
+        if cancel:
+            # Asked to cancel while a graceful shutdown waits for the work: cancel it now.
+            self._cancel_asked.set()
         # A handler may be the caller: the drain of handlers must not wait for it.
         self.bus.spare(threading.current_thread())
         await asyncio.shield(winding_down)
@@ -327,16 +334,16 @@ class Supervisor:
             try:
                 if pool is not None:
                     if cancel:
-                        for plan in self._store.plans():
-                            if not plan.status.is_final:
-                                plan.cancelled = True
-                        for record in self._store.records():
-                            self._cancel_record(record)
+                        self._cancel_everything()
                     waits = [r.end_event().wait() for r in self._store.records() if not r.settled]
                     waits += [p.end_event().wait() for p in self._store.plans() if not p.settled]
+                    everything = _all_of(waits)
+                    if not cancel and not await _first_of(everything, self._cancel_asked):
+                        cancel = True  # a later shutdown asked to cancel what is left
+                        self._cancel_everything()
                     bound = self.config.kill_grace_ms / 1000 + _SHUTDOWN_MARGIN if cancel else None
                     try:
-                        await asyncio.wait_for(_all_of(waits), bound)
+                        await asyncio.wait_for(everything, bound)
                     except TimeoutError:
                         self._log_unfinished(
                             f"executions still running {bound:.0f}s into shutdown; killing workers"
@@ -760,6 +767,13 @@ class Supervisor:
         worker.set_max_frame(self._max_frame)
         self._scheduler.dispatch()
 
+    def _cancel_everything(self) -> None:
+        for plan in self._store.plans():
+            if not plan.status.is_final:
+                plan.cancelled = True
+        for record in self._store.records():
+            self._cancel_record(record)
+
     def _heartbeat(self) -> None:
         """Ping every worker; kill one that has said nothing for too long.
 
@@ -919,6 +933,18 @@ def _has_room(worker: WorkerHandle) -> bool:
 
 def _ray_missing(reason: str) -> SpawnFailed:
     return SpawnFailed(f"the Ray backend needs Ray ({reason}): pip install 'cloudops-execution-engine[ray]'")
+
+
+async def _first_of(work: asyncio.Future[Any], asked: asyncio.Event) -> bool:
+    """Wait for `work`, or for `asked`: True when the work is done."""
+    if work.done() or asked.is_set():
+        return work.done()
+    asking = asyncio.ensure_future(asked.wait())
+    try:
+        await asyncio.wait({work, asking}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        asking.cancel()
+    return work.done()
 
 
 def _all_of(waits: Iterable[Awaitable[Any]]) -> asyncio.Future[list[Any]]:
