@@ -398,6 +398,42 @@ async def test_a_start_cancelled_while_the_journal_opens_leaves_the_journal_to_w
         assert [s.id for s in await later.list_executions()] == [done.id]
 
 
+def test_a_start_cancelled_on_a_loop_that_then_closes_leaves_the_journal_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open ends on its thread after the caller's loop is gone (a host's deadline for starting,
+    then `asyncio.run` returned): it lets go of the journal itself, and a new engine starts on it."""
+    inside, go_on = threading.Event(), threading.Event()
+    recover = journal_recovery.recover
+
+    def slow_recover(conn: sqlite3.Connection) -> int:
+        inside.set()
+        go_on.wait(10)
+        return recover(conn)
+
+    monkeypatch.setattr(journal, "recover", slow_recover)
+
+    async def give_up() -> None:
+        starting = asyncio.ensure_future(ExecutionEngine(journalled(tmp_path)).start())
+        await asyncio.to_thread(inside.wait, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    asyncio.run(give_up())
+    go_on.set()
+    monkeypatch.setattr(journal, "recover", recover)
+
+    async def start_again() -> None:
+        async with ExecutionEngine(journalled(tmp_path)) as engine:
+            done = await engine.wait(await engine.execute(shell("echo started")), timeout=20)
+            assert isinstance(done, ExecutionResult)
+            assert done.stdout == "started\n"
+
+    asyncio.run(start_again())
+    assert not [f for f in psutil.Process().open_files() if f.path.startswith(str(tmp_path))]
+
+
 async def test_a_second_engine_on_a_journal_in_use_gets_io_error_naming_the_holder(tmp_path: Path) -> None:
     """Same process: the second engine is refused, naming this pid; it may open once the first shut down."""
     async with ExecutionEngine(journalled(tmp_path)):

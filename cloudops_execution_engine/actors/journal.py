@@ -148,9 +148,13 @@ class JournalStore:
         self._memory = memory
         self._timeout_ms = timeout_ms
         self._lock = JournalLock(self.path)
-        # A thread opening the journal, and whether an open() waits for it (`open`).
-        self._opening: asyncio.Future[sqlite3.Connection] | None = None
-        self._claimed = False
+        # A thread opening the journal (`open`). Under `_claims`: whether the start that
+        # asked for it was cancelled and nobody took it up since, and what it opened
+        # once it has, until an open() takes it.
+        self._opening: asyncio.Future[sqlite3.Connection | None] | None = None
+        self._claims = threading.Lock()
+        self._abandoned = False
+        self._opened: sqlite3.Connection | None = None
         self._writer: JournalWriter | None = None
         self._reader: sqlite3.Connection | None = None
         self._reads = threading.RLock()  # `get_log_path` may read from another thread
@@ -170,23 +174,28 @@ class JournalStore:
         if self._writer is not None:
             return
         loop = asyncio.get_running_loop()
-        opening = self._opening
-        if opening is None:
-            opening = self._opening = start_in_thread(self._open_blocking, name="cloudops-journal-open")
-        self._claimed = True
-        try:
-            writer_conn = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The caller stopped waiting (a start cancelled); the open runs on in its
-            # thread, holding the lock. The next open() takes it up; if none has by the
-            # time it ends, it is let go of, so that no engine is refused for it.
-            self._claimed = False
-            letting_go(self.path, True)
-            opening.add_done_callback(self._let_go_unclaimed)
-            raise
-        finally:
-            if opening.done():
+        while True:
+            opening = self._opening
+            if opening is not None and opening.done() and (opening.cancelled() or opening.exception()):
+                opening = None  # an abandoned open that failed: this start tries afresh
+            if opening is None:
+                opening = self._opening = start_in_thread(self._open_claimed, name="cloudops-journal-open")
+            with self._claims:
+                self._abandoned = False  # taken up: the thread keeps what it opens
+            try:
+                writer_conn = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                self._abandon_open()
+                raise
+            except BaseException:
                 self._opening = None
+                raise
+            self._opening = None
+            with self._claims:
+                self._opened = None
+            if writer_conn is not None:
+                break
+            # An earlier open, abandoned by a cancelled start, let go of the journal just now.
         letting_go(self.path, False)
         self._writer_conn = writer_conn
         self._writer = JournalWriter(
@@ -205,21 +214,48 @@ class JournalStore:
         if self.retention is not None:
             self._sweeps.start(self.sweep)
 
-    def _let_go_unclaimed(self, opening: asyncio.Future[sqlite3.Connection]) -> None:
-        """An open whose caller was cancelled has ended: unless taken up meanwhile, undo it."""
-        if self._claimed or self._writer is not None:
-            return
-        if self._opening is opening:
+    def _open_claimed(self) -> sqlite3.Connection | None:
+        """Open the journal (on a thread); None when the start that asked was cancelled meanwhile.
+
+        Such an open is let go of here, on its own thread, and not by the loop,
+        which may be gone by then (a host that gave up on starting, then left
+        `asyncio.run`): otherwise nothing would ever let go of the journal.
+        """
+        try:
+            conn = self._open_blocking()
+        except BaseException:
+            letting_go(self.path, False)  # it holds nothing to let go of
+            raise
+        with self._claims:
+            abandoned = self._abandoned
+            self._abandoned = False
+            self._opened = None if abandoned else conn
+        if abandoned:
+            self._let_go(conn)
+            return None
+        return conn
+
+    def _abandon_open(self) -> None:
+        """A start cancelled while the journal opens: what it opens is let go of, unless taken up again."""
+        with self._claims:
+            conn, self._opened = self._opened, None
+            if conn is None:
+                self._abandoned = True  # still opening: its thread lets it go when it ends
+        if conn is not None:
             self._opening = None
-        if not opening.cancelled() and opening.exception() is None:
-            conn = opening.result()
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("UPDATE runs SET closed_us = ? WHERE run = ?", (now_us(), self._run))
-            conn.close()
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            self._lock.release()
+            self._let_go(conn)
+        else:
+            letting_go(self.path, True)
+
+    def _let_go(self, conn: sqlite3.Connection) -> None:
+        """Undo an open nobody took up: its run is closed, its connections and lock let go of."""
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("UPDATE runs SET closed_us = ? WHERE run = ?", (now_us(), self._run))
+        conn.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        self._lock.release()
         letting_go(self.path, False)
 
     def _known_filled_on(self, loop: asyncio.AbstractEventLoop) -> Callable[[KnownIds], None]:
