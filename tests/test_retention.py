@@ -28,7 +28,7 @@ from cloudops_execution_engine import (
     RetentionPolicy,
     SerialStrategy,
 )
-from cloudops_execution_engine.actors import retention
+from cloudops_execution_engine.actors import journal, journal_writer, retention
 from cloudops_execution_engine.actors.records import Record
 from cloudops_execution_engine.actors.store import MemoryStore
 
@@ -314,3 +314,28 @@ def test_trimming_memory_costs_each_entry_once() -> None:
         records.append(record)
     assert store.trim(None, 10) == 29_990
     assert [record.id for record in store.records()] == [record.id for record in records[-10:]]
+
+
+async def test_what_memory_lets_go_while_the_journal_cannot_be_written_is_still_answered_as_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ends not yet durable (another process holds the journal's write lock) are answered from the
+    engine's own keeping after a sweep trimmed memory: never from their stale submission rows."""
+    monkeypatch.setattr(journal, "WRITER_BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(journal_writer, "_RETRY_S", 0.05)
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    path = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(journalled(tmp_path, retention=RetentionPolicy(max_executions=1))) as engine:
+        await run_all(engine, "echo first")  # the journal exists, its rows written
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            ids = await run_all(engine, *(f"echo {i}" for i in range(4)))
+            memory = engine._supervisor._store._memory  # type: ignore[attr-defined]
+            await until(lambda: len(memory.records()) <= 1, "a sweep to trim memory")
+            for eid in ids:
+                assert await engine.get_status(eid) is ExecutionStatus.COMPLETED
+                assert (await engine.get_result(eid)).status is ExecutionStatus.COMPLETED
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()

@@ -269,10 +269,14 @@ class JournalStore:
     def sweep(self) -> None:
         """Apply the retention policy: to memory now, to the journal and logs on the writer thread."""
         retention = self.retention
-        if retention is None or self._writer is None or self._writer_conn is None or self._sweeping:
+        if retention is None or self._writer is None or self._writer_conn is None:
             return
         moment = now()
+        # Memory is kept within bounds even while the journal's part waits (a journal that
+        # cannot be written): an end not yet durable is still answered from `_live`.
         self._memory.trim(retention.cutoff(moment), retention.policy.max_executions)
+        if self._sweeping:
+            return
         self._sweeping = True
         self._writer.put_job(self._tracked(retention.journal_job(self._writer_conn, self.live_ids(), moment)))
 
@@ -461,7 +465,7 @@ class JournalStore:
         try:
             return self._memory.record(entry_id)
         except NotFound:
-            found = self._from_journal(entry_id)
+            found = self._kept(entry_id)
         if not isinstance(found, Record):
             raise NotFound(entry_id)
         return found
@@ -470,7 +474,7 @@ class JournalStore:
         try:
             return self._memory.plan(entry_id)
         except NotFound:
-            found = self._from_journal(entry_id)
+            found = self._kept(entry_id)
         if not isinstance(found, PlanRun):
             raise NotFound(entry_id)
         return found
@@ -479,7 +483,14 @@ class JournalStore:
         try:
             return self._memory.entry(entry_id)
         except NotFound:
-            return self._from_journal(entry_id)
+            return self._kept(entry_id)
+
+    def _kept(self, entry_id: UUID) -> Record | PlanRun:
+        """Not in memory (retention let it go): its end if not yet durable, else the journal's row."""
+        live = self._live.get(entry_id.bytes)
+        if live is not None:
+            return live[1]
+        return self._from_journal(entry_id)
 
     def _from_journal(self, entry_id: UUID) -> Record | PlanRun:
         row = self._row(entry_id, ENTRY_COLUMNS)
