@@ -63,8 +63,12 @@ class RetentionPolicy(Model):
 
 
 class ExecutionConfig(Model):
-    # A refused setting's error would quote the input, secrets and all.
-    model_config = ConfigDict(**Model.model_config, hide_input_in_errors=True)
+    # A refused setting's error would quote the input, secrets and all. Fields are set one at a
+    # time unchecked, as a host may pass through states that are not valid (the default raised
+    # before the maximum); an engine checks the whole config when made (`engine._own_copy`).
+    model_config = ConfigDict(
+        **{**Model.model_config, "validate_assignment": False}, hide_input_in_errors=True
+    )
 
     default_timeout_ms: U64 = Field(default=120_000, gt=0, le=U64_MAX)
     """Timeout of a request that sets none, in milliseconds."""

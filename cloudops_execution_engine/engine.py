@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import math
 import sqlite3
 import warnings
@@ -69,8 +70,7 @@ class ExecutionEngine:
     """
 
     def __init__(self, config: ExecutionConfig | None = None) -> None:
-        # A copy: the host's own object, edited later, neither changes nor breaks this engine.
-        self.config = config.model_copy(deep=True) if config is not None else ExecutionConfig()
+        self.config = _own_copy(config) if config is not None else ExecutionConfig()
         self._bus = EventBus()
         self._supervisor = Supervisor(self.config, self._bus)
         # An engine dropped without shutdown() would leave its workers, and their
@@ -295,6 +295,18 @@ class ExecutionEngine:
                 yield event
         finally:
             self._bus.unsubscribe(subscription)
+
+
+def _own_copy(config: ExecutionConfig) -> ExecutionConfig:
+    """The engine's own config: checked whole as it is now, and copied, so that the host's object,
+    edited later, neither changes nor breaks the engine.
+
+    What cannot be deep-copied (a Ray `runtime_env` naming modules) is kept as given.
+    """
+    values = {name: getattr(config, name) for name in type(config).model_fields}
+    with contextlib.suppress(TypeError, copy.Error):
+        values = copy.deepcopy(values)
+    return type(config)(**values)
 
 
 def _checked_timeout(timeout: float | None) -> float | None:

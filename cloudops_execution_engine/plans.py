@@ -21,6 +21,7 @@ from .errors import InvalidCommand, InvalidPlan
 from .requests import (
     DependencyGraphStrategy,
     ExecutionPlan,
+    ExecutionRequest,
     ParallelStrategy,
     SerialStrategy,
     check_text,
@@ -38,6 +39,15 @@ __all__ = [
 
 def check_plan(plan: ExecutionPlan) -> None:
     """Raise `InvalidPlan` for a plan that cannot be run as written."""
+    try:
+        _check_plan(plan)
+    except (TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # A plan edited in place after construction (`plan.commands.append("x")`), which no
+        # validator saw: said as the constructor would have refused it.
+        raise InvalidPlan(f"a field holds a value of the wrong type: {exc}") from None
+
+
+def _check_plan(plan: ExecutionPlan) -> None:
     total = len(plan.commands)
     if total == 0:
         raise InvalidPlan("the plan has no commands")
@@ -48,6 +58,8 @@ def check_plan(plan: ExecutionPlan) -> None:
         raise InvalidPlan(exc.reason) from None
     seen: dict[object, int] = {plan.id: -1}
     for index, request in enumerate(plan.commands):
+        if not isinstance(request, ExecutionRequest):
+            raise InvalidPlan(f"command {index} is a {type(request).__name__}, not an ExecutionRequest")
         first = seen.setdefault(request.id, index)
         if first != index:
             where = "the plan's own id" if first < 0 else f"command {first}"
@@ -66,6 +78,10 @@ def check_plan(plan: ExecutionPlan) -> None:
 
 def _check_graph(dependencies: dict[int, list[int]], total: int) -> None:
     for node, deps in dependencies.items():
+        if type(node) is not int or not isinstance(deps, list) or any(type(dep) is not int for dep in deps):
+            raise InvalidPlan(
+                f"dependencies must map command numbers to lists of them, got {node!r}: {deps!r}"
+            )
         if not 0 <= node < total:
             raise InvalidPlan(f"dependencies name command {node}, but the plan has commands 0..{total - 1}")
         for dep in deps:

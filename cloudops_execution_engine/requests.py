@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 from uuid import UUID, uuid4
 
 from pydantic import BeforeValidator, Field, field_serializer
@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 RetryCause = Literal["failed", "timeout", "worker_lost"]
+_RETRY_CAUSES: tuple[str, ...] = get_args(RetryCause)
 
 
 def _default_retry_on() -> list[RetryCause]:
@@ -211,7 +212,9 @@ class ExecutionRequest(Model):
                 # no validator saw: said as the constructor would have refused it.
                 raise InvalidCommand(f"a field holds a value of the wrong type: {exc}") from None
         except ValidationError as exc:
-            mask_error(exc, [*config.secrets, *self.secret_env.values()])
+            # Only text can be masked: a value edited in place may be anything (and is refused).
+            secrets = [value for value in self.secret_env.values() if isinstance(value, str)]
+            mask_error(exc, [*config.secrets, *secrets])
             raise
 
     def _validate(self, config: ExecutionConfig) -> None:
@@ -235,6 +238,8 @@ class ExecutionRequest(Model):
     def _validate_options(self) -> None:
         """The per-request options: what pydantic's field types cannot say alone."""
         for key, value in self.secret_env.items():
+            if type(key) is not str or type(value) is not str:
+                raise InvalidCommand(f"secret_env holds {key!r}: a name and a value must both be text")
             if not key or "=" in key or "\x00" in key:
                 raise InvalidCommand(f"secret_env variable name {key!r} is not valid")
             if "\x00" in value:
@@ -260,6 +265,12 @@ class ExecutionRequest(Model):
         self.metadata.check_text("metadata")
         if self.limits is not None:
             _check_limits(self.limits)
+        if self.retry is not None:
+            for cause in self.retry.retry_on:
+                if cause not in _RETRY_CAUSES:
+                    raise InvalidCommand(
+                        f"retry.retry_on holds {cause!r}; it may name {', '.join(_RETRY_CAUSES)}"
+                    )
 
     def effective_timeout_ms(self, config: ExecutionConfig) -> int:
         return self.timeout_ms if self.timeout_ms is not None else config.default_timeout_ms
@@ -303,6 +314,8 @@ def _check_limits(limits: ResourceLimits) -> None:
         if not limits.cpu_affinity:
             raise InvalidCommand("limits.cpu_affinity must name at least one CPU")
         for cpu in limits.cpu_affinity:
+            if type(cpu) is not int:
+                raise InvalidCommand(f"limits.cpu_affinity holds {cpu!r}, which is not a CPU number")
             if not 0 <= cpu < CPU_SETSIZE:
                 raise InvalidCommand(f"limits.cpu_affinity names CPU {cpu}, outside 0..{CPU_SETSIZE - 1}")
 

@@ -26,6 +26,7 @@ import pytest
 from conftest import HELPERS, PYTHON, config, gone, result_of, run, shell, wait_until
 
 from cloudops_execution_engine import (
+    DependencyGraphStrategy,
     EngineClosed,
     ExecCommand,
     ExecutionConfig,
@@ -39,7 +40,9 @@ from cloudops_execution_engine import (
     InvalidPlan,
     InvalidWorkingDir,
     IoError,
+    RayConfig,
     ResourceLimits,
+    RetryPolicy,
     SerialStrategy,
     ShellCommand,
     ValidationError,
@@ -266,6 +269,17 @@ def _float_limit(request: ExecutionRequest) -> None:
     request.limits.open_files = 1.5  # type: ignore[assignment]
 
 
+def _bogus_retry_cause(request: ExecutionRequest) -> None:
+    request.retry = RetryPolicy(max_attempts=2, backoff_ms=0)
+    request.retry.retry_on.append("bogus")  # type: ignore[arg-type]
+
+
+def _bool_cpu(request: ExecutionRequest) -> None:
+    request.limits = ResourceLimits(cpu_affinity=[0])
+    assert request.limits.cpu_affinity is not None
+    request.limits.cpu_affinity.append(True)
+
+
 def _changed(change: Callable[[ExecutionRequest], object]) -> ExecutionRequest:
     request = shell("echo changed")
     change(request)
@@ -288,6 +302,9 @@ def _changed(change: Callable[[ExecutionRequest], object]) -> ExecutionRequest:
         lambda r: _float_limit(r),
         lambda r: setattr(r.command, "command", None),
         lambda r: setattr(r, "working_dir", "/tmp"),
+        lambda r: r.secret_env.update({"S": 123456}),
+        _bogus_retry_cause,
+        _bool_cpu,
     ],
     ids=[
         "float-timeout",
@@ -303,6 +320,9 @@ def _changed(change: Callable[[ExecutionRequest], object]) -> ExecutionRequest:
         "float-limit",
         "no-shell-command",
         "str-working-dir",
+        "int-secret",
+        "bogus-retry-cause",
+        "bool-cpu",
     ],
 )
 async def test_a_request_changed_after_it_was_made_is_refused_or_runs_and_no_worker_dies_of_it(
@@ -323,6 +343,42 @@ async def test_a_request_changed_after_it_was_made_is_refused_or_runs_and_no_wor
         assert (await result_of(engine, beside, 20)).stdout == "beside\n"
 
 
+@pytest.mark.parametrize("change", [_bogus_retry_cause, _bool_cpu], ids=["bogus-retry-cause", "bool-cpu"])
+async def test_an_edit_a_journal_could_not_read_back_is_refused_at_execute(
+    tmp_path: Path, change: Callable[[ExecutionRequest], object]
+) -> None:
+    """Values its JSON would carry but no later engine could read (a retry cause that is none, a CPU
+    that is a bool): refused, not run and recorded unreadable."""
+    async with ExecutionEngine(config(tmp_path, journal=tmp_path / "journal.sqlite3")) as engine:
+        with pytest.raises(InvalidCommand):
+            await engine.execute(_changed(change))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p.commands.append("not a request"),
+        lambda p: p.commands.append({"command": {"type": "shell", "command": "true"}}),
+        lambda p: p.strategy.dependencies.update({1: ["0"]}),
+        lambda p: p.strategy.dependencies.update({"1": [0]}),
+        lambda p: p.strategy.dependencies.update({1: [True]}),
+        lambda p: p.metadata.tags.update({"stage": 1}),
+    ],
+    ids=["str-command", "dict-command", "str-dependency", "str-node", "bool-dependency", "int-tag"],
+)
+async def test_a_plan_changed_after_it_was_made_is_refused_as_invalid(
+    tmp_path: Path, change: Callable[[ExecutionPlan], object]
+) -> None:
+    plan = ExecutionPlan(
+        commands=[shell("true"), shell("true")], strategy=DependencyGraphStrategy(dependencies={1: [0]})
+    )
+    change(plan)
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        with pytest.raises(InvalidPlan):
+            await engine.execute_plan(plan)
+        assert await engine.list_executions() == []
+
+
 @pytest.mark.parametrize("field", ["kill_grace_ms", "default_timeout_ms", "max_output_bytes"])
 async def test_a_config_changed_after_the_engine_was_made_changes_nothing_it_runs(
     tmp_path: Path, field: str
@@ -336,6 +392,28 @@ async def test_a_config_changed_after_the_engine_was_made_changes_nothing_it_run
     async with engine:
         result = await result_of(engine, await engine.execute(shell("echo kept")), 20)
     assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "kept\n")
+
+
+def test_a_config_is_checked_whole_when_an_engine_is_made_from_it(tmp_path: Path) -> None:
+    """A config edited field by field may pass through states that are not valid (the default raised
+    before the maximum): the engine checks the whole of it as it is when made, as the constructor would."""
+    settings = config(tmp_path)
+    settings.default_timeout_ms = 900_000
+    settings.max_timeout_ms = 1_800_000
+    assert ExecutionEngine(settings).config.default_timeout_ms == 900_000
+    settings.max_timeout_ms = 600_000  # now below the default
+    with pytest.raises(ValidationError, match="default_timeout_ms"):
+        ExecutionEngine(settings)
+
+
+def test_a_config_holding_what_cannot_be_copied_still_makes_an_engine(tmp_path: Path) -> None:
+    """A Ray runtime_env may name modules (`py_modules`), which cannot be deep-copied: kept as given."""
+    import cloudops_execution_engine
+
+    settings = config(tmp_path, ray=RayConfig(runtime_env={"py_modules": [cloudops_execution_engine]}))
+    engine = ExecutionEngine(settings)
+    assert engine.config.ray is not None
+    assert engine.config.ray.runtime_env == {"py_modules": [cloudops_execution_engine]}
 
 
 async def test_a_host_environment_that_is_not_utf8_reaches_commands_byte_exact(tmp_path: Path) -> None:
