@@ -37,6 +37,7 @@ from cloudops_execution_engine import (
     IoError,
     NotCompleted,
     NotFound,
+    ParallelStrategy,
     PlanExecutionResult,
     SerialStrategy,
     ShellCommand,
@@ -1044,6 +1045,28 @@ async def test_a_command_reused_by_a_resumed_plan_is_listed_under_both_plans(
                 await listed(again, plan.id, status=C),
                 await listed(again, new_id, limit=1),
             ) == seen
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "memory"])
+async def test_a_resumed_plans_commands_are_listed_in_submission_order_the_reused_first(
+    tmp_path: Path, journal: bool
+) -> None:
+    """The first command failed and runs again; the second completed and is reused. Submitted with the
+    old plan, the reused one is the older, and `limit=1` keeps the one run again, the newest."""
+    (tmp_path / "b.ok").touch()
+    plan = plan_of(flaky(tmp_path, "a"), flaky(tmp_path, "b"), strategy=ParallelStrategy())
+    settings = journalled(tmp_path) if journal else config(tmp_path)
+    async with ExecutionEngine(settings) as engine:
+        await engine.execute_plan(plan)
+        await engine.wait(plan.id, timeout=20)
+        (tmp_path / "a.ok").touch()
+        new_id = await engine.resume_plan(plan.id)
+        new = await engine.wait(new_id, timeout=20)
+        assert isinstance(new, PlanExecutionResult)
+        rerun, reused = new.results[0].id, new.results[1].id
+        assert reused == plan.commands[1].id
+        assert [s.id for s in await engine.list_executions(plan_id=new_id)] == [reused, rerun]
+        assert [s.id for s in await engine.list_executions(plan_id=new_id, limit=1)] == [rerun]
 
 
 async def test_secrets_never_reach_the_journal_and_a_plan_needing_them_is_not_resumed_blind(

@@ -596,15 +596,16 @@ class JournalStore:
             if live is not None:
                 if not matches(live[1], status, None, since):
                     continue
-                summary = live[1].summary()  # a command of this plan, running it
-            else:
-                found = rows.get(key)
-                if found is None:
-                    continue  # deleted by retention
-                if status is not None and found[4] != status.value:
-                    continue
-                if since is not None and found[5] < us_of(since):
-                    continue
-                summary = summary_from_row((*found[:3], plan_id.bytes, *found[4:]))
-            summaries.append((0, summary))
+                summaries.append((live[0], live[1].summary()))  # a command of this plan, running it
+                continue
+            found = rows.get(key)
+            if found is None:
+                continue  # deleted by retention
+            if status is not None and found[4] != status.value:
+                continue
+            if since is not None and found[5] < us_of(since):
+                continue
+            summaries.append((found[0], summary_from_row((*found[:3], plan_id.bytes, *found[4:]))))
+        # Submission order: a reused command was submitted with the plan it ran in.
+        summaries.sort(key=lambda item: item[0])
         return [summary for _, summary in select_newest(summaries, limit)]

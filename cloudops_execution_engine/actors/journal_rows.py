@@ -397,6 +397,7 @@ def plan_from_row(row: tuple[Any, ...], timeout_ms: int) -> PlanRun:
     for index, request in enumerate(plan.commands):
         own = result.results[index] if result is not None and index < len(result.results) else None
         record = Record(request, [], own.log_path if own else Path(), timeout_ms, index=index)
+        record.submitted_at = datetime_from_us(submitted_us)  # with its plan
         if own is not None:
             record.id = own.id
             record.key = own.id.bytes

@@ -10,6 +10,7 @@ command, a dependency graph releases its dependents.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -36,9 +37,15 @@ def plan_to_resume(old: PlanRun) -> tuple[ExecutionPlan, dict[int, ExecutionResu
     return plan, reused
 
 
-def reused_record(request: ExecutionRequest, result: ExecutionResult, index: int, timeout_ms: int) -> Record:
-    """A command of the new plan that completed before: ended, with its result, never run."""
+def reused_record(
+    request: ExecutionRequest, result: ExecutionResult, index: int, timeout_ms: int, submitted_at: datetime
+) -> Record:
+    """A command of the new plan that completed before: ended, with its result, never run.
+
+    It keeps its submission, with the plan it ran in: listed, it comes before what the new plan runs.
+    """
     record = Record(request, [], Path(result.log_path), timeout_ms, index=index)
+    record.submitted_at = submitted_at
     record.status = ExecutionStatus.COMPLETED
     record.result = result
     record.started_at = result.started_at

@@ -92,8 +92,8 @@ class Store(Protocol):
     ) -> list[ExecutionSummary]:
         """Summaries of what matches every filter given, oldest submission first; the newest `limit`.
 
-        With `plan_id`: that plan's commands, in the plan's order (a resumed
-        plan's reused commands among them), each summary naming that plan.
+        With `plan_id`: that plan's commands (a resumed plan's reused ones among
+        them, submitted with the plan they ran in), each summary naming that plan.
         """
 
 
@@ -239,13 +239,13 @@ class MemoryStore:
             items = list(self.plan_records(plan_id))
         else:
             items = [*self._plans.values(), *self._records.values()]
-            items.sort(key=_submitted)
+        items.sort(key=_submitted)
         if status is not None or since is not None:
             items = [item for item in items if matches(item, status, None, since)]
         return [item.summary() for _, item in select_newest([(0, item) for item in items], limit)]
 
     def plan_records(self, plan_id: UUID) -> list[Record]:
-        """A plan's commands in its order, as that plan holds them (none when it is no plan kept here).
+        """A plan's commands, as that plan holds them (none when it is no plan kept here).
 
         A command a resumed plan reuses is a record of each plan: listed under
         either, it is that plan's command.

@@ -457,7 +457,8 @@ class Supervisor:
             done = reused.get(index)
             if done is not None:
                 timeout_ms = request.effective_timeout_ms(self.config)
-                records.append(resume.reused_record(request, done, index, timeout_ms))
+                submitted = old.records[index].submitted_at
+                records.append(resume.reused_record(request, done, index, timeout_ms, submitted))
                 continue
             try:
                 request.validate(self.config)
