@@ -241,11 +241,10 @@ class JournalStore:
             conn, self._opened = self._opened, None
             if conn is None:
                 self._abandoned = True  # still opening: its thread lets it go when it ends
+                letting_go(self.path, True)
         if conn is not None:
             self._opening = None
             self._let_go(conn)
-        else:
-            letting_go(self.path, True)
 
     def _let_go(self, conn: sqlite3.Connection) -> None:
         """Undo an open nobody took up: its run is closed, its connections and lock let go of."""
