@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,27 @@ def test_sigkilled_host_takes_its_actors_and_their_trees_along(tmp_path: Path, r
             30,
             "the dead host's actor, worker and commands to end",
         )
+
+
+def test_a_cluster_address_where_nothing_listens_fails_the_start_at_once(tmp_path: Path) -> None:
+    """ray.init retries a dead address for minutes, in a thread nobody can stop: the start is refused
+    first, with SpawnFailed naming the address, and the host's process can exit."""
+    with socket.socket() as probe:  # a port that was free a moment ago, where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "import asyncio, sys\n"
+        "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, RayConfig, SpawnFailed\n"
+        f"ray = RayConfig(address='127.0.0.1:{port}')\n"
+        f"config = ExecutionConfig(log_dir={str(tmp_path / 'logs')!r}, ray=ray)\n"
+        "async def main():\n"
+        "    try:\n"
+        "        await ExecutionEngine(config).start()\n"
+        "    except SpawnFailed as exc:\n"
+        "        print(exc)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in done.stdout
+    assert "nothing answers" in done.stdout

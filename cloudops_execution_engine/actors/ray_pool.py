@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -121,6 +122,7 @@ class _Connection:
                     "log_to_driver": False,
                 }
                 options["address"] = config.address
+                _check_reachable(config.address)
                 if config.address == "local":
                     # A new cluster in this process, even when one runs on this machine.
                     options["include_dashboard"] = False
@@ -148,6 +150,30 @@ class _Connection:
             if cls._users == 0 and cls._owned:
                 cls._owned = False
                 ray.shutdown()
+
+
+# How long a cluster's address has to accept a connection before the engine says nothing answers.
+_REACH_TIMEOUT_S = 3.0
+
+
+def _check_reachable(address: str) -> None:
+    """`WorkerStartError` when nothing accepts a connection at a cluster's `host:port`.
+
+    `ray.init` retries such an address for minutes, on a thread that nothing
+    can stop: the start would hang, and the host's process could not exit.
+    `auto`, `local` and `ray://` addresses are Ray's own to find or start.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_REACH_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise WorkerStartError(
+            f"cannot connect to the Ray cluster at {address}: nothing answers there ({reason})"
+        ) from None
 
 
 class _DropMessage(logging.Filter):
