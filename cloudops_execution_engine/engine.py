@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import pydantic
+from pydantic import BaseModel, ConfigDict
 
 from .actors.handlers import STOP, EventBus
 from .actors.records import Record
@@ -303,10 +304,29 @@ def _own_copy(config: ExecutionConfig) -> ExecutionConfig:
 
     What cannot be deep-copied (a Ray `runtime_env` naming modules) is kept as given.
     """
-    values = {name: getattr(config, name) for name in type(config).model_fields}
-    with contextlib.suppress(TypeError, copy.Error):
-        values = copy.deepcopy(values)
-    return type(config)(**values)
+    values = {name: _copied(getattr(config, name)) for name in type(config).model_fields}
+    return _EngineConfig(**values)
+
+
+class _EngineConfig(ExecutionConfig):
+    """An engine's own config: what is set on it later is checked as it is set.
+
+    The host's `ExecutionConfig` is not (a host may pass through states that are
+    not valid while it sets fields one at a time); the engine's is used as it runs.
+    """
+
+    model_config = ConfigDict(**{**ExecutionConfig.model_config, "validate_assignment": True})
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of `value`; of a model that holds what cannot be copied, a copy of the rest."""
+    try:
+        return copy.deepcopy(value)
+    except (TypeError, copy.Error):
+        if isinstance(value, BaseModel):
+            fields = type(value).model_fields
+            return value.model_copy(update={name: _copied(getattr(value, name)) for name in fields})
+        return value
 
 
 def _checked_timeout(timeout: float | None) -> float | None:

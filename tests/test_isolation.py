@@ -42,6 +42,7 @@ from cloudops_execution_engine import (
     IoError,
     RayConfig,
     ResourceLimits,
+    RetentionPolicy,
     RetryPolicy,
     SerialStrategy,
     ShellCommand,
@@ -410,10 +411,28 @@ def test_a_config_holding_what_cannot_be_copied_still_makes_an_engine(tmp_path: 
     """A Ray runtime_env may name modules (`py_modules`), which cannot be deep-copied: kept as given."""
     import cloudops_execution_engine
 
-    settings = config(tmp_path, ray=RayConfig(runtime_env={"py_modules": [cloudops_execution_engine]}))
+    settings = config(
+        tmp_path,
+        ray=RayConfig(runtime_env={"py_modules": [cloudops_execution_engine]}),
+        retention=RetentionPolicy(max_executions=100),
+    )
     engine = ExecutionEngine(settings)
     assert engine.config.ray is not None
     assert engine.config.ray.runtime_env == {"py_modules": [cloudops_execution_engine]}
+    assert settings.ray is not None
+    assert settings.retention is not None
+    settings.ray.address = "10.9.9.9:1"
+    settings.retention.max_executions = 5
+    assert engine.config.ray.address == "auto"
+    assert engine.config.retention == RetentionPolicy(max_executions=100)
+
+
+def test_what_is_set_on_an_engines_own_config_is_checked_as_it_is_set(tmp_path: Path) -> None:
+    """A value of the wrong type is refused there, not found by every command's worker later."""
+    engine = ExecutionEngine(config(tmp_path))
+    with pytest.raises(ValidationError):
+        engine.config.kill_grace_ms = 0.5  # type: ignore[assignment]
+    assert engine.config.kill_grace_ms == config(tmp_path).kill_grace_ms
 
 
 async def test_a_host_environment_that_is_not_utf8_reaches_commands_byte_exact(tmp_path: Path) -> None:
