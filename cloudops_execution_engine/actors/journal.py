@@ -154,6 +154,7 @@ class JournalStore:
         self._opening: asyncio.Future[sqlite3.Connection | None] | None = None
         self._claims = threading.Lock()
         self._abandoned = False
+        self._open_failed = False
         self._opened: sqlite3.Connection | None = None
         self._writer: JournalWriter | None = None
         self._reader: sqlite3.Connection | None = None
@@ -179,6 +180,8 @@ class JournalStore:
             if opening is not None and opening.done() and (opening.cancelled() or opening.exception()):
                 opening = None  # an abandoned open that failed: this start tries afresh
             if opening is None:
+                with self._claims:
+                    self._open_failed = False
                 opening = self._opening = start_in_thread(self._open_claimed, name="cloudops-journal-open")
             with self._claims:
                 self._abandoned = False  # taken up: the thread keeps what it opens
@@ -224,7 +227,9 @@ class JournalStore:
         try:
             conn = self._open_blocking()
         except BaseException:
-            letting_go(self.path, False)  # it holds nothing to let go of
+            with self._claims:
+                self._open_failed = True  # it holds nothing to let go of
+                letting_go(self.path, False)
             raise
         with self._claims:
             abandoned = self._abandoned
@@ -239,7 +244,7 @@ class JournalStore:
         """A start cancelled while the journal opens: what it opens is let go of, unless taken up again."""
         with self._claims:
             conn, self._opened = self._opened, None
-            if conn is None:
+            if conn is None and not self._open_failed:
                 self._abandoned = True  # still opening: its thread lets it go when it ends
                 letting_go(self.path, True)
         if conn is not None:
