@@ -361,15 +361,9 @@ async def test_list_executions_filters_combine_and_limit_keeps_the_newest(
 # -- one engine per journal --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("then", ["the same engine", "a new engine"])
-async def test_a_start_cancelled_while_the_journal_opens_leaves_the_journal_to_whoever_starts_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
-) -> None:
-    """The open goes on in its thread after the caller stopped waiting: taken up, or let go of, never kept.
-
-    A host that starts the engine on its first request, cancelled when the
-    client went away, starts it again, or makes another engine, on the same journal.
-    """
+def slow_recovery(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Recovery that says when it has begun (the first event) and goes on once told to (the second):
+    a start held while the journal opens, as recovering a large journal holds it."""
     inside, go_on = threading.Event(), threading.Event()
     recover = journal_recovery.recover
 
@@ -379,6 +373,19 @@ async def test_a_start_cancelled_while_the_journal_opens_leaves_the_journal_to_w
         return recover(conn)
 
     monkeypatch.setattr(journal, "recover", slow_recover)
+    return inside, go_on
+
+
+@pytest.mark.parametrize("then", ["the same engine", "a new engine"])
+async def test_a_start_cancelled_while_the_journal_opens_leaves_the_journal_to_whoever_starts_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The open goes on in its thread after the caller stopped waiting: taken up, or let go of, never kept.
+
+    A host that starts the engine on its first request, cancelled when the
+    client went away, starts it again, or makes another engine, on the same journal.
+    """
+    inside, go_on = slow_recovery(monkeypatch)
     first = ExecutionEngine(journalled(tmp_path))
     starting = asyncio.ensure_future(first.start())
     await asyncio.to_thread(inside.wait, 10)
@@ -404,15 +411,7 @@ def test_a_start_cancelled_on_a_loop_that_then_closes_leaves_the_journal_free(
 ) -> None:
     """The open ends on its thread after the caller's loop is gone (a host's deadline for starting,
     then `asyncio.run` returned): it lets go of the journal itself, and a new engine starts on it."""
-    inside, go_on = threading.Event(), threading.Event()
-    recover = journal_recovery.recover
-
-    def slow_recover(conn: sqlite3.Connection) -> int:
-        inside.set()
-        go_on.wait(10)
-        return recover(conn)
-
-    monkeypatch.setattr(journal, "recover", slow_recover)
+    inside, go_on = slow_recovery(monkeypatch)
 
     async def give_up() -> None:
         starting = asyncio.ensure_future(ExecutionEngine(journalled(tmp_path)).start())
@@ -423,7 +422,6 @@ def test_a_start_cancelled_on_a_loop_that_then_closes_leaves_the_journal_free(
 
     asyncio.run(give_up())
     go_on.set()
-    monkeypatch.setattr(journal, "recover", recover)
 
     async def start_again() -> None:
         async with ExecutionEngine(journalled(tmp_path)) as engine:
