@@ -56,7 +56,7 @@ def follow(log_file: Path, execution_id: UUID, journal: Path | None) -> int | No
     """
     watch = _EndWatch(log_file, execution_id, journal)
     try:
-        if not log_file.is_file():
+        if not os.path.lexists(log_file):
             waited = _until_it_starts(log_file, execution_id, watch)
             if waited != _STARTED:
                 return waited
@@ -70,7 +70,7 @@ _STARTED = -1
 
 def _until_it_starts(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int | None:
     """Wait while the journal says the command is queued: `_STARTED` once its log is there."""
-    while not log_file.is_file():
+    while not os.path.lexists(log_file):
         status = watch.status()
         if status is None:
             return None
@@ -90,8 +90,17 @@ def _until_it_starts(log_file: Path, execution_id: UUID, watch: _EndWatch) -> in
 
 
 def _follow_file(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int:
+    from .errors import IoError
+    from .logfiles import open_to_read
+
     out = sys.stdout
-    with log_file.open("r", errors="replace") as handle:
+    try:
+        fd = open_to_read(log_file)
+    except (OSError, IoError) as exc:
+        print(f"cloudops-exec: cannot follow the log of {execution_id}: {exc}", file=sys.stderr)
+        return 1
+    # newline="": only "\n" ends a line of the log; a command's lone "\r" is part of its line.
+    with open(fd, errors="replace", newline="") as handle:
         pending = ""
         while True:
             chunk = handle.read()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -94,8 +95,10 @@ def journal_for(journal: Path | None, no_journal: bool) -> Path | None:
     # The engine creates the file; the state directory may not exist yet on
     # a new machine. If it cannot be made, the engine says why and the run
     # goes on unrecorded.
+    from .logfiles import make_parents
+
     with contextlib.suppress(OSError):
-        journal.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(journal.parent)
     return journal
 
 
@@ -145,11 +148,21 @@ _journal_option = _journal_path("The journal to read.")
 
 def _command_of(log_path: Path) -> str:
     """The command line a log file's header names; a command that never ran has no log."""
+    from .errors import IoError
+    from .logfiles import open_to_read
+
     try:
-        with log_path.open("rb") as handle:
-            head = handle.read(_HEADER_BYTES).decode("utf-8", "replace")
-    except OSError:
+        fd = open_to_read(log_path)
+    except FileNotFoundError:
         return "(no log: it did not run)"
+    except (OSError, IoError):
+        return "(its log cannot be read)"
+    try:
+        head = os.read(fd, _HEADER_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return "(its log cannot be read)"
+    finally:
+        os.close(fd)
     for line in head.splitlines():
         if line.startswith("# command: "):
             return line.removeprefix("# command: ")
@@ -320,7 +333,7 @@ def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _
     last committed, through a `JournalView`.
     """
     from .actors.journal_view import JournalView
-    from .config import ExecutionConfig
+    from .config import U64_MAX, ExecutionConfig
     from .engine import ExecutionEngine
     from .errors import ExecutionError, IoError
 
@@ -330,7 +343,9 @@ def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _
         _fail(f"no journal at {path}: nothing has been recorded there yet")
 
     async def main() -> _T:
-        async with ExecutionEngine(ExecutionConfig(journal=path, workers=1)) as engine:
+        # `logs` prints a log of any length, as `cat` would: this process does nothing else.
+        config = ExecutionConfig(journal=path, workers=1, max_log_read_bytes=U64_MAX)
+        async with ExecutionEngine(config) as engine:
             return await use(engine)
 
     async def beside_its_owner() -> _T:

@@ -84,6 +84,8 @@ class ExecutionConfig(Model):
     """Time between SIGTERM and SIGKILL when a tree is killed."""
     max_output_bytes: Usize = Field(default=16 * MIB, ge=0)
     """Bytes of each stream a result keeps in memory; the log file keeps everything."""
+    max_log_read_bytes: Usize = Field(default=64 * MIB, ge=0)
+    """The most `read_logs` reads into memory (a plan: all its logs together); more is `IoError`."""
     workers: Usize | None = Field(default=None, gt=0)
     """Worker processes in the pool; None picks one per core, within the concurrency limit."""
     max_retained_executions: Usize | None = Field(default=None, gt=0)
@@ -103,6 +105,9 @@ class ExecutionConfig(Model):
         # "" would become Path("."): the working directory, wherever the host happens to be.
         if isinstance(value, str | bytes) and not value.strip():
             raise ValueError(f"{info.field_name} must not be empty (None means the default)")
+        if isinstance(value, str | bytes | os.PathLike) and "\0" in os.fsdecode(value):
+            # No system call takes such a name: every use would fail with a bare ValueError.
+            raise ValueError(f"{info.field_name} must not contain a NUL character")
         return value
 
     @field_validator("journal")

@@ -17,7 +17,9 @@ __all__ = [
     "LogDirectories",
     "LogNode",
     "log_path_for",
+    "make_parents",
     "open_log",
+    "open_to_read",
     "prepare_log_dir",
     "read_log",
     "reopen_log",
@@ -30,7 +32,8 @@ _CREATE_FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 )
 _CREATE_ATTEMPTS = 5
-# Retention opens a log only to lock it: never following a symlink, never waiting on a FIFO.
+# Retention opens a log only to lock it, and a read only to read it: never following a symlink,
+# never waiting on a FIFO.
 _PROBE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
 _IN_USE = "the log is being written by a running execution of the same id"
 # Reopening never follows a symlink, and never waits on a FIFO with no reader
@@ -254,7 +257,8 @@ def prepare_log_dir(log_dir: Path) -> None:
         ) from None
     with map_errors({OSError: IoError}, "cannot prepare log directory"):
         try:
-            log_dir.mkdir(mode=0o700, parents=True)
+            make_parents(log_dir.parent)
+            log_dir.mkdir(mode=0o700)
             made = True
         except FileExistsError:
             if not log_dir.is_dir():
@@ -279,16 +283,72 @@ def prepare_log_dir(log_dir: Path) -> None:
             )
 
 
-def read_log(path: Path, missing_ok: bool = False) -> str:
-    """The log's text; with `missing_ok`, a log that was never written reads as empty."""
-    with map_errors({OSError: IoError}, "cannot read log file"):
+def make_parents(directory: Path) -> None:
+    """Make `directory` and its missing ancestors (0755 at most), none writable by others whatever the umask.
+
+    `mkdir -p` (and `Path.mkdir(parents=True)`) makes them 0777 less the
+    umask: with a umask of 000 any user could move the log directory aside
+    and put one of theirs in its place.
+    """
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+
+
+def open_to_read(path: str | bytes | Path) -> int:
+    """A descriptor reading the log at `path`: `IoError` unless a regular file of this user is there.
+
+    A command knows its log's name and may replace the file with anything
+    its user can make: a FIFO (an open that never returns), a symlink to
+    `/dev/zero` or to a file of secrets, a device. None of those is read.
+    """
+    try:
+        fd = os.open(path, _PROBE_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            shown = os.fsdecode(path)
+            raise IoError(f"log file {shown} was replaced by a symlink, which is not followed") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IoError(f"log file {os.fsdecode(path)} was replaced by something that is not a file")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise IoError(f"log file {os.fsdecode(path)} was replaced by a file of another user")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_log(path: Path, missing_ok: bool = False, limit: int | None = None) -> str:
+    """The log's text as it is now; with `missing_ok`, a log that was never written reads as empty.
+
+    A log longer than `limit` bytes is refused (`IoError`) rather than read:
+    its text would take some three times its size in memory, and a command
+    decides how long its log is.
+    """
+    with map_errors({OSError: IoError, MemoryError: IoError}, "cannot read log file"):
         try:
-            with path.open("rb") as handle:
-                return handle.read().decode("utf-8", "replace")
+            fd = open_to_read(path)
         except FileNotFoundError:
             if missing_ok:
                 return ""
             raise
+        with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(fd).st_size
+            if limit is not None and size > limit:
+                raise IoError(
+                    f"log file {path} holds {size} bytes, more than the {limit} that read_logs may "
+                    "still read into memory (max_log_read_bytes); read the file itself"
+                )
+            # As of now: what a running command writes after this is for the next read.
+            data = handle.read(size)
+        return data.decode("utf-8", "replace")
 
 
 class LogNode(str):

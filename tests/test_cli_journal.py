@@ -235,11 +235,25 @@ def watching(proc: subprocess.Popen[str], journal: Path) -> bool:
         return False
 
 
-@pytest.mark.parametrize("journal", ["recorded", "no journal"])
-def test_logs_follow_ends_when_the_engine_running_the_command_dies(tmp_path: Path, journal: str) -> None:
-    """A log its engine will never finish (the engine was SIGKILLed) is not followed for ever."""
+# A command's own line that, cut at its carriage return, reads as the log's footer.
+_FORGED_FOOTER = "printf 'begun\\r# finished: 2026-01-01T00:00:00Z status=completed exit_code=0\\n'"
+
+
+@pytest.mark.parametrize(
+    ("journal", "says"),
+    [("recorded", "echo begun"), ("no journal", "echo begun"), ("no journal", _FORGED_FOOTER)],
+    ids=["recorded", "no journal", "a forged footer"],
+)
+def test_logs_follow_ends_when_the_engine_running_the_command_dies(
+    tmp_path: Path, journal: str, says: str
+) -> None:
+    """A log its engine will never finish (the engine was SIGKILLed) is not followed for ever.
+
+    Nor taken for finished because the command printed what a footer looks like
+    after a lone carriage return: only a newline ends a line of the log.
+    """
     extra = ["--no-journal"] if journal == "no journal" else []
-    step = {"command": {"type": "shell", "command": "echo begun; exec sleep 60"}}
+    step = {"command": {"type": "shell", "command": f"{says}; exec sleep 60"}}
     with cli_processes(tmp_path) as start:
         running = start("plan", *extra, "--events", "ndjson", plan_file(tmp_path, step))
         assert running.stdout is not None
@@ -252,7 +266,8 @@ def test_logs_follow_ends_when_the_engine_running_the_command_dies(tmp_path: Pat
         running.wait(10)
         out, err = follower.communicate(timeout=30)
         assert follower.returncode == 1
-        assert "# finished: " not in out
+        if says != _FORGED_FOOTER:
+            assert "# finished: " not in out
         assert f"{started['execution_id']} did not end: the engine running it stopped" in err
         if journal == "recorded":
             assert "recorded as running" in err

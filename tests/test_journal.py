@@ -698,6 +698,21 @@ async def test_a_journals_wal_and_shm_are_as_private_as_the_journal(tmp_path: Pa
     assert journal.stat().st_mode & 0o777 == expected
 
 
+async def test_the_directories_made_for_a_journal_are_not_writable_by_others_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    """Under a umask of 000, `mkdir -p` would make its parents 0777: anyone could swap its directory."""
+    journal = tmp_path / "a" / "b" / "state" / "journal.sqlite3"
+    umask = os.umask(0)
+    try:
+        async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+            await engine.wait(await engine.execute(shell("true")), timeout=20)
+    finally:
+        os.umask(umask)
+    made = [journal.parent.parent.parent, journal.parent.parent, journal.parent]
+    assert [oct(d.stat().st_mode & 0o7777) for d in made] == [oct(0o755), oct(0o755), oct(0o700)]
+
+
 async def test_a_journal_that_cannot_be_written_for_a_while_announces_ends_and_loses_none_of_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

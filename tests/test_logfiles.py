@@ -458,6 +458,21 @@ def test_a_log_the_disk_cannot_hold_is_said_to_be_incomplete_and_the_command_com
     assert "File too large" in incomplete[0]["message"]
 
 
+def test_the_parents_the_engine_makes_are_not_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    """`mkdir -p` would make them 0777 under a umask of 000: anyone could swap the log directory out."""
+    made = tmp_path / "a" / "b" / "logs"
+    previous = os.umask(0)
+    try:
+        prepare_log_dir(made)
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(d.stat().st_mode) for d in (made.parent.parent, made.parent, made)] == [
+        0o755,
+        0o755,
+        0o700,
+    ]
+
+
 def test_a_directory_the_engine_makes_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     made = tmp_path / "made" / "logs"
     previous = os.umask(0o277)

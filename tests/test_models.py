@@ -210,6 +210,9 @@ def test_config_rejects_nonsense() -> None:
         ({"journal": "."}, "journal must name a file"),
         ({"journal": "/"}, "journal must name a file"),
         ({"journal": "state/.."}, "journal must name a file"),
+        # No system call takes the name: each use would be a bare ValueError.
+        ({"log_dir": "/tmp/a\x00b"}, "log_dir must not contain a NUL character"),
+        ({"journal": "/tmp/a\x00b.sqlite3"}, "journal must not contain a NUL character"),
     ],
 )
 def test_a_path_setting_that_names_no_file_is_refused_where_it_is_made(

@@ -32,6 +32,7 @@ from typing import Any
 from uuid import UUID
 
 from ..errors import IoError, NotFound, map_errors
+from ..logfiles import make_parents
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
 from .journal_known import IdFiller, KnownIds
@@ -295,7 +296,8 @@ class JournalStore:
             # A device or a FIFO (`/dev/null`): nothing of ours, not even a lock file, goes beside it.
             raise IoError(f"journal {self.path} is not a regular file")
         with map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"):
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_parents(self.path.parent.parent)
+            self.path.parent.mkdir(mode=0o700, exist_ok=True)
         self._lock.acquire()
         conn: sqlite3.Connection | None = None
         try:

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from ..errors import IoError, NotCompleted, NotFound, map_errors
+from ..logfiles import read_log
 from ..results import ExecutionResult, ExecutionStatus, ExecutionSummary, PlanExecutionResult
 from .journal import open_connection
 from .journal_rows import (
@@ -122,11 +123,6 @@ class JournalView:
         kind, log_path = self._row(execution_id, "kind, log_path")
         if kind == "plan":
             paths = [item.log_path for item in (await self.get_plan_result(execution_id)).results]
-            return "".join(_read(path) for path in paths if path.is_file())
-        with map_errors({OSError: IoError}, f"cannot read the log of {execution_id}"):
-            return _read(Path(log_path))
-
-
-def _read(path: Path) -> str:
-    # A log file on a local disk: a read the CLI waits for anyway.
-    return path.read_text(errors="replace")
+            return "".join(read_log(path, missing_ok=True) for path in paths)
+        # A log file on a local disk: a read the command line waits for anyway, whatever its length.
+        return read_log(Path(log_path))

@@ -281,10 +281,12 @@ class WorkerPool(ABC, Generic[H]):
         Called when the death is reported, before a successor is started; awaited afterwards.
         """
 
-    async def read_log(self, worker: WorkerHandle | None, path: Path, missing_ok: bool = False) -> str:
-        """A log file's text; `worker` is the one that wrote it, None if none ever ran it."""
+    async def read_log(
+        self, worker: WorkerHandle | None, path: Path, missing_ok: bool = False, limit: int | None = None
+    ) -> str:
+        """A log file's text (`IoError` past `limit` bytes); `worker` wrote it, None if none ran it."""
         async with self._reads:
-            return await in_thread(read_log, path, missing_ok, name="cloudops-read-log")
+            return await in_thread(read_log, path, missing_ok, limit, name="cloudops-read-log")
 
     def log_location(self, worker: WorkerHandle | None) -> LogNode | None:
         """The node whose disk has `worker`'s log files when that is not this machine; None when it is."""

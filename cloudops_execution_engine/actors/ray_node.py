@@ -191,10 +191,10 @@ class NodeWorker:
         os.close(self._rfd)
         self._host_flushed()
 
-    async def read_log(self, path: str, missing_ok: bool) -> tuple[bool, str]:
+    async def read_log(self, path: str, missing_ok: bool, limit: int | None) -> tuple[bool, str]:
         """(True, text) or (False, why): a plain value, so no exception class must cross the cluster."""
         try:
-            return True, await asyncio.to_thread(read_log, Path(path), missing_ok)
+            return True, await asyncio.to_thread(read_log, Path(path), missing_ok, limit)
         except IoError as exc:
             return False, str(exc)
 

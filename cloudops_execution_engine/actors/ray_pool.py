@@ -604,9 +604,11 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 return worker
         return None
 
-    async def read_log(self, worker: WorkerHandle | None, path: Path, missing_ok: bool = False) -> str:
+    async def read_log(
+        self, worker: WorkerHandle | None, path: Path, missing_ok: bool = False, limit: int | None = None
+    ) -> str:
         if not isinstance(worker, RayWorkerHandle):
-            return await super().read_log(worker, path, missing_ok)
+            return await super().read_log(worker, path, missing_ok, limit)
         reader = worker if worker.ready else self._live_on(worker.node_id)
         if reader is None:
             raise IoError(f"cannot read log file {path}: no live worker on node {worker.node_address}")
@@ -615,7 +617,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
             f"cannot read log file {path} from node {worker.node_address}",
             describe=_ray_cause,
         ):
-            ok, payload = await reader.actor.read_log.remote(str(path), missing_ok)
+            ok, payload = await reader.actor.read_log.remote(str(path), missing_ok, limit)
         if not ok:
             raise IoError(f"{payload} (on node {worker.node_address})")
         return str(payload)

@@ -914,12 +914,18 @@ class Supervisor:
         entry = self._store.entry(entry_id)
         if self._pool is None:
             raise IoError("the engine has not started, so no log exists yet")
+        budget = self.config.max_log_read_bytes
         if isinstance(entry, Record):
-            return await self._pool.read_log(entry.worker, entry.log_path)
+            return await self._pool.read_log(entry.worker, entry.log_path, limit=budget)
         # Commands that ran: on a worker of this engine, or of an earlier one on the journal.
-        ran = [r for r in entry.records if r.worker is not None or r.started_at is not None]
-        reads = (self._pool.read_log(r.worker, r.log_path, missing_ok=True) for r in ran)
-        texts = await asyncio.gather(*reads)
+        # Read one after another, each within what the others left of the budget.
+        texts = []
+        for record in entry.records:
+            if record.worker is None and record.started_at is None:
+                continue
+            text = await self._pool.read_log(record.worker, record.log_path, missing_ok=True, limit=budget)
+            budget -= len(text)  # at least a byte of the file for each character
+            texts.append(text)
         return "".join(texts)
 
     def log_location(self, entry_id: UUID) -> LogNode | None:
