@@ -418,3 +418,22 @@ def test_an_unknown_strategy_fails_loudly_rather_than_running_as_another() -> No
         check_plan(plan)
     with pytest.raises(AssertionError, match="UnknownStrategy"):
         schedule_for(plan)
+
+
+async def test_max_retained_executions_counts_a_plans_commands(tmp_path: Path) -> None:
+    """A long-lived host running plans keeps as many finished executions as it asked for, not plans."""
+    async with ExecutionEngine(config(tmp_path, max_retained_executions=10)) as engine:
+        plans = [
+            ExecutionPlan(commands=[run("true") for _ in range(8)], strategy=ParallelStrategy())
+            for _ in range(3)
+        ]
+        for plan in plans:
+            await engine.wait(await engine.execute_plan(plan), timeout=30)
+        kept = [s.id for s in await engine.list_executions()]
+        assert len(kept) == 9  # the newest plan and its commands
+        for old in plans[:2]:
+            with pytest.raises(NotFound):
+                await engine.get_plan_result(old.id)
+            with pytest.raises(NotFound):
+                await engine.get_result(old.commands[0].id)
+        assert (await engine.get_plan_result(plans[2].id)).status is ExecutionStatus.COMPLETED

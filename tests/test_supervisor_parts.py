@@ -80,16 +80,32 @@ def test_the_memory_store_answers_for_what_it_keeps_and_forgets_the_oldest_finis
     assert set(ids) == {first.id, second.id, run.id, *(r.id for r in run.records), third.id}
     assert ids[:2] == [first.id, second.id]
     assert ids[-1] == third.id
-    for entry in (first, run, second):
-        store.retire(entry)
-    # Two retained: the first is forgotten; the plan goes with its records once it is the oldest.
+    # Two executions retained, a plan counting as its commands: the oldest go first.
+    store.retire(first)
+    store.retire(run)
     assert first.id not in store
     assert run.id in store
-    assert second.id in store
-    store.retire(third)
+    store.retire(second)
     assert run.id not in store
     assert run.records[0].id not in store
+    assert second.id in store
+    store.retire(third)
     assert [s.id for s in store.summaries()] == [second.id, third.id]
+
+
+def test_a_plan_larger_than_the_retention_limit_is_kept_until_something_ends_after_it() -> None:
+    """Its waiter may still ask for it; the next end makes it the oldest, and it goes."""
+    store = MemoryStore(max_retained=2)
+    big, later = plan_run(5), record()
+    store.add_plan(big)
+    store.add(later)
+    store.retire(big)
+    assert big.id in store
+    assert big.records[4].id in store
+    store.retire(later)
+    assert big.id not in store
+    assert [r.id for r in big.records if r.id in store] == []
+    assert [s.id for s in store.summaries()] == [later.id]
 
 
 # -- scheduler --------------------------------------------------------------------

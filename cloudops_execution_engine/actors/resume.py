@@ -10,6 +10,7 @@ command, a dependency graph releases its dependents.
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -81,9 +82,9 @@ class ResumedSchedule:
 
     def _step_over(self, ready: list[int], dropped: list[int]) -> tuple[list[int], list[int]]:
         out: list[int] = []
-        queue = list(ready)
+        queue = deque(ready)
         while queue:
-            index = queue.pop(0)
+            index = queue.popleft()
             if index in self._done:
                 more, gone = self._inner.ended(index, True)
                 queue.extend(more)

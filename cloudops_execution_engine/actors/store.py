@@ -193,7 +193,9 @@ class MemoryStore:
         self._retired_commands += len(entry.records) if isinstance(entry, PlanRun) else 1
         limit = self._max_retained
         if limit is not None:
-            while len(self._retired) > limit:
+            # A plan counts as its commands, as `trim` counts it; the entry that has just
+            # ended stays, however many commands it has, so its own waiter can still ask.
+            while self._retired_commands > limit and len(self._retired) > 1:
                 self._forget(self._retired.popleft())
 
     def _forget(self, old: UUID) -> None:
