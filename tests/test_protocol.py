@@ -318,3 +318,38 @@ def test_fuzz_the_fast_checks_of_every_kind_agree_with_the_field_checks(
         wire[index] = data.draw(_values | st.sampled_from(list(POOL.values())))
     frame = msgpack.unpackb(msgpack.packb(wire, use_bin_type=True), raw=False, strict_map_key=False)
     assert _outcome(decode_message, frame) == _outcome(_decode_checked, frame)
+
+
+_SIGPIPE_HOST = """
+import asyncio, os, signal, subprocess, sys
+from cloudops_execution_engine.protocol.pipe import PipeWriter
+
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as command-line tools, and hosts that embed Python, have it
+# A reader that is gone, as a SIGKILLed worker's end of its pipe is.
+reader = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+reader.wait()
+
+async def main():
+    loop = asyncio.get_running_loop()
+    broken = loop.create_future()
+    fd = reader.stdin.fileno()
+    os.set_blocking(fd, False)
+    writer = PipeWriter(loop, fd, broken.set_result)
+    writer.write(b"a frame for a dead worker")
+    print(type(await asyncio.wait_for(broken, 10)).__name__, flush=True)
+
+asyncio.run(main())
+blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+print("blocked" if signal.SIGPIPE in blocked else "unblocked", sorted(signal.sigpending()), flush=True)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_host_that_restored_sigpipes_default_action_survives_a_write_to_a_dead_reader() -> None:
+    """The write fails with EPIPE, as under Python's own SIG_IGN, rather than killing the host."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SIGPIPE_HOST], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split("\n")[:2] == ["BrokenPipeError", "unblocked []"]

@@ -8,12 +8,36 @@ one each; what the pipe does not take now is written when it becomes writable.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["READ_SIZE", "PipeWriter", "read_available"]
+__all__ = ["READ_SIZE", "PipeWriter", "read_available", "write_unsignalled"]
 
 READ_SIZE = 64 * 1024  # a pipe's default capacity: larger reads measured no faster
+_SIGPIPE = getattr(signal, "SIGPIPE", None)
+
+
+def write_unsignalled(fd: int, data: bytes | bytearray) -> int:
+    """`os.write`, which fails with `BrokenPipeError` when the reader is gone, whatever SIGPIPE's action is.
+
+    Python ignores SIGPIPE, so such a write fails with EPIPE. A host that
+    restored the default action (command-line tools do, and programs that
+    embed Python may never have ignored it) would instead be killed by the
+    write to a worker that had just died: there the signal is blocked on this
+    thread for the write, and taken if the write raised it.
+    """
+    if _SIGPIPE is None or signal.getsignal(_SIGPIPE) not in (signal.SIG_DFL, None):
+        return os.write(fd, data)
+    was = signal.pthread_sigmask(signal.SIG_BLOCK, {_SIGPIPE})
+    try:
+        return os.write(fd, data)
+    except BrokenPipeError:
+        signal.sigtimedwait({_SIGPIPE}, 0)
+        raise
+    finally:
+        if _SIGPIPE not in was:
+            signal.pthread_sigmask(signal.SIG_SETMASK, was)
 
 
 def read_available(fd: int) -> bytes | None:
@@ -87,7 +111,7 @@ class PipeWriter:
         if self._closed or not self._buffer:
             return
         try:
-            written = os.write(self._fd, self._buffer)
+            written = write_unsignalled(self._fd, self._buffer)
         except BlockingIOError:
             written = 0
         except OSError as exc:
