@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import stat
 from pathlib import Path
@@ -49,6 +50,19 @@ def log_path_for(log_dir: Path, execution_id: UUID) -> Path:
     return log_dir / f"{execution_id}.log"
 
 
+@functools.cache
+def _umask() -> int:
+    """This process's umask: read once, as it is set when a process starts, and Python only sets it."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o077  # unknown: assume the worst, a chmod for every log
+
+
 def open_log(path: str | bytes, dir_fd: int | None = None) -> int:
     """A descriptor on a new, owner-only log file at `path`, open to append, marked in use.
 
@@ -63,8 +77,11 @@ def open_log(path: str | bytes, dir_fd: int | None = None) -> int:
     """
     for attempt in range(1, _CREATE_ATTEMPTS + 1):
         try:
-            # The umask can only narrow 0600, so the file is owner-only either way.
+            # The umask can only narrow 0600, so the file is owner-only either way; one that
+            # takes the owner's own bits (0277, 0777) is undone, or nobody could read the log.
             fd = os.open(path, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+            if _umask() & 0o600:
+                os.fchmod(fd, 0o600)
         except FileExistsError:
             if attempt == _CREATE_ATTEMPTS:
                 raise
@@ -295,8 +312,13 @@ def make_parents(directory: Path) -> None:
         missing.append(directory)
         directory = directory.parent
     for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(path, 0o755)
+        except FileExistsError:
+            continue
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o700 != 0o700:  # a umask that takes the owner's bits: nothing could be made inside
+            os.chmod(path, mode | 0o700)
 
 
 def open_to_read(path: str | bytes | Path) -> int:

@@ -713,6 +713,25 @@ async def test_the_directories_made_for_a_journal_are_not_writable_by_others_wha
     assert [oct(d.stat().st_mode & 0o7777) for d in made] == [oct(0o755), oct(0o755), oct(0o700)]
 
 
+async def test_a_journal_made_under_a_umask_that_takes_the_owners_bits_opens_again(tmp_path: Path) -> None:
+    """Under a umask of 0277 its lock file was 0400 and its directory 0500: no later engine could open it."""
+    journal = tmp_path / "a" / "state" / "journal.sqlite3"
+    umask = os.umask(0o277)
+    try:
+        async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+            first = await engine.execute(shell("true"))
+            await engine.wait(first, timeout=20)
+    finally:
+        os.umask(umask)
+    lock = journal.with_name(journal.name + ".lock")
+    modes = {
+        p.name: oct(p.stat().st_mode & 0o777) for p in (lock, journal, journal.parent, journal.parent.parent)
+    }
+    assert modes == {lock.name: oct(0o600), journal.name: oct(0o600), "state": oct(0o700), "a": oct(0o700)}
+    async with ExecutionEngine(config(tmp_path, journal=journal)) as engine:
+        assert (await engine.get_result(first)).status is ExecutionStatus.COMPLETED
+
+
 async def test_a_journal_that_cannot_be_written_for_a_while_announces_ends_and_loses_none_of_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -473,6 +473,26 @@ def test_the_parents_the_engine_makes_are_not_writable_by_others_whatever_the_um
     ]
 
 
+async def test_logs_and_directories_are_the_owners_to_use_under_a_umask_that_takes_the_owners_bits(
+    tmp_path: Path,
+) -> None:
+    """A umask of 0777 made logs 0000 and parents 0000: unreadable by `read_logs`, nothing made inside."""
+    log_dir = tmp_path / "a" / "b" / "logs"
+    previous = os.umask(0o777)
+    try:
+        async with ExecutionEngine(config(tmp_path, log_dir=log_dir, workers=1)) as engine:
+            execution_id = await engine.execute(shell("echo readable"))
+            await result_of(engine, execution_id, 20)
+            log = engine.get_log_path(execution_id)
+            modes = [
+                stat.S_IMODE(p.stat().st_mode) for p in (log, log_dir, log_dir.parent, log_dir.parent.parent)
+            ]
+            assert "stdout readable" in await engine.read_logs(execution_id)
+    finally:
+        os.umask(previous)
+    assert [oct(mode) for mode in modes] == [oct(0o600), oct(0o700), oct(0o700), oct(0o700)]
+
+
 def test_a_directory_the_engine_makes_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     made = tmp_path / "made" / "logs"
     previous = os.umask(0o277)

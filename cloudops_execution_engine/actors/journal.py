@@ -297,7 +297,9 @@ class JournalStore:
             raise IoError(f"journal {self.path} is not a regular file")
         with map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"):
             make_parents(self.path.parent.parent)
-            self.path.parent.mkdir(mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.path.parent, 0o700)
+                os.chmod(self.path.parent, 0o700)  # whatever the umask took away
         self._lock.acquire()
         conn: sqlite3.Connection | None = None
         try:

@@ -72,6 +72,8 @@ class JournalLock:
                 return False  # removed between the two opens: make it again
             made = False
         try:
+            if made:
+                os.fchmod(fd, 0o600)  # a umask of 0277 would leave it 0400: no later engine could open it
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise IoError(f"cannot lock journal {self.journal}: {self.path} is not a regular file")
             _lock_or_wait_for_the_dead(fd, self.journal)
