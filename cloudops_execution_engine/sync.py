@@ -30,6 +30,7 @@ import logging
 import multiprocessing.util  # noqa: F401  # its exit handler first (see `_shut_down_at_exit`)
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections import OrderedDict
@@ -42,7 +43,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from .actors import after_fork
-from .actors.handlers import STOP, EventBus, Subscription, is_coroutine_handler
+from .actors.handlers import STOP, EventBus, Subscription, is_coroutine_handler, run_as_our_own
 from .config import ExecutionConfig
 from .engine import ExecutionEngine, _coerce_id, _coerce_model
 from .errors import EngineClosed, InvalidCommand, InvalidPlan, IoError, NotFound, NotRunning
@@ -69,6 +70,9 @@ _EARLY_KEEP_ENDED = 256
 _TAKE_AT_ONCE = 1024
 
 _LOOP_JOIN_TIMEOUT = 30.0
+# How often a caller waiting on the loop looks whether its thread is still there.
+_LOOK_AT_THE_LOOP_S = 1.0
+_LOOP_GONE = "the engine's loop thread has ended (see the error logged), and the engine with it"
 _LEFTOVER_TIMEOUT = 5.0  # for tasks still on the loop after the engine shut down
 
 
@@ -87,8 +91,9 @@ class SyncExecutionEngine:
         self._closing = False
         self._stopped = threading.Event()  # set once the first shutdown() has stopped everything
         self._loop = asyncio.new_event_loop()
+        run_as_our_own(self._loop)
         self._thread = threading.Thread(
-            target=_run_loop, args=(self._loop,), name="cloudops-execution-engine", daemon=True
+            target=_run_loop, args=(self._loop, self._engine), name="cloudops-execution-engine", daemon=True
         )
         self._thread.start()
         # Dropped without shutdown(), it would keep its loop thread, and once
@@ -114,9 +119,12 @@ class SyncExecutionEngine:
             if self._closed:
                 coro.close()
                 raise EngineClosed()
+            if not self._thread.is_alive():
+                coro.close()
+                raise EngineClosed(_LOOP_GONE)
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result(timeout)
+            return self._result(future, timeout)
         except concurrent.futures.CancelledError:
             if self._closed:
                 raise EngineClosed() from None
@@ -124,6 +132,21 @@ class SyncExecutionEngine:
         except BaseException:
             future.cancel()
             raise
+
+    def _result(self, future: concurrent.futures.Future[_T], timeout: float | None) -> _T:
+        """`future.result(timeout)`, or `EngineClosed` if the loop thread it waits on has ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _LOOK_AT_THE_LOOP_S
+            if deadline is not None:
+                step = min(step, max(0.0, deadline - time.monotonic()))
+            try:
+                return future.result(step)
+            except TimeoutError:
+                if future.done() or (deadline is not None and time.monotonic() >= deadline):
+                    raise  # the call's own TimeoutError (`wait(timeout=)`), or this wait's
+                if not self._thread.is_alive():
+                    raise EngineClosed(_LOOP_GONE) from None
 
     def with_event_handler(self, handler: Any) -> SyncExecutionEngine:
         """Add a handler; one that is not a coroutine function runs on a thread of its own.
@@ -362,7 +385,8 @@ class SyncExecutionEngine:
             self._await_first_shutdown(caller)
             return
         try:
-            self._call(self._shut_down(caller, cancel))
+            if self._thread.is_alive():  # else the engine was shut down as its thread ended
+                self._call(self._shut_down(caller, cancel))
         finally:
             with self._lock:
                 self._closed = True
@@ -386,8 +410,8 @@ class SyncExecutionEngine:
         self._stopped.wait()
 
     def _stop_loop(self) -> None:
-        if threading.current_thread() is self._thread:
-            return  # unreachable through `_call`, which refuses the loop thread
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return  # unreachable through `_call`, which refuses the loop thread; or it has ended
         final = asyncio.run_coroutine_threadsafe(self._sweep(), self._loop)
         try:
             final.result(_LEFTOVER_TIMEOUT * 2)
@@ -411,8 +435,15 @@ class SyncExecutionEngine:
         await asyncio.wait_for(self._loop.shutdown_default_executor(), _LEFTOVER_TIMEOUT)
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    loop.run_forever()
+def _run_loop(loop: asyncio.AbstractEventLoop, engine: ExecutionEngine) -> None:
+    try:
+        loop.run_forever()
+    except BaseException:
+        # Nothing of the engine's raises out of its loop; should anything, its workers and
+        # commands must not outlive the thread that supervised them.
+        logger.exception("the loop thread of a SyncExecutionEngine failed; the engine is shut down")
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(asyncio.wait_for(engine.shutdown(), _LOOP_JOIN_TIMEOUT))
     # Stopped for good: by shutdown(), or by `_let_go` where nobody is left to close it.
     loop.close()
 

@@ -11,6 +11,7 @@ without raising while it waits for events, or when it stops receiving them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -38,7 +39,23 @@ class HandlerRaises:
         self._last: tuple[str, str, Any] = ("", "", None)  # event type, exception, the event's id
 
     def record(self, event: Any) -> None:
-        """Called in the `except` clause of the handler's raise."""
+        """Called in the `except` clause of the handler's raise; never raises itself.
+
+        What says the raise may fail in turn (an exception whose `str()` raises,
+        a host's log handler that does): the delivery must go on all the same.
+        """
+        try:
+            self._record(event)
+        except Exception:
+            with contextlib.suppress(Exception):
+                logger.error(
+                    "event handler %r raised on %s, and the raise could not be said: %s",
+                    self._handler,
+                    type(event).__name__,
+                    type(sys.exception()).__name__,
+                )
+
+    def _record(self, event: Any) -> None:
         now = time.monotonic()
         about = getattr(event, "execution_id", None) or getattr(event, "plan_id", None)
         if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL_S:
@@ -85,4 +102,9 @@ class HandlerRaises:
 
 def _exception_now() -> str:
     exc = sys.exception()
-    return f"{type(exc).__name__}: {exc}" if exc is not None else ""
+    if exc is None:
+        return ""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # its str() raised
+        return type(exc).__name__

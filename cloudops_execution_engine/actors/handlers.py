@@ -37,6 +37,7 @@ import logging
 import queue
 import threading
 import types
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,6 +77,24 @@ class _Listener:
 _RUNNING_HANDLER: contextvars.ContextVar[_Channel | None] = contextvars.ContextVar(
     "cloudops_running_handler", default=None
 )
+# The event whose delivery this context is part of. A task the handler starts copies both,
+# and outlives the delivery: its waits on the engine hold the flow back as anyone's do.
+_DELIVERY: contextvars.ContextVar[Any] = contextvars.ContextVar("cloudops_delivery", default=None)
+
+# Loops the engine runs on threads of its own (`SyncExecutionEngine`): no exit of the host's.
+_OWN_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def run_as_our_own(loop: asyncio.AbstractEventLoop) -> None:
+    """`loop` runs on a thread of the engine's own: a handler's `SystemExit` there is a raise, not an exit."""
+    _OWN_LOOPS.add(loop)
+
+
+def _on_a_loop_of_our_own() -> bool:
+    try:
+        return asyncio.get_running_loop() in _OWN_LOOPS
+    except RuntimeError:
+        return False
 
 
 class _Channel(_Listener):
@@ -88,11 +107,12 @@ class _Channel(_Listener):
     Items are single events, `(events, weight)` batches, or STOP.
     """
 
-    __slots__ = ("handler", "items", "raises", "task", "thread", "waiter")
+    __slots__ = ("delivering", "handler", "items", "raises", "task", "thread", "waiter")
 
     def __init__(self, bus: EventBus, handler: Any, on_thread: bool) -> None:
         super().__init__(bus, counted=True)
         self.handler = handler
+        self.delivering: Any = None  # the event an async handler is being awaited on
         self.raises = HandlerRaises(handler)
         self.items: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -103,6 +123,25 @@ class _Channel(_Listener):
             self.task = loop.create_task(self._run_on_thread(self.thread))
         else:
             self.task = loop.create_task(self._run(deliver))
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The delivery ended; unless the bus ended it, the handler hears no more and holds nothing back.
+
+        A handler that cancelled its own delivery task, say, would otherwise stay
+        registered, never served again, and its queue would keep the output
+        credit every worker waits for.
+        """
+        bus = self.bus
+        if self not in bus._channels or bus._draining:
+            return
+        why = "it was cancelled" if task.cancelled() else f"{task.exception()!r}"
+        logger.error("event handler %r receives no more events: its delivery ended (%s)", self.handler, why)
+        bus._channels = [c for c in bus._channels if c is not self]
+        if self.thread is not None:
+            self.thread.stop(abandon=True)
+            bus._retired.append(self.thread)
+        bus._forget(self)
 
     def put(self, item: Any) -> None:
         self.items.append(item)
@@ -151,7 +190,14 @@ class _Channel(_Listener):
                     # A coroutine (an `async def` handler) or None (a plain one)
                     # without the general test: this runs once per output line.
                     if type(outcome) is _COROUTINE or (outcome is not None and inspect.isawaitable(outcome)):
-                        await outcome
+                        # What the handler runs (and the tasks it starts) sees which delivery
+                        # it is part of: a wait on the engine is spared only while that lasts.
+                        self.delivering = event
+                        _DELIVERY.set(event)
+                        try:
+                            await outcome
+                        finally:
+                            self.delivering = None
                 except asyncio.CancelledError:
                     if _being_cancelled():
                         raise
@@ -159,7 +205,11 @@ class _Channel(_Listener):
                     # ending the channel here would strand every later event.
                     self.raises.record(event)
                 except (KeyboardInterrupt, SystemExit):
-                    raise  # the host's own exit, which asyncio raises out of the loop
+                    if not _on_a_loop_of_our_own():
+                        raise  # the host's own exit, which asyncio raises out of the loop
+                    # Out of a `SyncExecutionEngine`'s loop it would end only that thread,
+                    # and every blocking call waiting on it would wait for ever.
+                    self.raises.record(event)
                 except BaseException:
                     # An `Exception`, or a handler's own kind of giving up (a GeneratorExit,
                     # a host's abort type): one event's failure. Letting it end this task
@@ -406,6 +456,7 @@ class EventBus:
         self._heavy: set[_Listener] = set()  # counted listeners holding at least LOW_WATER
         self._congested = False
         self._closed = False
+        self._draining = False
         # Handlers that called shutdown themselves: its drain cannot wait for them to return.
         self._spared: set[_Channel] = set()
         self._spared_more: asyncio.Future[None] | None = None
@@ -436,22 +487,26 @@ class EventBus:
         self._channels.append(_Channel(self, handler, on_thread))
 
     def remove_handler(self, handler: Any) -> None:
-        """Stop delivering to `handler` (the first one equal to it); what was queued for it is dropped."""
-        for channel in self._channels:
-            if channel.handler is handler or channel.handler == handler:
-                # A new list: a publish running over the old one is not disturbed.
-                self._channels = [c for c in self._channels if c is not channel]
-                channel.task.cancel()
-                if channel.thread is not None:
-                    channel.thread.stop(abandon=True)
-                    self._retired.append(channel.thread)
-                self._forget(channel)
-                return
-        for index, (waiting, _on_thread) in enumerate(self._waiting):
-            if waiting is handler or waiting == handler:
-                del self._waiting[index]
-                return
-        raise ValueError(f"{handler!r} is not an event handler of this engine")
+        """Stop delivering to `handler` (itself, else one equal to it); what was queued for it is dropped.
+
+        Equal is for bound methods, made anew at each access; two handlers that
+        compare equal (dataclasses holding the same events) are told apart by identity.
+        """
+        at = _find(handler, [c.handler for c in self._channels])
+        if at is not None:
+            channel = self._channels[at]
+            # A new list: a publish running over the old one is not disturbed.
+            self._channels = [c for c in self._channels if c is not channel]
+            channel.task.cancel()
+            if channel.thread is not None:
+                channel.thread.stop(abandon=True)
+                self._retired.append(channel.thread)
+            self._forget(channel)
+            return
+        at = _find(handler, [waiting for waiting, _on_thread in self._waiting])
+        if at is None:
+            raise ValueError(f"{handler!r} is not an event handler of this engine")
+        del self._waiting[at]
 
     def start(self) -> None:
         """Open a channel for each handler added before the loop was known."""
@@ -653,6 +708,8 @@ class EventBus:
         caller = _RUNNING_HANDLER.get()
         if caller is None and thread is None:
             return None  # not a handler: every `events()` read of a plain reader asks
+        if caller is not None and (caller.delivering is None or caller.delivering is not _DELIVERY.get()):
+            caller = None  # started by the handler, in a delivery that has ended: not the handler waiting
         for channel in self._channels:
             if channel is caller or (
                 thread is not None and channel.thread is not None and channel.thread.thread is thread
@@ -662,6 +719,7 @@ class EventBus:
 
     async def drain(self, timeout: float) -> None:
         """Let every handler finish what is queued (bounded), then stop them and their threads."""
+        self._draining = True
         for channel in self._channels:
             channel.put(STOP)
         loop = asyncio.get_running_loop()
@@ -709,6 +767,17 @@ async def _join(threads: list[_HandlerThread]) -> None:
             )
 
 
+def _find(handler: Any, handlers: list[Any]) -> int | None:
+    """Where `handler` itself is in `handlers`, else the first handler equal to it; None if neither."""
+    for index, candidate in enumerate(handlers):
+        if candidate is handler:
+            return index
+    for index, candidate in enumerate(handlers):
+        if candidate == handler:
+            return index
+    return None
+
+
 def _deliverer(handler: Any) -> Callable[[Any], Any]:
     on_event = getattr(handler, "on_event", None)
     if callable(on_event):
@@ -740,8 +809,18 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class _HandlerExit(Exception):
+    """A handler's `SystemExit` or `KeyboardInterrupt` on the engine's own loop: a raise, not an exit."""
+
+
 async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+    try:
+        return await awaitable
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not _on_a_loop_of_our_own():
+            raise
+        # Raised out of this task it would end the loop, and the engine with it.
+        raise _HandlerExit(repr(exc)) from exc
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
