@@ -28,6 +28,7 @@ import sys
 from typing import Any, NoReturn
 
 from .cli_output import CannotWrite, guard_stdout, reader_left, say_cannot_write
+from .standard_fds import fill_closed_standard_fds
 
 __all__ = ["main"]
 
@@ -59,6 +60,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None, **extra: A
         sys.exit(1)
     if args is None:
         guard_stdout()  # before anything opens a file, which could otherwise become descriptor 1
+        fill_closed_standard_fds()  # and 0 and 2, for the same reason
         _say_what_the_engine_logs()
         _forget_impossible_sizes()
         signal.signal(signal.SIGINT, _interrupt.caught)

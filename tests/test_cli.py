@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -557,3 +558,27 @@ def test_ctrl_c_at_any_moment_of_the_start_ends_the_run_with_130(tmp_path: Path)
             if proc.stderr:
                 proc.stderr.close()
     assert codes == [130] * 12
+
+
+def test_run_started_without_stdin_and_stderr_gives_the_command_both(tmp_path: Path) -> None:
+    """From cron or a daemon (`<&- 2>&-`): the command's stderr was lost, and it had no stdin at all."""
+    line = (
+        "echo to-stdout; echo to-stderr >&2; cat; echo cat-exit=$?; "
+        "[ -e /proc/self/fd/0 ] && echo has-fd0; [ -e /proc/self/fd/2 ] && echo has-fd2"
+    )
+    command = shlex.join([*CLI, "run", "--no-journal", "--events", "ndjson", "--shell", "--", line])
+    done = subprocess.run(
+        ["bash", "-c", f"exec {command} <&- 2>&-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")},
+    )
+    assert done.returncode == 0, done.stdout
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    # Two pipes: the order between them is not the command's to keep.
+    said = {kind: [e["line"] for e in events if e["event_type"] == kind] for kind in ("stdout", "stderr")}
+    assert said == {"stdout": ["to-stdout", "cat-exit=0", "has-fd0", "has-fd2"], "stderr": ["to-stderr"]}
+    (log,) = (tmp_path / "cloudops-execution-engine").glob("*.log")
+    assert "stderr to-stderr" in log.read_text()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -869,3 +871,39 @@ async def test_a_command_that_changes_its_workers_limits_nice_and_cpus_leaves_la
         if how == "soft":
             now = [w.pid for w in engine._supervisor._pool.workers]  # type: ignore[union-attr]
             assert now == [worker], "a worker that could undo every change was replaced"
+
+
+_HOST_WITHOUT_STANDARD_FDS = """
+import asyncio, json, sys
+from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest, ShellCommand
+
+async def main(report, log_dir):
+    line = "echo out; echo err >&2; cat; echo cat=$?; readlink /proc/$PPID/fd/1 /proc/$PPID/fd/2"
+    async with ExecutionEngine(ExecutionConfig(log_dir=log_dir, workers=1)) as engine:
+        results = []
+        for _ in range(3):
+            eid = await engine.execute(ExecutionRequest(command=ShellCommand(command=line)))
+            result = await engine.wait(eid, timeout=30)
+            results.append({"status": result.status.value, "stdout": result.stdout, "stderr": result.stderr})
+    with open(report, "w") as out:
+        json.dump(results, out)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_host_started_without_standard_fds_runs_commands_with_all_three(tmp_path: Path) -> None:
+    """Its workers' pipes to it took the numbers 1 and 2: what a worker wrote there went into its frames.
+
+    The worker (the command's parent) has `/dev/null` there instead; its commands get all three.
+    """
+    report = tmp_path / "report.json"
+    script = tmp_path / "host.py"
+    script.write_text(_HOST_WITHOUT_STANDARD_FDS)
+    command = shlex.join([PYTHON, str(script), str(report), str(tmp_path / "logs")])
+    done = subprocess.run(["bash", "-c", f"exec {command} <&- >&- 2>&-"], timeout=50)
+    assert done.returncode == 0
+    results = json.loads(report.read_text())
+    expected = {"status": "completed", "stdout": "out\ncat=0\n/dev/null\n/dev/null\n", "stderr": "err\n"}
+    assert results == [expected] * 3

@@ -9,6 +9,7 @@
 #define CLOUDOPS_CHILD_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
@@ -126,6 +127,17 @@ restore_own(void)
     return stuck;
 }
 
+/* dup2 onto the same number does nothing, and leaves close-on-exec set on a descriptor received
+   with it (a process started with 1 or 2 closed gets its pipes there): the command would start
+   without it. */
+static int move_fd(int from, int to) {
+    if (from != to) {
+        return dup2(from, to);
+    }
+    int flags = fcntl(to, F_GETFD);
+    return flags < 0 ? -1 : fcntl(to, F_SETFD, flags & ~FD_CLOEXEC);
+}
+
 static void __attribute__((noinline, noreturn, unused))
 child(const char *path, char *const argv[], char *const envp[], const char *cwd, int out_fd, int err_fd,
       const int *defaults, long n_defaults, const struct limit *limits, long n_limits,
@@ -150,8 +162,8 @@ child(const char *path, char *const argv[], char *const envp[], const char *cwd,
     for (long i = 0; i < n_defaults; i++) {
         sigaction(defaults[i], &dfl, NULL);
     }
-    if (setsid() < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0 ||
-        (extras->in_fd >= 0 && dup2(extras->in_fd, 0) < 0)) {
+    if (setsid() < 0 || move_fd(out_fd, 1) < 0 || move_fd(err_fd, 2) < 0 ||
+        (extras->in_fd >= 0 && move_fd(extras->in_fd, 0) < 0)) {
         failed.error = errno;
         failed.stage = STAGE_OTHER;
         _exit(127);

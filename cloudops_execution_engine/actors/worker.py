@@ -81,6 +81,7 @@ from ..protocol import (
 )
 from ..protocol.messages import Finished, Kind
 from ..protocol.pipe import READ_SIZE, PipeWriter, read_available
+from ..standard_fds import fill_closed_standard_fds
 from . import own_settings, process_tree
 from .execution import (
     CANCEL,
@@ -927,6 +928,9 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     kill them. Detached, the worker outlives the actor long enough to see its
     pipe close and kill every tree, as it does when a local host dies.
     """
+    # First, or a duplicate below could be 2 (a host started with 2 closed), and anything
+    # written to standard error would go into the pipe to the host.
+    fill_closed_standard_fds()
     # Duplicates are close-on-exec: a command holding these pipes would keep
     # them open after the host died and hide that death from us.
     read_fd = os.dup(read_conn.fileno())
@@ -1013,5 +1017,6 @@ def _quiet_stdio() -> None:
     error stay the host's, so that a worker's own crash report still reaches it.
     """
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    if devnull != 0:  # 0 itself when it was closed: then it is /dev/null already
+        os.dup2(devnull, 0)
+        os.close(devnull)
