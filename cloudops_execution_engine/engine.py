@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import math
+import pickle
 import sqlite3
 import warnings
 import weakref
@@ -61,6 +62,23 @@ def _coerce_model(value: Any, model: type[_M], invalid: type[InvalidCommand | In
         if isinstance(value, str | bytes):
             return model.model_validate_json(value)
         return model.model_validate(value)
+
+
+def _own_plan(plan: ExecutionPlan) -> ExecutionPlan:
+    """The engine's own copy of a host's plan, as it is now.
+
+    The plan is the host's object: edited after `execute_plan()` (a command
+    appended, an env changed), it would change what its pending commands run,
+    what the journal records, and what `resume_plan()` rebuilds, which then
+    failed on commands and records that no longer matched. A pickle round
+    trip copies it whole at half the cost of `deepcopy`; what cannot be
+    pickled is not a plan the engine could run.
+    """
+    try:
+        own: ExecutionPlan = pickle.loads(pickle.dumps(plan, pickle.HIGHEST_PROTOCOL))
+    except Exception as exc:
+        raise InvalidPlan(f"the plan cannot be copied: {type(exc).__name__}: {exc}") from None
+    return own
 
 
 class ExecutionEngine:
@@ -155,7 +173,10 @@ class ExecutionEngine:
     async def execute_plan(self, plan: ExecutionPlan) -> UUID:
         """Validate and start a plan; returns its id at once."""
         self._supervisor.check_open()
-        plan = _coerce_model(plan, ExecutionPlan, InvalidPlan)
+        if isinstance(plan, ExecutionPlan):
+            plan = _own_plan(plan)
+        else:
+            plan = _coerce_model(plan, ExecutionPlan, InvalidPlan)
         await self._supervisor.start()
         return self._supervisor.submit_plan(plan)
 

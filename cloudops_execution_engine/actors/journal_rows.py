@@ -89,7 +89,13 @@ _UPDATE_STARTED = (
 
 
 def op_added(seq: int, run: int, record: Record, request: ExecutionRequest) -> tuple[Any, ...]:
-    return (ADD, seq, run, record, request)
+    # Its JSON now: the request is the host's object, which it may edit after `execute()`.
+    document: str | Exception
+    try:
+        document = request.model_dump_json()
+    except Exception as exc:  # raised again as the record is written: it is left out alone
+        document = exc
+    return (ADD, seq, run, record, document)
 
 
 def op_plan_added(run: int, plan_run: PlanRun, seqs: list[int], plan_seq: int) -> tuple[Any, ...]:
@@ -272,6 +278,8 @@ def apply_batch(
         kind = op[0]
         if kind == ADD:
             _, seq, run, record, request = op
+            if isinstance(request, Exception):
+                raise request
             inserts.append(
                 row(
                     seq,
@@ -283,7 +291,7 @@ def apply_batch(
                     status="pending",
                     submitted_us=us_of(record.submitted_at),
                     log_path=str(record.log_path),
-                    request=mask(request.model_dump_json()),
+                    request=mask(request),
                 )
             )
         elif kind == ADD_PLAN:

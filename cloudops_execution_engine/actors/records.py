@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from .._model import utcnow
+from ..commands import AwsCliCommand, ExecCommand, ShellCommand
 from ..logfiles import log_path_for
 from ..plans import Schedule, schedule_for
 from ..requests import ExecutionPlan, ExecutionRequest
@@ -74,6 +76,10 @@ class Ending:
             self._event = None
 
 
+# Commands whose display is their argv, quoted (`Command.display`).
+_SHOWN_AS_ARGV = (ExecCommand, AwsCliCommand)
+
+
 class Record(Ending):
     """One command: submitted alone or as part of a plan."""
 
@@ -120,13 +126,20 @@ class Record(Ending):
         """
         self.id = request.id
         self.key = request.id.bytes
-        # What the Run needs, not the request: a finished record should not keep the model alive.
-        self.env = request.env
+        # What the Run needs, not the request: a finished record should not keep the model alive,
+        # and the host may edit its request after `execute()` (its env, its command's args).
+        self.env = dict(request.env)
         self.argv = argv
         self.cwd = os.fsencode(request.cwd())
-        # The command's display (shlex quoting) is made when first asked for, as the log path is.
-        self._command: Command | None = request.command
+        # The command's display (shlex quoting) is made when first asked for, as the log path is:
+        # from the argv it runs where that is what the display quotes, else from the command.
+        command = request.command
+        self._command: Command | None = None
         self._display: str | None = None
+        if type(command) is ShellCommand:
+            self._display = command.command
+        elif not (argv and type(command) in _SHOWN_AS_ARGV):
+            self._command = command
         self._log_path = log_path
         self._log_dir = log_dir
         self.timeout_ms = timeout_ms
@@ -155,9 +168,11 @@ class Record(Ending):
         """The command as its log header and events show it."""
         display = self._display
         if display is None:
-            assert self._command is not None
-            display = self._display = self._command.display()
-            self._command = None  # a record does not keep the request's models
+            if self._command is None:
+                display = self._display = shlex.join(self.argv)
+            else:
+                display = self._display = self._command.display()
+                self._command = None  # a record does not keep the request's models
         return display
 
     @display.setter
