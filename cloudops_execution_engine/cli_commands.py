@@ -27,6 +27,8 @@ from .cli_text import (
     did_not_start,
     exit_code_for,
     ndjson_line,
+    printable,
+    printable_lines,
     what_happened,
 )
 
@@ -217,7 +219,8 @@ def _config(
 
 
 def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
-    click.echo(f"cloudops-exec: {message}", err=True)
+    # What the message quotes (a file's fields, an error's text) may hold escape sequences.
+    click.echo(f"cloudops-exec: {printable_lines(message)}", err=True)
     sys.exit(code)
 
 
@@ -382,18 +385,18 @@ def _load(path: Path) -> Any:
 
 
 def _parse(path: Path, text: str) -> Any:
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             _fail("YAML needs PyYAML: pip install 'cloudops-execution-engine[cli]'")
         try:
             return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
             _fail(f"{path} is not valid YAML: {exc}")
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
         _fail(f"{path} is not valid JSON: {exc}")
 
 
@@ -535,7 +538,7 @@ def validate(file: Path, max_timeout_ms: int | None) -> None:
         click.echo(f"{file}: valid plan of {len(parsed.commands)} commands ({parsed.strategy.type})")
     else:
         assert parsed is not None
-        click.echo(f"{file}: valid request: {shlex.join(parsed.argv())}")
+        click.echo(f"{file}: valid request: {printable(shlex.join(parsed.argv()))}")
 
 
 @main.command(short_help="Print the JSON Schema of a request, plan, result or event.")

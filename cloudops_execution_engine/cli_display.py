@@ -82,7 +82,7 @@ class PlainProgress:
         elif event.event_type == "completed":
             self._write(f"{tag} completed in {event.result.duration.total_seconds():.2f}s")
         elif event.event_type == "failed":
-            self._write(f"{tag} failed: {humane_error(event.error)}")
+            self._write(f"{tag} failed: {printable(humane_error(event.error))}")
         elif event.event_type == "cancelled":
             self._write(f"{tag} cancelled")
 

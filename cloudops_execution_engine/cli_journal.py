@@ -25,7 +25,7 @@ from uuid import UUID
 import click
 
 from .cli_display import short
-from .cli_text import EXIT_FAILED, EXIT_INVALID
+from .cli_text import EXIT_FAILED, EXIT_INVALID, printable_lines
 
 if TYPE_CHECKING:
     from .config import ExecutionConfig
@@ -63,7 +63,8 @@ _DEFAULT_JOURNAL = "$XDG_STATE_HOME/cloudops-execution-engine/journal.sqlite3"
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"cloudops-exec: {message}", err=True)
+    # What the message quotes (a file's fields, an error's text) may hold escape sequences.
+    click.echo(f"cloudops-exec: {printable_lines(message)}", err=True)
     sys.exit(code)
 
 

@@ -134,6 +134,11 @@ def printable(text: str) -> str:
     return text.translate(_CONTROLS)
 
 
+def printable_lines(text: str) -> str:
+    """`printable`, keeping the line breaks of a message this program made of several lines."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def tail(text: str, lines: int) -> list[str]:
     """The last `lines` non-blank lines of `text`."""
     kept = [line for line in text.splitlines() if line.strip()]

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
@@ -582,3 +583,67 @@ def test_run_started_without_stdin_and_stderr_gives_the_command_both(tmp_path: P
     assert said == {"stdout": ["to-stdout", "cat-exit=0", "has-fd0", "has-fd2"], "stderr": ["to-stderr"]}
     (log,) = (tmp_path / "cloudops-execution-engine").glob("*.log")
     assert "stderr to-stderr" in log.read_text()
+
+
+_ESCAPES = "\x1b]0;PWNED\x07\x1b[2J"
+_TRUE = {"type": "exec", "program": "true"}
+
+
+@pytest.mark.parametrize(
+    ("command", "document"),
+    [
+        ("validate", {"commands": [{"command": {"type": _ESCAPES}}], "strategy": {"type": "serial"}}),
+        ("validate", {"commands": [{"command": {"type": "exec", "program": "true"}, "env": {_ESCAPES: 5}}]}),
+        (
+            "validate",
+            {"command": _TRUE, "working_dir": f"/nonexistent/{_ESCAPES}"},
+        ),
+        ("validate", {"command": {"type": "exec", "program": "true", "args": [_ESCAPES]}}),
+        ("plan", {"commands": [{"command": {"type": "exec", "program": f"nope{_ESCAPES}"}}]}),
+    ],
+    ids=["type tag", "env key", "working_dir", "argument", "program that cannot start"],
+)
+def test_what_a_file_holds_reaches_the_terminal_without_its_escape_sequences(
+    tmp_path: Path, command: str, document: dict[str, Any]
+) -> None:
+    """A plan or request from elsewhere could retitle the terminal or clear it through our messages."""
+    if "commands" in document:
+        document.setdefault("strategy", {"type": "serial"})
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(document))
+    done = cli(command, *(["--no-journal"] if command == "plan" else []), str(path), tmp_path=tmp_path)
+    said = done.stdout + done.stderr
+    assert "PWNED" in said, said  # the text is shown, made harmless
+    assert "\x1b" not in said
+    assert "\x07" not in said
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_number_too_long_to_read_is_a_malformed_file_not_a_traceback(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"plan{suffix}"
+    path.write_text('{"commands": [], "strategy": {"type": "serial"}, "x": ' + "9" * 5000 + "}")
+    done = cli("validate", str(path), tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "is not valid" in done.stderr
+
+
+def test_a_yaml_file_is_known_by_its_suffix_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "plan.YAML"
+    path.write_text("commands:\n  - command: {type: exec, program: 'true'}\nstrategy: {type: serial}\n")
+    done = cli("validate", str(path), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "valid plan of 1 commands" in done.stdout
+
+
+def test_history_of_a_journal_with_a_damaged_row_says_so(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite3"
+    assert cli("run", "--journal", str(journal), "--", "true", tmp_path=tmp_path).returncode == 0
+    conn = sqlite3.connect(journal)
+    conn.execute("UPDATE entries SET status = 'weird'")
+    conn.commit()
+    conn.close()
+    done = cli("history", "--journal", str(journal), tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"cannot read journal {journal}" in done.stderr

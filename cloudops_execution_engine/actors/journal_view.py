@@ -62,7 +62,8 @@ class JournalView:
         self._conn.close()
 
     def _faults(self) -> Any:
-        return map_errors({sqlite3.Error: IoError}, f"cannot read journal {self.path}")
+        # ValueError: a row it cannot read back (a status or document damaged, or edited by hand).
+        return map_errors({sqlite3.Error: IoError, ValueError: IoError}, f"cannot read journal {self.path}")
 
     def _row(self, entry_id: UUID, columns: str) -> tuple[Any, ...]:
         with self._faults():
@@ -87,10 +88,12 @@ class JournalView:
             params.append(min(limit, SQLITE_MAX_INT))
         with self._faults():
             rows = self._conn.execute(sql, params).fetchall()
-        return [summary_from_row(tuple(row)) for row in reversed(rows)]
+            return [summary_from_row(tuple(row)) for row in reversed(rows)]
 
     async def get_status(self, execution_id: UUID) -> ExecutionStatus:
-        return ExecutionStatus(self._row(execution_id, "status")[0])
+        status = self._row(execution_id, "status")[0]
+        with self._faults():
+            return ExecutionStatus(status)
 
     async def get_result(self, execution_id: UUID) -> ExecutionResult:
         row = self._row(execution_id, ENTRY_COLUMNS)
