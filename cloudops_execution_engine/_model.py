@@ -59,6 +59,7 @@ __all__ = [
     "Usize",
     "UsizeKeyMap",
     "UtcDateTime",
+    "Value",
     "aware",
     "construct_unchecked",
     "duration_to_serde",
@@ -184,6 +185,19 @@ class Model(BaseModel, metaclass=_ModelMetaclass):
         schema = super().__get_pydantic_json_schema__(core_schema, handler)
         add_field_descriptions(cls, handler.resolve_ref_schema(schema))
         return schema
+
+
+class Value(Model):
+    """A model the engine makes and hands out, to every handler and caller alike: it cannot be edited.
+
+    One event object goes to every handler and `events()` reader, and one
+    result to every waiter, every `get_result()` and its terminal event: a
+    handler that set `event.result.stdout` changed what all the others saw,
+    and what the engine answered from then on. `model_copy(update=...)`
+    makes an edited copy.
+    """
+
+    model_config = ConfigDict(frozen=True)
 
 
 _M = TypeVar("_M", bound=BaseModel)

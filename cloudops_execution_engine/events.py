@@ -7,7 +7,7 @@ from uuid import UUID
 
 from pydantic import Field
 
-from ._model import Model, Usize, UtcDateTime, utcnow
+from ._model import Usize, UtcDateTime, Value, utcnow
 from .results import ExecutionResult
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 
-class StartedEvent(Model):
+class StartedEvent(Value):
     event_type: Literal["started"] = "started"
     """Always "started": the command began."""
     execution_id: UUID
@@ -34,7 +34,7 @@ class StartedEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class StdoutEvent(Model):
+class StdoutEvent(Value):
     event_type: Literal["stdout"] = "stdout"
     """Always "stdout": a line of standard output."""
     execution_id: UUID
@@ -45,7 +45,7 @@ class StdoutEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class StderrEvent(Model):
+class StderrEvent(Value):
     event_type: Literal["stderr"] = "stderr"
     """Always "stderr": a line of standard error."""
     execution_id: UUID
@@ -56,7 +56,7 @@ class StderrEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class CompletedEvent(Model):
+class CompletedEvent(Value):
     event_type: Literal["completed"] = "completed"
     """Always "completed": the command completed."""
     execution_id: UUID
@@ -67,7 +67,7 @@ class CompletedEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class FailedEvent(Model):
+class FailedEvent(Value):
     event_type: Literal["failed"] = "failed"
     """Always "failed": the command failed or timed out."""
     execution_id: UUID
@@ -78,7 +78,7 @@ class FailedEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class CancelledEvent(Model):
+class CancelledEvent(Value):
     event_type: Literal["cancelled"] = "cancelled"
     """Always "cancelled": the command was cancelled."""
     execution_id: UUID
@@ -87,7 +87,7 @@ class CancelledEvent(Model):
     """When the event was made (UTC, RFC 3339)."""
 
 
-class ProgressEvent(Model):
+class ProgressEvent(Value):
     event_type: Literal["progress"] = "progress"
     """Always "progress": one of a plan's commands ended."""
     plan_id: UUID

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -14,13 +16,13 @@ from ._model import (
     U64,
     Duration,
     FiniteF64,
-    Model,
     NanoDateTime,
     NanoDuration,
     PositiveU32,
     StrictBool,
     Usize,
     UtcDateTime,
+    Value,
 )
 
 __all__ = [
@@ -48,7 +50,7 @@ class ExecutionStatus(StrEnum):
         return self not in (ExecutionStatus.PENDING, ExecutionStatus.RUNNING)
 
 
-class ResourceUsage(Model):
+class ResourceUsage(Value):
     """The kernel's accounting for the command and the descendants it waited for."""
 
     user_cpu_s: FiniteF64
@@ -60,7 +62,7 @@ class ResourceUsage(Model):
     _positional: ClassVar[tuple[str, ...]] = ("user_cpu_s", "system_cpu_s", "max_rss_bytes")
 
 
-class ExecutionResult(Model):
+class ExecutionResult(Value):
     id: UUID
     """The execution's id."""
     status: ExecutionStatus
@@ -91,7 +93,7 @@ class ExecutionResult(Model):
     """How many times the command ran (more than one under a `RetryPolicy`)."""
 
 
-class ExecutionStats(Model):
+class ExecutionStats(Value):
     total: Usize = 0
     """Commands in the plan."""
     completed: Usize = 0
@@ -103,8 +105,20 @@ class ExecutionStats(Model):
     timeout: Usize = 0
     """Commands that timed out."""
 
+    @classmethod
+    def of(cls, statuses: Iterable[ExecutionStatus]) -> ExecutionStats:
+        """The counts of a plan whose commands ended in `statuses`, one each."""
+        counts = Counter(statuses)
+        return cls(
+            total=sum(counts.values()),
+            completed=counts[ExecutionStatus.COMPLETED],
+            failed=counts[ExecutionStatus.FAILED],
+            cancelled=counts[ExecutionStatus.CANCELLED],
+            timeout=counts[ExecutionStatus.TIMEOUT],
+        )
 
-class PlanExecutionResult(Model):
+
+class PlanExecutionResult(Value):
     plan_id: UUID
     """The plan's id."""
     status: ExecutionStatus
@@ -119,7 +133,7 @@ class PlanExecutionResult(Model):
     """The plan this one resumed, through `resume_plan`."""
 
 
-class ExecutionSummary(Model):
+class ExecutionSummary(Value):
     id: UUID
     """The execution's or plan's id."""
     status: ExecutionStatus

@@ -18,6 +18,7 @@ import pytest
 from conftest import config, result_of, shell
 
 from cloudops_execution_engine import (
+    CompletedEvent,
     ExecutionEngine,
     ExecutionStatus,
     StartedEvent,
@@ -228,3 +229,49 @@ def test_a_sync_call_on_an_engine_whose_loop_thread_died_is_engine_closed(tmp_pa
             engine.execute(shell("true"))
     finally:
         engine.shutdown()
+
+
+class Redacts:
+    """Edits what it is given, as if it were its own copy."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    def _try(self, target: Any, name: str, value: Any) -> None:
+        try:
+            setattr(target, name, value)
+        except ValueError:
+            self.refused += 1
+
+    async def on_event(self, event: Any) -> None:
+        if isinstance(event, StdoutEvent):
+            self._try(event, "line", "REDACTED")
+        elif isinstance(event, CompletedEvent):
+            self._try(event.result, "stdout", "")
+            self._try(event.result, "exit_code", 42)
+
+
+async def test_events_and_results_are_the_same_for_everyone_whatever_a_handler_does(tmp_path: Path) -> None:
+    """One event object goes to every handler; one result to every waiter, and to its terminal event."""
+    redacts, after = Redacts(), Counter()
+    lines: list[str] = []
+
+    async def keep(event: Any) -> None:
+        if isinstance(event, StdoutEvent):
+            lines.append(event.line)
+
+    keeper = SimpleNamespace(on_event=keep)
+    async with (
+        ExecutionEngine(config(tmp_path))
+        .with_event_handler(redacts)
+        .with_event_handler(keeper)
+        .with_event_handler(after) as engine
+    ):
+        execution_id = await engine.execute(shell("echo secret-ish"))
+        await engine.wait(execution_id, timeout=20)
+        result = await engine.get_result(execution_id)
+        assert (result.stdout, result.exit_code) == ("secret-ish\n", 0)
+        edited = result.model_copy(update={"stdout": ""})  # an edited copy is the host's to make
+        assert (edited.stdout, (await engine.get_result(execution_id)).stdout) == ("", "secret-ish\n")
+    assert lines == ["secret-ish"]
+    assert redacts.refused == 3  # the line, and the result's two fields

@@ -188,16 +188,7 @@ def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> Non
     ).fetchone()
     texts = _command_results(conn, key, plan_json)
     results = [ExecutionResult.model_validate_json(text) for text in texts if text is not None]
-    stats = ExecutionStats(total=len(results))
-    for result in results:
-        if result.status is ExecutionStatus.COMPLETED:
-            stats.completed += 1
-        elif result.status is ExecutionStatus.FAILED:
-            stats.failed += 1
-        elif result.status is ExecutionStatus.CANCELLED:
-            stats.cancelled += 1
-        elif result.status is ExecutionStatus.TIMEOUT:
-            stats.timeout += 1
+    stats = ExecutionStats.of(result.status for result in results)
     plan_result = PlanExecutionResult(
         plan_id=UUID(bytes=key),
         status=ExecutionStatus.FAILED,

@@ -236,20 +236,11 @@ def progress_event(run: PlanRun, record: Record) -> ProgressEvent:
 
 def plan_result(run: PlanRun) -> PlanExecutionResult:
     """The plan's result from its records' results; sets the plan's final status too."""
-    stats = ExecutionStats(total=len(run.records))
     results: list[ExecutionResult] = []
     for record in run.records:
         assert record.result is not None
         results.append(record.result)
-        status = record.status
-        if status is ExecutionStatus.COMPLETED:
-            stats.completed += 1
-        elif status is ExecutionStatus.FAILED:
-            stats.failed += 1
-        elif status is ExecutionStatus.CANCELLED:
-            stats.cancelled += 1
-        elif status is ExecutionStatus.TIMEOUT:
-            stats.timeout += 1
+    stats = ExecutionStats.of(record.status for record in run.records)
     # In SPEC's order: a cancel that came as the last command ended leaves a plan whose
     # every command completed, and such a plan completed.
     if stats.completed == stats.total:
