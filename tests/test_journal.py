@@ -1210,3 +1210,20 @@ def test_the_default_journal_path_follows_xdg_state_home(
     assert default_journal_path() == expected
     monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")  # invalid per the XDG spec: ignored
     assert default_journal_path() == expected
+
+
+async def test_the_status_of_an_earlier_engines_plan_is_read_from_its_row_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rebuilding a plan of 20,000 commands (every request and result) to answer one status
+    held the loop for 1.5 s, at every poll of it."""
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        plan = await engine.execute_plan(plan_of("true", "true", "exit 3"))
+        await engine.wait(plan, timeout=20)
+
+    def never(*args: Any) -> Any:
+        raise AssertionError("the plan was rebuilt to answer its status")
+
+    monkeypatch.setattr(journal, "plan_from_row", never)
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        assert await later.get_status(plan) is ExecutionStatus.FAILED

@@ -60,6 +60,9 @@ class Store(Protocol):
     def entry(self, entry_id: UUID) -> Record | PlanRun:
         """An execution or a plan; `NotFound` otherwise."""
 
+    def status(self, entry_id: UUID) -> ExecutionStatus:
+        """An execution's or a plan's status, without building what else is known of it."""
+
     def records(self) -> list[Record]:
         """Every execution this engine keeps in memory, in submission order."""
 
@@ -167,6 +170,9 @@ class MemoryStore:
         if found is None:
             raise NotFound(entry_id)
         return found
+
+    def status(self, entry_id: UUID) -> ExecutionStatus:
+        return self.entry(entry_id).status
 
     def records(self) -> list[Record]:
         return list(self._records.values())

@@ -856,7 +856,7 @@ class Supervisor:
         return self._store.entry(entry_id)
 
     def status(self, entry_id: UUID) -> ExecutionStatus:
-        return self._store.entry(entry_id).status
+        return self._store.status(entry_id)
 
     def result(self, entry_id: UUID) -> ExecutionResult:
         try:
