@@ -270,10 +270,13 @@ def test_signals_cancel_and_kill_every_tree(tmp_path: Path, sig: int, code: int)
 def test_a_signal_to_the_whole_process_group_leaves_no_command_running(tmp_path: Path, sig: int) -> None:
     """What a terminal sends to its foreground group (a hangup, Ctrl-\\, Ctrl-C) reaches the workers too.
 
-    A worker that died of SIGHUP or SIGQUIT at once left its commands running, in sessions of their own.
+    A worker that died of SIGHUP or SIGQUIT at once left its commands running, in sessions of their own;
+    and the command, cancelled as the same signal sent to cloudops-exec alone cancels it, was recorded
+    as failed (its worker died) rather than cancelled.
     """
+    journal = tmp_path / "journal.sqlite3"
     proc = subprocess.Popen(
-        [*CLI, "run", "--no-journal", "--", PYTHON, str(HELPERS / "tree.py"), "--ignore-term"],
+        [*CLI, "run", "--journal", str(journal), "--", PYTHON, str(HELPERS / "tree.py"), "--ignore-term"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -291,6 +294,8 @@ def test_a_signal_to_the_whole_process_group_leaves_no_command_running(tmp_path:
         proc.wait(10)
         if proc.stdout:
             proc.stdout.close()
+    listed = cli("history", "--json", "--journal", str(journal), tmp_path=tmp_path)
+    assert [json.loads(line)["status"] for line in listed.stdout.splitlines()] == ["cancelled"]
 
 
 @pytest.mark.parametrize("how", ["run", "run --events ndjson", "plan"])

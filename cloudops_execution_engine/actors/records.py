@@ -90,6 +90,7 @@ class Record(Ending):
         "_log_path",
         "argv",
         "attempt",
+        "cancel_sent",
         "cwd",
         "env",
         "id",
@@ -156,6 +157,8 @@ class Record(Ending):
         self.options = NO_OPTIONS
         # The attempt running now, or the last one made (more than 1 only under a `RetryPolicy`).
         self.attempt = 1
+        # A cancel was sent to its worker: should that worker die before it answers, it was cancelled.
+        self.cancel_sent = False
         self.retry = Retrying(request.retry) if request.retry is not None else None
         # Its OpenTelemetry span while it runs, when the host traces (telemetry.py); once
         # ended only the span's trace id is kept, for log lines: an ended span is kilobytes.

@@ -735,6 +735,7 @@ class Supervisor:
         elif record.status is RUNNING and record.retry is not None and self._cancel_between_attempts(record):
             return
         elif record.status is RUNNING and record.worker is not None:
+            record.cancel_sent = True
             record.worker.send(Cancel(record.key).to_wire())
 
     def _plan_command_ended(self, run: PlanRun, record: Record) -> None:
@@ -845,6 +846,11 @@ class Supervisor:
         error = f"{why} while running this execution"
         for record in held:
             self._scheduler.ran()
+            if record.cancel_sent:
+                # Asked to end, and ended (the trees are gone): the cancel's outcome, whoever
+                # ended it. A terminal's hangup reaches the host and its workers alike.
+                self._finalize(record, outcomes.result_without_worker(record, CANCELLED, str(Cancelled())))
+                continue
             lost = outcomes.result_without_worker(record, FAILED, error)
             if record.retry is None or not self._retry_later(record, lost, "worker_lost"):
                 self._finalize(record, lost)
