@@ -147,15 +147,21 @@ async def started_engine(config: ExecutionConfig, handlers: list[EventHandler]) 
 _journal_option = _journal_path("The journal to read.")
 
 
-def _command_of(log_path: Path) -> str:
-    """The command line a log file's header names; a command that never ran has no log."""
+def _command_of(log_path: Path, ran: bool | None = None) -> str:
+    """The command line a log file's header names; a command that never ran has no log.
+
+    `ran`: whether the journal says it started (None: it does not say), which tells a
+    command that never ran from one whose log retention or a cleaner removed.
+    """
     from .errors import IoError
     from .logfiles import open_to_read
 
     try:
         fd = open_to_read(log_path)
     except FileNotFoundError:
-        return "(no log: it did not run)"
+        if ran is None:
+            return "(no log: it did not run, or its log was removed)"
+        return "(its log was removed)" if ran else "(no log: it did not run)"
     except (OSError, IoError):
         return "(its log cannot be read)"
     try:
@@ -168,6 +174,13 @@ def _command_of(log_path: Path) -> str:
         if line.startswith("# command: "):
             return line.removeprefix("# command: ")
     return ""
+
+
+def _shown(engine: Queries, item: ExecutionSummary) -> str:
+    """What `history` shows of an entry's command: a plan's commands are listed on their own."""
+    if item.kind == "plan":
+        return ""
+    return _command_of(engine.get_log_path(item.id), ran=item.started_at is not None)
 
 
 def _local(moment: datetime) -> str:
@@ -195,9 +208,7 @@ def history(status: str | None, limit: int, as_json: bool, journal: Path | None)
 
     async def summaries(engine: Queries) -> list[tuple[ExecutionSummary, str]]:
         found = await engine.list_executions(status=status, limit=limit or None)
-        return [
-            (item, "" if item.kind == "plan" else _command_of(engine.get_log_path(item.id))) for item in found
-        ]
+        return [(item, _shown(engine, item)) for item in found]
 
     rows = _reading(journal, summaries)
     if as_json:
