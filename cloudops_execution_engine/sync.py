@@ -285,7 +285,14 @@ class SyncExecutionEngine:
 
     def resume_plan(self, plan_id: UUID | str) -> UUID:
         """As `ExecutionEngine.resume_plan`: a new plan in which what completed counts as done."""
-        return self._submit(partial(self._engine.resume_plan, plan_id))
+        return self._submit(partial(self._resume_plan, plan_id))
+
+    async def _resume_plan(self, plan_id: UUID | str) -> UUID:
+        # Its id is known only once the engine has made it; its commands go to workers
+        # on a later turn of the loop, so a buffer opened now still holds all their events.
+        new_id = await self._engine.resume_plan(plan_id)
+        self._early.keep(self._early.open(new_id))
+        return new_id
 
     def cancel(self, execution_id: UUID | str) -> None:
         self._call(self._engine.cancel(execution_id))

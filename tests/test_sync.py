@@ -580,3 +580,14 @@ def test_wait_takes_any_integer_timeout(tmp_path: Path, timeout: int) -> None:
         else:
             engine.wait(eid, timeout=60)
             assert engine.wait(eid, timeout=timeout).status is ExecutionStatus.COMPLETED
+
+
+def test_events_of_a_resumed_plan_are_kept_from_its_start_as_an_executed_plans_are(tmp_path: Path) -> None:
+    """`events(resume_plan(old))` after the new plan has ended yields all of it, as after `execute_plan()`."""
+    with SyncExecutionEngine(config(tmp_path)) as engine:
+        plan = ExecutionPlan(commands=[run("true"), run("false")], strategy=SerialStrategy())
+        engine.wait(engine.execute_plan(plan), timeout=20)
+        resumed = engine.resume_plan(plan.id)
+        engine.wait(resumed, timeout=20)
+        progress = [e for e in engine.events(resumed) if e.event_type == "progress"]
+    assert [(getattr(e, "completed", None), getattr(e, "total", None)) for e in progress][-1] == (2, 2)
