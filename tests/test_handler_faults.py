@@ -25,6 +25,7 @@ from cloudops_execution_engine import (
     StdoutEvent,
     SyncExecutionEngine,
 )
+from cloudops_execution_engine.actors import handlers
 from cloudops_execution_engine.actors.handlers import EventBus
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -275,3 +276,42 @@ async def test_events_and_results_are_the_same_for_everyone_whatever_a_handler_d
         assert (edited.stdout, (await engine.get_result(execution_id)).stdout) == ("", "secret-ish\n")
     assert lines == ["secret-ish"]
     assert redacts.refused == 3  # the line, and the result's two fields
+
+
+class Stuck:
+    """Never returns from its first line until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def on_event(self, event: Any) -> None:
+        if isinstance(event, StdoutEvent):
+            await self.release.wait()
+
+
+async def test_a_handler_holding_every_commands_output_back_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flow control waits for it (nothing is dropped), so other commands stall: the host must hear why."""
+    monkeypatch.setattr(handlers, "CONGESTED_SAID_AFTER_S", 0.2)
+    stuck = Stuck()
+    said = asyncio.Event()
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "held back" in record.getMessage():
+                said.set()
+
+    watcher = Said()
+    logging.getLogger("cloudops_execution_engine.events").addHandler(watcher)
+    try:
+        async with ExecutionEngine(config(tmp_path)).with_event_handler(stuck) as engine:
+            flood = await engine.execute(shell(FLOOD))
+            await asyncio.wait_for(said.wait(), 30)
+            stuck.release.set()
+            assert (await result_of(engine, flood, 60)).status is ExecutionStatus.COMPLETED
+    finally:
+        logging.getLogger("cloudops_execution_engine.events").removeHandler(watcher)
+    (warning,) = [r for r in caplog.records if "held back" in r.getMessage()]
+    assert "Stuck" in warning.getMessage()
+    assert warning.levelno == logging.WARNING

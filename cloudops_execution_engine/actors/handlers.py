@@ -60,6 +60,8 @@ _COROUTINE = types.CoroutineType
 # After a drain has given up on a handler, how long its thread gets to return
 # from the call it is in before it is left behind (it is a daemon thread).
 _THREAD_EXIT_TIMEOUT = 1.0
+# How long output may be held back for one listener before the engine says so (once an episode).
+CONGESTED_SAID_AFTER_S = 10.0
 
 
 class _Listener:
@@ -455,6 +457,8 @@ class EventBus:
         self._retired: list[_HandlerThread] = []  # threads of removed handlers, joined at drain
         self._heavy: set[_Listener] = set()  # counted listeners holding at least LOW_WATER
         self._congested = False
+        self._congested_since = 0.0
+        self._say_congested: asyncio.TimerHandle | None = None
         self._closed = False
         self._draining = False
         # Handlers that called shutdown themselves: its drain cannot wait for them to return.
@@ -629,8 +633,24 @@ class EventBus:
         if not listener.counted:
             return
         self._heavy.add(listener)
-        if listener.pending > self.HIGH_WATER:
+        if listener.pending > self.HIGH_WATER and not self._congested:
             self._congested = True
+            if self._loop is not None and not self._closed:
+                self._congested_since = self._loop.time()
+                self._say_congested = self._loop.call_later(CONGESTED_SAID_AFTER_S, self._still_congested)
+
+    def _still_congested(self) -> None:
+        """Say who has held every command's output back for a while: nothing else would."""
+        self._say_congested = None
+        if not self._congested or self._loop is None:
+            return
+        holders = sorted((_describe(listener) for listener in self._heavy), key=str)
+        logger.warning(
+            "the output of every running command has been held back for %.0f s: %s not taken in what "
+            "it was given (flow control waits for it; a handler that never returns stalls all output)",
+            self._loop.time() - self._congested_since,
+            ", ".join(holders) + (" has" if len(holders) == 1 else " have"),
+        )
 
     def _delivered(self, listener: _Listener, weight: int) -> None:
         listener.pending -= weight
@@ -648,6 +668,9 @@ class EventBus:
         if not self._congested or self._heavy:
             return
         self._congested = False
+        if self._say_congested is not None:
+            self._say_congested.cancel()
+            self._say_congested = None
         relief = self.on_relief
         if relief is None or self._closed:
             return
@@ -749,6 +772,9 @@ class EventBus:
         for channel in channels:
             self._forget(channel)
         self._closed = True
+        if self._say_congested is not None:
+            self._say_congested.cancel()
+            self._say_congested = None
 
 
 async def _join(threads: list[_HandlerThread]) -> None:
@@ -765,6 +791,14 @@ async def _join(threads: list[_HandlerThread]) -> None:
                 "event handler thread %s still in its handler at shutdown; left to finish on its own",
                 handler_thread.thread.name,
             )
+
+
+def _describe(listener: _Listener) -> str:
+    if isinstance(listener, _Channel):
+        return f"event handler {listener.handler!r} ({listener.pending / 2**20:.0f} MiB waiting)"
+    if isinstance(listener, Subscription):
+        return f"an events() reader of {listener.key} ({listener.pending / 2**20:.0f} MiB waiting)"
+    return repr(listener)
 
 
 def _find(handler: Any, handlers: list[Any]) -> int | None:
