@@ -320,7 +320,9 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
     from .config import default_log_dir
 
     key = _uuid(execution_id)
-    log_file = (log_dir or default_log_dir()) / f"{key}.log"
+    log_file = (
+        log_dir or _recorded_log(journal_for(journal, False), key) or default_log_dir()
+    ) / f"{key}.log"
     if follow:
         # Followed as a file: the running command's engine holds the journal.
         from .cli_follow import follow as follow_log
@@ -336,6 +338,26 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
         return await engine.read_logs(key)
 
     click.echo(_reading(journal, read), nl=False)
+
+
+def _recorded_log(journal: Path | None, key: UUID) -> Path | None:
+    """The directory of the log the journal recorded for `key`: a run given `--log-dir` put it there."""
+    from .actors.journal_view import JournalView
+    from .errors import ExecutionError
+
+    if journal is None:
+        return None
+    try:
+        view = JournalView(journal)
+    except ExecutionError:
+        return None  # no journal yet: the run that will record it has not started
+    try:
+        recorded = view.get_log_path(key)
+    except ExecutionError:
+        return None  # not recorded (yet): where it goes by default
+    finally:
+        view.close()
+    return recorded.parent if recorded.name else None
 
 
 def _reading(journal: Path | None, use: Callable[[Queries], Awaitable[_T]]) -> _T:

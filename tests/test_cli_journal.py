@@ -384,3 +384,26 @@ def test_history_tells_a_removed_log_from_a_command_that_never_ran(tmp_path: Pat
     assert listed.returncode == 0, listed.stderr
     assert "(its log was removed)" in listed.stdout
     assert "did not run" not in listed.stdout
+
+
+def test_logs_follow_finds_a_log_its_run_put_in_another_directory(tmp_path: Path) -> None:
+    """`plan --log-dir X`: the journal says where the log is; following looked only in the default place."""
+    gate = tmp_path / "go-on"
+    step = {
+        "command": {"type": "shell", "command": f"echo begun; while [ ! -e {gate} ]; do sleep 0.02; done"}
+    }
+    with cli_processes(tmp_path) as start:
+        running = start(
+            "plan", "--log-dir", str(tmp_path / "elsewhere"), "--events", "ndjson", plan_file(tmp_path, step)
+        )
+        assert running.stdout is not None
+        started = json.loads(running.stdout.readline())
+        follower = start("logs", "--follow", started["execution_id"])
+        assert follower.stdout is not None
+        while "stdout begun" not in follower.stdout.readline():
+            pass
+        gate.touch()
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err
+        assert out.rstrip("\n").splitlines()[-1].startswith("# finished: ")
+        assert running.wait(30) == 0

@@ -56,6 +56,9 @@ class JournalView:
     async def __aenter__(self) -> JournalView:
         return self
 
+    def close(self) -> None:
+        self._conn.close()
+
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
