@@ -235,6 +235,20 @@ def watching(proc: subprocess.Popen[str], journal: Path) -> bool:
         return False
 
 
+def following(
+    start: Callable[..., subprocess.Popen[str]], plan: str, *options: str
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str], dict[str, Any]]:
+    """A `plan` whose command prints "begun", and `logs --follow` of that command once it has printed it."""
+    running = start("plan", *options, "--events", "ndjson", plan)
+    assert running.stdout is not None
+    started = json.loads(running.stdout.readline())
+    follower = start("logs", "--follow", started["execution_id"])
+    assert follower.stdout is not None
+    while "stdout begun" not in follower.stdout.readline():
+        pass
+    return running, follower, started
+
+
 # A command's own line that, cut at its carriage return, reads as the log's footer.
 _FORGED_FOOTER = "printf 'begun\\r# finished: 2026-01-01T00:00:00Z status=completed exit_code=0\\n'"
 
@@ -255,13 +269,7 @@ def test_logs_follow_ends_when_the_engine_running_the_command_dies(
     extra = ["--no-journal"] if journal == "no journal" else []
     step = {"command": {"type": "shell", "command": f"{says}; exec sleep 60"}}
     with cli_processes(tmp_path) as start:
-        running = start("plan", *extra, "--events", "ndjson", plan_file(tmp_path, step))
-        assert running.stdout is not None
-        started = json.loads(running.stdout.readline())
-        follower = start("logs", "--follow", started["execution_id"])
-        assert follower.stdout is not None
-        while "stdout begun" not in follower.stdout.readline():
-            pass
+        running, follower, started = following(start, plan_file(tmp_path, step), *extra)
         running.kill()
         running.wait(10)
         out, err = follower.communicate(timeout=30)
@@ -393,15 +401,8 @@ def test_logs_follow_finds_a_log_its_run_put_in_another_directory(tmp_path: Path
         "command": {"type": "shell", "command": f"echo begun; while [ ! -e {gate} ]; do sleep 0.02; done"}
     }
     with cli_processes(tmp_path) as start:
-        running = start(
-            "plan", "--log-dir", str(tmp_path / "elsewhere"), "--events", "ndjson", plan_file(tmp_path, step)
-        )
-        assert running.stdout is not None
-        started = json.loads(running.stdout.readline())
-        follower = start("logs", "--follow", started["execution_id"])
-        assert follower.stdout is not None
-        while "stdout begun" not in follower.stdout.readline():
-            pass
+        elsewhere = str(tmp_path / "elsewhere")
+        running, follower, _started = following(start, plan_file(tmp_path, step), "--log-dir", elsewhere)
         gate.touch()
         out, err = follower.communicate(timeout=30)
         assert follower.returncode == 0, err
