@@ -89,6 +89,11 @@ def _until_it_starts(log_file: Path, execution_id: UUID, watch: _EndWatch) -> in
     return _STARTED
 
 
+_READ_CHARS = 1 << 20
+# Enough of a line's start to tell a footer or an attempt's header from the command's output.
+_LINE_START = 256
+
+
 def _follow_file(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int:
     from .errors import IoError
     from .logfiles import open_to_read
@@ -103,18 +108,21 @@ def _follow_file(log_file: Path, execution_id: UUID, watch: _EndWatch) -> int:
     with open(fd, errors="replace", newline="") as handle:
         pending = ""
         while True:
-            chunk = handle.read()
+            # In pieces: a log of gigabytes, or one line of them, is followed in bounded memory.
+            chunk = handle.read(_READ_CHARS)
             if chunk:
                 out.write(chunk)
                 out.flush()
                 *lines, pending = (pending + chunk).split("\n")
+                pending = pending[:_LINE_START]  # only how a line starts tells anything
                 watch.saw(lines, len(chunk))
                 continue
             end = watch.end()
             if end is None:
                 time.sleep(_POLL_S)
                 continue
-            out.write(handle.read())  # what came between the last read and the answer
+            while chunk := handle.read(_READ_CHARS):  # what came between the last read and the answer
+                out.write(chunk)
             out.flush()
             if end is _End.ABANDONED:
                 print(f"cloudops-exec: {execution_id} did not end: {watch.why}", file=sys.stderr)

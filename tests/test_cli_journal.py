@@ -408,3 +408,30 @@ def test_logs_follow_finds_a_log_its_run_put_in_another_directory(tmp_path: Path
         assert follower.returncode == 0, err
         assert out.rstrip("\n").splitlines()[-1].startswith("# finished: ")
         assert running.wait(30) == 0
+
+
+def test_logs_follow_of_a_long_line_holds_little_of_it_in_memory(tmp_path: Path) -> None:
+    """It read the whole log at once, and kept a line without its end as a whole: gigabytes for a long one."""
+    journal = tmp_path / "journal.sqlite3"
+    size = 48_000_000
+    line = f"head -c {size} /dev/zero | tr '\\0' x"
+    run = cli("run", "--journal", str(journal), "--shell", "--", line, tmp_path=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(cli("history", "--json", "--journal", str(journal), tmp_path=tmp_path).stdout)
+    measure = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)\n"
+        "print(len(done.stdout), done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    follow = [PYTHON, "-m", "cloudops_execution_engine", "logs", "--follow", "--journal", str(journal)]
+    measured = subprocess.run(
+        [PYTHON, "-c", measure, *follow, summary["id"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=environment(tmp_path),
+    )
+    printed, code, peak_kib = map(int, measured.stdout.split())
+    assert (code, printed > size) == (0, True), measured.stderr
+    assert peak_kib < 100 * 1024, f"the follower peaked at {peak_kib // 1024} MiB"
