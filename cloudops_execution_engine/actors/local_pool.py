@@ -322,6 +322,7 @@ class ProcessWorkerHandle(WorkerHandle):
                 # The host ended it, for the reason it gave (it stopped responding).
                 self._cause = how
             elif code is not None and code < 0:
+                self.exit_signal = -code
                 self._cause = f"killed by {describe_exit(code)}"
             elif code is not None and how in ("exited", "closed its pipe"):
                 # Which of the two the loop saw first is chance; the exit status is what counts.

@@ -124,6 +124,8 @@ class WorkerHandle(ABC):
         # It asked to be replaced (`Retire`): it takes no more work, and is stopped once it holds none.
         self.retiring = False
         self.pid = 0
+        # The signal that ended it, when its exit status says one did (0: none, or not known).
+        self.exit_signal = 0
         self.last_env: dict[bytes, bytes] | None = None
         self._hello: asyncio.Future[None] = loop.create_future()
         self._dead = False

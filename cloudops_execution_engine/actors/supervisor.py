@@ -32,6 +32,7 @@ import contextlib
 import enum
 import logging
 import os
+import signal
 import threading
 from collections.abc import Awaitable, Iterable
 from typing import Any
@@ -84,6 +85,8 @@ _DRAIN_TIMEOUT = 10.0
 # A worker is asked for a sign of life this often, and one that gives none for
 # `_SILENCE_LIMIT` seconds is taken for stopped or hung: killed and replaced.
 _HEARTBEAT = 1.0
+# The signals on which a worker kills its trees and ends itself (`worker._ENDING_SIGNALS`).
+_STOPPING_SIGNALS = frozenset({signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM})
 _SILENCE_LIMIT = 5.0
 
 
@@ -817,16 +820,21 @@ class Supervisor:
                 self._telemetry.worker_died()
             suffix, extra = correlate(r.id for r in held)
             logger.warning("%s; %d execution(s) it held fail%s", why, len(held), suffix, extra=extra)
+        # A worker ends itself on a hangup, SIGTERM or SIGQUIT after killing its trees: sent to a
+        # terminal's whole process group, the signal reached the host too, which cancels.
+        stopped = worker.exit_signal in _STOPPING_SIGNALS
         if worker.cut_short:
             # The loop is closing: a task started now would not run. Its trees are being
             # killed on a thread of their own; its executions are failed without waiting for that.
-            self._fail_held(held, why)
+            self._fail_held(held, why, stopped)
             return
-        task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why, cleanup))
+        task = asyncio.get_running_loop().create_task(self._fail_abandoned(held, why, cleanup, stopped))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _fail_abandoned(self, held: list[Record], why: str, cleanup: Awaitable[None]) -> None:
+    async def _fail_abandoned(
+        self, held: list[Record], why: str, cleanup: Awaitable[None], stopped: bool
+    ) -> None:
         """Wait until the trees a dead worker left behind are gone, then fail its executions."""
         try:
             await asyncio.wait_for(cleanup, _ABANDONED_KILL_TIMEOUT)
@@ -840,15 +848,16 @@ class Supervisor:
             suffix, extra = correlate(r.id for r in held)
             logger.exception("cleaning up after a dead worker failed%s", suffix, extra=extra)
         finally:
-            self._fail_held(held, why)
+            self._fail_held(held, why, stopped)
 
-    def _fail_held(self, held: list[Record], why: str) -> None:
+    def _fail_held(self, held: list[Record], why: str, stopped: bool = False) -> None:
+        """Fail what a dead worker held; with `stopped` (it ended itself on a stopping signal), what
+        the host had asked it to cancel is cancelled."""
         error = f"{why} while running this execution"
         for record in held:
             self._scheduler.ran()
-            if record.cancel_sent:
-                # Asked to end, and ended (the trees are gone): the cancel's outcome, whoever
-                # ended it. A terminal's hangup reaches the host and its workers alike.
+            if stopped and record.cancel_sent:
+                # Asked to end, and ended (the trees are gone): the cancel's outcome.
                 self._finalize(record, outcomes.result_without_worker(record, CANCELLED, str(Cancelled())))
                 continue
             lost = outcomes.result_without_worker(record, FAILED, error)
