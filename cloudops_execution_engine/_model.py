@@ -17,7 +17,9 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Annotated, Any, ClassVar, Self, TypeVar
+from pathlib import PosixPath
+from typing import Annotated, Any, ClassVar, Self, TypeVar, cast
+from uuid import UUID
 
 import pydantic.main
 from annotated_types import Ge, Le
@@ -63,6 +65,7 @@ __all__ = [
     "aware",
     "construct_unchecked",
     "duration_to_serde",
+    "own_copy",
     "utc_from_timestamp",
     "utcnow",
 ]
@@ -201,6 +204,7 @@ class Value(Model):
 
 
 _M = TypeVar("_M", bound=BaseModel)
+_V = TypeVar("_V")
 
 
 def construct_unchecked(cls: type[_M], values: dict[str, Any], fields: set[str]) -> _M:
@@ -216,6 +220,36 @@ def construct_unchecked(cls: type[_M], values: dict[str, Any], fields: set[str])
     object.__setattr__(obj, "__pydantic_extra__", None)
     object.__setattr__(obj, "__pydantic_private__", None)
     return obj
+
+
+# Values that cannot change: shared by a copy, not copied.
+_SHARED = frozenset({str, int, float, bool, bytes, type(None), UUID, PosixPath, datetime, timedelta})
+
+
+def own_copy(value: _V) -> _V:
+    """`value` copied as deep as its mutable parts (models, lists, dicts, sets); the rest is shared.
+
+    What `copy.deepcopy` does for these models, at a fraction of its cost
+    (a plan of 20,000 commands is copied on the loop): strings, numbers,
+    UUIDs and paths cannot change, so they need no copy.
+    """
+    kind = type(value)
+    if kind in _SHARED:
+        return value
+    if kind is list:
+        return [item if type(item) in _SHARED else own_copy(item) for item in value]  # type: ignore[attr-defined,return-value]
+    if kind is dict:
+        return {k: v if type(v) in _SHARED else own_copy(v) for k, v in value.items()}  # type: ignore[attr-defined,return-value]
+    if kind is set:
+        return {own_copy(item) for item in value}  # type: ignore[attr-defined,return-value]
+    if isinstance(value, BaseModel):
+        values = {name: own_copy(item) for name, item in value.__dict__.items()}
+        copied: Any = construct_unchecked(cast(type[BaseModel], kind), values, set(value.model_fields_set))
+        private = value.__pydantic_private__
+        if private:
+            object.__setattr__(copied, "__pydantic_private__", own_copy(private))
+        return cast(_V, copied)
+    return value
 
 
 # -- Duration ----------------------------------------------------------------------

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import shlex
 import signal
 import sys
@@ -69,8 +68,6 @@ class _Output:
     def write(self, text: str) -> None:
         if not self._open:
             return
-        with contextlib.suppress(OSError, ValueError):
-            _blocking_write[0] = self._stream.fileno()
         try:
             if self._bytes is None:
                 self._stream.write(text)
@@ -79,56 +76,19 @@ class _Output:
                 self._stream.flush()  # what was written to it as text comes first
                 self._bytes.write(text.encode("utf-8", "surrogateescape"))
                 self._bytes.flush()
-        except _SignalledWhileWriting:
-            # A reader that stopped reading (a paused pager, a terminal stopped with ^S) held
-            # this write, and with it the loop that would act on the signal. What is left is
-            # dropped, the exit's flush of what the stream still buffers included.
-            self._drop_the_rest()
         except BrokenPipeError:
-            self._drop_the_rest()
+            self._open = False
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
             self._closed()
         except OSError as exc:  # a full disk, an I/O error: `cli_output`
             self._open = False
             self._failed(exc)
-        finally:
-            _blocking_write[0] = None
 
     def flush(self) -> None:
         """Each write is flushed already."""
-
-    def _drop_the_rest(self) -> None:
-        """Nothing more reaches the reader: the descriptor leads to /dev/null from now on."""
-        self._open = False
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-
-
-# The descriptor of the `_Output` write the main thread is in, if it is in one: it blocks the loop
-# for as long as the reader does not read.
-_blocking_write: list[int | None] = [None]
-
-
-class _SignalledWhileWriting(Exception):
-    """An ending signal came while a write to our output was blocked."""
-
-
-def _end_a_blocked_write(signum: int, frame: Any) -> None:
-    """The signal's Python-level handler: the loop acts on it (through its wakeup fd) once free.
-
-    A write blocked on a reader that does not read is retried after EINTR, and
-    the loop never gets to the signal; raised out of the write, it does.
-    """
-    fd = _blocking_write[0]
-    if fd is None:
-        return
-    try:
-        _readable, writable, _failed = select.select([], [fd], [], 0)
-    except (OSError, ValueError):
-        return
-    if not writable:  # held by the reader, not merely under way
-        raise _SignalledWhileWriting(signum)
 
 
 class _Ndjson:
@@ -170,8 +130,6 @@ class _Interrupts:
         loop = asyncio.get_running_loop()
         for sig in _STOPPING:
             loop.add_signal_handler(sig, self._caught, sig)
-            # The loop still hears of it through its wakeup fd; this only frees a blocked write.
-            signal.signal(sig, _end_a_blocked_write)
         try:
             yield self
         finally:

@@ -147,11 +147,11 @@ async def started_engine(config: ExecutionConfig, handlers: list[EventHandler]) 
 _journal_option = _journal_path("The journal to read.")
 
 
-def _command_of(log_path: Path, ran: bool | None = None) -> str:
+def _command_of(log_path: Path) -> str:
     """The command line a log file's header names; a command that never ran has no log.
 
-    `ran`: whether the journal says it started (None: it does not say), which tells a
-    command that never ran from one whose log retention or a cleaner removed.
+    Nor has one whose log retention or a cleaner removed: the journal does not tell
+    the two apart (a command cancelled before it started has a start time too).
     """
     from .errors import IoError
     from .logfiles import open_to_read
@@ -159,9 +159,7 @@ def _command_of(log_path: Path, ran: bool | None = None) -> str:
     try:
         fd = open_to_read(log_path)
     except FileNotFoundError:
-        if ran is None:
-            return "(no log: it did not run, or its log was removed)"
-        return "(its log was removed)" if ran else "(no log: it did not run)"
+        return "(no log: it did not run, or its log was removed)"
     except (OSError, IoError):
         return "(its log cannot be read)"
     try:
@@ -180,7 +178,7 @@ def _shown(engine: Queries, item: ExecutionSummary) -> str:
     """What `history` shows of an entry's command: a plan's commands are listed on their own."""
     if item.kind == "plan":
         return ""
-    return _command_of(engine.get_log_path(item.id), ran=item.started_at is not None)
+    return _command_of(engine.get_log_path(item.id))
 
 
 def _local(moment: datetime) -> str:

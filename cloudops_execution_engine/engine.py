@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import copy
 import math
-import pickle
 import sqlite3
 import warnings
 import weakref
@@ -20,6 +19,7 @@ from uuid import UUID
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
+from ._model import own_copy
 from .actors.handlers import STOP, EventBus
 from .actors.records import Record
 from .actors.supervisor import Supervisor
@@ -70,15 +70,9 @@ def _own_plan(plan: ExecutionPlan) -> ExecutionPlan:
     The plan is the host's object: edited after `execute_plan()` (a command
     appended, an env changed), it would change what its pending commands run,
     what the journal records, and what `resume_plan()` rebuilds, which then
-    failed on commands and records that no longer matched. A pickle round
-    trip copies it whole at half the cost of `deepcopy`; what cannot be
-    pickled is not a plan the engine could run.
+    failed on commands and records that no longer matched.
     """
-    try:
-        own: ExecutionPlan = pickle.loads(pickle.dumps(plan, pickle.HIGHEST_PROTOCOL))
-    except Exception as exc:
-        raise InvalidPlan(f"the plan cannot be copied: {type(exc).__name__}: {exc}") from None
-    return own
+    return own_copy(plan)
 
 
 class ExecutionEngine:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import psutil
 import pytest
 from conftest import HELPERS, PYTHON, gone, wait_until
 
@@ -653,32 +652,3 @@ def test_history_of_a_journal_with_a_damaged_row_says_so(tmp_path: Path) -> None
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"cannot read journal {journal}" in done.stderr
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
-def test_a_signal_ends_a_run_whose_reader_stopped_reading(tmp_path: Path, sig: int) -> None:
-    """A paused pager, a stalled consumer: the loop was held in a write; only SIGKILL ended us."""
-    proc = subprocess.Popen(
-        [*CLI, "run", "--no-journal", "--", "yes", "a line nobody reads"],
-        stdout=subprocess.PIPE,  # never read: the pipe fills, and our write to it blocks
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
-    try:
-        logs = tmp_path / "cloudops-execution-engine"
-
-        def far_past_the_pipe() -> bool:
-            # The log holds what the command wrote; a pipe holds 64 KiB of it.
-            return any(log.stat().st_size > 1024 * 1024 for log in logs.glob("*.log"))
-
-        wait_until(far_past_the_pipe, 30, "the command to write far more than our stdout holds")
-        command = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "yes"]
-        os.kill(proc.pid, sig)
-        assert proc.wait(30) == 128 + sig
-        wait_until(lambda: all(gone(p.pid) for p in command), 10, "the command to be gone")
-    finally:
-        proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()

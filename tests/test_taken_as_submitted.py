@@ -20,8 +20,12 @@ from cloudops_execution_engine import (
     DependencyGraphStrategy,
     ExecutionEngine,
     ExecutionPlan,
+    ExecutionRequest,
     ExecutionStatus,
     PlanExecutionResult,
+    RetryPolicy,
+    SerialStrategy,
+    ShellCommand,
 )
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_leaks")]
@@ -99,3 +103,35 @@ async def test_a_plan_edited_after_execute_plan_runs_records_and_resumes_as_subm
     async with ExecutionEngine(config(tmp_path, journal=journal)) as later:
         from_journal = await later.get_plan_result(plan.id)
         assert len(from_journal.results) == 3
+
+
+async def test_a_retry_policy_edited_after_execute_is_not_the_one_that_runs(tmp_path: Path) -> None:
+    gate = tmp_path / "go-on"
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)) as engine:
+        blocker = await engine.execute(shell(f"while [ ! -e {gate} ]; do sleep 0.02; done"))
+        request = shell("exit 1", retry=RetryPolicy(max_attempts=1, backoff_ms=0, jitter=False))
+        queued = await engine.execute(request)
+        assert request.retry is not None
+        request.retry.max_attempts = 4
+        gate.touch()
+        await engine.wait(blocker, timeout=20)
+        await engine.wait(queued, timeout=20)
+        assert (await engine.get_result(queued)).attempts == 1
+
+
+def _a_local_kind_of_request() -> type[ExecutionRequest]:
+    class Tagged(ExecutionRequest):
+        """A host's own kind of request, made in a function (a factory, a test)."""
+
+    return Tagged
+
+
+async def test_a_plan_of_a_hosts_own_kind_of_request_runs(tmp_path: Path) -> None:
+    tagged = _a_local_kind_of_request()
+    plan = ExecutionPlan(
+        commands=[tagged(command=ShellCommand(command="echo mine"))], strategy=SerialStrategy()
+    )
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        result = await engine.wait(await engine.execute_plan(plan), timeout=20)
+        assert isinstance(result, PlanExecutionResult)
+        assert result.results[0].stdout == "mine\n"

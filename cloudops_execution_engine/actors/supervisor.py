@@ -815,14 +815,23 @@ class Supervisor:
         cleanup = asyncio.ensure_future(
             self._pool.clean_up_after(worker, markers, {r.pid for r in held if r.pid})
         )
+        # A worker ends itself on a hangup, SIGTERM or SIGQUIT after killing its trees: sent to a
+        # terminal's whole process group, the signal reached the host too, which cancels.
+        stopped = worker.exit_signal in _STOPPING_SIGNALS
         if self._state is EngineState.RUNNING:  # not a worker stopped at shutdown
             if self._telemetry is not None:
                 self._telemetry.worker_died()
             suffix, extra = correlate(r.id for r in held)
-            logger.warning("%s; %d execution(s) it held fail%s", why, len(held), suffix, extra=extra)
-        # A worker ends itself on a hangup, SIGTERM or SIGQUIT after killing its trees: sent to a
-        # terminal's whole process group, the signal reached the host too, which cancels.
-        stopped = worker.exit_signal in _STOPPING_SIGNALS
+            cancelled = sum(1 for r in held if stopped and r.cancel_sent)
+            outcome = f"{len(held) - cancelled} fail, and {cancelled} it was cancelling end cancelled"
+            logger.warning(
+                "%s; of the %d execution(s) it held, %s%s",
+                why,
+                len(held),
+                outcome if cancelled else "all fail",
+                suffix,
+                extra=extra,
+            )
         if worker.cut_short:
             # The loop is closing: a task started now would not run. Its trees are being
             # killed on a thread of their own; its executions are failed without waiting for that.
