@@ -318,15 +318,16 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
     from .config import default_log_dir
 
     key = _uuid(execution_id)
-    log_file = (
-        log_dir or _recorded_log(journal_for(journal, False), key) or default_log_dir()
-    ) / f"{key}.log"
     if follow:
+        recorded_in = journal_for(journal, False)
+        # Where the journal says its run put it, unless told: `plan --log-dir X` put it in X.
+        directory = log_dir or _recorded_log(recorded_in, key) or default_log_dir()
+        log_file = directory / f"{key}.log"
         # Followed as a file: the running command's engine holds the journal.
         from .cli_follow import follow as follow_log
 
         try:
-            code = follow_log(log_file, key, journal_for(journal, False))
+            code = follow_log(log_file, key, recorded_in)
         except KeyboardInterrupt:
             code = 130
         if code is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "LogNode",
     "log_path_for",
     "make_parents",
+    "make_private_dir",
     "open_log",
     "open_to_read",
     "prepare_log_dir",
@@ -60,7 +61,7 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o077  # unknown: assume the worst, a chmod for every log
+    return 0o777  # unknown: assume the worst, a chmod for every log
 
 
 def open_log(path: str | bytes, dir_fd: int | None = None) -> int:
@@ -274,8 +275,7 @@ def prepare_log_dir(log_dir: Path) -> None:
         ) from None
     with map_errors({OSError: IoError}, "cannot prepare log directory"):
         try:
-            make_parents(log_dir.parent)
-            log_dir.mkdir(mode=0o700)
+            make_private_dir(log_dir)
             made = True
         except FileExistsError:
             if not log_dir.is_dir():
@@ -291,9 +291,7 @@ def prepare_log_dir(log_dir: Path) -> None:
         if hasattr(os, "getuid") and info.st_uid != os.getuid():
             raise IoError(f"log directory {log_dir} belongs to another user")
         mode = stat.S_IMODE(info.st_mode)
-        if made and mode != 0o700:  # the umask took bits away
-            os.chmod(log_dir, 0o700)
-        elif not made and mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        if not made and mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             raise IoError(
                 f"log directory {log_dir} may be written by any user (mode {mode:o}), "
                 "who could replace its logs"
@@ -319,6 +317,16 @@ def make_parents(directory: Path) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if mode & 0o700 != 0o700:  # a umask that takes the owner's bits: nothing could be made inside
             os.chmod(path, mode | 0o700)
+
+
+def make_private_dir(directory: Path) -> None:
+    """Make `directory` 0700 whatever the umask, and its missing parents (`make_parents`).
+
+    `FileExistsError` when something has its name already: what is there is the caller's to judge.
+    """
+    make_parents(directory.parent)
+    os.mkdir(directory, 0o700)
+    os.chmod(directory, 0o700)  # the umask may have taken bits away
 
 
 def open_to_read(path: str | bytes | Path) -> int:

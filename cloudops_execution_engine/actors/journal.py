@@ -32,7 +32,7 @@ from typing import Any
 from uuid import UUID
 
 from ..errors import IoError, NotFound, map_errors
-from ..logfiles import make_parents
+from ..logfiles import make_private_dir
 from ..requests import ExecutionRequest
 from ..results import ExecutionStatus, ExecutionSummary
 from .journal_known import IdFiller, KnownIds
@@ -295,11 +295,11 @@ class JournalStore:
         if self.path.exists() and not self.path.is_file():
             # A device or a FIFO (`/dev/null`): nothing of ours, not even a lock file, goes beside it.
             raise IoError(f"journal {self.path} is not a regular file")
-        with map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"):
-            make_parents(self.path.parent.parent)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.path.parent, 0o700)
-                os.chmod(self.path.parent, 0o700)  # whatever the umask took away
+        with (
+            map_errors({OSError: IoError}, f"cannot create the directory of journal {self.path}"),
+            contextlib.suppress(FileExistsError),
+        ):
+            make_private_dir(self.path.parent)
         self._lock.acquire()
         conn: sqlite3.Connection | None = None
         try:

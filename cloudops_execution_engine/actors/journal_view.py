@@ -62,7 +62,7 @@ class JournalView:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._conn.close()
+        self.close()
 
     def _faults(self) -> Any:
         # ValueError: a row it cannot read back (a status or document damaged, or edited by hand).
