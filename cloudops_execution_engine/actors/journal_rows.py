@@ -344,11 +344,15 @@ def apply_batch(
             [(pid, started_us, seq) for seq, (pid, started_us) in started.items() if seq not in ended],
         )
     if ended:
-        updates = []
-        for seq, entry in ended.items():
-            began = started.get(seq)
-            updates.append((*_final(entry, began[0] if began else None, mask), seq))
-        conn.executemany(_UPDATE_ENDED, updates)
+        # A generator, not a list: SQLite lets go of the GIL for each row it
+        # writes, so the host's loop waits for one result's JSON at most, not a batch's.
+        conn.executemany(
+            _UPDATE_ENDED,
+            (
+                (*_final(entry, started[seq][0] if seq in started else None, mask), seq)
+                for seq, entry in ended.items()
+            ),
+        )
     if closes:
         conn.executemany("UPDATE runs SET closed_us = ? WHERE run = ?", closes)
 
