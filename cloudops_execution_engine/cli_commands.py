@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
 from .cli_journal import history, journal_for, journal_options, logs, show, started_engine
+from .cli_output import closed_at_start
+from .cli_pump import AFTER_SIGNAL_S, Pump, Sink
 from .cli_text import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -47,7 +48,7 @@ _DEFAULT_CONCURRENCY = 10
 
 
 class _Output:
-    """Our stdout or stderr, for a handler: a reader that closes it ends the run.
+    """Our stdout or stderr, for a handler: written by the run's `Pump`; a reader that closes it ends the run.
 
     A pipeline's writer dies of SIGPIPE when its reader is gone (`... | head`);
     Python ignores SIGPIPE, so each write would fail again, once per line of a
@@ -56,39 +57,36 @@ class _Output:
     nothing written later fails either.
     """
 
-    def __init__(self, stream: TextIO, closed: Callable[[], None], failed: Callable[[OSError], None]) -> None:
-        self._stream = stream
-        self._closed = closed
-        self._failed = failed
-        self._open = True
-        # Written as UTF-8 bytes: a command's output was bytes, and an ASCII-only
-        # locale must neither drop what it cannot encode nor transcode the rest.
-        self._bytes: BinaryIO | None = getattr(stream, "buffer", None)
+    def __init__(
+        self, fd: int, pump: Pump, closed: Callable[[], None], failed: Callable[[OSError], None]
+    ) -> None:
+        self._sink = Sink(fd, closed, failed)
+        self._pump = pump
+        # Descriptor 1 closed as we started (`>&-`) is /dev/null now, where writes would pass.
+        self._refused = closed_at_start() if fd == 1 else None
+        # What the program wrote to it as text comes first (`write`).
+        self._text: TextIO | None = sys.stdout if fd == 1 else sys.stderr
 
     def write(self, text: str) -> None:
-        if not self._open:
+        if not self._sink.open:
             return
-        try:
-            if self._bytes is None:
-                self._stream.write(text)
-                self._stream.flush()
-            else:
-                self._stream.flush()  # what was written to it as text comes first
-                self._bytes.write(text.encode("utf-8", "surrogateescape"))
-                self._bytes.flush()
-        except BrokenPipeError:
-            self._open = False
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())
-                os.close(devnull)
-            self._closed()
-        except OSError as exc:  # a full disk, an I/O error: `cli_output`
-            self._open = False
-            self._failed(exc)
+        if self._refused is not None:
+            self._sink.open = False
+            self._sink.failed(self._refused)
+            return
+        if self._text is not None:
+            with contextlib.suppress(OSError, ValueError):  # nothing of ours is ever left in it
+                self._text.flush()
+        # As UTF-8 bytes: a command's output was bytes, and an ASCII-only
+        # locale must neither drop what it cannot encode nor transcode the rest.
+        self._pump.write(self._sink, text.encode("utf-8", "surrogateescape"))
+
+    async def room(self) -> None:
+        """Return once the reader has taken enough of what is queued (`Pump.room`)."""
+        await self._pump.room()
 
     def flush(self) -> None:
-        """Each write is flushed already."""
+        """Each write is queued for the pump already."""
 
 
 class _Ndjson:
@@ -97,6 +95,7 @@ class _Ndjson:
 
     async def on_event(self, event: ExecutionEvent) -> None:
         self.out.write(ndjson_line(event.model_dump(mode="json")) + "\n")
+        await self.out.room()
 
 
 class _LiveOutput:
@@ -109,8 +108,10 @@ class _LiveOutput:
     async def on_event(self, event: ExecutionEvent) -> None:
         if event.event_type == "stdout":
             self._stdout.write(event.line + "\n")
+            await self._stdout.room()
         elif event.event_type == "stderr":
             self._stderr.write(event.line + "\n")
+            await self._stderr.room()
 
 
 # Signals that end a run: its commands are cancelled, and it exits 128 + the signal. SIGHUP (the
@@ -124,6 +125,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.signal: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.cannot_write: OSError | None = None
+        self.pump = Pump()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
@@ -139,6 +141,8 @@ class _Interrupts:
     def _caught(self, sig: int) -> None:
         if not self.signal.done():
             self.signal.set_result(sig)
+            # A reader that stopped reading must not keep the run, or its handlers, from ending.
+            self.pump.give_up_after(AFTER_SIGNAL_S)
 
     def output_closed(self) -> None:
         """Our reader is gone: the run ends as SIGPIPE would end it."""
@@ -153,11 +157,16 @@ class _Interrupts:
             say_cannot_write(exc)
         self._caught(0)
 
-    def output(self, stream: TextIO) -> _Output:
-        if stream is sys.stdout:
-            return _Output(stream, self.output_closed, self.output_failed)
+    def output(self, fd: int) -> _Output:
+        """Descriptor 1 or 2, written through the run's pump."""
+        if fd == 1:
+            return _Output(fd, self.pump, self.output_closed, self.output_failed)
         # Nothing can be said when stderr fails: the command's output to it is dropped.
-        return _Output(stream, self.output_closed, lambda _exc: None)
+        return _Output(fd, self.pump, self.output_closed, lambda _exc: None)
+
+    async def written(self) -> None:
+        """Wait until what the run's handlers wrote is written; after a signal, `AFTER_SIGNAL_S` at most."""
+        await self.pump.drained()
 
     def early_exit_code(self) -> int:
         """The exit status of a run that a signal, or our output, ended early."""
@@ -333,9 +342,9 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
     interrupts = _Interrupts()
     handler: EventHandler
     if events == "ndjson":
-        handler = _Ndjson(interrupts.output(sys.stdout))
+        handler = _Ndjson(interrupts.output(1))
     else:
-        handler = _LiveOutput(interrupts.output(sys.stdout), interrupts.output(sys.stderr))
+        handler = _LiveOutput(interrupts.output(1), interrupts.output(2))
     with interrupts.installed():
         try:
             engine = await started_engine(config, [handler])
@@ -344,7 +353,9 @@ async def _run_one(request: ExecutionRequest, events: str | None, config: Execut
                 result = await _until_done_or_signal(engine, request.id, interrupts)
         except ExecutionError as exc:
             _fail(str(exc))
-    if result is None:
+        await interrupts.written()
+    # Our output may have failed, or a signal come, after the command ended, while it was written.
+    if result is None or interrupts.signal.done():
         return interrupts.early_exit_code()
     assert isinstance(result, ExecutionResult)
     if result.status is not ExecutionStatus.COMPLETED and events != "ndjson":
@@ -480,10 +491,10 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
 
         display = LiveProgress(parsed)
     else:
-        display = PlainProgress(parsed, interrupts.output(report_to))
+        display = PlainProgress(parsed, interrupts.output(2 if events else 1))
     handlers: list[EventHandler] = [display]
     if events == "ndjson":
-        handlers.append(_Ndjson(interrupts.output(sys.stdout)))
+        handlers.append(_Ndjson(interrupts.output(1)))
     error: ExecutionError | None = None
     result: Any = None
     with interrupts.installed():
@@ -509,6 +520,7 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
                     error = exc
         finally:
             await engine.shutdown()
+        await interrupts.written()
     if error is not None:
         _fail(str(error))
     assert isinstance(result, PlanExecutionResult)

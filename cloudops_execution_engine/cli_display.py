@@ -53,10 +53,16 @@ class Lines(Protocol):
     def flush(self) -> object: ...
 
 
+class QueuedLines(Lines, Protocol):
+    """Lines written through the command line's pump (`cli_pump`): `room` waits while too many are queued."""
+
+    async def room(self) -> None: ...
+
+
 class PlainProgress:
     """One line per thing that happens; for logs and pipes."""
 
-    def __init__(self, plan: ExecutionPlan, out: Lines) -> None:
+    def __init__(self, plan: ExecutionPlan, out: QueuedLines) -> None:
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
         self.out = out
 
@@ -73,6 +79,7 @@ class PlainProgress:
     async def on_event(self, event: ExecutionEvent) -> None:
         if event.event_type == "progress":
             self._write(f"[{event.completed}/{event.total}] finished: {short(event.current_command or '')}")
+            await self.out.room()
             return
         tag = f"#{self.index.get(event.execution_id, '?')}"
         if event.event_type == "started":
@@ -85,6 +92,7 @@ class PlainProgress:
             self._write(f"{tag} failed: {printable(humane_error(event.error))}")
         elif event.event_type == "cancelled":
             self._write(f"{tag} cancelled")
+        await self.out.room()
 
     def _write(self, line: str) -> None:
         self.out.write(line + "\n")

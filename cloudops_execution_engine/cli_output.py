@@ -19,7 +19,14 @@ import io
 import os
 import sys
 
-__all__ = ["CannotWrite", "discard_stdout", "guard_stdout", "reader_left", "say_cannot_write"]
+__all__ = [
+    "CannotWrite",
+    "closed_at_start",
+    "discard_stdout",
+    "guard_stdout",
+    "reader_left",
+    "say_cannot_write",
+]
 
 
 class CannotWrite(OSError):
@@ -31,7 +38,7 @@ class _Stdout(io.RawIOBase):
 
     def __init__(self, closed_at_start: bool) -> None:
         super().__init__()
-        self._failing = closed_at_start
+        self._failing = self.closed_at_start = closed_at_start
         self._discarding = False
         self.reader_left = False
 
@@ -64,6 +71,13 @@ class _Stdout(io.RawIOBase):
 
 _said = False
 _raw: _Stdout | None = None
+
+
+def closed_at_start() -> CannotWrite | None:
+    """What writing to stdout fails with when descriptor 1 was closed as the program started, else None."""
+    if _raw is not None and _raw.closed_at_start:
+        return CannotWrite(errno.EBADF, os.strerror(errno.EBADF))
+    return None
 
 
 def reader_left() -> bool:
