@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import config, result_of, shell
+from conftest import PYTHON, config, result_of, shell
 
 from cloudops_execution_engine import (
     CompletedEvent,
@@ -156,6 +157,38 @@ async def test_a_handler_that_ended_its_own_delivery_is_let_go_of_and_said(
     assert len(said) == 1
     assert "CancelsItsOwnTask" in said[0].getMessage()
     assert "cancelled" in said[0].getMessage()
+
+
+_ENDS_WITHOUT_SHUTDOWN = """
+import asyncio, logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from cloudops_execution_engine import ExecCommand, ExecutionConfig, ExecutionEngine, ExecutionRequest
+
+class Quiet:
+    async def on_event(self, event):
+        pass
+
+async def main():
+    engine = ExecutionEngine(ExecutionConfig(log_dir=sys.argv[1])).with_event_handler(Quiet())
+    done = await engine.wait(await engine.execute(ExecutionRequest(command=ExecCommand(program="true"))))
+    print(done.status.value)
+
+asyncio.run(main())
+"""
+
+
+def test_a_loop_that_ends_without_shutdown_says_nothing_about_the_handlers(tmp_path: Path) -> None:
+    """`asyncio.run(main())` cancels every task left as it ends, the handlers' deliveries among them.
+
+    Each was said as an error ("receives no more events"), as if a handler had
+    failed, in every host that lets its loop end without `shutdown()`.
+    """
+    done = subprocess.run(
+        [PYTHON, "-c", _ENDS_WITHOUT_SHUTDOWN, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "completed\n"
+    assert "receives no more events" not in done.stderr
 
 
 async def test_tasks_a_slow_handler_starts_do_not_lift_the_bound_on_its_queue(tmp_path: Path) -> None:

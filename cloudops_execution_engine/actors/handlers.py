@@ -137,8 +137,16 @@ class _Channel(_Listener):
         bus = self.bus
         if self not in bus._channels or bus._draining:
             return
-        why = "it was cancelled" if task.cancelled() else f"{task.exception()!r}"
-        logger.error("event handler %r receives no more events: its delivery ended (%s)", self.handler, why)
+        if not task.cancelled():
+            why = f"{task.exception()!r}"
+        elif _loop_ending(task):
+            why = ""  # the host's loop is ending: nothing more to deliver, nor anyone to tell
+        else:
+            why = "it was cancelled"
+        if why:
+            logger.error(
+                "event handler %r receives no more events: its delivery ended (%s)", self.handler, why
+            )
         bus._channels = [c for c in bus._channels if c is not self]
         if self.thread is not None:
             self.thread.stop(abandon=True)
@@ -831,6 +839,19 @@ def is_coroutine_handler(handler: Any) -> bool:
 def _name_of(handler: Any) -> str:
     name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
     return str(name)
+
+
+def _loop_ending(ended: asyncio.Task[None]) -> bool:
+    """Whether every task of `ended`'s loop still unfinished is being cancelled too.
+
+    So `asyncio.run()` ends, with a host that did not shut the engine down: it
+    cancels every task left. A cancel aimed at one delivery (a handler that
+    cancelled its own task) leaves the host's own tasks running.
+    """
+    for task in asyncio.all_tasks(ended.get_loop()):
+        if not task.done() and task.cancelling() == 0:
+            return False
+    return True
 
 
 def _being_cancelled() -> bool:
