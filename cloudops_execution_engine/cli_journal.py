@@ -316,6 +316,8 @@ def show(execution_id: str, as_json: bool, journal: Path | None) -> None:
 def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | None) -> None:
     """A recorded command's log file (a plan's: each command's, one after another)."""
     from .config import default_log_dir
+    from .errors import ExecutionError, NotCompleted, NotFound
+    from .logfiles import copy_log
 
     key = _uuid(execution_id)
     if follow:
@@ -333,10 +335,30 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
         if code is not None:
             sys.exit(code)
 
-    async def read(engine: Queries) -> str:
-        return await engine.read_logs(key)
+    async def where(engine: Queries) -> list[tuple[Path, bool]] | str:
+        """The log files to print, each with whether it may be missing; a running plan's text."""
+        try:
+            plan = await engine.get_plan_result(key)
+        except NotFound:
+            return [(engine.get_log_path(key), False)]
+        except NotCompleted:
+            return await engine.read_logs(key)  # what its commands have written so far
+        # Those that never ran have none.
+        return [(item.log_path, True) for item in plan.results]
 
-    click.echo(_reading(journal, read), nl=False)
+    found = _reading(journal, where)
+    if isinstance(found, str):
+        click.echo(found, nl=False)
+        return
+    # Copied a piece at a time, as `cat` would: a log of any length, in little memory.
+    out = sys.stdout.buffer
+    sys.stdout.flush()
+    try:
+        for path, missing_ok in found:
+            copy_log(path, out, missing_ok=missing_ok)
+    except ExecutionError as exc:
+        out.flush()
+        _fail(str(exc))
 
 
 def _recorded_log(journal: Path | None, key: UUID) -> Path | None:

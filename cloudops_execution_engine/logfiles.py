@@ -9,7 +9,7 @@ import functools
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from uuid import UUID
 
 from .errors import IoError, map_errors
@@ -17,6 +17,7 @@ from .errors import IoError, map_errors
 __all__ = [
     "LogDirectories",
     "LogNode",
+    "copy_log",
     "log_path_for",
     "make_parents",
     "make_private_dir",
@@ -37,6 +38,8 @@ _CREATE_ATTEMPTS = 5
 # Retention opens a log only to lock it, and a read only to read it: never following a symlink,
 # never waiting on a FIFO.
 _PROBE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+# How much of a log `copy_log` holds at once.
+_COPY_PIECE = 1 << 20
 _IN_USE = "the log is being written by a running execution of the same id"
 # Reopening never follows a symlink, and never waits on a FIFO with no reader
 # (O_NONBLOCK makes that ENXIO); what it opens must then prove to be our file.
@@ -379,6 +382,32 @@ def read_log(path: Path, missing_ok: bool = False, limit: int | None = None) -> 
             # As of now: what a running command writes after this is for the next read.
             data = handle.read(size)
         return data.decode("utf-8", "replace")
+
+
+def copy_log(path: Path, out: BinaryIO, missing_ok: bool = False) -> None:
+    """Write the log at `path`, as it is now, to `out`, a piece at a time; as `read_log` reads it.
+
+    For a reader that only passes it on (`cloudops-exec logs`): a log of any
+    length, in a megabyte of memory. Errors reading it are `IoError`; those
+    writing `out` are its own.
+    """
+    with map_errors({OSError: IoError, MemoryError: IoError}, "cannot read log file"):
+        try:
+            fd = open_to_read(path)
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise
+    with os.fdopen(fd, "rb") as handle:
+        with map_errors({OSError: IoError}, "cannot read log file"):
+            left = os.fstat(fd).st_size  # as of now, as `read_log`
+        while left > 0:
+            with map_errors({OSError: IoError}, "cannot read log file"):
+                piece = handle.read(min(left, _COPY_PIECE))
+            if not piece:
+                return  # made shorter meanwhile
+            left -= len(piece)
+            out.write(piece)
 
 
 class LogNode(str):

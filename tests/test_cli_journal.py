@@ -434,3 +434,34 @@ def test_logs_follow_of_a_long_line_holds_little_of_it_in_memory(tmp_path: Path)
     printed, code, peak_kib = map(int, measured.stdout.split())
     assert (code, printed > size) == (0, True), measured.stderr
     assert peak_kib < 100 * 1024, f"the follower peaked at {peak_kib // 1024} MiB"
+
+
+def test_logs_of_a_long_log_prints_it_whole_in_little_memory(tmp_path: Path) -> None:
+    """It read the log into memory, decoded it and encoded it again: about three times its size."""
+    journal = tmp_path / "journal.sqlite3"
+    lines = 600_000
+    many = f"yes {'x' * 79} | head -n {lines}"
+    run = cli("run", "--journal", str(journal), "--shell", "--", many, tmp_path=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(cli("history", "--json", "--journal", str(journal), tmp_path=tmp_path).stdout)
+    shown = cli("show", "--json", "--journal", str(journal), summary["id"], tmp_path=tmp_path)
+    log = Path(json.loads(shown.stdout)["log_path"])
+    measure = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)\n"
+        "print(len(done.stdout), done.stdout.count(b'x' * 79 + b'\\n'), done.returncode, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    logs = [PYTHON, "-m", "cloudops_execution_engine", "logs", "--journal", str(journal), summary["id"]]
+    measured = subprocess.run(
+        [PYTHON, "-c", measure, *logs],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=environment(tmp_path),
+    )
+    printed, counted, code, peak_kib = map(int, measured.stdout.split())
+    assert code == 0, measured.stderr
+    assert (printed, counted) == (log.stat().st_size, lines)
+    assert peak_kib < 100 * 1024, f"logs peaked at {peak_kib // 1024} MiB for a {printed // 2**20} MiB log"
