@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -1227,3 +1227,85 @@ async def test_the_status_of_an_earlier_engines_plan_is_read_from_its_row_alone(
     monkeypatch.setattr(journal, "plan_from_row", never)
     async with ExecutionEngine(journalled(tmp_path)) as later:
         assert await later.get_status(plan) is ExecutionStatus.FAILED
+
+
+# -- documents past SQLite's length limit ----------------------------------------------
+
+_VALUE_LIMIT = 2_000_000  # bytes: SQLite's billion, scaled down with the outputs
+_CONTROL_BYTES = 200_000  # each six bytes of JSON: 1.2 MB a command, 3.6 MB for a plan of three
+
+
+@pytest.fixture
+def small_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every journal connection stores values of `_VALUE_LIMIT` bytes at most (SQLite's length limit)."""
+
+    def limited(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+        conn = open_connection(path, readonly=readonly)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _VALUE_LIMIT)
+        return conn
+
+    monkeypatch.setattr(journal, "open_connection", limited)
+
+
+@pytest.mark.usefixtures("small_values")
+async def test_a_plan_whose_result_is_past_sqlites_limit_is_journalled_with_its_outputs_cut(
+    tmp_path: Path,
+) -> None:
+    """A plan's result holds its commands' outputs: past SQLite's length limit its row could not be written.
+
+    The plan was then left `running`, and every later start recovered it into
+    the same too-long document and failed: the journal could not be opened again.
+    """
+    noisy = f'python3 -c "import sys; sys.stdout.write(chr(1) * {_CONTROL_BYTES} + chr(10))"'
+    plan = plan_of(noisy, noisy, noisy)
+    async with ExecutionEngine(journalled(tmp_path, max_output_bytes=_CONTROL_BYTES * 2)) as engine:
+        await engine.execute_plan(plan)
+        whole = await engine.wait(plan.id, timeout=30)
+    assert isinstance(whole, PlanExecutionResult)
+    assert whole.status is ExecutionStatus.COMPLETED
+    async with ExecutionEngine(journalled(tmp_path)) as later:
+        recorded = await later.get_plan_result(plan.id)
+        first = await later.get_result(plan.commands[0].id)
+    assert recorded.status is ExecutionStatus.COMPLETED
+    assert first == whole.results[0], "a command's own row keeps its output whole when that fits"
+    for kept, full in zip(recorded.results, whole.results, strict=True):
+        assert kept.stdout_truncated
+        assert 0 < len(kept.stdout) < len(full.stdout)
+        assert full.stdout.endswith(kept.stdout)
+        assert kept.model_copy(update={"stdout": full.stdout, "stdout_truncated": False}) == full
+
+
+def test_a_result_within_the_limit_is_written_as_it_is_and_one_past_it_fits_after_its_cut(
+    tmp_path: Path,
+) -> None:
+    from cloudops_execution_engine.actors.journal_rows import fitting_json
+
+    result = ExecutionResult(
+        id=uuid4(),
+        status=ExecutionStatus.FAILED,
+        stdout="\x01" * 300_000,
+        stderr="é" * 300_000,
+        exit_code=1,
+        duration=timedelta(milliseconds=5),
+        started_at=datetime.now(UTC),
+        log_path=tmp_path / "x.log",
+    )
+    assert fitting_json(result, 10_000_000) == result.model_dump_json()
+    text = fitting_json(result, 1_000_000)
+    assert len(text.encode()) <= 1_000_000
+    cut = ExecutionResult.model_validate_json(text)
+    assert cut.stdout_truncated
+    assert cut.stderr_truncated
+    assert result.stdout.endswith(cut.stdout)
+    assert result.stderr.endswith(cut.stderr)
+    assert (
+        cut.model_copy(
+            update={
+                "stdout": result.stdout,
+                "stderr": result.stderr,
+                "stdout_truncated": False,
+                "stderr_truncated": False,
+            }
+        )
+        == result
+    )

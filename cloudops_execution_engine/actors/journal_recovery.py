@@ -28,7 +28,7 @@ from .._model import Duration, UtcDateTime, construct_unchecked
 from ..requests import ExecutionPlan
 from ..results import ExecutionResult, ExecutionStats, ExecutionStatus, PlanExecutionResult
 from . import process_tree
-from .journal_rows import datetime_from_us, now_us
+from .journal_rows import datetime_from_us, fitting_json, now_us, value_limit
 
 __all__ = ["interrupted_error", "recover"]
 
@@ -199,5 +199,5 @@ def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> Non
     )
     conn.execute(
         "UPDATE entries SET status = 'failed', ended_us = ?, duration_ns = ?, result = ? WHERE seq = ?",
-        (ended, (ended - submitted_us) * 1000, plan_result.model_dump_json(), seq),
+        (ended, (ended - submitted_us) * 1000, fitting_json(plan_result, value_limit(conn)), seq),
     )

@@ -26,6 +26,7 @@ __all__ = [
     "apply_batch",
     "datetime_from_us",
     "describe_op",
+    "fitting_json",
     "now_us",
     "op_added",
     "op_closed",
@@ -36,6 +37,7 @@ __all__ = [
     "record_from_row",
     "summary_from_row",
     "us_of",
+    "value_limit",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -178,7 +180,49 @@ class DropOldest:
         return self._floor is not None and self._floor <= seq <= self._ceiling
 
 
-def _final(entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str]) -> tuple[Any, ...]:
+# What one character of a command's output may take in JSON: a control character is `\u0001`.
+_WORST_BYTES_PER_CHAR = 6
+# Room in a document for all but the outputs, per result it holds.
+_RESULT_SLACK = 64 * 1024
+
+
+def fitting_json(result: ExecutionResult | PlanExecutionResult, limit: int) -> str:
+    """`result`'s serde JSON, in at most `limit` bytes: outputs past that are cut to their ends.
+
+    SQLite stores no value longer than its length limit (a billion bytes by
+    default). A plan's result holds each command's, outputs and all: a plan of
+    a few commands that each print their output cap of control characters
+    (six bytes of JSON each) is past it, and so, with a raised cap, is one
+    command's. Such a row could not be written, nor, at the next start,
+    recovered, and the journal could not be opened again. Cut, each output
+    keeps its last part and is said truncated; a command's own row keeps its
+    output whole when that fits.
+    """
+    results = [result] if isinstance(result, ExecutionResult) else result.results
+    held = sum(len(item.stdout) + len(item.stderr) for item in results)
+    room = limit - _RESULT_SLACK * (len(results) + 1)
+    if held * _WORST_BYTES_PER_CHAR <= room:
+        return result.model_dump_json()
+    keep = max(0, room // (_WORST_BYTES_PER_CHAR * 2 * max(1, len(results))))
+    cut = [_cut(item, keep) for item in results]
+    if isinstance(result, ExecutionResult):
+        return cut[0].model_dump_json()
+    return result.model_copy(update={"results": cut}).model_dump_json()
+
+
+def _cut(result: ExecutionResult, keep: int) -> ExecutionResult:
+    update: dict[str, Any] = {}
+    for name in ("stdout", "stderr"):
+        text: str = getattr(result, name)
+        if len(text) > keep:
+            update[name] = text[len(text) - keep :]
+            update[f"{name}_truncated"] = True
+    return result.model_copy(update=update) if update else result
+
+
+def _final(
+    entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str], limit: int
+) -> tuple[Any, ...]:
     """(status, started_us, ended_us, duration_ns, pid, result JSON) of an ended entry."""
     if isinstance(entry, Record):
         result = entry.result
@@ -190,7 +234,7 @@ def _final(entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str])
             us_of(ended),
             _duration_ns(result.duration),
             entry.pid or pid,
-            mask(result.model_dump_json()),
+            mask(fitting_json(result, limit)),
         )
     plan_result = entry.result
     assert plan_result is not None
@@ -200,8 +244,13 @@ def _final(entry: Record | PlanRun, pid: int | None, mask: Callable[[str], str])
         now_us(),
         _duration_ns(plan_result.total_duration),
         None,
-        mask(plan_result.model_dump_json()),
+        mask(fitting_json(plan_result, limit)),
     )
+
+
+def value_limit(conn: sqlite3.Connection) -> int:
+    """The longest value, in bytes, that `conn` stores (SQLite's length limit)."""
+    return int(conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
 
 
 def _as_is(text: str) -> str:
@@ -212,6 +261,7 @@ def apply_batch(
     conn: sqlite3.Connection, ops: list[tuple[Any, ...]], mask: Callable[[str], str] = _as_is
 ) -> None:
     """Write a batch of operations (in the writer's transaction); `mask` hides the config's secrets."""
+    limit = value_limit(conn)
     ended: dict[int, Record | PlanRun] = {}
     started: dict[int, tuple[int, int]] = {}
     for op in ops:
@@ -236,7 +286,7 @@ def apply_batch(
         began = started.pop(seq, None)
         if done is not None:
             pid_seen = began[0] if began else None
-            status, started_us, ended_us, duration_ns, pid, result = _final(done, pid_seen, mask)
+            status, started_us, ended_us, duration_ns, pid, result = _final(done, pid_seen, mask, limit)
         elif began is not None:
             status, started_us, ended_us, duration_ns, pid, result = (
                 "running",
@@ -349,7 +399,7 @@ def apply_batch(
         conn.executemany(
             _UPDATE_ENDED,
             (
-                (*_final(entry, started[seq][0] if seq in started else None, mask), seq)
+                (*_final(entry, started[seq][0] if seq in started else None, mask, limit), seq)
                 for seq, entry in ended.items()
             ),
         )
