@@ -6,7 +6,9 @@ so the fallback used where the helper was not built is held to what the helper d
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
 import signal
 from pathlib import Path
@@ -118,6 +120,33 @@ def test_a_command_that_cannot_start_raises_the_same_error_and_leaves_nothing(
     assert raised.value.filename == filename
     assert _open_fds() == fds, "the pipes were closed"
     assert set(process_tree.children_of(os.getpid())) <= children, "no zombie of a failed start is left"
+
+
+def test_a_start_with_no_descriptor_left_for_its_second_pipe_leaves_the_first_closed(way: str) -> None:
+    """EMFILE at the stderr pipe kept the stdout pipe open: two descriptors a worker lost for good.
+
+    Enough such failures (a full file table, ENFILE, is anyone's to cause) and
+    a worker failed every start with nothing running.
+    """
+    fds = _open_fds()
+    top = max(int(fd) for fd in fds) + 1
+    filler: list[int] = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        while (fd := os.open(os.devnull, os.O_RDONLY)) < top:  # fill the gaps below `top`
+            filler.append(fd)
+        os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 2, hard))  # room for one pipe
+        try:
+            with pytest.raises(OSError, match="Too many open files") as raised:
+                spawn([SH, "-c", "true"], [], b"/", os.defpath)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert raised.value.errno == errno.EMFILE
+    assert _open_fds() == fds, "the pipe made before the failure was closed"
 
 
 def test_a_nul_byte_is_refused_before_anything_starts(way: str) -> None:

@@ -243,7 +243,13 @@ def _spawn_resolved(
     affinity: tuple[int, ...],
 ) -> tuple[int, int, int]:
     out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    try:
+        err_r, err_w = os.pipe()
+    except BaseException:
+        # No descriptor left (EMFILE, ENFILE): the first pipe would be lost to the worker for good.
+        os.close(out_r)
+        os.close(out_w)
+        raise
     try:
         args = [os.fsencode(arg) for arg in argv]
         path = os.fsencode(program)
