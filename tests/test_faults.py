@@ -427,3 +427,70 @@ async def test_a_burst_of_exits_prints_nothing_to_the_hosts_stderr(
     assert {r.status for r in results} == {ExecutionStatus.COMPLETED}
     _, err = capfd.readouterr()
     assert "wakeup fd" not in err
+
+
+_START_WITH_FEW_DESCRIPTORS = """
+import asyncio, os, resource, sys
+from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionError
+
+leave, journal, log_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+async def main():
+    config = ExecutionConfig(workers=1, log_dir=log_dir, journal=journal)
+    first = ExecutionEngine(config)
+    taken = []
+    try:
+        while True:
+            taken.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(leave):
+        os.close(taken.pop())
+    try:
+        await first.start()
+        said = "started"
+    except ExecutionError as exc:
+        said = "refused"
+    except BaseException as exc:
+        said = f"raised {type(exc).__name__}: {exc}"
+    for fd in taken:
+        os.close(fd)
+    await first.shutdown()
+    second = ExecutionEngine(config)
+    try:
+        await second.start()
+        print(said, "then free")
+    except ExecutionError as exc:
+        print(said, "then held:", exc)
+    finally:
+        await second.shutdown()
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_start_with_few_descriptors_left_fails_with_our_errors_and_leaves_the_journal_free(
+    tmp_path: Path,
+) -> None:
+    """With a handful of descriptors left, the lazy import of OpenTelemetry raised a bare OSError (EMFILE).
+
+    And whatever failed between opening the journal and starting the workers
+    kept the journal's lock: every later engine of the process was refused.
+    """
+    import subprocess
+
+    said = []
+    for leave in range(12):
+        journal = tmp_path / f"journal-{leave}.sqlite3"
+        done = subprocess.run(
+            [PYTHON, "-c", _START_WITH_FEW_DESCRIPTORS, str(leave), str(journal), str(tmp_path / "logs")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        said.append(f"{leave} left: {done.stdout.strip() or done.stderr.strip()[-300:]}")
+    assert all(line.split(": ", 1)[1] in ("started then free", "refused then free") for line in said), said

@@ -250,13 +250,15 @@ class Supervisor:
             # A journal is opened and recovered before anything starts: if it
             # cannot be, the engine is not started at all.
             await self._store.open()
-            self._telemetry = load_telemetry(self._store)
-            self._loop = asyncio.get_running_loop()
-            self._owner_pid = os.getpid()
-            after_fork.track(self)
-            self.bus.start()
-            pool = self._new_pool()
             try:
+                # An import that finds no descriptor left (EMFILE) raises a bare OSError.
+                with map_errors({OSError: IoError}, "cannot load OpenTelemetry"):
+                    self._telemetry = load_telemetry(self._store)
+                self._loop = asyncio.get_running_loop()
+                self._owner_pid = os.getpid()
+                after_fork.track(self)
+                self.bus.start()
+                pool = self._new_pool()
                 with map_errors({WorkerStartError: SpawnFailed}):
                     await pool.start()
             except BaseException:
