@@ -518,6 +518,63 @@ def _host(script: str, tmp_path: Path) -> dict[str, Any]:
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.parametrize("how", ["exemplar", "provider"])
+def test_a_hosts_failing_opentelemetry_setup_costs_telemetry_never_an_execution(
+    tmp_path: Path, how: str
+) -> None:
+    """A raising exemplar filter raised out of the handling of a worker's messages, every 64th start:
+    the rest of that read (other executions' output and ends) was dropped, and they never ended.
+    A provider named in the environment but not installed made every `execute()` raise a bare
+    RuntimeError, and left the refused execution pending for ever."""
+    done = subprocess.run(
+        [PYTHON, str(HELPERS / "otel_failing_parts_host.py"), how, str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"statuses": {"completed": 150}, "started_first": 150, "raised": []}
+
+
+async def test_trace_context_given_in_secret_env_is_the_requests_own(tmp_path: Path, otel: Otel) -> None:
+    """`secret_env` sets a command's variables as `env` does: a TRACEPARENT there got the TRACESTATE of
+    the engine's span (its remote parent's) beside it."""
+    own = "00-11111111111111111111111111111111-2222222222222222-01"
+    remote = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        True,
+        TraceFlags(1),
+        TraceState([("vendor", "x")]),
+    )
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        with trace.use_span(NonRecordingSpan(remote)):
+            eid = await engine.execute(
+                # Its value is masked in the output: the command says whether it is the one given.
+                shell(
+                    f'[ "$TRACEPARENT" = {own} ] && printf "given|%s" "${{TRACESTATE-unset}}"',
+                    secret_env={"TRACEPARENT": own},
+                )
+            )
+        result = await result_of(engine, eid, 20)
+    assert result.stdout == "given|unset"
+
+
+async def test_a_tracestate_the_host_sets_after_the_engine_started_is_not_passed_on(
+    tmp_path: Path, otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's environment is passed on as it is at each start; whether it held a TRACESTATE was
+    looked at once, when the engine started, and a later one rode along with the span's TRACEPARENT."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        await result_of(engine, await engine.execute(shell("true")), 20)
+        monkeypatch.setenv("TRACESTATE", "host=later")
+        eid = await engine.execute(shell('printf "%s|%s" "$TRACEPARENT" "${TRACESTATE-unset}"'))
+        result = await result_of(engine, eid, 20)
+    assert result.stdout == f"{_traceparent(otel.span_of(eid))}|"
+
+
 def test_without_opentelemetry_nothing_is_imported(tmp_path: Path) -> None:
     """With OpenTelemetry not importable the engine runs as before, looks for it, and loads none of it."""
     report = _host("otel_absent_host.py", tmp_path)

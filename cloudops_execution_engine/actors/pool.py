@@ -202,7 +202,8 @@ class WorkerHandle(ABC):
                     continue
                 if isinstance(message, Pong):
                     continue
-                self._on_message(self, message)
+                # Each message on its own: one whose handling fails must not lose the rest of the read.
+                _notify(self._on_message, self, message)
                 if self._dead:
                     return
         except ProtocolError as exc:
@@ -420,11 +421,10 @@ def _notify(callback: Callable[..., None], *args: Any) -> None:
         callback(*args)
     except Exception:
         # The executions it was about: a message's, or those a dead worker held.
-        about: list[bytes] = []
-        for arg in args:
-            if isinstance(arg, WorkerHandle):
-                about += arg.held
-            elif isinstance(getattr(arg, "execution_id", None), bytes):
-                about.append(arg.execution_id)
+        about = [arg.execution_id for arg in args if isinstance(getattr(arg, "execution_id", None), bytes)]
+        if not about:
+            for arg in args:
+                if isinstance(arg, WorkerHandle):
+                    about += arg.held
         suffix, extra = correlate(about)
         logger.exception("pool callback %r failed%s", callback, suffix, extra=extra)

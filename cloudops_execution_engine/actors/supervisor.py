@@ -506,11 +506,12 @@ class Supervisor:
             retry.queued = False
             record.attempt += 1
         env = record.env if retry is None else retries.attempt_env(record.env, record.attempt)
-        if self._telemetry is not None:
-            env = self._telemetry.env_for(record, env)
         options = record.options
         if options.secret_env:
             env = {**env, **options.secret_env}
+        if self._telemetry is not None:
+            # After `secret_env`, which sets a command's variables as `env` does, trace context included.
+            env = self._telemetry.env_for(record, env)
         worker.send_env(self._environment.current())
         try:
             worker.send(

@@ -120,6 +120,7 @@ class _Meters:
         # Deques: appended to on the event loop, drained there or on a metric reader's thread.
         self.durations: deque[float] = deque()
         self.queue_times: deque[float] = deque()
+        self.failed = False  # a recording failed: said once
         # Measurements are recorded later and elsewhere than they were taken: an explicit
         # context without a span keeps the SDK from making exemplars of some unrelated span.
         self._no_span = no_span
@@ -179,6 +180,13 @@ class _Meters:
                     record(take(), None, no_span)
             except IndexError:  # another thread took the last one
                 pass
+            except Exception:
+                # A host's failing part (an exemplar filter, a view) costs these measurements, and
+                # never the caller: the loop's handling of a worker's messages, or a reader's collection.
+                waiting.clear()
+                if not self.failed:
+                    self.failed = True
+                    logger.warning("could not record the engine's histograms", exc_info=True)
 
 
 # A span to start: its record, the tracer and parent context current at submission, and when that was.
@@ -211,9 +219,7 @@ class Telemetry:
         self._current_context: Callable[[], Context] = context.get_current
         self._error: StatusCode = trace.StatusCode.ERROR
         self._unstarted: list[_Unstarted] = []
-        # Whether commands inherit the host's own TRACESTATE (a host started inside a
-        # trace): the workers, started with the engine, take the host's environment then.
-        self._hosts_tracestate = TRACESTATE in os.environ
+        self._providers_failed = False  # said once
         # The event loop's thread (an engine starts on its loop), which alone starts spans.
         self._thread = threading.get_ident()
         _LIVE.add(self)
@@ -221,7 +227,24 @@ class Telemetry:
     # -- providers ----------------------------------------------------------
 
     def _current(self) -> tuple[Tracer | None, _Meters | None]:
-        """The tracer and instruments of the global providers as they are now (None: not configured)."""
+        """The tracer and instruments of the global providers as they are now (None: not configured).
+
+        None too when the providers cannot be had: OpenTelemetry's API raises
+        for an `OTEL_PYTHON_TRACER_PROVIDER` naming a provider not installed
+        (a typo), and executions then run untraced rather than not at all.
+        """
+        try:
+            return self._providers()
+        except Exception:
+            if not self._providers_failed:
+                self._providers_failed = True
+                logger.warning(
+                    "OpenTelemetry's tracer or meter provider cannot be had: executions run untraced",
+                    exc_info=True,
+                )
+            return None, None
+
+    def _providers(self) -> tuple[Tracer | None, _Meters | None]:
         provider = _global(
             self._trace_globals,
             "_TRACER_PROVIDER",
@@ -335,8 +358,9 @@ class Telemetry:
         overlay[TRACEPARENT] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
         if context.trace_state:
             overlay[TRACESTATE] = context.trace_state.to_header()
-        elif self._hosts_tracestate:
-            # The host's own (it runs inside a trace) belongs to another TRACEPARENT: empty is none.
+        elif TRACESTATE in os.environ:
+            # The host's own (it runs inside a trace, or set one since the engine started)
+            # belongs to another TRACEPARENT: empty is none.
             overlay[TRACESTATE] = ""
         return overlay
 
