@@ -119,6 +119,21 @@ async def test_a_retry_policy_edited_after_execute_is_not_the_one_that_runs(tmp_
         assert (await engine.get_result(queued)).attempts == 1
 
 
+async def test_the_causes_of_a_retry_policy_cleared_after_execute_still_retry(tmp_path: Path) -> None:
+    """The policy was copied, but not its `retry_on` list: the host's edit of the list reached the copy."""
+    gate = tmp_path / "go-on"
+    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)) as engine:
+        blocker = await engine.execute(shell(f"while [ ! -e {gate} ]; do sleep 0.02; done"))
+        request = shell("exit 1", retry=RetryPolicy(max_attempts=3, backoff_ms=0, jitter=False))
+        queued = await engine.execute(request)
+        assert request.retry is not None
+        request.retry.retry_on.clear()
+        gate.touch()
+        await engine.wait(blocker, timeout=20)
+        await engine.wait(queued, timeout=20)
+        assert (await engine.get_result(queued)).attempts == 3
+
+
 def _a_local_kind_of_request() -> type[ExecutionRequest]:
     class Tagged(ExecutionRequest):
         """A host's own kind of request, made in a function (a factory, a test)."""

@@ -160,7 +160,7 @@ class Record(Ending):
         # A cancel was sent to its worker: should that worker die before it answers, it was cancelled.
         self.cancel_sent = False
         # A copy: the host's policy object may be edited after `execute()`.
-        self.retry = Retrying(request.retry.model_copy()) if request.retry is not None else None
+        self.retry = Retrying(request.retry.model_copy(deep=True)) if request.retry is not None else None
         # Its OpenTelemetry span while it runs, when the host traces (telemetry.py); once
         # ended only the span's trace id is kept, for log lines: an ended span is kilobytes.
         self.span: Span | None = None
