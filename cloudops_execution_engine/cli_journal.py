@@ -176,9 +176,16 @@ def _command_of(log_path: Path) -> str:
 
 def _shown(engine: Queries, item: ExecutionSummary) -> str:
     """What `history` shows of an entry's command: a plan's commands are listed on their own."""
+    from .errors import NotFound
+
     if item.kind == "plan":
         return ""
-    return _command_of(engine.get_log_path(item.id))
+    try:
+        path = engine.get_log_path(item.id)
+    except NotFound:
+        # Listed, then deleted by the retention of the engine that holds the journal.
+        return "(removed since it was listed)"
+    return _command_of(path)
 
 
 def _local(moment: datetime) -> str:

@@ -465,3 +465,21 @@ def test_logs_of_a_long_log_prints_it_whole_in_little_memory(tmp_path: Path) -> 
     assert code == 0, measured.stderr
     assert (printed, counted) == (log.stat().st_size, lines)
     assert peak_kib < 100 * 1024, f"logs peaked at {peak_kib // 1024} MiB for a {printed // 2**20} MiB log"
+
+
+async def test_history_shows_an_entry_deleted_between_its_listing_and_its_log_lookup(tmp_path: Path) -> None:
+    """The holder's retention may delete a row `history` has just listed: the lookup of its log raised
+    NotFound, and `history` failed whole ("Execution not found")."""
+    from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest, ShellCommand
+    from cloudops_execution_engine.actors.journal_view import JournalView
+    from cloudops_execution_engine.cli_journal import _shown
+
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(ExecutionConfig(journal=journal, log_dir=tmp_path / "logs")) as engine:
+        await engine.wait(await engine.execute(ExecutionRequest(command=ShellCommand(command="true"))))
+    async with JournalView(journal) as view:
+        [listed] = await view.list_executions()
+        with sqlite3.connect(journal) as conn:
+            conn.execute("DELETE FROM entries WHERE id = ?", (listed.id.bytes,))
+        conn.close()
+        assert _shown(view, listed) == "(removed since it was listed)"
