@@ -144,6 +144,22 @@ async def test_max_log_bytes_deletes_the_oldest_logs_until_the_total_fits(tmp_pa
     assert sum(p.stat().st_size for p in paths if p.exists()) <= limit
 
 
+async def test_logs_dated_in_the_future_count_as_the_newest_and_go_when_over_the_limit(
+    tmp_path: Path,
+) -> None:
+    """A clock set back (NTP at boot), or logs copied with their times, dates logs after now: they were
+    left out of every count and never deleted, whatever the limit."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        ids = await run_all(engine, *(f"head -c 20000 /dev/zero | tr '\\0' x; echo {i}" for i in range(5)))
+        paths = [engine.get_log_path(eid) for eid in ids]
+    for days, path in zip([5, 4, 3, 2, 1], paths, strict=True):
+        age(path, -days)  # days ahead of now
+    limit = 2 * paths[0].stat().st_size + 100
+    async with ExecutionEngine(config(tmp_path, retention=RetentionPolicy(max_log_bytes=limit))):
+        assert sum(p.exists() for p in paths) == 2
+    assert sum(p.stat().st_size for p in paths if p.exists()) <= limit
+
+
 async def test_a_running_executions_log_is_never_deleted_and_sweeps_repeat(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

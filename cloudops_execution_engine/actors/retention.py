@@ -47,6 +47,8 @@ logger = logging.getLogger("cloudops_execution_engine.retention")
 SWEEP_INTERVAL = 30.0
 _CHUNK = 500  # rows or files per step: a step holds the writer for milliseconds, not seconds
 _SCAN_STEP = 2_000  # directory entries read per step, about 20 ms of work
+# A log dated after the sweep began but no later than this past the clock is a new one.
+_JUST_MADE_S = 2.0
 _LOG_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.log")
 
 
@@ -210,9 +212,15 @@ class Retention:
                     info = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= now:
+                if not stat.S_ISREG(info.st_mode):
                     continue
-                found.append((Path(entry.path), info.st_mtime, info.st_size))
+                mtime = info.st_mtime
+                if mtime >= now:
+                    if mtime <= time.time() + _JUST_MADE_S:
+                        continue  # made since the sweep began: perhaps not yet held by its writer
+                    # Dated ahead of the clock (set back since, or copied with its times): the newest.
+                    mtime = now
+                found.append((Path(entry.path), mtime, info.st_size))
         return found
 
     def _unlink(self, path: Path) -> None:
