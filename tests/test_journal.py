@@ -1309,3 +1309,66 @@ def test_a_result_within_the_limit_is_written_as_it_is_and_one_past_it_fits_afte
         )
         == result
     )
+
+
+_RETRYING_HOST = """
+import asyncio, sys
+from cloudops_execution_engine import (
+    ExecutionConfig, ExecutionEngine, ExecutionRequest, RetryPolicy, ShellCommand,
+)
+
+journal, logs = sys.argv[1], sys.argv[2]
+second_sleeps = 'if [ "$CLOUDOPS_ATTEMPT" = 2 ]; then sleep 60; else exit 1; fi'
+
+
+async def main():
+    async with ExecutionEngine(ExecutionConfig(journal=journal, log_dir=logs)) as engine:
+        retry = RetryPolicy(max_attempts=3, backoff_ms=0, jitter=False)
+        request = ExecutionRequest(command=ShellCommand(command=second_sleeps), retry=retry)
+        print(await engine.execute(request), flush=True)
+        await engine.wait(request.id)
+
+
+asyncio.run(main())
+"""
+
+
+def _killed_in_its_second_attempt(tmp_path: Path) -> UUID:
+    """A host SIGKILLed once its journal records that a retried execution's second attempt started."""
+    journal_path = tmp_path / "journal.sqlite3"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", _RETRYING_HOST, str(journal_path), str(tmp_path / "logs")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        execution_id = UUID(proc.stdout.readline().strip())
+
+        def second_attempt_recorded() -> bool:
+            with contextlib.closing(sqlite3.connect(f"{journal_path.as_uri()}?mode=ro", uri=True)) as conn:
+                found = conn.execute(
+                    "SELECT attempt FROM entries WHERE id = ?", (execution_id.bytes,)
+                ).fetchone()
+            return found is not None and found[0] == 2
+
+        wait_until(second_attempt_recorded, 20, "the journal to record the second attempt's start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    return execution_id
+
+
+async def test_recovery_says_how_many_attempts_a_retried_execution_had_started(tmp_path: Path) -> None:
+    """The journal kept no attempt number: a host killed in attempt 2 was recovered with `attempts: 1`."""
+    execution_id = _killed_in_its_second_attempt(tmp_path)
+    async with ExecutionEngine(journalled(tmp_path)) as engine:
+        result = await engine.get_result(execution_id)
+    assert result.status is F
+    assert result.error is not None
+    assert result.error.startswith("Interrupted:")
+    assert result.attempts == 2

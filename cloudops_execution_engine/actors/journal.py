@@ -418,7 +418,9 @@ class JournalStore:
         live = self._live.get(record.key)
         if live is not None:
             started = record.started_at
-            self._put(op_started(live[0], record.pid, us_of(started) if started else now_us()))
+            self._put(
+                op_started(live[0], record.pid, us_of(started) if started else now_us(), record.attempt)
+            )
 
     def ended(self, entry: Record | PlanRun, then: Callable[[Any], None]) -> None:
         writer = self._writer

@@ -45,7 +45,7 @@ def interrupted_error(host_pid: int) -> str:
 def recover(conn: sqlite3.Connection) -> int:
     """Fail what the journal has unfinished; returns how many executions and plans it ended."""
     rows = conn.execute(
-        "SELECT e.seq, e.id, e.kind, e.pid, e.started_us, e.log_path, r.pid, r.engine_id "
+        "SELECT e.seq, e.id, e.kind, e.pid, e.started_us, e.log_path, r.pid, r.engine_id, e.attempt "
         "FROM entries AS e JOIN runs AS r ON r.run = e.run "
         "WHERE e.status IN ('pending', 'running')"
     ).fetchall()
@@ -56,9 +56,11 @@ def recover(conn: sqlite3.Connection) -> int:
     ended = now_us()
     results = _Results(datetime_from_us(ended))
     updates = []
-    for seq, key, _kind, _pid, started_us, log_path, host_pid, _engine in commands:
+    for seq, key, _kind, _pid, started_us, log_path, host_pid, _engine, attempt in commands:
         began = started_us if started_us is not None else ended
-        text = results.json(key, datetime_from_us(began), log_path or "", interrupted_error(host_pid))
+        text = results.json(
+            key, datetime_from_us(began), log_path or "", interrupted_error(host_pid), attempt or 1
+        )
         updates.append((ended, (ended - began) * 1000, text, seq))
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -111,8 +113,9 @@ class _Results:
         )
         self._template: dict[str, Any] = json.loads(template.model_dump_json())
 
-    def json(self, key: bytes, started_at: datetime, log_path: str, error: str) -> str:
+    def json(self, key: bytes, started_at: datetime, log_path: str, error: str, attempts: int) -> str:
         values = dict(self._template)
+        values["attempts"] = attempts
         values["id"] = str(UUID(bytes=key))
         if started_at != self.completed_at:
             values["started_at"] = self._times.dump_python(started_at, mode="json")

@@ -78,15 +78,18 @@ ADD, ADD_PLAN, STARTED, ENDED, CLOSED = range(5)
 
 _INSERT = (
     "INSERT INTO entries (seq, id, kind, plan_id, idx, run, status, submitted_us, started_us, ended_us, "
-    "duration_ns, pid, log_path, request, result, resumed_from) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "duration_ns, pid, log_path, request, result, resumed_from, attempt) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_ENDED = (
     "UPDATE entries SET status = ?, started_us = coalesce(?, started_us), ended_us = ?, duration_ns = ?, "
     "pid = coalesce(?, pid), result = ? WHERE seq = ?"
 )
+# A retried execution starts again while `running`: each attempt's start is written, so
+# that recovery can say how many attempts ran.
 _UPDATE_STARTED = (
-    "UPDATE entries SET status = 'running', pid = ?, started_us = ? WHERE seq = ? AND status = 'pending'"
+    "UPDATE entries SET status = 'running', pid = ?, started_us = ?, attempt = ? "
+    "WHERE seq = ? AND status IN ('pending', 'running')"
 )
 
 
@@ -105,8 +108,8 @@ def op_plan_added(run: int, plan_run: PlanRun, seqs: list[int], plan_seq: int) -
     return (ADD_PLAN, run, plan_run, seqs, plan_seq)
 
 
-def op_started(seq: int, pid: int, started_us: int) -> tuple[Any, ...]:
-    return (STARTED, seq, pid, started_us)
+def op_started(seq: int, pid: int, started_us: int, attempt: int) -> tuple[Any, ...]:
+    return (STARTED, seq, pid, started_us, attempt)
 
 
 def op_ended(seq: int, entry: Record | PlanRun) -> tuple[Any, ...]:
@@ -263,12 +266,12 @@ def apply_batch(
     """Write a batch of operations (in the writer's transaction); `mask` hides the config's secrets."""
     limit = value_limit(conn)
     ended: dict[int, Record | PlanRun] = {}
-    started: dict[int, tuple[int, int]] = {}
+    started: dict[int, tuple[int, int, int]] = {}  # seq: (pid, started_us, attempt)
     for op in ops:
         if op[0] == ENDED:
             ended[op[1]] = op[2]
         elif op[0] == STARTED:
-            started[op[1]] = (op[2], op[3])
+            started[op[1]] = (op[2], op[3], op[4])
     inserts: list[tuple[Any, ...]] = []
     relinks: list[tuple[Any, ...]] = []
     closes: list[tuple[Any, ...]] = []
@@ -322,6 +325,7 @@ def apply_batch(
             values["request"],
             result,
             values.get("resumed_from"),
+            began[2] if began is not None else None,
         )
 
     for op in ops:
@@ -391,7 +395,11 @@ def apply_batch(
     if started:
         conn.executemany(
             _UPDATE_STARTED,
-            [(pid, started_us, seq) for seq, (pid, started_us) in started.items() if seq not in ended],
+            [
+                (pid, started_us, attempt, seq)
+                for seq, (pid, started_us, attempt) in started.items()
+                if seq not in ended
+            ],
         )
     if ended:
         # A generator, not a list: SQLite lets go of the GIL for each row it

@@ -70,7 +70,13 @@ _V3 = """
 ALTER TABLE entries ADD COLUMN resumed_from BLOB;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+# How many attempts of a retried execution have started (from version 4): recovery says it
+# of one its dead host left running. None for one that never started again, as 1.
+_V4 = """
+ALTER TABLE entries ADD COLUMN attempt INTEGER;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 # SQLite's field for telling one application's files from another's ("CoEE").
 APPLICATION_ID = 0x436F4545
