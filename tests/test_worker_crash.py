@@ -200,3 +200,24 @@ async def test_a_command_the_worker_cannot_read_fails_alone_and_the_worker_serve
         after = await result_of(engine, await engine.execute(shell("echo after")), 20)
         assert after.stdout == "after\n"
         assert len({engine._supervisor.entry(eid).worker for eid in (beside, after.id)}) == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(120)
+def test_a_host_that_adopts_orphans_is_left_no_zombie_by_shutdowns_or_dead_workers(tmp_path: Path) -> None:
+    """PID 1 in a container, or any command another engine runs, adopts its descendants' orphans.
+
+    Each worker that exited, shut down or killed, left its spawner to such a
+    host, which never reaped it: a zombie per shutdown and per dead worker.
+    """
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [PYTHON, str(HELPERS / "subreaper_host.py"), str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"after_cycles": [], "after_kills": []}

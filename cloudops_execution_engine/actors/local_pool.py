@@ -28,7 +28,7 @@ from typing import Any
 
 from ..protocol import FrameDecoder, Shutdown, encode_frame
 from ..protocol.pipe import PipeWriter, read_available
-from . import after_fork, process_tree, spare_worker
+from . import after_fork, process_tree, spare_worker, spawner
 from .launcher import WorkerProcess, WorkerTarget, launch_worker
 from .off_loop import start_in_thread
 from .pool import (
@@ -50,6 +50,10 @@ __all__ = ["LocalWorkerPool", "ProcessWorkerHandle", "WorkerTarget", "start_work
 EXIT_TIMEOUT = 5.0
 # How long an exit status may trail the exit fd (see `_await_exit`).
 _REAP_GAP = 1.0
+# When a dead worker's spawner is looked for among this process's zombies (`clean_up_after`).
+_SPAWNER_REAPED_AFTER = (0.05, 0.5, 2.0)
+# Its command name, as /proc says it.
+SPAWNER_NAME = os.fsencode(spawner.PROGRAM.name)
 _POLL_FIRST = 0.0005
 _POLL_MAX = 0.05
 
@@ -457,6 +461,12 @@ class LocalWorkerPool(WorkerPool[ProcessWorkerHandle]):
         return self._new_handle()
 
     def clean_up_after(self, dead: WorkerHandle, markers: set[str], sessions: set[int]) -> Awaitable[None]:
+        if process_tree.adopts_orphans():
+            # Its spawner comes to this process when it exits, as a zombie: reaped here, as no
+            # one else will. It exits once it sees the worker gone, within milliseconds.
+            loop = asyncio.get_running_loop()
+            for delay in _SPAWNER_REAPED_AFTER:
+                loop.call_later(delay, process_tree.reap_orphaned, SPAWNER_NAME)
         if not markers and not sessions:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)

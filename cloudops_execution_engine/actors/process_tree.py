@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -56,6 +57,7 @@ __all__ = [
     "MARKER_ENV",
     "Proc",
     "Signallable",
+    "adopts_orphans",
     "become_subreaper",
     "children_of",
     "descendants",
@@ -65,6 +67,7 @@ __all__ = [
     "kill_abandoned",
     "live",
     "marker_key",
+    "reap_orphaned",
     "signal_group",
     "signal_processes",
     "stop_and_kill",
@@ -99,6 +102,42 @@ def become_subreaper() -> bool:
     # `find_library`, which runs `ldconfig -p` in a subprocess.
     libc = ctypes.CDLL(None, use_errno=True)
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+_PR_GET_CHILD_SUBREAPER = 37
+
+
+@functools.cache
+def adopts_orphans() -> bool:
+    """Whether this process is given the orphans of its descendants: PID 1, or a child subreaper."""
+    if os.getpid() == 1:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(0)
+    return bool(libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
+
+
+def reap_orphaned(name: bytes) -> int:
+    """Reap the zombies among this process's children whose command name is `name`; how many.
+
+    A worker that dies leaves its spawner to whoever adopts orphans; when that
+    is the host itself, nobody else ever reaps it.
+    """
+    reaped = 0
+    for pid in children_of(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                line = stat.read()
+        except OSError:
+            continue
+        end = line.rfind(b")")
+        if line[line.find(b"(") + 1 : end] == name and line[end + 2 : end + 3] == b"Z":
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    reaped += 1
+    return reaped
 
 
 def describe_exit(code: int | None) -> str:

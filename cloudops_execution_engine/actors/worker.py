@@ -123,7 +123,7 @@ from .output import (
 )
 from .reactor import Reactor, Timer
 from .secrets import Masker, masker_for
-from .spawning import CommandEnv, describe_start_failure, spawn, spawner_pid, start_spawner
+from .spawning import CommandEnv, describe_start_failure, spawn, spawner_pid, start_spawner, stop_spawner
 from .stdin import StdinFeed
 
 __all__ = ["worker_main"]
@@ -961,6 +961,7 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
     gc.freeze()
     worker = Worker(read_fd, write_fd)
     worker.serve()
+    _reap_before_exit()
     if worker.ended_by is not None:
         # Its trees are killed; now it ends as the signal would have ended it (without a core file).
         with contextlib.suppress(OSError, ValueError):
@@ -970,6 +971,35 @@ def worker_main(read_conn: Connection, write_conn: Connection, detach: bool = Fa
         os.kill(os.getpid(), worker.ended_by)
         os._exit(128 + worker.ended_by)
     os._exit(0)
+
+
+# The longest a worker waits, as it exits, for the children it killed to be reaped.
+_REAP_AT_EXIT_S = 1.0
+
+
+def _reap_before_exit() -> None:
+    """End the spawner and reap every child left: none may outlive the worker unreaped.
+
+    A worker's children that it leaves go to the nearest subreaper, the host
+    itself when the host is one (PID 1 in a container, or a command that
+    another engine runs), which never reaps them: each shutdown left the
+    spawner there as a zombie. What the worker has killed on its way out
+    dies in milliseconds; the wait is bounded all the same.
+    """
+    stop_spawner()
+    for child in process_tree.children_of(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + _REAP_AT_EXIT_S
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)  # a killed child not yet dead: milliseconds
 
 
 # Signals whose default action ends a process, which reach a worker from outside: SIGHUP and
