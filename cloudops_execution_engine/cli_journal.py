@@ -437,15 +437,18 @@ def _left_unfinished(path: Path) -> bool:
     """
     import sqlite3
 
+    from .actors.journal import on_read_only_filesystem, open_connection
     from .cli_follow import engine_holds
 
+    if on_read_only_filesystem(path):
+        return False  # nothing can hold it, nor recover it: it is read as it is
     held = engine_holds(path)
     if held:
         return False
     if held is None:
         return True
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = open_connection(path, readonly=True)
     except sqlite3.Error:
         return True  # an engine says what is wrong with it
     try:

@@ -483,3 +483,37 @@ async def test_history_shows_an_entry_deleted_between_its_listing_and_its_log_lo
             conn.execute("DELETE FROM entries WHERE id = ?", (listed.id.bytes,))
         conn.close()
         assert _shown(view, listed) == "(removed since it was listed)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a filesystem")
+def test_history_show_and_logs_read_a_journal_on_a_read_only_filesystem(tmp_path: Path) -> None:
+    """A backup, a read-only mount of a server's state: SQLite reads a WAL journal only through an -shm
+    file it cannot make there, and the commands fell back to an engine, which cannot lock it."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True, timeout=30)
+    try:
+        journal = mount / "journal.sqlite3"
+        ran = cli(
+            "run",
+            "--journal",
+            str(journal),
+            "--log-dir",
+            str(mount / "logs"),
+            "--",
+            "echo",
+            "hi",
+            tmp_path=tmp_path,
+        )
+        assert ran.returncode == 0, ran.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, timeout=30)
+        listed = cli("history", "--json", "--journal", str(journal), tmp_path=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        [entry] = [json.loads(line) for line in listed.stdout.splitlines()]
+        shown = cli("show", "--journal", str(journal), entry["id"], tmp_path=tmp_path)
+        logged = cli("logs", "--journal", str(journal), entry["id"], tmp_path=tmp_path)
+        assert (shown.returncode, logged.returncode) == (0, 0), shown.stderr + logged.stderr
+        assert "completed" in shown.stdout
+        assert " stdout hi\n" in logged.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)

@@ -84,7 +84,15 @@ def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection
     named by mistake is left exactly as it was. A reader changes nothing: WAL
     mode, once set, is the file's own.
     """
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    target: str | Path = path
+    if readonly and on_read_only_filesystem(path):
+        # SQLite reads a WAL database only through its -shm file, which it cannot make on a
+        # read-only filesystem (a backup, a read-only mount): immutable, it reads the file alone,
+        # which is right there since nothing can write it.
+        target = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+    conn = sqlite3.connect(
+        target, isolation_level=None, check_same_thread=False, timeout=10.0, uri=target is not path
+    )
     try:
         if readonly:
             conn.execute("PRAGMA query_only = ON")
@@ -98,6 +106,14 @@ def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection
         conn.close()
         raise
     return conn
+
+
+def on_read_only_filesystem(path: Path) -> bool:
+    """Whether `path`'s filesystem is mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _make_owner_only(path: Path) -> None:
