@@ -7,11 +7,12 @@ decides what is oldest, is the order they were submitted in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -20,6 +21,7 @@ import pytest
 from conftest import config, shell
 
 from cloudops_execution_engine import (
+    ExecutionConfig,
     ExecutionEngine,
     ExecutionPlan,
     ExecutionStatus,
@@ -355,3 +357,77 @@ async def test_what_memory_lets_go_while_the_journal_cannot_be_written_is_still_
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB filesystem of its own, for the journal and the logs to fill."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounts a filesystem")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True, timeout=30)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+def _fill_with_logs(log_dir: Path) -> None:
+    """Old `<uuid>.log` files until the filesystem has no room left."""
+    log_dir.mkdir(exist_ok=True)
+    while True:
+        path = log_dir / f"{uuid4()}.log"
+        try:
+            path.write_bytes(b"x" * 100_000)
+        except OSError:
+            path.unlink(missing_ok=True)
+            break
+        age(path, 1)
+
+
+async def test_an_engine_starts_on_a_disk_its_logs_filled_and_retention_makes_room(small_disk: Path) -> None:
+    """The journal could not be written, so start() failed: before the retention that frees the room."""
+    policy = RetentionPolicy(max_log_bytes=300_000)
+    settings = {
+        "journal": small_disk / "journal.sqlite3",
+        "log_dir": small_disk / "logs",
+        "retention": policy,
+    }
+    async with ExecutionEngine(ExecutionConfig(**settings)) as engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+    _fill_with_logs(small_disk / "logs")
+    async with ExecutionEngine(ExecutionConfig(**settings)) as engine:
+        done = await engine.wait(await engine.execute(shell("echo room")), timeout=20)
+        assert done.status is ExecutionStatus.COMPLETED
+    assert sum(p.stat().st_size for p in (small_disk / "logs").glob("*.log")) <= 300_000
+
+
+async def test_a_journal_its_logs_filled_the_disk_of_is_written_again_once_retention_sweeps_them(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the journal could not be written, retention's jobs waited for it, and so did the logs'
+    sweep that would have made the room: the journal stayed unwritable for ever."""
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.2)
+    policy = RetentionPolicy(max_log_bytes=300_000)
+    settings = {
+        "journal": small_disk / "journal.sqlite3",
+        "log_dir": small_disk / "logs",
+        "retention": policy,
+    }
+    async with ExecutionEngine(ExecutionConfig(**settings)) as engine:
+        await engine.wait(await engine.execute(shell("true")), timeout=20)
+        _fill_with_logs(small_disk / "logs")
+        last = await engine.execute(shell("echo after"))
+        await engine.wait(last, timeout=20)
+        journal_file = small_disk / "journal.sqlite3"
+        await until(lambda: row_status(journal_file, last) == "completed", "the journal to be written again")
+    assert sum(p.stat().st_size for p in (small_disk / "logs").glob("*.log")) <= 300_000
+
+
+def row_status(journal_file: Path, execution_id: UUID) -> str | None:
+    with contextlib.closing(sqlite3.connect(journal_file)) as conn:
+        found = conn.execute("SELECT status FROM entries WHERE id = ?", (execution_id.bytes,)).fetchone()
+    return None if found is None else str(found[0])

@@ -116,6 +116,18 @@ def on_read_only_filesystem(path: Path) -> bool:
         return False
 
 
+# Free space below which a journal is not opened before retention has swept the logs.
+_ROOM_TO_OPEN = 1 << 20
+
+
+def _room_to_open(directory: Path) -> bool:
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return True  # said by the open itself
+    return info.f_bavail * info.f_frsize >= _ROOM_TO_OPEN
+
+
 def _make_owner_only(path: Path) -> None:
     """Make the journal's file owner-only before SQLite opens it, when it is missing.
 
@@ -296,10 +308,23 @@ class JournalStore:
         # Memory is kept within bounds even while the journal's part waits (a journal that
         # cannot be written): an end not yet durable is still answered from `_live`.
         self._memory.trim(retention.cutoff(moment), retention.policy.max_executions)
+        if self._writer.failing:
+            # Jobs wait for the journal to be written again, which a full disk, filled by
+            # logs, never lets it be: the log files are swept on their own meanwhile.
+            self._sweeps.run_in_thread(run_job, retention.logs_job(self.live_ids(), moment))
+            return
         if self._sweeping:
             return
         self._sweeping = True
         self._writer.put_job(self._tracked(retention.journal_job(self._writer_conn, self.live_ids(), moment)))
+
+    def _add_run(self, conn: sqlite3.Connection) -> int:
+        return int(
+            conn.execute(
+                "INSERT INTO runs (pid, hostname, opened_us, engine_id) VALUES (?, ?, ?, ?) RETURNING run",
+                (os.getpid(), socket.gethostname(), now_us(), self._engine_id),
+            ).fetchone()[0]
+        )
 
     def _tracked(self, job: Iterator[None]) -> Iterator[None]:
         try:
@@ -319,17 +344,15 @@ class JournalStore:
         self._lock.acquire()
         conn: sqlite3.Connection | None = None
         try:
+            if self.retention is not None and not _room_to_open(self.path.parent):
+                # A disk full of logs as often as not: those past the policy go before the journal,
+                # which could not be opened, nor so let the sweep that makes room begin.
+                run_job(self.retention.logs_job(set(), now()))
             with map_errors({sqlite3.Error: IoError, OSError: IoError}, f"cannot open journal {self.path}"):
                 _make_owner_only(self.path)
                 conn = open_connection(self.path)
                 migrate(conn, self.path)
-                self._run = int(
-                    conn.execute(
-                        "INSERT INTO runs (pid, hostname, opened_us, engine_id) "
-                        "VALUES (?, ?, ?, ?) RETURNING run",
-                        (os.getpid(), socket.gethostname(), now_us(), self._engine_id),
-                    ).fetchone()[0]
-                )
+                self._run = self._add_run(conn)
                 self.recovered = recover(conn)
                 if self.retention is not None:
                     run_job(self.retention.journal_job(conn, set(), now()))
