@@ -17,6 +17,7 @@ from .errors import IoError, map_errors
 __all__ = [
     "LogDirectories",
     "LogNode",
+    "append_to_log",
     "copy_log",
     "log_path_for",
     "make_parents",
@@ -38,6 +39,10 @@ _CREATE_ATTEMPTS = 5
 # Retention opens a log only to lock it, and a read only to read it: never following a symlink,
 # never waiting on a FIFO.
 _PROBE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+# A log's end, for `append_to_log`: never a new file, nor one a symlink leads to.
+_APPEND_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+)
 # How much of a log `copy_log` holds at once.
 _COPY_PIECE = 1 << 20
 _IN_USE = "the log is being written by a running execution of the same id"
@@ -382,6 +387,29 @@ def read_log(path: Path, missing_ok: bool = False, limit: int | None = None) -> 
             # As of now: what a running command writes after this is for the next read.
             data = handle.read(size)
         return data.decode("utf-8", "replace")
+
+
+def append_to_log(path: Path, text: str) -> None:
+    """Add `text` at the end of the log at `path`, if a log of ours is there; `OSError` when it cannot be.
+
+    For what the host decides about an execution after its worker wrote the
+    log (a cancel between attempts, a worker that died): the log then says how
+    it ended, as a worker's footer does. Never a file the command put in its
+    log's place, nor a new one.
+    """
+    flags = (
+        os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
+    )
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+            raise OSError(errno.EPERM, "not a log file of this user", str(path))
+        data = text.encode("utf-8", "surrogateescape")
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
 
 
 def copy_log(path: Path, out: BinaryIO, missing_ok: bool = False) -> None:

@@ -348,16 +348,39 @@ async def test_a_lost_worker_is_retried_when_listed(tmp_path: Path, recorder: Re
     assert result.stdout.startswith("attempt 2 worker ")
     assert types(recorder, result.id) == ["started", "stdout", "started", "stdout", "completed"]
     assert log.index("attempt 1 worker") < log.index("# --- attempt 2 ---") < log.index("attempt 2 worker")
+    # Why a second attempt began: the first's outcome, which its dead worker could not write.
+    lost = log[log.index("attempt 1 worker") : log.index("# --- attempt 2 ---")]
+    assert "# finished: " in lost
+    assert " status=failed " in lost
+    assert "died" in lost
 
 
 async def test_a_lost_worker_is_not_retried_unless_listed(tmp_path: Path, recorder: Recorder) -> None:
     """By default a worker's death fails the execution: its command may have partly run."""
-    result, _ = await sigkill_worker_mid_attempt(["failed", "timeout"], tmp_path, recorder)
+    result, log = await sigkill_worker_mid_attempt(["failed", "timeout"], tmp_path, recorder)
     assert result.status is FAILED
     assert result.attempts == 1
     assert result.error is not None
     assert "died" in result.error
     assert types(recorder, result.id) == ["started", "stdout", "failed"]
+    finished = [line for line in log.splitlines() if line.startswith("# finished: ")]
+    assert len(finished) == 1
+    assert " status=failed " in finished[0]
+
+
+async def test_a_cancel_during_a_backoff_is_the_logs_last_outcome(tmp_path: Path) -> None:
+    """The log's last outcome was the attempt's `failed`, for an execution that ended `cancelled`."""
+    async with ExecutionEngine(config(tmp_path)) as engine:
+        eid = await engine.execute(
+            shell("echo once; exit 1", retry=RetryPolicy(max_attempts=3, backoff_ms=60_000))
+        )
+        await until_backing_off(engine, eid)
+        await engine.cancel(eid)
+        result = await result_of(engine, eid, timeout=20)
+        log = await engine.read_logs(eid)
+    assert result.status is CANCELLED
+    finished = [line for line in log.splitlines() if line.startswith("# finished: ")]
+    assert [" status=failed " in finished[0], " status=cancelled " in finished[-1]] == [True, True]
 
 
 # -- plans ---------------------------------------------------------------------

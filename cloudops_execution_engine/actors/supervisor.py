@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any
 from uuid import UUID, uuid4
 
-from .._model import utc_from_timestamp
+from .._model import utc_from_timestamp, utcnow
 from ..config import ExecutionConfig
 from ..errors import (
     Cancelled,
@@ -54,7 +54,7 @@ from ..errors import (
     map_errors,
     mapped,
 )
-from ..logfiles import LogNode, prepare_log_dir
+from ..logfiles import LogNode, append_to_log, prepare_log_dir
 from ..plans import check_plan
 from ..protocol import Cancel, Finished, Message, Output, Retire, Run, Started, frame_limit_for, output_weight
 from ..requests import ExecutionPlan, ExecutionRequest
@@ -64,6 +64,7 @@ from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
 from .local_pool import LocalWorkerPool
+from .output import log_footer
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
 from .records import PENDING, RUNNING, PlanRun, Record
 from .scheduler import Scheduler
@@ -648,7 +649,9 @@ class Supervisor:
         if delay is None:
             return False
         if retry.cancelled:
-            self._finalize(record, outcomes.cancelled_between_attempts(record, result))
+            ended = outcomes.cancelled_between_attempts(record, result)
+            self._say_in_log(record, ended)
+            self._finalize(record, ended)
             return True
         retry.last = result
         retry.timer = asyncio.get_running_loop().call_later(delay, self._retry_now, record)
@@ -661,7 +664,9 @@ class Supervisor:
         retry.timer = None
         if self._broken is not None:
             error = str(SpawnFailed(self._broken))
-            self._finalize(record, outcomes.result_without_worker(record, FAILED, error))
+            ended = outcomes.result_without_worker(record, FAILED, error)
+            self._say_in_log(record, ended)
+            self._finalize(record, ended)
             return
         retry.queued = True
         self._scheduler.retry(record)
@@ -692,7 +697,9 @@ class Supervisor:
         if retry.queued:
             retry.queued = False
             self._scheduler.forget_retry(record)
-        self._finalize(record, outcomes.cancelled_between_attempts(record, retry.last))
+        ended = outcomes.cancelled_between_attempts(record, retry.last)
+        self._say_in_log(record, ended)
+        self._finalize(record, ended)
         return True
 
     # -- ending executions ------------------------------------------------
@@ -870,12 +877,37 @@ class Supervisor:
             self._scheduler.ran()
             if stopped and record.cancel_sent:
                 # Asked to end, and ended (the trees are gone): the cancel's outcome.
-                self._finalize(record, outcomes.result_without_worker(record, CANCELLED, str(Cancelled())))
+                ended = outcomes.result_without_worker(record, CANCELLED, str(Cancelled()))
+                self._say_in_log(record, ended)
+                self._finalize(record, ended)
                 continue
             lost = outcomes.result_without_worker(record, FAILED, error)
+            # Said before any next attempt's header: the log tells why another began.
+            self._say_in_log(record, lost)
             if record.retry is None or not self._retry_later(record, lost, "worker_lost"):
                 self._finalize(record, lost)
         self._scheduler.dispatch()
+
+    def _say_in_log(self, record: Record, result: ExecutionResult) -> None:
+        """End the log with `result`, an outcome no worker wrote there, as a worker's footer would.
+
+        Written on the loop, a line's append: it comes before a next attempt's
+        header, which the worker that starts the attempt writes. Only for a
+        command that ran (one that did not has no log) on this machine.
+        """
+        if record.started_at is None or self._pool is None:
+            return
+        if record.worker is not None and self._pool.log_location(record.worker) is not None:
+            return  # on another node's disk
+        completed = (result.completed_at or utcnow()).timestamp()
+        footer = log_footer(
+            result.started_at.timestamp(), completed, result.status.value, result.exit_code, result.error
+        )
+        try:
+            append_to_log(record.log_path, footer)
+        except OSError as exc:
+            suffix, extra = correlate([record.id])
+            logger.warning("could not say how it ended in the log%s: %s", suffix, exc, extra=extra)
 
     # -- queries ------------------------------------------------------------
 
