@@ -375,6 +375,15 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
 
 
+def _on_the_small_disk(small_disk: Path) -> dict[str, Any]:
+    """A journal and logs on `small_disk`, whose logs may take 300 kB."""
+    return {
+        "journal": small_disk / "journal.sqlite3",
+        "log_dir": small_disk / "logs",
+        "retention": RetentionPolicy(max_log_bytes=300_000),
+    }
+
+
 def _fill_with_logs(log_dir: Path) -> None:
     """Old `<uuid>.log` files until the filesystem has no room left."""
     log_dir.mkdir(exist_ok=True)
@@ -390,12 +399,7 @@ def _fill_with_logs(log_dir: Path) -> None:
 
 async def test_an_engine_starts_on_a_disk_its_logs_filled_and_retention_makes_room(small_disk: Path) -> None:
     """The journal could not be written, so start() failed: before the retention that frees the room."""
-    policy = RetentionPolicy(max_log_bytes=300_000)
-    settings = {
-        "journal": small_disk / "journal.sqlite3",
-        "log_dir": small_disk / "logs",
-        "retention": policy,
-    }
+    settings = _on_the_small_disk(small_disk)
     async with ExecutionEngine(ExecutionConfig(**settings)) as engine:
         await engine.wait(await engine.execute(shell("true")), timeout=20)
     _fill_with_logs(small_disk / "logs")
@@ -411,12 +415,7 @@ async def test_a_journal_its_logs_filled_the_disk_of_is_written_again_once_reten
     """While the journal could not be written, retention's jobs waited for it, and so did the logs'
     sweep that would have made the room: the journal stayed unwritable for ever."""
     monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.2)
-    policy = RetentionPolicy(max_log_bytes=300_000)
-    settings = {
-        "journal": small_disk / "journal.sqlite3",
-        "log_dir": small_disk / "logs",
-        "retention": policy,
-    }
+    settings = _on_the_small_disk(small_disk)
     async with ExecutionEngine(ExecutionConfig(**settings)) as engine:
         await engine.wait(await engine.execute(shell("true")), timeout=20)
         _fill_with_logs(small_disk / "logs")
