@@ -363,6 +363,7 @@ def logs(execution_id: str, follow: bool, log_dir: Path | None, journal: Path | 
     try:
         for path, missing_ok in found:
             copy_log(path, out, missing_ok=missing_ok)
+        out.flush()  # here, so that a reader that left ends it as SIGPIPE would (141)
     except ExecutionError as exc:
         out.flush()
         _fail(str(exc))

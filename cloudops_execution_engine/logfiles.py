@@ -397,10 +397,7 @@ def append_to_log(path: Path, text: str) -> None:
     it ended, as a worker's footer does. Never a file the command put in its
     log's place, nor a new one.
     """
-    flags = (
-        os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0)
-    )
-    fd = os.open(path, flags)
+    fd = os.open(path, _APPEND_FLAGS)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):

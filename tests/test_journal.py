@@ -1372,3 +1372,34 @@ async def test_recovery_says_how_many_attempts_a_retried_execution_had_started(t
     assert result.error is not None
     assert result.error.startswith("Interrupted:")
     assert result.attempts == 2
+
+
+def test_a_plan_of_many_results_that_fits_is_written_whole(tmp_path: Path) -> None:
+    """Each result's allowance was taken off the limit first: past some 15,000 commands, every output
+    of a plan was cut to nothing, however little it held."""
+    from cloudops_execution_engine.actors.journal_rows import fitting_json
+
+    began = datetime.now(UTC)
+    results = [
+        ExecutionResult(
+            id=uuid4(),
+            status=ExecutionStatus.COMPLETED,
+            stdout="ok\n",
+            exit_code=0,
+            duration=timedelta(milliseconds=1),
+            started_at=began,
+            log_path=tmp_path / "x.log",
+        )
+        for _ in range(16_000)
+    ]
+    plan = PlanExecutionResult.model_validate(
+        {
+            "plan_id": str(uuid4()),
+            "status": "completed",
+            "results": [r.model_dump(mode="json") for r in results],
+            "total_duration": {"secs": 1, "nanos": 0},
+            "stats": {"total": 16_000, "completed": 16_000, "failed": 0, "cancelled": 0, "timeout": 0},
+        }
+    )
+    whole = plan.model_dump_json()
+    assert fitting_json(plan, len(whole.encode()) + 10) == whole

@@ -202,15 +202,21 @@ def fitting_json(result: ExecutionResult | PlanExecutionResult, limit: int) -> s
     output whole when that fits.
     """
     results = [result] if isinstance(result, ExecutionResult) else result.results
-    held = sum(len(item.stdout) + len(item.stderr) for item in results)
-    room = limit - _RESULT_SLACK * (len(results) + 1)
-    if held * _WORST_BYTES_PER_CHAR <= room:
+    longest = max((max(len(item.stdout), len(item.stderr)) for item in results), default=0)
+    # Under the worst case (every character six bytes) it fits as it is, measured or not.
+    if 2 * longest * len(results) * _WORST_BYTES_PER_CHAR + _RESULT_SLACK * (len(results) + 1) <= limit:
         return result.model_dump_json()
-    keep = max(0, room // (_WORST_BYTES_PER_CHAR * 2 * max(1, len(results))))
-    cut = [_cut(item, keep) for item in results]
-    if isinstance(result, ExecutionResult):
-        return cut[0].model_dump_json()
-    return result.model_copy(update={"results": cut}).model_dump_json()
+    text = result.model_dump_json()
+    size = len(text.encode())
+    keep = longest
+    while size > limit and keep > 0:
+        # Shrunk by the measured excess, and a tenth more: one or two rounds.
+        keep = int(keep * limit / size * 0.9)
+        cut = [_cut(item, keep) for item in results]
+        fitted = cut[0] if isinstance(result, ExecutionResult) else result.model_copy(update={"results": cut})
+        text = fitted.model_dump_json()
+        size = len(text.encode())
+    return text
 
 
 def _cut(result: ExecutionResult, keep: int) -> ExecutionResult:
