@@ -484,8 +484,24 @@ async def test_history_shows_an_entry_deleted_between_its_listing_and_its_log_lo
         assert _shown(view, listed) == "(removed since it was listed)"
 
 
+_DIES_WITHOUT_CLOSING = """
+import asyncio, os, signal, sys
+from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, ExecutionRequest, ShellCommand
+
+
+async def main():
+    engine = ExecutionEngine(ExecutionConfig(journal=sys.argv[1], log_dir=sys.argv[2]))
+    await engine.wait(await engine.execute(ExecutionRequest(command=ShellCommand(command="echo hi"))))
+    os.kill(os.getpid(), signal.SIGKILL)  # its commits left in the -wal
+
+
+asyncio.run(main())
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a filesystem")
-def test_history_show_and_logs_read_a_journal_on_a_read_only_filesystem(tmp_path: Path) -> None:
+@pytest.mark.parametrize("left_by", ["a clean close", "a killed host"])
+def test_history_show_and_logs_read_a_journal_on_a_read_only_filesystem(tmp_path: Path, left_by: str) -> None:
     """A backup, a read-only mount of a server's state: SQLite reads a WAL journal only through an -shm
     file it cannot make there, and the commands fell back to an engine, which cannot lock it."""
     mount = tmp_path / "ro"
@@ -493,18 +509,14 @@ def test_history_show_and_logs_read_a_journal_on_a_read_only_filesystem(tmp_path
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True, timeout=30)
     try:
         journal = mount / "journal.sqlite3"
-        ran = cli(
-            "run",
-            "--journal",
-            str(journal),
-            "--log-dir",
-            str(mount / "logs"),
-            "--",
-            "echo",
-            "hi",
-            tmp_path=tmp_path,
-        )
-        assert ran.returncode == 0, ran.stderr
+        if left_by == "a clean close":
+            words = ["run", "--journal", str(journal), "--log-dir", str(mount / "logs"), "--", "echo", "hi"]
+            ran = cli(*words, tmp_path=tmp_path)
+            assert ran.returncode == 0, ran.stderr
+        else:
+            host = [PYTHON, "-c", _DIES_WITHOUT_CLOSING, str(journal), str(mount / "logs")]
+            assert subprocess.run(host, timeout=60, check=False).returncode == -signal.SIGKILL
+            assert (mount / "journal.sqlite3-wal").stat().st_size > 0
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, timeout=30)
         listed = cli("history", "--json", "--journal", str(journal), tmp_path=tmp_path)
         assert listed.returncode == 0, listed.stderr

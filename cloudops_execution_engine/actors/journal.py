@@ -84,15 +84,9 @@ def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection
     named by mistake is left exactly as it was. A reader changes nothing: WAL
     mode, once set, is the file's own.
     """
-    target: str | Path = path
     if readonly and on_read_only_filesystem(path):
-        # SQLite reads a WAL database only through its -shm file, which it cannot make on a
-        # read-only filesystem (a backup, a read-only mount): immutable, it reads the file alone,
-        # which is right there since nothing can write it.
-        target = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
-    conn = sqlite3.connect(
-        target, isolation_level=None, check_same_thread=False, timeout=10.0, uri=target is not path
-    )
+        return _read_only_filesystem_connection(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     try:
         if readonly:
             conn.execute("PRAGMA query_only = ON")
@@ -105,6 +99,37 @@ def open_connection(path: Path, *, readonly: bool = False) -> sqlite3.Connection
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def _read_only_filesystem_connection(path: Path) -> sqlite3.Connection:
+    """A reader of a journal on a read-only filesystem (a backup, a read-only mount).
+
+    SQLite reads a WAL database through its -shm file, which it cannot make
+    there. One a host left (killed, its commits still in the -wal) is read
+    through the files as they are; a journal closed cleanly has neither, and is
+    read as immutable, which nothing there can make it not be. A -wal holding
+    commits without its -shm cannot be read without losing them: refused.
+    """
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+    except sqlite3.Error:
+        conn.close()
+    wal = path.with_name(path.name + "-wal")
+    with contextlib.suppress(FileNotFoundError):
+        if wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"its write-ahead log {wal.name} holds commits that cannot be read on a read-only "
+                f"filesystem without its {path.name}-shm file"
+            )
+    conn = sqlite3.connect(
+        f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA query_only = ON")
     return conn
 
 
