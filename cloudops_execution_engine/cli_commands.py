@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import shlex
 import signal
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import click
 
 from .cli_journal import history, journal_for, journal_options, logs, show, started_engine
-from .cli_output import closed_at_start
+from .cli_output import closed_at_start, stdout_guarded
 from .cli_pump import AFTER_SIGNAL_S, Pump, Sink
 from .cli_text import (
     EXIT_FAILED,
@@ -66,6 +67,9 @@ class _Output:
         self._refused = closed_at_start() if fd == 1 else None
         # What the program wrote to it as text comes first (`write`).
         self._text: TextIO | None = sys.stdout if fd == 1 else sys.stderr
+        # Run from Python (click's test runner, `main(args=...)`), the streams are the caller's,
+        # perhaps not descriptors at all: written as they are, in turn.
+        self._direct = not stdout_guarded()
 
     def write(self, text: str) -> None:
         if not self._sink.open:
@@ -74,6 +78,9 @@ class _Output:
             self._sink.open = False
             self._sink.failed(self._refused)
             return
+        if self._direct:
+            self._write_directly(text)
+            return
         if self._text is not None:
             with contextlib.suppress(OSError, ValueError):  # nothing of ours is ever left in it
                 self._text.flush()
@@ -81,9 +88,24 @@ class _Output:
         # locale must neither drop what it cannot encode nor transcode the rest.
         self._pump.write(self._sink, text.encode("utf-8", "surrogateescape"))
 
+    def _write_directly(self, text: str) -> None:
+        stream = self._text
+        if stream is None:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            self._sink.open = False
+            self._sink.closed()
+        except OSError as exc:
+            self._sink.open = False
+            self._sink.failed(exc)
+
     async def room(self) -> None:
         """Return once the reader has taken enough of what is queued (`Pump.room`)."""
-        await self._pump.room()
+        if not self._direct:
+            await self._pump.room()
 
     def flush(self) -> None:
         """Each write is queued for the pump already."""
@@ -139,10 +161,11 @@ class _Interrupts:
                 loop.remove_signal_handler(sig)
 
     def _caught(self, sig: int) -> None:
+        # A reader that stopped reading must not keep the run, or its handlers, from ending:
+        # it has AFTER_SIGNAL_S to take what is written, and none after a second signal.
+        self.pump.give_up_after(AFTER_SIGNAL_S)
         if not self.signal.done():
             self.signal.set_result(sig)
-            # A reader that stopped reading must not keep the run, or its handlers, from ending.
-            self.pump.give_up_after(AFTER_SIGNAL_S)
 
     def output_closed(self) -> None:
         """Our reader is gone: the run ends as SIGPIPE would end it."""
@@ -167,6 +190,7 @@ class _Interrupts:
     async def written(self) -> None:
         """Wait until what the run's handlers wrote is written; after a signal, `AFTER_SIGNAL_S` at most."""
         await self.pump.drained()
+        self.pump.close()
 
     def early_exit_code(self) -> int:
         """The exit status of a run that a signal, or our output, ended early."""
@@ -520,14 +544,21 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
                     error = exc
         finally:
             await engine.shutdown()
+        recorded = engine.config.journal is not None
+        footer = f"details: cloudops-exec show {parsed.id}" if recorded else ""
+        commands = [request.command.display() for request in parsed.commands]
+        if error is None and not on_terminal:
+            # After the events, through the pump: a reader that stopped reading holds it no longer
+            # than it holds them, once a signal has come.
+            report = io.StringIO()
+            final_report(commands, result, report, console=False, footer=footer)
+            interrupts.output(2 if events else 1).write(report.getvalue())
         await interrupts.written()
     if error is not None:
         _fail(str(error))
     assert isinstance(result, PlanExecutionResult)
-    recorded = engine.config.journal is not None
-    footer = f"details: cloudops-exec show {parsed.id}" if recorded else ""
-    commands = [request.command.display() for request in parsed.commands]
-    final_report(commands, result, report_to, console=on_terminal, footer=footer)
+    if on_terminal:
+        final_report(commands, result, report_to, console=True, footer=footer)
     if interrupts.signal.done():
         return interrupts.early_exit_code()
     return 0 if result.status is ExecutionStatus.COMPLETED else EXIT_FAILED

@@ -26,6 +26,7 @@ __all__ = [
     "guard_stdout",
     "reader_left",
     "say_cannot_write",
+    "stdout_guarded",
 ]
 
 
@@ -71,6 +72,11 @@ class _Stdout(io.RawIOBase):
 
 _said = False
 _raw: _Stdout | None = None
+
+
+def stdout_guarded() -> bool:
+    """Whether the program's stdout is ours (`guard_stdout`), not a caller's stream (run from Python)."""
+    return _raw is not None
 
 
 def closed_at_start() -> CannotWrite | None:

@@ -10,9 +10,10 @@ waits too (`room`), without holding the loop: a slow reader then holds the
 commands' output back through the engine's flow control, and loses none of it.
 
 A run that ends waits until everything queued is written (`drained`), however
-slow the reader, unless a signal ended it: then for `AFTER_SIGNAL_S` at most
-from the signal, since its reader may never read again, and what is left is
-not written (`abandoned`), nor anything more to that descriptor.
+slow the reader, unless a signal ended it: then the reader, which may never
+read again, has `AFTER_SIGNAL_S` to take what waits (and, each time, what is
+written later, the run's report among it), none after a second signal; what
+it has not taken then is not written (`abandoned`), nor anything after it.
 
 The thread writes bytes to the descriptors, past `sys.stdout`'s buffer: a
 daemon thread left waiting in a write must hold no lock the interpreter takes
@@ -64,6 +65,8 @@ class Pump:
         self._thread: threading.Thread | None = None
         self._writing: Sink | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._patience: float | None = None  # set by a signal: how long a write may wait
+        self._closing = False
         self.abandoned = False
 
     def write(self, sink: Sink, data: bytes) -> None:
@@ -77,6 +80,7 @@ class Pump:
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name="cloudops-exec-output", daemon=True)
             self._thread.start()
+        self._arm()  # after a signal: this too waits `_patience` at most
 
     async def room(self) -> None:
         """Return once no more than `BUDGET` bytes wait to be written."""
@@ -87,15 +91,32 @@ class Pump:
         await self._until(0)
 
     def give_up_after(self, seconds: float) -> None:
-        """Unless all is written within `seconds`, write nothing more (a signal is ending the run)."""
-        if self._deadline is None:
-            self._deadline = self._loop.call_later(seconds, self._give_up)
+        """From now on no write waits more than `seconds` for the reader (a signal is ending the run).
+
+        Asked again (a second signal), nothing more is written at all.
+        """
+        if self._patience is not None:
+            self.abandon()
+            return
+        self._patience = seconds
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is None and self._patience is not None:
+            self._deadline = self._loop.call_later(self._patience, self._give_up)
 
     def _give_up(self) -> None:
+        self._deadline = None
         with self._lock:
-            done = self._queued == 0
-        if not done:
+            stalled = self._queued > 0 or self._writing is not None
+        if stalled:
             self.abandon()
+
+    def close(self) -> None:
+        """Let the thread end once what is queued is written (it stays if that write never ends)."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
 
     def abandon(self) -> None:
         """Write nothing more: what is queued is dropped, a descriptor it waited for is /dev/null now.
@@ -131,6 +152,8 @@ class Pump:
         while True:
             with self._lock:
                 while not self._items:
+                    if self._closing:
+                        return
                     self._wake.wait()
                 sink, data = self._items.popleft()
                 # What follows for the same descriptor goes in the same write.

@@ -652,3 +652,26 @@ def test_history_of_a_journal_with_a_damaged_row_says_so(tmp_path: Path) -> None
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"cannot read journal {journal}" in done.stderr
+
+
+def test_run_called_from_python_writes_to_its_callers_streams_and_leaves_no_thread(tmp_path: Path) -> None:
+    """Under click's test runner (or `main(args=...)`), output went to descriptor 1 past the captured
+    stream, and each run left a thread behind."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from cloudops_execution_engine.cli_commands import main
+
+    before = threading.active_count()
+    runner = CliRunner()
+    outputs = [
+        runner.invoke(
+            main,
+            ["run", "--no-journal", "--log-dir", str(tmp_path), "--", "echo", f"hello {n}"],
+            catch_exceptions=False,
+        ).output
+        for n in range(3)
+    ]
+    assert outputs == [f"hello {n}\n" for n in range(3)]
+    assert threading.active_count() == before

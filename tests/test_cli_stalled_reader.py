@@ -8,10 +8,13 @@ reader that is only slow must still get every line, in order.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -138,3 +141,53 @@ def test_a_slow_reader_gets_every_line_in_order(tmp_path: Path, how: str) -> Non
     if how == "plan":
         lines = [line.removeprefix("#0 stdout: ") for line in lines if line.startswith("#0 stdout: ")]
     assert lines == [str(n) for n in range(1, count + 1)]
+
+
+def test_output_that_comes_after_a_signal_waits_for_a_stopped_reader_no_longer_than_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The bound after a signal was looked at once, 2 s after it, and found nothing waiting: a line that came
+    later (the cancel of a command that ignores SIGTERM, after the kill grace) waited for the reader for ever,
+    and so did the plan's report, written past the pump."""
+    pad = "x" * (4096 - len("#0 stdout: \n") - 5)  # the pipe is left 5 bytes of room
+    plan = tmp_path / "stubborn.json"
+    command = {
+        "command": {"type": "shell", "command": f"echo ready; echo {pad}; trap '' TERM; exec sleep 60"}
+    }
+    plan.write_text(json.dumps({"commands": [command], "strategy": {"type": "serial"}}))
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [*CLI, "plan", "--no-journal", str(plan)],
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    os.close(write_end)
+    try:
+        seen = b""
+        while not seen.endswith(b"#0 stdout: ready\n"):
+            byte = os.read(read_end, 1)
+            assert byte, "the plan ended before its command said it was ready"
+            seen += byte
+        # From here the test reads no more: the pad's line fills the pipe but for 5 bytes.
+        wait_until(lambda: _unread(read_end) == 4091, 20, "the pad's line to fill the pipe")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                "SIGTERM did not end the plan: what it wrote after the signal waits for a reader that stopped"
+            )
+        assert code == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.close(read_end)
+
+
+def _unread(read_end: int) -> int:
+    held = array.array("i", [0])
+    fcntl.ioctl(read_end, termios.FIONREAD, held)
+    return held[0]
