@@ -518,7 +518,8 @@ def _process(pid: int) -> psutil.Process | None:
 def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> int:
     """SIGKILL every process of the given commands until none is left (blocking; run in a thread).
 
-    Returns how many processes it killed.
+    Returns how many processes it killed. Those that came to this process
+    (a host that adopts orphans: its dead worker's commands) are reaped.
     """
     killed: set[int] = set()
     empty_looks = 0
@@ -536,6 +537,10 @@ def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> i
         stop_and_kill(procs)
         killed.update(p.pid for p in procs)
         _wait_ended(procs, 0.5)
+    for pid in killed:
+        # Only a child of ours can be; nobody else would reap it.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
     return len(killed)
 
 

@@ -1,7 +1,8 @@
 """A host that adopts orphans (as PID 1 in a container does, or any command another engine runs).
 
 It starts and shuts down engines four times, some with a command still
-running, then SIGKILLs a worker twice while an engine serves. It prints one
+running, then SIGKILLs a worker while its command runs, and twice more while
+an engine serves. It prints one
 JSON line: its children left after the cycles, and after the kills once the
 engine has had up to 5 s to tidy up.
 """
@@ -66,10 +67,29 @@ async def kills() -> list[str]:
         return [child for child in children() if "zombie" in child]
 
 
+async def dies_mid_command() -> None:
+    """The only worker SIGKILLed while its command runs: the command comes to this process, killed."""
+    started = asyncio.Event()
+
+    class Started:
+        async def on_event(self, event: object) -> None:
+            if getattr(event, "event_type", "") == "started":
+                started.set()
+
+    config = ExecutionConfig(workers=1, log_dir=log_dir)
+    async with ExecutionEngine(config).with_event_handler(Started()) as engine:
+        running = await engine.execute(ExecutionRequest(command=ShellCommand(command="sleep 30")))
+        await started.wait()
+        workers = [p for p in psutil.Process().children() if "python" in (p.cmdline() or [""])[0]]
+        os.kill(workers[0].pid, signal.SIGKILL)
+        await engine.wait(running)
+
+
 async def main() -> None:
     for round_ in range(4):
         await cycle(busy=round_ % 2 == 1)
     after_cycles = children()
+    await dies_mid_command()
     after_kills = await kills()
     print(json.dumps({"after_cycles": after_cycles, "after_kills": after_kills}))
 
