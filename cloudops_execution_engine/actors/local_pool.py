@@ -83,7 +83,9 @@ def start_worker_process(
 
 
 def _kill_abandoned(markers: set[str], sessions: set[int]) -> None:
-    process_tree.kill_abandoned(markers, sessions)
+    # A dead worker's commands: in a host that adopts orphans they are its children now, and zombies
+    # once killed. Reaped only there: elsewhere a pid among them may be no child of ours.
+    process_tree.kill_abandoned(markers, sessions, reap=process_tree.adopts_orphans())
 
 
 def _exit_watch(process: BaseProcess, pid: int) -> tuple[int, bool]:

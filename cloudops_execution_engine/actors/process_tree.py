@@ -515,11 +515,11 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> int:
+def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20, reap: bool = False) -> int:
     """SIGKILL every process of the given commands until none is left (blocking; run in a thread).
 
-    Returns how many processes it killed. Those that came to this process
-    (a host that adopts orphans: its dead worker's commands) are reaped.
+    Returns how many processes it killed. With `reap`, those that came to this
+    process (a host that adopts orphans: its dead worker's commands) are reaped.
     """
     killed: set[int] = set()
     empty_looks = 0
@@ -537,7 +537,7 @@ def kill_abandoned(markers: set[str], sessions: set[int], rounds: int = 20) -> i
         stop_and_kill(procs)
         killed.update(p.pid for p in procs)
         _wait_ended(procs, 0.5)
-    for pid in killed:
+    for pid in killed if reap else ():
         # Only a child of ours can be; nobody else would reap it.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
