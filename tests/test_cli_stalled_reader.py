@@ -151,9 +151,10 @@ def test_output_that_comes_after_a_signal_waits_for_a_stopped_reader_no_longer_t
     and so did the plan's report, written past the pump."""
     pad = "x" * (4096 - len("#0 stdout: \n") - 5)  # the pipe is left 5 bytes of room
     plan = tmp_path / "stubborn.json"
-    command = {
-        "command": {"type": "shell", "command": f"echo ready; echo {pad}; trap '' TERM; exec sleep 60"}
-    }
+    gate = tmp_path / "read-up-to-ready"
+    # The pad once the test has read all before it: alone in the pipe's one page, not split around it.
+    script = f"echo ready; until [ -e {gate} ]; do sleep 0.01; done; echo {pad}; trap '' TERM; exec sleep 60"
+    command = {"command": {"type": "shell", "command": script}}
     plan.write_text(json.dumps({"commands": [command], "strategy": {"type": "serial"}}))
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, 4096)
@@ -172,6 +173,7 @@ def test_output_that_comes_after_a_signal_waits_for_a_stopped_reader_no_longer_t
             assert byte, "the plan ended before its command said it was ready"
             seen += byte
         # From here the test reads no more: the pad's line fills the pipe but for 5 bytes.
+        gate.touch()
         wait_until(lambda: _unread(read_end) == 4091, 20, "the pad's line to fill the pipe")
         proc.send_signal(signal.SIGTERM)
         try:
