@@ -383,6 +383,25 @@ async def test_a_cancel_during_a_backoff_is_the_logs_last_outcome(tmp_path: Path
     assert [" status=failed " in finished[0], " status=cancelled " in finished[-1]] == [True, True]
 
 
+async def test_the_outcome_said_after_a_backoff_never_goes_through_what_the_command_put_at_its_log(
+    tmp_path: Path,
+) -> None:
+    """A command knows its log's name: one that put a symlink there must not have the host write to it."""
+    target = tmp_path / "not-a-log"
+    target.write_text("untouched\n")
+    settings = config(tmp_path)
+    assert settings.log_dir is not None
+    marker = "$CLOUDOPS_EXECUTION_ID"  # its own id, so its log's name
+    replace = f'log="{settings.log_dir}/{marker}.log"; rm -f "$log"; ln -s {target} "$log"; exit 1'
+    async with ExecutionEngine(settings) as engine:
+        eid = await engine.execute(shell(replace, retry=RetryPolicy(max_attempts=3, backoff_ms=60_000)))
+        await until_backing_off(engine, eid)
+        await engine.cancel(eid)
+        result = await result_of(engine, eid, timeout=20)
+    assert result.status is CANCELLED
+    assert target.read_text() == "untouched\n"
+
+
 # -- plans ---------------------------------------------------------------------
 
 

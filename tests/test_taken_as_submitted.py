@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -105,33 +106,31 @@ async def test_a_plan_edited_after_execute_plan_runs_records_and_resumes_as_subm
         assert len(from_journal.results) == 3
 
 
-async def test_a_retry_policy_edited_after_execute_is_not_the_one_that_runs(tmp_path: Path) -> None:
+def _more_attempts(policy: RetryPolicy) -> None:
+    policy.max_attempts = 4
+
+
+def _no_cause_retried(policy: RetryPolicy) -> None:
+    policy.retry_on.clear()  # a list inside the policy: a shallow copy shared it with the host
+
+
+@pytest.mark.parametrize(
+    ("attempts", "edit"), [(1, _more_attempts), (3, _no_cause_retried)], ids=["max_attempts", "retry_on"]
+)
+async def test_a_retry_policy_edited_after_execute_is_not_the_one_that_runs(
+    tmp_path: Path, attempts: int, edit: Callable[[RetryPolicy], None]
+) -> None:
     gate = tmp_path / "go-on"
     async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)) as engine:
         blocker = await engine.execute(shell(f"while [ ! -e {gate} ]; do sleep 0.02; done"))
-        request = shell("exit 1", retry=RetryPolicy(max_attempts=1, backoff_ms=0, jitter=False))
+        request = shell("exit 1", retry=RetryPolicy(max_attempts=attempts, backoff_ms=0, jitter=False))
         queued = await engine.execute(request)
         assert request.retry is not None
-        request.retry.max_attempts = 4
+        edit(request.retry)
         gate.touch()
         await engine.wait(blocker, timeout=20)
         await engine.wait(queued, timeout=20)
-        assert (await engine.get_result(queued)).attempts == 1
-
-
-async def test_the_causes_of_a_retry_policy_cleared_after_execute_still_retry(tmp_path: Path) -> None:
-    """The policy was copied, but not its `retry_on` list: the host's edit of the list reached the copy."""
-    gate = tmp_path / "go-on"
-    async with ExecutionEngine(config(tmp_path, max_concurrent_executions=1)) as engine:
-        blocker = await engine.execute(shell(f"while [ ! -e {gate} ]; do sleep 0.02; done"))
-        request = shell("exit 1", retry=RetryPolicy(max_attempts=3, backoff_ms=0, jitter=False))
-        queued = await engine.execute(request)
-        assert request.retry is not None
-        request.retry.retry_on.clear()
-        gate.touch()
-        await engine.wait(blocker, timeout=20)
-        await engine.wait(queued, timeout=20)
-        assert (await engine.get_result(queued)).attempts == 3
+        assert (await engine.get_result(queued)).attempts == attempts
 
 
 def _a_local_kind_of_request() -> type[ExecutionRequest]:
