@@ -19,6 +19,8 @@ import io
 import os
 import sys
 
+from .standard_fds import devnull_onto
+
 __all__ = [
     "CannotWrite",
     "closed_at_start",
@@ -97,10 +99,7 @@ def guard_stdout() -> None:
     current = sys.stdout
     closed = current is None
     if closed:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        if devnull != 1:
-            os.dup2(devnull, 1)
-            os.close(devnull)
+        devnull_onto(1)
     _raw = _Stdout(closed)
     encoding = getattr(current, "encoding", None) or "utf-8"
     # What this program writes as text (reports, tables) in a locale that cannot say a character of

@@ -29,6 +29,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from .standard_fds import devnull_onto
+
 __all__ = ["AFTER_SIGNAL_S", "BUDGET", "Pump", "Sink"]
 
 # Bytes queued before a handler waits: some hundred lines of a busy command,
@@ -135,7 +137,7 @@ class Pump:
             waiters, self._waiters = self._waiters, []
         for sink in stalled:
             sink.open = False
-            _to_devnull(sink.fd)
+            _devnull_onto(sink.fd)
         for _most, waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -183,7 +185,7 @@ class Pump:
                 view = view[os.write(sink.fd, view) :]
         except BrokenPipeError:
             sink.open = False
-            _to_devnull(sink.fd)  # nothing written to it later fails again
+            _devnull_onto(sink.fd)  # nothing written to it later fails again
             self._call(sink.closed)
         except OSError as exc:  # a full disk, an I/O error
             sink.open = False
@@ -195,11 +197,9 @@ class Pump:
             self._loop.call_soon_threadsafe(callback, *args)
 
 
-def _to_devnull(fd: int) -> None:
+def _devnull_onto(fd: int) -> None:
     with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
+        devnull_onto(fd)
 
 
 def _settle(waiter: asyncio.Future[None]) -> None:

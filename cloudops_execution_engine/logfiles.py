@@ -344,8 +344,13 @@ def open_to_read(path: str | bytes | Path) -> int:
     its user can make: a FIFO (an open that never returns), a symlink to
     `/dev/zero` or to a file of secrets, a device. None of those is read.
     """
+    return _open_ours(path, _PROBE_FLAGS)
+
+
+def _open_ours(path: str | bytes | Path, flags: int) -> int:
+    """`path` opened with `flags` (which refuse a symlink): `IoError` unless a regular file of this user."""
     try:
-        fd = os.open(path, _PROBE_FLAGS)
+        fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             shown = os.fsdecode(path)
@@ -395,13 +400,10 @@ def append_to_log(path: Path, text: str) -> None:
     For what the host decides about an execution after its worker wrote the
     log (a cancel between attempts, a worker that died): the log then says how
     it ended, as a worker's footer does. Never a file the command put in its
-    log's place, nor a new one.
+    log's place (`IoError`), nor a new one.
     """
-    fd = os.open(path, _APPEND_FLAGS)
+    fd = _open_ours(path, _APPEND_FLAGS)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
-            raise OSError(errno.EPERM, "not a log file of this user", str(path))
         data = text.encode("utf-8", "surrogateescape")
         while data:
             data = data[os.write(fd, data) :]

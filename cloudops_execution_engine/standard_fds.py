@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["fill_closed_standard_fds"]
+__all__ = ["devnull_onto", "fill_closed_standard_fds"]
 
 
 def fill_closed_standard_fds() -> None:
@@ -23,3 +23,11 @@ def fill_closed_standard_fds() -> None:
             opened = os.open(os.devnull, os.O_RDWR)
             if opened != fd:  # not closed after all (another thread opened it meanwhile)
                 os.close(opened)
+
+
+def devnull_onto(fd: int) -> None:
+    """Make `fd` write to `/dev/null`: a descriptor whose reader left, or that was closed."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)

@@ -905,7 +905,7 @@ class Supervisor:
         )
         try:
             append_to_log(record.log_path, footer)
-        except OSError as exc:
+        except (OSError, IoError) as exc:
             suffix, extra = correlate([record.id])
             logger.warning("could not say how it ended in the log%s: %s", suffix, exc, extra=extra)
 
