@@ -11,7 +11,9 @@ of whoever knows it:
 - otherwise the log itself: a worker holds a shared `flock` on a log for as
   long as it writes it (`logfiles`), and `/proc/locks` lists it. A log with a
   footer that no one holds has ended; one without a footer that no one holds
-  never will.
+  never will. Unless a retry is due: the engine that sets one says so in the
+  log, naming itself (pid, host, start time), and the next attempt is waited
+  for while that engine runs.
 
 Nothing here takes a lock on the log or on the journal's lock file: even a
 moment's lock could make the engine refuse a retry's log as another engine's,
@@ -139,16 +141,23 @@ class _EndWatch:
         self._journal = journal
         self._conn: sqlite3.Connection | None = None
         self._footer = False  # the last attempt written so far has its footer
+        self._retry_by: tuple[int, str, float] | None = None  # the engine a retry note names
         self._unheld = 0
         self._asked_at = 0.0
         self.why = ""  # why an abandoned execution will not end
 
     def saw(self, lines: list[str], grown: int) -> None:
+        from .actors.output import RETRY_NOTE, engine_of_retry_note
+
         for line in lines:
             if line.startswith(_FOOTER):
                 self._footer = True
+                self._retry_by = None
             elif line.startswith(_NEXT_ATTEMPT):
                 self._footer = False
+                self._retry_by = None
+            elif line.startswith(RETRY_NOTE):
+                self._retry_by = engine_of_retry_note(line)
         if grown:
             self._unheld = 0
 
@@ -164,6 +173,9 @@ class _EndWatch:
             # Recorded and not ended: a retry may be due, so only its engine's death ends it.
             return _End.ABANDONED if self.engine_gone(status) else None
         held = _held(self._log)
+        if self._retry_by is not None and held is not True:
+            # Between attempts: only the death of the engine that set the retry ends it.
+            return None if _running(*self._retry_by) is not False else self._no_next_attempt()
         if held is None:
             # No lock table to read: the footer is all there is to go by.
             return _End.ENDED if self._footer else None
@@ -171,6 +183,14 @@ class _EndWatch:
         if not self._let_go(held):
             return None
         return _End.ENDED if self._footer else _End.ABANDONED
+
+    def _no_next_attempt(self) -> _End:
+        assert self._retry_by is not None
+        self.why = (
+            f"the engine that was to run its next attempt (pid {self._retry_by[0]}) stopped during the "
+            "backoff before it"
+        )
+        return _End.ABANDONED
 
     def engine_gone(self, status: str) -> bool:
         """Whether no engine holds the journal that records the execution as `status` (not ended)."""
@@ -211,6 +231,18 @@ class _EndWatch:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
+
+
+def _running(pid: int, host: str, since: float) -> bool | None:
+    """Whether the process `pid` that started at `since` runs still; None when it is another host's."""
+    import socket
+
+    if host != socket.gethostname():
+        return None
+    from .actors.process_tree import started_at
+
+    now = started_at(pid)
+    return now is not None and abs(now - since) < 0.02
 
 
 def engine_holds(journal: Path) -> bool | None:

@@ -173,15 +173,22 @@ def plan_file(tmp_path: Path, *commands: dict[str, Any]) -> str:
     return str(path)
 
 
-def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Path) -> None:
-    """An attempt's footer is not the end: `logs -f` goes on while the journal says a retry is due."""
+@pytest.mark.parametrize("journal", ["recorded", "no journal"])
+def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Path, journal: str) -> None:
+    """An attempt's footer is not the end: `logs -f` goes on while a retry is due.
+
+    The journal says so; without one, the line the engine adds to the log when
+    it sets a retry does. Backoffs longer than the follower takes to find a
+    footered log that no one holds.
+    """
     step = 'echo "try $CLOUDOPS_ATTEMPT"; [ "$CLOUDOPS_ATTEMPT" = 3 ]'
     retried = {
         "command": {"type": "shell", "command": step},
-        "retry": {"max_attempts": 3, "backoff_ms": 400, "jitter": False},
+        "retry": {"max_attempts": 3, "backoff_ms": 1500, "jitter": False},
     }
+    extra = ["--no-journal"] if journal == "no journal" else []
     with cli_processes(tmp_path) as start:
-        running = start("plan", "--events", "ndjson", plan_file(tmp_path, retried))
+        running = start("plan", *extra, "--events", "ndjson", plan_file(tmp_path, retried))
         assert running.stdout is not None
         started = json.loads(running.stdout.readline())
         assert started["event_type"] == "started"
@@ -194,6 +201,25 @@ def test_logs_follow_follows_a_retried_command_to_its_last_attempt(tmp_path: Pat
         assert statuses == ["failed", "failed", "completed"]
         assert out.endswith(footers[-1] + "\n")
         assert running.wait(30) == 0
+
+
+def test_logs_follow_without_a_journal_ends_when_the_engine_dies_during_a_backoff(tmp_path: Path) -> None:
+    """The retry the log announces will never come: the follower says so, and exits 1, not 0."""
+    failing = {
+        "command": {"type": "shell", "command": "echo begun; exit 1"},
+        "retry": {"max_attempts": 3, "backoff_ms": 60_000, "jitter": False},
+    }
+    with cli_processes(tmp_path) as start:
+        running, follower, started = following(start, plan_file(tmp_path, failing), "--no-journal")
+        assert follower.stdout is not None
+        while not follower.stdout.readline().startswith("# retrying: "):
+            pass
+        running.kill()
+        running.wait(10)
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 1, err
+        assert "# --- attempt 2 ---" not in out
+        assert f"{started['execution_id']} did not end: the engine that was to run its next attempt" in err
 
 
 @pytest.mark.parametrize("fate", ["runs", "cancelled while queued"])

@@ -25,6 +25,7 @@ bytes are masked when the result is made (`masked_kept`).
 
 from __future__ import annotations
 
+import re
 import time
 
 from .secrets import Masker
@@ -240,6 +241,32 @@ def log_header(marker: str, display: str, cwd: str, started_at: float) -> str:
     if "\n" in display or "\n" in cwd:
         display, cwd = escape_header(display), escape_header(cwd)
     return f"# execution {marker}\n# command: {display}\n# cwd: {cwd}\n# started: {stamp(started_at)}\n"
+
+
+# The line the host adds to a log when it sets a retry: the footer before it ends an
+# attempt, not the execution. It names the engine that will run the next attempt, so
+# that a reader of the log alone (`logs --follow` without a journal) can tell a backoff
+# from an engine that died during one: a pid, and the process's start time against its reuse.
+RETRY_NOTE = "# retrying: "
+_RETRY_NOTE_ENGINE = re.compile(r"; engine pid=(\d+) host=(\S+) since=(\d+(?:\.\d+)?)$")
+
+
+def log_retry_note(attempt: int, of: int, delay_s: float, pid: int, host: str, since: float) -> str:
+    """The line that says attempt `attempt` of `of` follows in `delay_s`, run by the engine `pid`."""
+    return (
+        f"{RETRY_NOTE}attempt {attempt} of {of} in {delay_s:.3f} s; engine pid={pid} host={host} "
+        f"since={since:.2f}\n"
+    )
+
+
+def engine_of_retry_note(line: str) -> tuple[int, str, float] | None:
+    """(pid, host, start time) of the engine a retry note names; None for a line that is not one."""
+    if not line.startswith(RETRY_NOTE):
+        return None
+    found = _RETRY_NOTE_ENGINE.search(line.rstrip("\n"))
+    if found is None:
+        return None
+    return int(found[1]), found[2], float(found[3])
 
 
 def log_footer(started_at: float, completed_at: float, status: str, exit_code: int, error: str | None) -> str:

@@ -140,6 +140,17 @@ def reap_orphaned(name: bytes) -> int:
     return reaped
 
 
+def started_at(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, as psutil tells it); None if it is not running.
+
+    With its pid, what names one process for good: a pid alone may be reused.
+    """
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except psutil.Error:
+        return None
+
+
 def describe_exit(code: int | None) -> str:
     """`exit code 3`, or `signal SIGKILL(-9)` for a negative multiprocessing exit code."""
     if code is None:

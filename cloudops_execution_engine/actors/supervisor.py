@@ -33,6 +33,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Iterable
 from typing import Any
@@ -64,7 +65,7 @@ from .admission import NO_OPTIONS, Admission, HostEnvironment
 from .flow import OutputCredit
 from .handlers import EventBus
 from .local_pool import LocalWorkerPool
-from .output import log_footer
+from .output import log_footer, log_retry_note
 from .pool import WorkerHandle, WorkerPool, WorkerStartError
 from .records import PENDING, RUNNING, PlanRun, Record
 from .scheduler import Scheduler
@@ -134,6 +135,8 @@ class Supervisor:
         self._cancel_asked = asyncio.Event()
         # None unless OpenTelemetry is installed: then every hook below is skipped by one check.
         self._telemetry: Telemetry | None = None
+        # (pid, hostname, start time) of this host, as a log's retry note names it.
+        self._identity: tuple[int, str, float] | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -655,7 +658,17 @@ class Supervisor:
             return True
         retry.last = result
         retry.timer = asyncio.get_running_loop().call_later(delay, self._retry_now, record)
+        self._add_to_log(record, self._retry_note(record, delay))
         return True
+
+    def _retry_note(self, record: Record, delay: float) -> str:
+        retry = record.retry
+        assert retry is not None
+        if self._identity is None:
+            pid = os.getpid()
+            self._identity = (pid, socket.gethostname(), process_tree.started_at(pid) or 0.0)
+        pid, host, since = self._identity
+        return log_retry_note(record.attempt + 1, retry.policy.max_attempts, delay, pid, host, since)
 
     def _retry_now(self, record: Record) -> None:
         """The backoff is over: queue the next attempt, ahead of work not yet started."""
@@ -895,19 +908,23 @@ class Supervisor:
         header, which the worker that starts the attempt writes. Only for a
         command that ran (one that did not has no log) on this machine.
         """
-        if record.started_at is None or self._pool is None:
-            return
-        if record.worker is not None and self._pool.log_location(record.worker) is not None:
-            return  # on another node's disk
         completed = (result.completed_at or utcnow()).timestamp()
         footer = log_footer(
             result.started_at.timestamp(), completed, result.status.value, result.exit_code, result.error
         )
+        self._add_to_log(record, footer)
+
+    def _add_to_log(self, record: Record, text: str) -> None:
+        """Append `text` to the log of `record`, a command that ran on this machine (see `_say_in_log`)."""
+        if record.started_at is None or self._pool is None:
+            return
+        if record.worker is not None and self._pool.log_location(record.worker) is not None:
+            return  # on another node's disk
         try:
-            append_to_log(record.log_path, footer)
+            append_to_log(record.log_path, text)
         except (OSError, IoError) as exc:
             suffix, extra = correlate([record.id])
-            logger.warning("could not say how it ended in the log%s: %s", suffix, exc, extra=extra)
+            logger.warning("could not add to the log%s: %s", suffix, exc, extra=extra)
 
     # -- queries ------------------------------------------------------------
 
