@@ -70,6 +70,23 @@ async def test_a_command_that_ignores_stdin_stalls_nothing(tmp_path: Path, recor
         assert cancelled.status is ExecutionStatus.CANCELLED
 
 
+async def test_exit_codes_past_a_frame_are_refused_and_end_nothing_else(tmp_path: Path) -> None:
+    """Seven million exit codes do not fit one message to a worker: `execute()` says so.
+
+    Sent, they took the worker down, and the command running there with it.
+    """
+    codes = list(range(2**31 - 7_000_000, 2**31))
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        bystander = await engine.execute(shell("sleep 1; echo bystander"))
+        with pytest.raises(InvalidCommand, match="one message to a worker may hold"):
+            await engine.execute(run("true", success_exit_codes=codes))
+        # The same code over and over is one code.
+        repeated = await engine.execute(run("true", success_exit_codes=[0] * 7_000_000))
+        assert (await result_of(engine, repeated, 20)).status is ExecutionStatus.COMPLETED
+        result = await result_of(engine, bystander, 20)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "bystander\n")
+
+
 async def test_a_command_that_reads_part_of_stdin_ends_normally(engine: ExecutionEngine) -> None:
     """A command that closes its stdin early (head) completes; the rest of the input is dropped."""
     result = await result_of(engine, await engine.execute(run("head", "-c", "5", stdin=b"x" * TEN_MB)), 20)

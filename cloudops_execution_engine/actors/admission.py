@@ -35,6 +35,8 @@ __all__ = ["MAX_STDIN_BYTES", "NO_OPTIONS", "Admission", "HostEnvironment", "Run
 MAX_STDIN_BYTES = 16 * 1024 * 1024
 # Room in a `Run` frame for everything but the strings counted here.
 _RUN_ROOM = 64 * 1024
+# The most an integer takes in msgpack (an i32 exit code, a CPU number).
+_MSGPACK_INT = 5
 
 # What the kernel takes across one execve besides the strings: a pointer each.
 _POINTER = 8
@@ -134,7 +136,6 @@ class Admission:
                 f"stdin is {len(data)} bytes, more than the {MAX_STDIN_BYTES} a request may carry"
             )
         secrets = [*self._secrets, *secret_env.values()]
-        self._check_frame(size, len(data), sum(len(s.encode()) for s in secrets))
         limits = request.limits
         values: dict[str, int] = {}
         affinity: list[int] = []
@@ -144,8 +145,14 @@ class Admission:
                 for name, value in limits.model_dump(exclude={"cpu_affinity"}).items()
                 if value is not None
             }
-            affinity = list(limits.cpu_affinity or ())
+            affinity = sorted(set(limits.cpu_affinity or ()))
+        # Sets, as lists: what repeats says nothing more, and would only fill the frame.
         codes = request.success_exit_codes
+        if len(codes) > 1:
+            codes = sorted(set(codes))
+        # A list the host may make as long as it likes: millions of exit codes fill a frame too.
+        numbers = _MSGPACK_INT * (len(codes) + len(affinity))
+        self._check_frame(size, len(data) + numbers, sum(len(s.encode()) for s in secrets))
         if not (data or values or affinity or secret_env) and codes == [0]:
             return self._plain
         return RunOptions(data, list(codes), values, affinity, secrets, dict(secret_env))
@@ -156,7 +163,8 @@ class Admission:
         total = 2 * size + stdin + secrets + _RUN_ROOM
         if total > DEFAULT_MAX_FRAME:
             raise InvalidCommand(
-                f"the request (command, environment, stdin and secrets) takes about {total} bytes, "
+                f"the request (command, environment, stdin, secrets and lists of numbers) takes about "
+                f"{total} bytes, "
                 f"more than the {DEFAULT_MAX_FRAME} one message to a worker may hold"
             )
 
