@@ -253,6 +253,28 @@ async def test_a_secret_env_value_is_masked_wherever_the_request_is_written(tmp_
     assert not [row for row in rows if SECRET in repr(row)]
 
 
+async def test_a_secret_in_a_bytes_stdin_is_masked_wherever_the_request_is_written(tmp_path: Path) -> None:
+    """serde writes bytes as an array of numbers: the secret's are masked there too, the command gets them."""
+    engine_wide = "ENGINE-WIDE-SECRET"
+    data = f"token={SECRET}\nother={engine_wide}\n".encode()
+    copy = tmp_path / "stdin-copy"
+    request = ExecutionRequest(
+        command=ExecCommand(program="sh", args=["-c", f"cat > {copy}"]), stdin=data, secret_env={"T": SECRET}
+    )
+    for options in ({}, {"indent": 2}):
+        written = json.loads(request.model_dump_json(**options))
+        assert bytes(written["stdin"]) == f"token=***\nother={engine_wide}\n".encode(), options
+    journal = tmp_path / "journal.sqlite3"
+    async with ExecutionEngine(config(tmp_path, journal=journal, secrets=[engine_wide])) as engine:
+        result = await result_of(engine, await engine.execute(request), 20)
+        assert result.status is ExecutionStatus.COMPLETED
+    assert copy.read_bytes() == data
+    with sqlite3.connect(journal) as conn:
+        (row,) = conn.execute("SELECT request FROM entries").fetchall()
+    conn.close()
+    assert bytes(json.loads(row[0])["stdin"]) == b"token=***\nother=***\n"
+
+
 def _words_of(document: str) -> list[str]:
     """Pieces of `document` that a secret might happen to equal: its keys, tags, numbers and ids' parts."""
     return sorted({word for word in re.findall(r"[A-Za-z_]{4,}|[0-9a-f]{4}", document)})

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import PurePath
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "MASK",
@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 MASK = "***"
+_MASK_BYTES = MASK.encode()
 MIN_SECRET = 4
 _MASK_BYTES = MASK.encode()
 
@@ -203,32 +204,51 @@ def json_masker(secrets: Iterable[str]) -> JsonMask | None:
     forms = {
         form for s in usable for form in (s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])
     }
+    # A `bytes` stdin is written as serde writes a Vec<u8>: an array of numbers.
+    raw = tuple(sorted({s.encode() for s in usable}, key=len, reverse=True))
+    forms.update(",".join(map(str, secret)) for secret in raw)
     seen = masker_for(tuple(sorted(forms)))
     assert seen is not None
 
     def mask(document: str, indent: int | None = None, ensure_ascii: bool = False) -> str:
-        if not seen.finds(document):
+        # Indented, an array's numbers are a line each: only a whole look can tell.
+        if not seen.finds(document) and not (indent is not None and '"stdin": [' in document):
             return document
-        masked = _masked_value(json.loads(document), masker, hosts=False)
+        masked = _masked_value(json.loads(document), masker, hosts=False, raw=raw)
         separators = (",", ": ") if indent is not None else (",", ":")
         return json.dumps(masked, ensure_ascii=ensure_ascii, indent=indent, separators=separators)
 
     return mask
 
 
-def _masked_value(value: object, masker: Masker, *, hosts: bool) -> object:
+def _masked_value(value: object, masker: Masker, *, hosts: bool, raw: tuple[bytes, ...] = ()) -> object:
     if isinstance(value, str):
         return masker.mask_text(value)
     if isinstance(value, list):
-        return [_masked_value(item, masker, hosts=False) for item in value]
+        return [_masked_value(item, masker, hosts=False, raw=raw) for item in value]
     if isinstance(value, dict):
         if hosts:
             return {masker.mask_text(k): _masked_value(v, masker, hosts=False) for k, v in value.items()}
         return {
-            k: v if k in _MADE_BY_THE_ENGINE else _masked_value(v, masker, hosts=k in _HOSTS_MAPS)
+            k: v
+            if k in _MADE_BY_THE_ENGINE
+            else _masked_bytes(v, raw)
+            if k == "stdin" and isinstance(v, list)
+            else _masked_value(v, masker, hosts=k in _HOSTS_MAPS, raw=raw)
             for k, v in value.items()
         }
     return value
+
+
+def _masked_bytes(numbers: list[Any], raw: tuple[bytes, ...]) -> list[Any]:
+    """A `bytes` stdin's numbers, with each secret's UTF-8 bytes (longest first) as `***`'s."""
+    try:
+        data = bytes(numbers)
+    except (TypeError, ValueError):  # not bytes after all
+        return numbers
+    for secret in raw:
+        data = data.replace(secret, _MASK_BYTES)
+    return list(data)
 
 
 def mask_error(exc: BaseException, secrets: Iterable[str]) -> None:
