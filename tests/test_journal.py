@@ -1123,6 +1123,31 @@ async def test_secrets_never_reach_the_journal_and_a_plan_needing_them_is_not_re
             await second.resume_plan(plan.id)
 
 
+async def test_a_plan_recorded_with_the_engines_secrets_masked_is_not_resumed_with_asterisks(
+    tmp_path: Path,
+) -> None:
+    """Only `ExecutionConfig.secrets` in its commands: what the journal holds is `***` where they were.
+
+    Resumed from that, the commands ran with `***` in their arguments,
+    environment and stdin. A plan in which nothing was masked resumes.
+    """
+    word = "passw0rd-of-the-host"
+    gate = tmp_path / "ok"
+    uses = shell(f'test -e {gate} && echo "$KEY $(cat) {word}"', env={"KEY": word}, stdin=word)
+    needing = ExecutionPlan(commands=[shell("true"), uses], strategy=SerialStrategy())
+    plain = ExecutionPlan(commands=[shell("true"), shell(f"test -e {gate}")], strategy=SerialStrategy())
+    async with ExecutionEngine(journalled(tmp_path, secrets=[word])) as first:
+        for plan in (needing, plain):
+            await first.execute_plan(plan)
+            assert (await first.wait(plan.id, timeout=20)).status is ExecutionStatus.FAILED
+    gate.touch()
+    async with ExecutionEngine(journalled(tmp_path, secrets=[word])) as second:
+        with pytest.raises(InvalidPlan, match="recorded with the engine's secrets masked"):
+            await second.resume_plan(needing.id)
+        resumed = await second.wait(await second.resume_plan(plain.id), timeout=20)
+        assert resumed.status is ExecutionStatus.COMPLETED
+
+
 async def test_resume_plan_of_an_earlier_engine_resumes_the_dependency_graph(tmp_path: Path) -> None:
     """A graph plan from the journal: the completed branch is done, the failed one and its dependents run."""
     (tmp_path / "a.ok").touch()

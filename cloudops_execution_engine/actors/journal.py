@@ -588,7 +588,9 @@ class JournalStore:
             raise NotFound(entry_id)
         with self._reading():
             if row[0] == "plan":
-                return plan_from_row(row, self._timeout_ms)
+                # Not among ENTRY_COLUMNS: a reader of an older journal (`JournalView`) has no such column.
+                masked = self._row(entry_id, "masked")
+                return plan_from_row(row, self._timeout_ms, bool(masked and masked[0]))
             plan_json = None
             if row[7] is None and row[2] is not None:
                 plan_row = self._row(UUID(bytes=row[2]), "request")

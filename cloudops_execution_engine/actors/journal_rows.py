@@ -78,8 +78,8 @@ ADD, ADD_PLAN, STARTED, ENDED, CLOSED = range(5)
 
 _INSERT = (
     "INSERT INTO entries (seq, id, kind, plan_id, idx, run, status, submitted_us, started_us, ended_us, "
-    "duration_ns, pid, log_path, request, result, resumed_from, attempt) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "duration_ns, pid, log_path, request, result, resumed_from, attempt, masked) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_ENDED = (
     "UPDATE entries SET status = ?, started_us = coalesce(?, started_us), ended_us = ?, duration_ns = ?, "
@@ -332,6 +332,7 @@ def apply_batch(
             result,
             values.get("resumed_from"),
             began[2] if began is not None else None,
+            values.get("masked"),
         )
 
     for op in ops:
@@ -340,6 +341,7 @@ def apply_batch(
             _, seq, run, record, request = op
             if isinstance(request, Exception):
                 raise request
+            written = mask(request)
             inserts.append(
                 row(
                     seq,
@@ -351,7 +353,8 @@ def apply_batch(
                     status="pending",
                     submitted_us=us_of(record.submitted_at),
                     log_path=str(record.log_path),
-                    request=mask(request),
+                    request=written,
+                    masked=1 if written is not request else None,
                 )
             )
         elif kind == ADD_PLAN:
@@ -377,6 +380,8 @@ def apply_batch(
                         request=None,
                     )
                 )
+            document = plan_run.plan.model_dump_json()
+            written = mask(document)
             inserts.append(
                 row(
                     plan_seq,
@@ -388,8 +393,9 @@ def apply_batch(
                     status="running",
                     submitted_us=us_of(plan_run.started_at),
                     log_path=None,
-                    request=mask(plan_run.plan.model_dump_json()),
+                    request=written,
                     resumed_from=plan_run.resumed_from.bytes if plan_run.resumed_from is not None else None,
+                    masked=1 if written is not document else None,
                 )
             )
         elif kind == CLOSED:
@@ -464,8 +470,8 @@ def record_from_row(
     return record
 
 
-def plan_from_row(row: tuple[Any, ...], timeout_ms: int) -> PlanRun:
-    """An ended plan of an earlier engine, with its commands as records."""
+def plan_from_row(row: tuple[Any, ...], timeout_ms: int, masked: bool = False) -> PlanRun:
+    """An ended plan of an earlier engine, with its commands as records; `masked` as its row says."""
     _kind, status, _plan_key, _index, submitted_us, _started_us, _log_path, plan_json, result_json = row
     plan = ExecutionPlan.model_validate_json(plan_json)
     result = PlanExecutionResult.model_validate_json(result_json) if result_json is not None else None
@@ -491,5 +497,6 @@ def plan_from_row(row: tuple[Any, ...], timeout_ms: int) -> PlanRun:
     if result is not None:
         run.resumed_from = result.resumed_from
     run.ended = len(records)
+    run.masked = bool(masked)
     run.mark_ended()
     return run

@@ -15,7 +15,10 @@ row; its commands' rows have none, they are in the plan's); `result` is the
 serde JSON of the final result. `runs` has one row per engine that opened the
 journal: the pid recovery names when that engine died with work unfinished,
 and the engine's id, which its commands carry (from version 2). A resumed
-plan's row names the plan it resumes (`resumed_from`, from version 3).
+plan's row names the plan it resumes (`resumed_from`, from version 3). Each attempt's
+start is recorded (`attempt`, from version 4). A row whose `request` had the
+engine's secrets masked in it says so (`masked`, from version 5): such a plan's
+commands are not what ran, and it is not resumed from its row.
 """
 
 from __future__ import annotations
@@ -76,7 +79,11 @@ _V4 = """
 ALTER TABLE entries ADD COLUMN attempt INTEGER;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+_V5 = """
+ALTER TABLE entries ADD COLUMN masked INTEGER;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)
 # SQLite's field for telling one application's files from another's ("CoEE").
 APPLICATION_ID = 0x436F4545

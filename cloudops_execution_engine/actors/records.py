@@ -211,6 +211,7 @@ class PlanRun(Ending):
         "cancelled",
         "ended",
         "id",
+        "masked",
         "plan",
         "queued",
         "ready",
@@ -228,6 +229,8 @@ class PlanRun(Ending):
     def __init__(self, plan: ExecutionPlan, records: list[Record]) -> None:
         self.id = plan.id
         self.plan = plan
+        # Read back from a journal row that had the engine's secrets masked: not the plan that ran.
+        self.masked = False
         self.records = records
         for record in records:
             record.plan = self

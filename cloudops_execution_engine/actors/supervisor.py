@@ -474,6 +474,11 @@ class Supervisor:
                 records.append(self._new_record(request, index=index))
             except ValidationError as exc:
                 raise InvalidPlan(f"command {index} ({request.id}): {exc}") from exc
+        if old.masked:  # after the commands' own refusals, which say more (a masked `secret_env`)
+            raise InvalidPlan(
+                f"plan {plan_id} was recorded with the engine's secrets masked (***) in its commands: "
+                "it cannot be resumed from the journal; submit it again"
+            )
         run = PlanRun(plan, records)
         resume.prepare_resumed(run, reused, old.id)
         self._store.add_plan(run)
