@@ -437,3 +437,32 @@ async def test_max_retained_executions_counts_a_plans_commands(tmp_path: Path) -
             with pytest.raises(NotFound):
                 await engine.get_result(old.commands[0].id)
         assert (await engine.get_plan_result(plans[2].id)).status is ExecutionStatus.COMPLETED
+
+
+@pytest.mark.parametrize("drops", ["graph", "stop_on_error"])
+async def test_a_plan_whose_failure_drops_its_other_commands_ends_once(
+    tmp_path: Path, recorder: Recorder, drops: str
+) -> None:
+    """A failed command cancels those that now cannot run, and the last of them ends the plan: only once.
+
+    Ended twice, the plan was retired twice: the one that had just ended was
+    forgotten at once, and the count of retained executions stayed wrong, so
+    that later ones were forgotten early.
+    """
+    strategy: Any = (
+        DependencyGraphStrategy(dependencies={index: [0] for index in range(1, 6)})
+        if drops == "graph"
+        else SerialStrategy(stop_on_error=True)
+    )
+    plan = ExecutionPlan(commands=[run("false"), *(run("true") for _ in range(5))], strategy=strategy)
+    config_ = config(tmp_path, max_retained_executions=10)
+    async with ExecutionEngine(config_).with_event_handler(recorder) as engine:
+        await engine.wait(await engine.execute_plan(plan), timeout=30)
+        assert (await engine.get_plan_result(plan.id)).status is ExecutionStatus.FAILED
+        singles = [await engine.execute(run("true")) for _ in range(8)]
+        for single in singles:
+            await engine.wait(single, timeout=30)
+        for single in singles:
+            assert (await engine.get_result(single)).status is ExecutionStatus.COMPLETED
+    progress = [event for event in recorder.events if isinstance(event, ProgressEvent)]
+    assert [event.completed for event in progress if event.plan_id == plan.id] == [1, 2, 3, 4, 5, 6]

@@ -782,6 +782,10 @@ class Supervisor:
             self._end_plan(run)
 
     def _end_plan(self, run: PlanRun) -> None:
+        if run.result is not None:
+            # Ended already, by the last of the commands its failure cancelled above (an
+            # end announced at once, without a journal, comes back through here).
+            return
         run.result = outcomes.plan_result(run)
         if self._telemetry is not None:
             self._telemetry.plan_ended(run)
