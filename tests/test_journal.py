@@ -1148,6 +1148,38 @@ async def test_a_plan_recorded_with_the_engines_secrets_masked_is_not_resumed_wi
         assert resumed.status is ExecutionStatus.COMPLETED
 
 
+@pytest.mark.parametrize("outcome", ["all completed", "one failed"])
+async def test_a_plan_whose_commands_all_ended_before_its_host_died_ends_as_they_decided(
+    tmp_path: Path, outcome: str
+) -> None:
+    """The plan's own end is written in the batch after its last command's: a host killed between the two.
+
+    Its every command's end is in the journal: the plan's outcome was decided,
+    and a plan whose every command completed completed (SPEC 7). Recovered as
+    interrupted, it said `failed`, with stats of all completed. One whose
+    command failed is failed, as it would have been.
+    """
+    last = "true" if outcome == "all completed" else "false"
+    plan = ExecutionPlan(commands=[shell("true"), shell(last)], strategy=SerialStrategy())
+    async with ExecutionEngine(journalled(tmp_path)) as first:
+        await first.execute_plan(plan)
+        decided = await first.wait(plan.id, timeout=20)
+        assert isinstance(decided, PlanExecutionResult)
+    # As the journal is when the host dies after the commands' batch, before the plan's.
+    with sqlite3.connect(tmp_path / "journal.sqlite3") as conn:
+        conn.execute(
+            "UPDATE entries SET status = 'running', ended_us = NULL, duration_ns = NULL, result = NULL "
+            "WHERE id = ?",
+            (plan.id.bytes,),
+        )
+    conn.close()
+    async with ExecutionEngine(journalled(tmp_path)) as second:
+        recovered = await second.get_plan_result(plan.id)
+    assert recovered.status is decided.status
+    assert recovered.results == decided.results
+    assert recovered.stats == decided.stats
+
+
 async def test_resume_plan_of_an_earlier_engine_resumes_the_dependency_graph(tmp_path: Path) -> None:
     """A graph plan from the journal: the completed branch is done, the failed one and its dependents run."""
     (tmp_path / "a.ok").touch()

@@ -181,26 +181,39 @@ def _command_results(conn: sqlite3.Connection, key: bytes, plan_json: str | None
         marks = ", ".join("?" * len(chunk))
         query = f"SELECT id, result FROM entries WHERE id IN ({marks})"
         found.update(conn.execute(query, chunk).fetchall())
-    return [found[command] for command in ids if command in found]
+    return [found.get(command) for command in ids]
 
 
 def _end_plan(conn: sqlite3.Connection, seq: int, key: bytes, ended: int) -> None:
-    """A plan's result from its commands' (now all final) results."""
+    """A plan's result from its commands' (now all final) results.
+
+    `failed`, as interrupted; unless every command had completed before the
+    host died: the plan's end is written in the batch after its last command's,
+    and a host killed between the two had decided it `completed` (SPEC 7).
+    """
     submitted_us, resumed_from, plan_json = conn.execute(
         "SELECT submitted_us, resumed_from, request FROM entries WHERE seq = ?", (seq,)
     ).fetchone()
     texts = _command_results(conn, key, plan_json)
     results = [ExecutionResult.model_validate_json(text) for text in texts if text is not None]
     stats = ExecutionStats.of(result.status for result in results)
+    whole = bool(texts) and len(results) == len(texts) and stats.completed == len(texts)
+    status = ExecutionStatus.COMPLETED if whole else ExecutionStatus.FAILED
     plan_result = PlanExecutionResult(
         plan_id=UUID(bytes=key),
-        status=ExecutionStatus.FAILED,
+        status=status,
         results=results,
         total_duration=timedelta(microseconds=ended - submitted_us),
         stats=stats,
         resumed_from=UUID(bytes=resumed_from) if resumed_from is not None else None,
     )
     conn.execute(
-        "UPDATE entries SET status = 'failed', ended_us = ?, duration_ns = ?, result = ? WHERE seq = ?",
-        (ended, (ended - submitted_us) * 1000, fitting_json(plan_result, value_limit(conn)), seq),
+        "UPDATE entries SET status = ?, ended_us = ?, duration_ns = ?, result = ? WHERE seq = ?",
+        (
+            status.value,
+            ended,
+            (ended - submitted_us) * 1000,
+            fitting_json(plan_result, value_limit(conn)),
+            seq,
+        ),
     )
