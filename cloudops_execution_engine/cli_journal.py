@@ -250,7 +250,7 @@ def history(status: str | None, limit: int, as_json: bool, journal: Path | None)
             cells = [escape(cell) for cell in row]
             cells[1] = f"[{colours.get(row[1], 'default')}]{cells[1]}"
             grid.add_row(*cells)
-        Console().print(grid)
+        Console(emoji=False).print(grid)
         return
     for row in [heads, *table]:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -50,9 +50,11 @@ class LiveProgress:
         self.plan = plan
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
         self.running: dict[UUID, _Running] = {}
-        self.console = Console()
+        # emoji=False everywhere: `:x:` in what a command wrote is what it wrote, not an emoji.
+        self.console = Console(emoji=False)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            # Not markup: Rich reads emoji codes in markup whatever the console says.
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             _ElapsedColumn(),
@@ -60,7 +62,7 @@ class LiveProgress:
         )
         # The clock starts when the plan does, not when the engine begins to start.
         self.task = self.progress.add_task(
-            escape(short(plan.description or "plan", 40)), total=len(plan.commands), start=False
+            short(plan.description or "plan", 40), total=len(plan.commands), start=False
         )
         # Rendered afresh on every refresh, so that a command's clock moves
         # while it runs without a word of output.
@@ -123,7 +125,7 @@ def rich_report(
     footer: str = "",
 ) -> None:
     """The final report (see `cli_display.final_report`), coloured unless NO_COLOR is set."""
-    console = Console(file=out)
+    console = Console(file=out, emoji=False)
     table = Table("", "status", "duration", "exit", "command")
     for index, status, duration, code, command in rows:
         style = _STYLE.get(status, "white")

@@ -38,6 +38,8 @@ EXIT_INVALID = 2
 
 # Taken from the errors themselves so that the wording is defined in one place.
 _SPAWN_FAILED_PREFIX = str(SpawnFailed(""))
+# How much of one line an excerpt of output shows.
+_LINE_CHARS = 400
 _FLOAT_DIGITS = 6  # microseconds: the kernel's CPU accounting is no finer
 
 
@@ -140,9 +142,19 @@ def printable_lines(text: str) -> str:
 
 
 def tail(text: str, lines: int) -> list[str]:
-    """The last `lines` non-blank lines of `text`."""
+    """The last `lines` non-blank lines of `text`, each cut to `_LINE_CHARS`: an excerpt for people.
+
+    A command's output may be one line of megabytes, which would bury the
+    report it is an excerpt in.
+    """
     kept = [line for line in text.splitlines() if line.strip()]
-    return [printable(line) for line in kept[-lines:]]
+    return [printable(_cut(line)) for line in kept[-lines:]]
+
+
+def _cut(line: str) -> str:
+    if len(line) <= _LINE_CHARS:
+        return line
+    return f"{line[:_LINE_CHARS]}… ({len(line) - _LINE_CHARS} more characters)"
 
 
 def _rounded(value: Any) -> Any:

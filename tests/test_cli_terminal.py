@@ -242,3 +242,26 @@ def test_a_columns_no_terminal_has_is_not_taken_as_the_width(tmp_path: Path, col
     assert screen.code == 0
     assert "plan completed: 1 completed" in screen.text
     assert "echo fine" in screen.text
+
+
+def test_emoji_codes_in_what_a_plan_and_its_commands_write_stay_text(tmp_path: Path) -> None:
+    """`:x:` in a command's stderr is what it wrote, not ❌: the report shows the command's own words."""
+    plan = write_plan(
+        tmp_path, [shell("echo 'ERR :x: at :warning: step' >&2; exit 3")], description="nightly :smile: job"
+    )
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 1
+    assert "ERR :x: at :warning: step" in screen.text
+    assert "nightly :smile: job" in screen.text
+    assert not {"\u274c", "\u26a0", "\U0001f604"} & set(screen.raw)
+
+
+def test_a_failed_commands_longest_line_is_cut_in_the_report(tmp_path: Path) -> None:
+    """One 4 MB line of stderr is a line of the report, not 4 MB of it: the table and summary stay in view."""
+    long_line = "head -c 4000000 /dev/zero | tr '\\0' x >&2"
+    plan = write_plan(tmp_path, [shell(f"echo first-words; {long_line}; exit 1")])
+    screen = on_terminal(["plan", str(plan)], tmp_path)
+    assert screen.code == 1
+    assert len(screen.raw) < 256 * 1024
+    assert "plan failed: 0 completed, 1 failed" in screen.text
+    assert "more characters)" in screen.text
