@@ -502,7 +502,7 @@ def plan(
 
 
 async def _run_plan(parsed: ExecutionPlan, events: str | None, config: ExecutionConfig) -> int:
-    from .cli_display import PlainProgress, PlanDisplay, final_report
+    from .cli_display import PlainProgress, PlanDisplay, final_report, secrets_masked
     from .errors import ExecutionError
     from .results import ExecutionStatus, PlanExecutionResult
 
@@ -513,7 +513,8 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
     if on_terminal:
         from .cli_live import LiveProgress
 
-        display = LiveProgress(parsed)
+        description = secrets_masked(parsed.description or "", parsed.commands, config.secrets)
+        display = LiveProgress(parsed, description)
     else:
         display = PlainProgress(parsed, interrupts.output(2 if events else 1))
     handlers: list[EventHandler] = [display]
@@ -546,7 +547,8 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
             await engine.shutdown()
         recorded = engine.config.journal is not None
         footer = f"details: cloudops-exec show {parsed.id}" if recorded else ""
-        commands = [request.command.display() for request in parsed.commands]
+        secrets = config.secrets
+        commands = [secrets_masked(each.command.display(), [each], secrets) for each in parsed.commands]
         if error is None and not on_terminal:
             # After the events, through the pump: a reader that stopped reading holds it no longer
             # than it holds them, once a signal has come.
@@ -581,7 +583,10 @@ def validate(file: Path, max_timeout_ms: int | None) -> None:
         click.echo(f"{file}: valid plan of {len(parsed.commands)} commands ({parsed.strategy.type})")
     else:
         assert parsed is not None
-        click.echo(f"{file}: valid request: {printable(shlex.join(parsed.argv()))}")
+        from .cli_display import secrets_masked
+
+        shown = secrets_masked(shlex.join(parsed.argv()), [parsed], [])
+        click.echo(f"{file}: valid request: {printable(shown)}")
 
 
 @main.command(short_help="Print the JSON Schema of a request, plan, result or event.")

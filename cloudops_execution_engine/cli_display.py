@@ -14,13 +14,13 @@ from typing import Protocol, TextIO
 
 from .cli_text import exit_label, humane_error, printable, tail, what_happened
 from .events import ExecutionEvent
-from .requests import ExecutionPlan
+from .requests import ExecutionPlan, ExecutionRequest
 from .results import ExecutionResult, ExecutionStatus, PlanExecutionResult
 
 ReportRow = tuple[str, ExecutionStatus, str, str, str]
 Failure = tuple[str, list[str], str]
 
-__all__ = ["PlainProgress", "PlanDisplay", "final_report", "short"]
+__all__ = ["PlainProgress", "PlanDisplay", "final_report", "secrets_masked", "short"]
 
 _WIDTH = 60
 _TAIL_LINES = 5
@@ -29,6 +29,19 @@ _TAIL_LINES = 5
 def short(text: str, width: int = _WIDTH) -> str:
     text = printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def secrets_masked(text: str, requests: list[ExecutionRequest], secrets: list[str]) -> str:
+    """`text` as the engine would write it: the requests' `secret_env` values and `secrets` as `***`.
+
+    For what the command line says of a request itself (its command, a plan's
+    description), which the engine never wrote for it.
+    """
+    from .actors.secrets import masker_for
+
+    values = [*secrets, *(value for request in requests for value in request.secret_env.values())]
+    masker = masker_for(tuple(values))
+    return masker.mask_text(text) if masker is not None else text
 
 
 class PlanDisplay(Protocol):

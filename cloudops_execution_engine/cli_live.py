@@ -46,7 +46,8 @@ class _Running:
 class LiveProgress:
     """A progress bar and the commands running now with their clocks, redrawn ten times a second."""
 
-    def __init__(self, plan: ExecutionPlan) -> None:
+    def __init__(self, plan: ExecutionPlan, description: str) -> None:
+        """`description`: the plan's, as it may be shown (its secrets masked)."""
         self.plan = plan
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
         self.running: dict[UUID, _Running] = {}
@@ -62,7 +63,7 @@ class LiveProgress:
         )
         # The clock starts when the plan does, not when the engine begins to start.
         self.task = self.progress.add_task(
-            short(plan.description or "plan", 40), total=len(plan.commands), start=False
+            short(description or "plan", 40), total=len(plan.commands), start=False
         )
         # Rendered afresh on every refresh, so that a command's clock moves
         # while it runs without a word of output.

@@ -675,3 +675,26 @@ def test_run_called_from_python_writes_to_its_callers_streams_and_leaves_no_thre
     ]
     assert outputs == [f"hello {n}\n" for n in range(3)]
     assert threading.active_count() == before
+
+
+def test_a_secret_env_value_is_masked_in_what_plan_and_validate_say_of_a_command(tmp_path: Path) -> None:
+    """The engine masks it in every event and log; the command line's own table and lines did not."""
+    secret = "TOPSECRETVALUE"
+    request = {
+        "command": {"type": "exec", "program": "echo", "args": ["token", secret]},
+        "secret_env": {"T": secret},
+    }
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps({"description": f"uses {secret}", "strategy": {"type": "serial"}, "commands": [request]})
+    )
+    ran = cli("plan", "--no-journal", str(plan), tmp_path=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert "echo token ***" in ran.stdout
+    alone = tmp_path / "request.json"
+    alone.write_text(json.dumps(request))
+    checked = cli("validate", str(alone), tmp_path=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "valid request: echo token ***" in checked.stdout
+    for said in (ran, checked):
+        assert secret not in said.stdout + said.stderr
