@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import json
+import os
 import shlex
 import signal
 import sys
@@ -172,9 +174,16 @@ class _Interrupts:
         self._caught(signal.SIGPIPE)
 
     def output_failed(self, exc: OSError) -> None:
-        """Our stdout cannot be written: the run ends, and fails, as a coreutil's would."""
+        """Our stdout cannot be written: the run ends, and fails, as a coreutil's would.
+
+        Unless it is a terminal that hung up (EIO), which ends the run as the
+        hangup's signal does, whichever of the two the loop hears of first.
+        """
         from .cli_output import say_cannot_write
 
+        if exc.errno == errno.EIO and _is_terminal(1):
+            self._caught(signal.SIGHUP)
+            return
         if self.cannot_write is None:
             self.cannot_write = exc
             say_cannot_write(exc)
@@ -193,8 +202,19 @@ class _Interrupts:
         self.pump.close()
 
     def early_exit_code(self) -> int:
-        """The exit status of a run that a signal, or our output, ended early."""
-        return EXIT_FAILED if self.cannot_write is not None else EXIT_SIGNALLED + self.signal.result()
+        """The exit status of a run that a signal, or our output, ended early: whichever came first.
+
+        A hangup, then the terminal's writes failing: 129, not the failure's 1.
+        """
+        sig = self.signal.result()
+        return EXIT_SIGNALLED + sig if sig else EXIT_FAILED
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 async def _until_done_or_signal(engine: ExecutionEngine, entry: Any, interrupts: _Interrupts) -> Any:
@@ -506,7 +526,6 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
     from .errors import ExecutionError
     from .results import ExecutionStatus, PlanExecutionResult
 
-    report_to = sys.stderr if events else sys.stdout
     on_terminal = events is None and sys.stdout.isatty()
     interrupts = _Interrupts()
     display: PlanDisplay
@@ -514,7 +533,7 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
         from .cli_live import LiveProgress
 
         description = secrets_masked(parsed.description or "", parsed.commands, config.secrets)
-        display = LiveProgress(parsed, description)
+        display = LiveProgress(parsed, description, interrupts.output(1).write, interrupts.pump.backlog)
     else:
         display = PlainProgress(parsed, interrupts.output(2 if events else 1))
     handlers: list[EventHandler] = [display]
@@ -549,18 +568,16 @@ async def _run_plan(parsed: ExecutionPlan, events: str | None, config: Execution
         footer = f"details: cloudops-exec show {parsed.id}" if recorded else ""
         secrets = config.secrets
         commands = [secrets_masked(each.command.display(), [each], secrets) for each in parsed.commands]
-        if error is None and not on_terminal:
-            # After the events, through the pump: a reader that stopped reading holds it no longer
-            # than it holds them, once a signal has come.
+        if error is None:
+            # After the events, through the pump: a reader that stopped reading (a terminal
+            # too) holds it no longer than it holds them, once a signal has come.
             report = io.StringIO()
-            final_report(commands, result, report, console=False, footer=footer)
+            final_report(commands, result, report, console=on_terminal, footer=footer)
             interrupts.output(2 if events else 1).write(report.getvalue())
         await interrupts.written()
     if error is not None:
         _fail(str(error))
     assert isinstance(result, PlanExecutionResult)
-    if on_terminal:
-        final_report(commands, result, report_to, console=True, footer=footer)
     if interrupts.signal.done():
         return interrupts.early_exit_code()
     return 0 if result.status is ExecutionStatus.COMPLETED else EXIT_FAILED

@@ -1,15 +1,23 @@
 """The live view of a plan on a terminal, and the report after it, drawn with Rich.
 
 Imported only when stdout is a terminal: piped runs never load Rich.
+
+Rich draws into text, never onto the terminal: what it draws goes out as the
+run's other output does, through its pump (`cli_pump`), so that a terminal
+that stops reading (a frozen emulator, a stalled ssh link) holds up neither
+the event loop nor the signals that end the run. The view is redrawn by the
+loop ten times a second, not by Rich's thread, and a redraw is skipped while
+the terminal has not taken the last: the plan's pace is never the terminal's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, cast
 from uuid import UUID
 
 from rich.console import Console, Group, RenderableType
@@ -24,9 +32,12 @@ from .events import ExecutionEvent
 from .requests import ExecutionPlan
 from .results import ExecutionStatus
 
-__all__ = ["LiveProgress", "rich_report"]
+__all__ = ["LiveProgress", "rich_report", "terminal_console"]
 
 _RUNNING_ROWS = 10
+_REDRAW_S = 0.1
+# A redraw is a few kilobytes: while more than this waits for the terminal, the next is skipped.
+_MOST_UNTAKEN = 16 * 1024
 
 
 class _ElapsedColumn(ProgressColumn):
@@ -43,16 +54,48 @@ class _Running:
     last_line: str = ""
 
 
+class _Drawn:
+    """The file Rich's console writes: each piece it flushes goes to `out` (the run's pump)."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self._out = out
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._parts:
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._out(text)
+
+    def isatty(self) -> bool:
+        return True
+
+
+def terminal_console(file: TextIO | _Drawn) -> Console:
+    """A console drawing for our terminal into `file`: its colours and size are the terminal's.
+
+    emoji=False: `:x:` in what a command wrote is what it wrote, not an emoji.
+    """
+    return Console(file=cast(TextIO, file), force_terminal=True, emoji=False)
+
+
 class LiveProgress:
     """A progress bar and the commands running now with their clocks, redrawn ten times a second."""
 
-    def __init__(self, plan: ExecutionPlan, description: str) -> None:
-        """`description`: the plan's, as it may be shown (its secrets masked)."""
+    def __init__(
+        self, plan: ExecutionPlan, description: str, out: Callable[[str], None], backlog: Callable[[], int]
+    ) -> None:
+        """`description`: the plan's, as it may be shown (its secrets masked); `out` writes to the
+        terminal, `backlog` says how much of what it was given the terminal has not taken yet."""
         self.plan = plan
         self.index = {request.id: i for i, request in enumerate(plan.commands)}
         self.running: dict[UUID, _Running] = {}
-        # emoji=False everywhere: `:x:` in what a command wrote is what it wrote, not an emoji.
-        self.console = Console(emoji=False)
+        self._backlog = backlog
+        self.console = terminal_console(_Drawn(out))
         self.progress = Progress(
             # Not markup: Rich reads emoji codes in markup whatever the console says.
             TextColumn("{task.description}", style="bold", markup=False),
@@ -68,7 +111,12 @@ class LiveProgress:
         # Rendered afresh on every refresh, so that a command's clock moves
         # while it runs without a word of output.
         self.live = Live(
-            get_renderable=self._render, console=self.console, refresh_per_second=10, transient=False
+            get_renderable=self._render,
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
 
     def _render(self) -> RenderableType:
@@ -86,7 +134,17 @@ class LiveProgress:
     @contextlib.contextmanager
     def shown(self) -> Iterator[None]:
         with self.live:
-            yield
+            redraws = asyncio.get_running_loop().create_task(self._redraw())
+            try:
+                yield
+            finally:
+                redraws.cancel()
+
+    async def _redraw(self) -> None:
+        while True:
+            await asyncio.sleep(_REDRAW_S)
+            if self._backlog() <= _MOST_UNTAKEN:
+                self.live.refresh()
 
     def begin(self) -> None:
         self.progress.start_task(self.task)
@@ -107,7 +165,6 @@ class LiveProgress:
             self.running.pop(event.execution_id, None)
         elif event.event_type == "progress":
             self.progress.update(self.task, completed=event.completed)
-        self.live.refresh()
 
 
 _STYLE = {
@@ -126,7 +183,7 @@ def rich_report(
     footer: str = "",
 ) -> None:
     """The final report (see `cli_display.final_report`), coloured unless NO_COLOR is set."""
-    console = Console(file=out, emoji=False)
+    console = terminal_console(out)
     table = Table("", "status", "duration", "exit", "command")
     for index, status, duration, code, command in rows:
         style = _STYLE.get(status, "white")

@@ -84,6 +84,10 @@ class Pump:
             self._thread.start()
         self._arm()  # after a signal: this too waits `_patience` at most
 
+    def backlog(self) -> int:
+        """Bytes queued and not yet written (read without the lock: an estimate, for pacing)."""
+        return self._queued
+
     async def room(self) -> None:
         """Return once no more than `BUDGET` bytes wait to be written."""
         await self._until(BUDGET)

@@ -6,12 +6,14 @@ the final screen, after every redraw of the live view, not the byte stream.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyte
 import pytest
 from conftest import PYTHON
@@ -265,3 +268,89 @@ def test_a_failed_commands_longest_line_is_cut_in_the_report(tmp_path: Path) -> 
     assert len(screen.raw) < 256 * 1024
     assert "plan failed: 0 completed, 1 failed" in screen.text
     assert "more characters)" in screen.text
+
+
+def _plan_on_its_own_terminal(plan: Path, tmp_path: Path) -> tuple[int, int]:
+    """`plan` with a pseudo-terminal as its controlling terminal (Ctrl-C there is SIGINT): pid, leader."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
+    env.update(TERM="xterm-256color", TMPDIR=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
+    argv = [PYTHON, "-m", "cloudops_execution_engine", "plan", "--no-journal", str(plan)]
+    pid, leader = pty.fork()
+    if pid == 0:  # the child: nothing but the exec
+        os.chdir(ROOT)
+        os.execve(PYTHON, argv, env)
+    fcntl.ioctl(leader, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
+    return pid, leader
+
+
+def _read_until(leader: int, text: bytes, within: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + within
+    while text not in seen and time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.1)[0]:
+            seen += os.read(leader, 65536)
+    assert text in seen, f"{text!r} never came: {seen[-500:]!r}"
+    return seen
+
+
+def _exit_code(pid: int, within: float) -> int | None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    return None
+
+
+def _blocked_writing(pid: int) -> bool:
+    """Whether a thread of `pid` waits in a write to its terminal (the kernel's `wait_woken`)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/task/{task}/wchan").read_text() == "wait_woken":
+                return True
+    return False
+
+
+def test_ctrl_c_ends_a_plan_whose_terminal_stopped_reading(tmp_path: Path) -> None:
+    """A frozen terminal (a stalled ssh link): Ctrl-C still cancels the plan and ends it, 130, in seconds.
+
+    The live view wrote to the terminal under Rich's lock, which the event loop
+    then waited for: the signal was not handled until the terminal read again.
+    """
+    marker = f"stalled-{os.getpid()}"
+    chatty = "for i in $(seq 1 20000); do echo line $i; sleep 0.005; done"
+    plan = write_plan(tmp_path, [shell(chatty), shell(f"echo started; exec sleep 60 {marker}")])
+    pid, leader = _plan_on_its_own_terminal(plan, tmp_path)
+    try:
+        _read_until(leader, b"line 1", 30)
+        # The terminal stops reading: in a while the CLI's writes to it block.
+        deadline = time.monotonic() + 30
+        while not _blocked_writing(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.write(leader, b"\x03")
+        code = _exit_code(pid, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(leader)
+    assert code == 130
+    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_plan_whose_terminal_hangs_up_exits_129(tmp_path: Path) -> None:
+    """The terminal closes (its window, an ssh session): all is cancelled, and the exit is 128 + SIGHUP."""
+    plan = write_plan(tmp_path, [shell("echo started; exec sleep 60")])
+    pid, leader = _plan_on_its_own_terminal(plan, tmp_path)
+    try:
+        _read_until(leader, b"started", 30)
+    finally:
+        os.close(leader)
+    try:
+        code = _exit_code(pid, 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert code == 129
