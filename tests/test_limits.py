@@ -24,7 +24,7 @@ from cloudops_execution_engine import (
     InvalidCommand,
     ResourceLimits,
 )
-from cloudops_execution_engine.actors.limits import LimitRefused, command_settings
+from cloudops_execution_engine.actors.limits import LimitRefused, command_settings, stopped_by
 from cloudops_execution_engine.actors.spawning import spawn
 
 pytestmark = pytest.mark.timeout(30)
@@ -295,3 +295,131 @@ async def test_a_command_that_sends_itself_sigxcpu_under_no_cpu_limit_is_not_sai
     """SIGXCPU from `kill`, no `cpu_seconds` and none inherited: the signal is reported, not a limit."""
     result = await result_of(engine, await engine.execute(shell("kill -XCPU $$")), 20)
     assert (result.status, result.error) == (ExecutionStatus.FAILED, "Command failed with exit code -24")
+
+
+_BUSY = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.7: pass"
+
+
+async def test_a_sigkill_from_elsewhere_is_not_blamed_on_the_cpu_limit_its_children_used_up(
+    engine: ExecutionEngine,
+) -> None:
+    """Children that used more CPU together than cpu_seconds, each within it, then a SIGKILL: not the limit.
+
+    The limit is per process: the shell's own CPU time is next to nothing,
+    though its usage from wait4 counts the children it waited for.
+    """
+    script = f'{PYTHON} -c "{_BUSY}"; {PYTHON} -c "{_BUSY}"; kill -KILL $$'
+    result = await result_of(
+        engine, await engine.execute(shell(script, limits=ResourceLimits(cpu_seconds=1))), 25
+    )
+    assert result.resource_usage is not None
+    assert result.resource_usage.user_cpu_s + result.resource_usage.system_cpu_s >= 1, "the children's time"
+    assert (result.status, result.exit_code, result.error) == (
+        ExecutionStatus.FAILED,
+        -9,
+        "Command failed with exit code -9",
+    )
+
+
+async def test_a_command_that_handles_sigxcpu_is_named_when_the_hard_cpu_limit_kills_it(
+    engine: ExecutionEngine,
+) -> None:
+    """Ignoring SIGXCPU, the command is killed (SIGKILL) a second later, at the hard limit: still named."""
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass"
+    request = run(PYTHON, "-c", code, limits=ResourceLimits(cpu_seconds=1), timeout_ms=20_000)
+    result = await result_of(engine, await engine.execute(request), 25)
+    assert (result.status, result.exit_code, result.error) == (
+        ExecutionStatus.FAILED,
+        -9,
+        "CPU time limit exceeded",
+    )
+
+
+async def test_memory_bytes_too_small_to_load_the_program_is_named(engine: ExecutionEngine) -> None:
+    """Too little address space to start at all: the kernel's SIGSEGV at exec, or the loader's exit 127.
+
+    Either way the command never ran, and the error names the limit.
+    """
+    ids = [
+        await engine.execute(run("true", limits=ResourceLimits(memory_bytes=size)))
+        for size in (100_000, 1_000_000, 2_000_000)
+    ]
+    results = [await result_of(engine, execution_id, 20) for execution_id in ids]
+    assert {(r.status, r.error) for r in results} == {
+        (ExecutionStatus.FAILED, "Memory limit exceeded while loading the program")
+    }
+    assert {r.exit_code for r in results} == {-11, 127}, [(r.exit_code, r.stderr) for r in results]
+
+
+async def test_open_files_too_few_to_load_the_program_is_named(engine: ExecutionEngine) -> None:
+    """With no descriptor free for a shared library, the loader exits 127 ("Error 24"): the limit is named."""
+    for files in (1, 3):
+        result = await result_of(
+            engine, await engine.execute(run("true", limits=ResourceLimits(open_files=files))), 20
+        )
+        assert "Error 24" in result.stderr
+        assert (result.status, result.exit_code, result.error) == (
+            ExecutionStatus.FAILED,
+            127,
+            "Open file limit exceeded while loading the program",
+        )
+
+
+async def test_a_crash_or_a_loader_error_is_not_blamed_on_a_limit_that_did_not_cause_it(
+    engine: ExecutionEngine,
+) -> None:
+    """SIGSEGV with no memory limit, or after the program ran; the loader's words with no limit to blame."""
+    loader = "echo 'x: error while loading shared libraries: {}' >&2; exit 127"
+    memory = ResourceLimits(memory_bytes=1 << 30)
+    cases = [
+        (shell("kill -SEGV $$"), "Command failed with exit code -11"),
+        (shell("echo ran; kill -SEGV $$", limits=memory), "Command failed with exit code -11"),
+        (
+            shell(loader.format("libc.so.6: failed to map segment from shared object")),
+            "Command failed with exit code 127",
+        ),
+        (
+            shell(loader.format("libc.so.6: cannot open shared object file: Error 24"), limits=memory),
+            "Command failed with exit code 127",
+        ),
+    ]
+    ids = [await engine.execute(request) for request, _error in cases]
+    for execution_id, (_request, error) in zip(ids, cases, strict=True):
+        result = await result_of(engine, execution_id, 20)
+        assert (result.status, result.error) == (ExecutionStatus.FAILED, error)
+
+
+_LOADER = b"true: error while loading shared libraries: libc.so.6: "
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "limits", "own_cpu", "stderr", "wrote", "error"),
+    [
+        (-9, {"cpu_seconds": 1}, 2.0, b"", True, "CPU time limit exceeded"),
+        (-9, {"cpu_seconds": 1}, 0.98, b"", True, "CPU time limit exceeded"),  # /proc rounds down
+        (-9, {"cpu_seconds": 1}, 0.01, b"", False, None),  # its children's time is not its own
+        (-9, {"cpu_seconds": 1}, None, b"", False, None),  # nothing to tell by
+        (-11, {"memory_bytes": 100_000}, 0.0, b"", False, "Memory limit exceeded while loading the program"),
+        (-11, {"memory_bytes": 100_000}, 0.0, b"", True, None),  # it ran: it wrote
+        (-11, {"memory_bytes": 100_000}, 5.0, b"", False, None),  # it ran: it computed
+        (-11, {}, 0.0, b"", False, None),
+        (127, {"memory_bytes": 10**6}, 0.0, _LOADER + b"failed to map segment from shared object\n", True,
+         "Memory limit exceeded while loading the program"),
+        (127, {"open_files": 3}, 0.0, _LOADER + b"cannot open shared object file: Error 24\n", True,
+         "Open file limit exceeded while loading the program"),
+        (127, {"open_files": 3}, 0.0, _LOADER + b"cannot open shared object file: Error 240\n", True, None),
+        (127, {"memory_bytes": 10**6}, 0.0, _LOADER + b"cannot open shared object file: Error 24\n", True,
+         None),
+        (127, {"open_files": 3}, 0.0, b"sh: 1: nosuch: not found\n", True, None),
+    ],
+)  # fmt: skip
+def test_stopped_by_names_a_limit_only_on_the_evidence(
+    exit_code: int,
+    limits: dict[str, int],
+    own_cpu: float | None,
+    stderr: bytes,
+    wrote: bool,
+    error: str | None,
+) -> None:
+    """The hard CPU limit's SIGKILL by the process's own CPU time; a kill at start, or the loader's words."""
+    assert stopped_by(exit_code, limits, own_cpu, stderr=stderr, wrote=wrote) == error

@@ -19,7 +19,7 @@ import os
 import resource
 import signal
 
-__all__ = ["LIMIT_NAMES", "LimitRefused", "command_settings", "inherited_limits", "stopped_by"]
+__all__ = ["LIMIT_NAMES", "LimitRefused", "command_settings", "inherited_limits", "own_cpu", "stopped_by"]
 
 Limits = tuple[tuple[int, int, int], ...]  # (resource, soft, hard); -1 is RLIM_INFINITY
 
@@ -145,8 +145,46 @@ def inherited_limits() -> frozenset[str]:
     )
 
 
+def own_cpu(pid: int) -> float | None:
+    """The CPU time of child `pid` itself (all its threads, not its children), while it waits to be reaped.
+
+    What `RLIMIT_CPU` counts. wait4's usage adds that of every child the
+    process waited for (and, a subreaper, of the orphans it adopted); only
+    its /proc entry, until it is reaped, tells the two apart. None when that
+    cannot be read.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # After the name, which may hold anything, ")" included: state is field 3, utime 14, stime 15.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# /proc rounds utime and stime down to clock ticks, each: a process the hard
+# limit killed may show up to two ticks less than it.
+_CPU_SLACK = 0.05
+# A process killed as it started, before it ran: its own CPU time is that of the fork and the exec.
+_AT_START_CPU = 0.1
+_LOADER_FAILED = 127
+_LOADER_LINE = b"error while loading shared libraries: "
+# What the dynamic loader says when it cannot map a library (ENOMEM) or open one (EMFILE).
+# Its own strerror is "Error <errno>", at the end of the line.
+_LOADER_MEMORY = (b"failed to map segment from shared object", b"cannot map zero-fill pages", b": Error 12\n")
+_LOADER_FILES = (b": Error 24\n",)
+
+
 def stopped_by(
-    exit_code: int, limits: dict[str, int], cpu_used: float | None, inherited: frozenset[str] = frozenset()
+    exit_code: int,
+    limits: dict[str, int],
+    cpu_used: float | None,
+    inherited: frozenset[str] = frozenset(),
+    *,
+    stderr: bytes = b"",
+    wrote: bool = True,
 ) -> str | None:
     """The error of a command a limit stopped, or None when none did.
 
@@ -155,7 +193,15 @@ def stopped_by(
     sent by anyone, the command to itself included, and then no limit is to
     blame. So does the exit code a shell gives for a child they ended, when
     the request set that limit. A command that handled SIGXCPU is killed at
-    the CPU limit's hard value (SIGKILL): its CPU time tells.
+    the CPU limit's hard value (SIGKILL): its own CPU time tells
+    (`cpu_used`, from `own_cpu`; its children's does not count, as the
+    limit is per process, and None blames nothing).
+
+    A command the limits leave no room to start (`stderr`, the head of what
+    it wrote there; `wrote`, whether it wrote anything) ends by the kernel's
+    SIGSEGV at exec when its memory limit is below what the program maps,
+    or exits 127 after the dynamic loader says it cannot map or open a
+    library: those are named when the limit they point to was set.
     """
     named = _BY_SIGNAL.get(-exit_code)
     if named is not None:
@@ -164,6 +210,23 @@ def stopped_by(
     if named is not None and named[0] in limits:
         return named[1]
     cpu = limits.get("cpu_seconds")
-    if exit_code == -signal.SIGKILL and cpu is not None and cpu_used is not None and cpu_used >= cpu:
-        return "CPU time limit exceeded"
+    if exit_code == -signal.SIGKILL and cpu is not None and cpu_used is not None:
+        return "CPU time limit exceeded" if cpu_used + _CPU_SLACK >= cpu else None
+    at_start = cpu_used is not None and cpu_used < _AT_START_CPU and not wrote
+    if exit_code == -signal.SIGSEGV and "memory_bytes" in limits and at_start:
+        return "Memory limit exceeded while loading the program"
+    if exit_code == _LOADER_FAILED:
+        return _loader_stopped(stderr, limits)
+    return None
+
+
+def _loader_stopped(stderr: bytes, limits: dict[str, int]) -> str | None:
+    """The limit the dynamic loader's words point to, if the request set it; an exit 127 alone names none."""
+    for line in stderr.splitlines(keepends=True):
+        if _LOADER_LINE not in line:
+            continue
+        if "memory_bytes" in limits and any(words in line for words in _LOADER_MEMORY):
+            return "Memory limit exceeded while loading the program"
+        if "open_files" in limits and any(words in line for words in _LOADER_FILES):
+            return "Open file limit exceeded while loading the program"
     return None

@@ -105,7 +105,7 @@ from .execution import (
     outcome,
 )
 from .killing import Escalation
-from .limits import LimitRefused, command_settings, inherited_limits, stopped_by
+from .limits import LimitRefused, command_settings, inherited_limits, own_cpu, stopped_by
 from .output import (
     block_lines,
     keep,
@@ -174,6 +174,10 @@ _SET_PIPE_SIZE: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
 
 # An execution's id on the wire: its UUID's bytes.
 _ID_BYTES = 16
+
+
+# How much of a failed command's stderr is read for what stopped it (the loader's words).
+_STDERR_HEAD = 4096
 
 
 class _PipeBudget:
@@ -255,6 +259,7 @@ class _Execution:
         "marker",
         "masker",
         "max_output",
+        "own_cpu",
         "pid",
         "rusage",
         "started_at",
@@ -278,6 +283,7 @@ class _Execution:
         self.log_error: str | None = None  # why the log stopped short, if it did
         self.streams: list[_StreamState] = []
         self.rusage: list[float] | None = None
+        self.own_cpu: float | None = None  # its main process's, without its children's (`limits.own_cpu`)
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.timeout_timer: Timer | None = None
@@ -653,7 +659,18 @@ class Worker:
         adopted = False
         while True:
             try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                if self._limited:
+                    # A look before reaping: only a zombie's /proc entry tells its own CPU time from
+                    # its children's. Only while a command has limits: a system call more per reap.
+                    exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    if exited is None:
+                        break
+                    limited = self._by_pid.get(exited.si_pid)
+                    if limited is not None and limited.limits:
+                        limited.own_cpu = own_cpu(exited.si_pid)
+                    pid, status, usage = os.wait4(exited.si_pid, os.WNOHANG)
+                else:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
@@ -737,8 +754,7 @@ class Worker:
         completed_at = time.time()
         status, error, exit_code = outcome(ex.life, ex.success)
         if status == "failed" and ex.life.error is None:
-            cpu = ex.rusage[0] + ex.rusage[1] if ex.rusage else None
-            error = stopped_by(exit_code, ex.limits, cpu, self._inherited_limits) or error
+            error = self._limit_error(ex, exit_code) or error
         if error is not None and ex.masker is not None:
             error = ex.masker.mask_text(error)
         self._log(ex, log_footer(ex.started_at, completed_at, status, exit_code, error))
@@ -778,6 +794,18 @@ class Worker:
             self._sweep(ex)
         if self._closing:
             self._apply_backpressure()
+
+    @property
+    def _limited(self) -> bool:
+        """Whether a command running now has limits of its own (`_reap` looks closer at its end)."""
+        return any(ex.limits for ex in self._by_pid.values())
+
+    def _limit_error(self, ex: _Execution, exit_code: int) -> str | None:
+        """The error naming a limit that stopped the command, from its own CPU time and what it wrote."""
+        wrote = any(st.kept or st.truncated for st in ex.streams)
+        # The loader's words come first: its head is enough, however much the command wrote.
+        err = bytes(ex.streams[1].kept[:_STDERR_HEAD]) if ex.streams else b""
+        return stopped_by(exit_code, ex.limits, ex.own_cpu, self._inherited_limits, stderr=err, wrote=wrote)
 
     def _restore_own(self) -> None:
         """Put back what a command changed in this worker; retire if some of it cannot be."""
