@@ -175,7 +175,9 @@ class _EndWatch:
         held = _held(self._log)
         if self._retry_by is not None and held is not True:
             # Between attempts: only the death of the engine that set the retry ends it.
-            return None if _running(*self._retry_by) is not False else self._no_next_attempt()
+            from .actors.process_tree import still_running
+
+            return None if still_running(*self._retry_by) is not False else self._no_next_attempt()
         if held is None:
             # No lock table to read: the footer is all there is to go by.
             return _End.ENDED if self._footer else None
@@ -231,18 +233,6 @@ class _EndWatch:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
-
-
-def _running(pid: int, host: str, since: float) -> bool | None:
-    """Whether the process `pid` that started at `since` runs still; None when it is another host's."""
-    import socket
-
-    if host != socket.gethostname():
-        return None
-    from .actors.process_tree import started_at
-
-    now = started_at(pid)
-    return now is not None and abs(now - since) < 0.02
 
 
 def engine_holds(journal: Path) -> bool | None:

@@ -146,12 +146,38 @@ def unlink_unless_in_use(path: str | bytes | Path, dir_fd: int | None = None) ->
                 return False
             except OSError:
                 pass  # a filesystem without locks
+            if _between_attempts(fd):
+                return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path, dir_fd=dir_fd)
         return True
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+# Enough of a log's end to hold its last line when that is a retry note.
+_LAST_LINE = 512
+
+
+def _between_attempts(fd: int) -> bool:
+    """Whether the log open at `fd` ends in a retry note of an engine that still runs.
+
+    Between attempts no worker holds a log: its engine's note that a next
+    attempt is due is what says it is in use (by an engine that may be
+    another process's, on the same directory).
+    """
+    from .actors.output import engine_of_retry_note
+    from .actors.process_tree import still_running
+
+    try:
+        size = os.fstat(fd).st_size
+        end = os.pread(fd, _LAST_LINE, max(0, size - _LAST_LINE))
+    except OSError:
+        return False
+    last = end.rstrip(b"\n").rpartition(b"\n")[2].decode("utf-8", "replace")
+    engine = engine_of_retry_note(last)
+    return engine is not None and still_running(*engine) is not False
 
 
 def reopen_log(path: str | bytes, dir_fd: int | None = None) -> int:

@@ -28,6 +28,7 @@ from cloudops_execution_engine import (
     IoError,
     NotFound,
     RetentionPolicy,
+    RetryPolicy,
     SerialStrategy,
 )
 from cloudops_execution_engine.actors import journal, journal_writer, retention
@@ -238,6 +239,31 @@ async def test_another_engines_running_log_is_never_deleted_by_this_ones_retenti
         assert result.status is ExecutionStatus.COMPLETED
         logs = await other.read_logs(running)
         assert logs.index("started") < logs.index("after")
+
+
+async def test_another_engines_log_between_two_attempts_is_never_deleted_by_this_ones_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a retry's backoff no worker holds the log; the line its engine adds there says it is in use.
+
+    Deleted, the execution's log would have kept its later attempts only.
+    """
+    monkeypatch.setattr(retention, "SWEEP_INTERVAL", 0.05)
+    policy = RetentionPolicy(max_executions=0, max_log_bytes=0, max_age_s=0.001)
+    async with ExecutionEngine(config(tmp_path)) as other:
+        retried = shell("echo first-attempt; exit 1", retry=RetryPolicy(max_attempts=2, backoff_ms=60_000))
+        waiting = await other.execute(retried)
+        log = other.get_log_path(waiting)
+        await until(lambda: log.exists() and "# retrying: " in log.read_text(), "the other engine's backoff")
+        age(log, 10)
+        for strict_config in (config(tmp_path, retention=policy), journalled(tmp_path, retention=policy)):
+            async with ExecutionEngine(strict_config) as strict:  # a sweep at start
+                [done] = await run_all(strict, "echo finished")
+                await until(functools.partial(gone, strict.get_log_path(done)), "a periodic sweep")
+            assert log.exists(), "the other engine's log was deleted between its attempts"
+        await other.cancel(waiting)
+        assert (await other.wait(waiting, timeout=20)).status is ExecutionStatus.CANCELLED
+        assert "first-attempt" in await other.read_logs(waiting)
 
 
 def test_reading_a_large_log_directory_is_done_a_step_at_a_time(

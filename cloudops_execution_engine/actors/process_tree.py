@@ -151,6 +151,16 @@ def started_at(pid: int) -> float | None:
         return None
 
 
+def still_running(pid: int, host: str, since: float) -> bool | None:
+    """Whether the process `pid` that started at `since` (`started_at`) runs still; None: another host's."""
+    import socket
+
+    if host != socket.gethostname():
+        return None
+    now = started_at(pid)
+    return now is not None and abs(now - since) < 0.02
+
+
 def describe_exit(code: int | None) -> str:
     """`exit code 3`, or `signal SIGKILL(-9)` for a negative multiprocessing exit code."""
     if code is None:
