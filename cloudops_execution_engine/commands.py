@@ -78,9 +78,17 @@ class ScriptCommand(Model):
         path = self.resolved_path(cwd)
         if not path.is_file():
             raise ScriptNotFound(self.path)
-        target = str(path)
+        # Absolute, as it was found here: `./id` is `id` to pathlib, which a bare name would
+        # make a program looked up in PATH; a relative working_dir would be joined twice (the
+        # command runs in it); and `-x` would be an option to its interpreter.
+        target = str(path.absolute())
         if self.interpreter is not None:
-            return [*shlex.split(self.interpreter), target]
+            try:
+                interpreter = shlex.split(self.interpreter)
+            except ValueError as exc:
+                reason = f"interpreter {self.interpreter!r} cannot be split as a shell would: {exc}"
+                raise InvalidCommand(reason) from None
+            return [*interpreter, target]
         shebang = _read_shebang(path)
         if shebang:
             return [*shebang, target]

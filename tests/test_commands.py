@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from conftest import AWS_ENV, config, result_of, run
@@ -90,6 +92,48 @@ async def test_script_relative_to_working_dir(engine: ExecutionEngine, tmp_path:
     write_script(tmp_path / "here.sh", "echo relative ok\n")
     request = ExecutionRequest(command=ScriptCommand(path=Path("here.sh")), working_dir=tmp_path)
     assert (await finish(engine, request)).stdout == "relative ok\n"
+
+
+@pytest.mark.parametrize("named", ["./id", "id", "-id"])
+@pytest.mark.parametrize("working_dir", [None, Path(".")])
+async def test_a_relative_script_runs_that_very_file_never_a_program_of_its_name(
+    engine: ExecutionEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    named: str,
+    working_dir: Path | None,
+) -> None:
+    """An executable `./id` in the host's directory is that file, not /usr/bin/id found in PATH.
+
+    Nor, named `-id`, an option to anything.
+    """
+    monkeypatch.chdir(tmp_path)
+    # An executable with no #! line and no extension to go by: the file itself runs.
+    shutil.copy(shutil.which("pwd") or "/bin/pwd", tmp_path / named.removeprefix("./"))
+    command = ScriptCommand(path=Path(named))
+    result = await finish(engine, ExecutionRequest(command=command, working_dir=working_dir))
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, f"{tmp_path}\n")
+
+
+async def test_a_relative_script_in_a_relative_working_dir_is_the_file_validation_found(
+    engine: ExecutionEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sub/s.sh` is checked at `execute()`, and is what runs: not `sub/sub/s.sh`, joined twice."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub" / "sub").mkdir(parents=True)
+    write_script(tmp_path / "sub" / "s.sh", "echo the checked one\n")
+    write_script(tmp_path / "sub" / "sub" / "s.sh", "echo another\n")
+    request = ExecutionRequest(command=ScriptCommand(path=Path("s.sh")), working_dir=Path("sub"))
+    result = await finish(engine, request)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "the checked one\n")
+
+
+async def test_an_interpreter_that_cannot_be_split_is_named(engine: ExecutionEngine, tmp_path: Path) -> None:
+    script = write_script(tmp_path / "s.sh", "echo hi\n")
+    with pytest.raises(InvalidCommand, match=r"interpreter .*No closing quotation"):
+        await engine.execute(
+            ExecutionRequest(command=ScriptCommand(path=script, interpreter="bash -c 'echo"))
+        )
 
 
 async def test_unrunnable_script_is_rejected_with_a_reason(engine: ExecutionEngine, tmp_path: Path) -> None:
@@ -196,3 +240,36 @@ async def test_aws_cli_not_installed_is_a_spawn_failure(engine: ExecutionEngine)
 async def test_aws_cli_validation(engine: ExecutionEngine, command: AwsCliCommand, match: str) -> None:
     with pytest.raises(InvalidCommand, match=match):
         await engine.execute(ExecutionRequest(command=command))
+
+
+def _tool(directory: Path, says: str) -> None:
+    directory.mkdir(exist_ok=True)
+    write_script(directory / "tool", f"#!/bin/sh\necho {says}\n", executable=True)
+
+
+async def test_a_program_is_looked_up_in_path_as_it_is_at_each_start(tmp_path: Path) -> None:
+    """As execvp does: a tool installed earlier in PATH since, or one no longer runnable, is seen at once."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    _tool(second, "from-b")
+    request = run("tool", env={"PATH": f"{first}:{second}"})
+    async with ExecutionEngine(config(tmp_path, workers=1)) as engine:
+        assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-b\n"
+        _tool(first, "from-a")
+        assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-a\n"
+        (first / "tool").chmod(0o644)
+        assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-b\n"
+
+
+@pytest.mark.parametrize("entry", ["bin", ""])
+async def test_a_relative_path_entry_is_searched_from_the_commands_working_dir(
+    engine: ExecutionEngine, tmp_path: Path, entry: str
+) -> None:
+    """`PATH=bin:/usr/bin` with `working_dir=/proj` finds /proj/bin/tool, as subprocess does; "" is ".".
+
+    They were searched from the worker's own directory.
+    """
+    _tool(tmp_path / (entry or "."), "found")
+    request = run("tool", env={"PATH": f"{entry}:/usr/bin:/bin"}, working_dir=tmp_path)
+    result = await finish(engine, request)
+    assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "found\n")
