@@ -116,7 +116,13 @@ def _read_shebang(path: Path) -> list[str] | None:
         raise InvalidCommand(f"cannot read script {path}: {exc.strerror}") from exc
     if not head.startswith(b"#!"):
         return None
-    line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    try:
+        line = head[2:].split(b"\n", 1)[0].decode().strip()
+    except UnicodeDecodeError as exc:
+        # Commands travel as text: a byte that is not UTF-8 cannot be passed on as the kernel would.
+        raise InvalidCommand(
+            f"the #! line of {path} is not UTF-8 text ({exc.reason} at {exc.start + 2})"
+        ) from None
     if not line:
         return None
     # The kernel passes everything after the interpreter as one argument.

@@ -128,6 +128,16 @@ async def test_a_relative_script_in_a_relative_working_dir_is_the_file_validatio
     assert (result.status, result.stdout) == (ExecutionStatus.COMPLETED, "the checked one\n")
 
 
+async def test_a_shebang_that_is_not_utf8_is_refused_naming_the_line(
+    engine: ExecutionEngine, tmp_path: Path
+) -> None:
+    """Its interpreter's path was passed on with U+FFFD in place of the byte, and was never found."""
+    script = tmp_path / "job.run"
+    script.write_bytes(b"#!" + os.fsencode(tmp_path) + b"/tools\xff/interp\n")
+    with pytest.raises(InvalidCommand, match=r"the #! line of .*job.run is not UTF-8 text"):
+        await engine.execute(ExecutionRequest(command=ScriptCommand(path=script)))
+
+
 async def test_an_interpreter_that_cannot_be_split_is_named(engine: ExecutionEngine, tmp_path: Path) -> None:
     script = write_script(tmp_path / "s.sh", "echo hi\n")
     with pytest.raises(InvalidCommand, match=r"interpreter .*No closing quotation"):
