@@ -86,9 +86,12 @@ class SyncExecutionEngine:
         self.config = self._engine.config
         self._bus: EventBus = self._engine._bus
         self._early = _EarlyBuffers(self._bus)
-        self._lock = threading.Lock()
+        # Reentrant: Python runs a signal handler on the thread it interrupts, perhaps inside
+        # this lock, and a handler may call the engine.
+        self._lock = threading.RLock()
         self._closed = False
         self._closing = False
+        self._in_shutdown: set[int] = set()  # threads inside shutdown() now
         self._stopped = threading.Event()  # set once the first shutdown() has stopped everything
         self._loop = asyncio.new_event_loop()
         run_as_our_own(self._loop)
@@ -122,7 +125,13 @@ class SyncExecutionEngine:
             if not self._thread.is_alive():
                 coro.close()
                 raise EngineClosed(_LOOP_GONE)
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            try:
+                future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            except RuntimeError:
+                # The loop has closed since the check: a signal handler run on this thread, inside
+                # the lock, shut the engine down.
+                coro.close()
+                raise EngineClosed() from None
         try:
             return self._result(future, timeout)
         except concurrent.futures.CancelledError:
@@ -379,26 +388,43 @@ class SyncExecutionEngine:
     def shutdown(self, cancel: bool = True) -> None:
         """Stop the engine, its handlers' threads and its loop thread; harmless twice.
 
+        Interrupted (Ctrl-C, once or more), it finishes its work, then raises the
+        interrupt. Called from a signal handler that interrupted a shutdown() on
+        the same thread, it returns at once: that call finishes once the handler returns.
         In a process forked from the engine's own it does nothing: all of it is the parent's.
         """
         if os.getpid() != self._pid:
             return
         caller = threading.current_thread()
+        me = threading.get_ident()
         self._let_go.detach()
-        with self._lock:
-            first = not self._closing
-            self._closing = True
-        if not first:
-            self._await_first_shutdown(caller)
+        if me in self._in_shutdown:
+            # A signal handler, run on a thread that is inside shutdown() already: it cannot wait
+            # for the call it interrupted, which finishes once the handler has returned.
             return
+        self._in_shutdown.add(me)
+        try:
+            with self._lock:
+                first = not self._closing
+                self._closing = True
+            if not first:
+                self._await_first_shutdown(caller)
+                return
+            self._shut_down_first(caller, cancel)
+        finally:
+            self._in_shutdown.discard(me)
+
+    def _shut_down_first(self, caller: threading.Thread, cancel: bool) -> None:
         try:
             if self._thread.is_alive():  # else the engine was shut down as its thread ended
                 self._call(self._shut_down(caller, cancel))
         finally:
-            with self._lock:
-                self._closed = True
-            self._stop_loop()
-            self._stopped.set()
+            try:
+                with self._lock:
+                    self._closed = True
+                self._stop_loop()
+            finally:
+                self._stopped.set()  # whatever happened: a second call must not wait for ever
 
     async def _shut_down(self, caller: threading.Thread, cancel: bool) -> None:
         # Called from a handler's thread, the drain of handlers must not wait for that handler.
@@ -417,16 +443,34 @@ class SyncExecutionEngine:
         self._stopped.wait()
 
     def _stop_loop(self) -> None:
+        """Sweep the loop, stop it, wait for its thread: bounded, and done even if the caller is interrupted.
+
+        An interrupt (a second Ctrl-C) that comes meanwhile is raised once this
+        is done. Cut short by one, this closed the loop under the engine's
+        wind-down, whose workers were then never told to stop.
+        """
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return  # unreachable through `_call`, which refuses the loop thread; or it has ended
         final = asyncio.run_coroutine_threadsafe(self._sweep(), self._loop)
+        interrupt = _wait_through_interrupts(
+            partial(concurrent.futures.wait, [final]), final.done, _LEFTOVER_TIMEOUT * 2
+        )
         try:
-            final.result(_LEFTOVER_TIMEOUT * 2)
+            final.result(0)
         except Exception:
             logger.exception("cleaning up the engine's loop at shutdown failed")
-        finally:
+        with contextlib.suppress(RuntimeError):  # the thread ended meanwhile, closing it
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(_LOOP_JOIN_TIMEOUT)  # the thread closes the loop once it has stopped
+        # The thread closes the loop once it has stopped.
+        joined = _wait_through_interrupts(
+            self._thread.join, lambda: not self._thread.is_alive(), _LOOP_JOIN_TIMEOUT
+        )
+        if self._engine._supervisor.loop_closed():
+            # What the wind-down had not stopped by then is stopped without the loop.
+            self._engine._supervisor.abandon()
+        interrupt = interrupt or joined
+        if interrupt is not None:
+            raise interrupt
 
     async def _sweep(self) -> None:
         """Free the early buffers, and end what is still on the loop: callers waiting get `EngineClosed`."""
@@ -440,6 +484,26 @@ class SyncExecutionEngine:
         await self._loop.shutdown_asyncgens()
         # Its threads (log reads run there) would otherwise outlive the engine.
         await asyncio.wait_for(self._loop.shutdown_default_executor(), _LEFTOVER_TIMEOUT)
+
+
+def _wait_through_interrupts(
+    wait: Callable[[float], object], done: Callable[[], bool], timeout: float
+) -> BaseException | None:
+    """`wait(left)` until `done()`, `timeout` in all, through interrupts; returns the first, to raise later.
+
+    A signal handler runs on the main thread, within whatever it waits on, and
+    what it raises (KeyboardInterrupt) would cut short a wait that must finish.
+    """
+    deadline = time.monotonic() + timeout
+    interrupt: BaseException | None = None
+    while True:
+        try:
+            left = deadline - time.monotonic()
+            if done() or left <= 0:
+                return interrupt
+            wait(left)
+        except BaseException as exc:
+            interrupt = interrupt or exc
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop, engine: ExecutionEngine) -> None:

@@ -245,12 +245,18 @@ class ProcessWorkerHandle(WorkerHandle):
                 self._close_exit_fd()
                 resolve_if_pending(self._reported)
             return
+        if not self._loop.is_closed():
+            # An idle loop (the engine was let go of between two runs of it) is still the
+            # host's: it lets go of the pipes before they close, or a descriptor number the
+            # kernel hands out again would be taken there for one it watches already.
+            self._loop.remove_reader(self._rfd)
+            self._loop.remove_reader(self._exit_fd)
         self._writer.close()
         for fd in (self._rfd, self._wfd):
             with contextlib.suppress(OSError):
                 os.close(fd)
         # End of input: the worker kills every tree it holds and exits. The
-        # loop is closed, so waiting in place holds up nothing that could run.
+        # loop does not run, so waiting in place holds up nothing that could.
         self.process.join(EXIT_TIMEOUT)
         if self.process.exitcode is None:
             with contextlib.suppress(ProcessLookupError, AttributeError):

@@ -194,14 +194,21 @@ class Supervisor:
         """The engine was garbage collected without `shutdown()`: stop what it started, as shutdown would.
 
         From the engine's finalizer, on whatever thread collected it: on the
-        loop when it still runs (the workers' pipes are registered with it),
-        without it once it has closed. Says whether there was anything to stop:
-        nothing in a forked child, whose copy of the engine is the parent's.
+        loop while it runs (the workers' pipes are registered with it), without
+        it otherwise. An idle loop (a host that runs it now and then, with
+        `run_until_complete`) may never run again, or be closed, throwing away
+        a stop queued on it. Says whether there was anything to stop: nothing
+        in a forked child, whose copy of the engine is the parent's.
         """
         if self._state is not EngineState.RUNNING or self._owner_pid != os.getpid():
             return False
         loop = self._loop
         if loop is not None and not loop.is_closed():
+            if not loop.is_running() and isinstance(self._pool, LocalWorkerPool):
+                # Idle: its stop, queued, would wait for a run of the loop that may never come.
+                # (Ray's handles need the loop to let go of their links: theirs stays queued.)
+                self.abandon()
+                return True
             with contextlib.suppress(RuntimeError):  # closed meanwhile: stopped below
                 loop.call_soon_threadsafe(self._shut_down_unawaited)
                 return True
