@@ -353,16 +353,21 @@ def test_sigkilled_host_takes_its_actors_and_their_trees_along(tmp_path: Path, r
         )
 
 
-def test_a_cluster_address_where_nothing_listens_fails_the_start_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("given", ["host:port", "auto"])
+def test_a_cluster_address_where_nothing_listens_fails_the_start_at_once(tmp_path: Path, given: str) -> None:
     """ray.init retries a dead address for minutes, in a thread nobody can stop: the start is refused
-    first, with SpawnFailed naming the address, and the host's process can exit."""
+    first, with SpawnFailed naming the address, and the host's process can exit.
+
+    `auto` too, which Ray takes from RAY_ADDRESS (or the file a crashed head left behind).
+    """
     with socket.socket() as probe:  # a port that was free a moment ago, where nothing listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}" if given == "host:port" else "auto"
     script = (
         "import asyncio, sys\n"
         "from cloudops_execution_engine import ExecutionConfig, ExecutionEngine, RayConfig, SpawnFailed\n"
-        f"ray = RayConfig(address='127.0.0.1:{port}')\n"
+        f"ray = RayConfig(address={address!r})\n"
         f"config = ExecutionConfig(log_dir={str(tmp_path / 'logs')!r}, ray=ray)\n"
         "async def main():\n"
         "    try:\n"
@@ -371,7 +376,10 @@ def test_a_cluster_address_where_nothing_listens_fails_the_start_at_once(tmp_pat
         "        print(exc)\n"
         "asyncio.run(main())\n"
     )
-    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    done = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"127.0.0.1:{port}" in done.stdout
     assert "nothing answers" in done.stdout

@@ -161,8 +161,12 @@ def _check_reachable(address: str) -> None:
 
     `ray.init` retries such an address for minutes, on a thread that nothing
     can stop: the start would hang, and the host's process could not exit.
-    `auto`, `local` and `ray://` addresses are Ray's own to find or start.
+    `auto` is the address Ray would find (`RAY_ADDRESS`, or the file the last
+    head started on this machine left, which a head that crashed leaves
+    behind); `local` and `ray://` addresses are Ray's own to start or reach.
     """
+    if address == "auto":
+        address = _found_by_ray()
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or "://" in address:
         return
@@ -174,6 +178,17 @@ def _check_reachable(address: str) -> None:
         raise WorkerStartError(
             f"cannot connect to the Ray cluster at {address}: nothing answers there ({reason})"
         ) from None
+
+
+def _found_by_ray() -> str:
+    """The `host:port` Ray connects to for `auto`: `WorkerStartError` when it finds none."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except (ConnectionError, ValueError) as exc:
+        raise WorkerStartError(f"cannot connect to a Ray cluster (auto): {exc}") from None
+    return str(found or "auto")
 
 
 class _DropMessage(logging.Filter):
