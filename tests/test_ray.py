@@ -254,6 +254,21 @@ async def test_killed_worker_actor_fails_its_execution_naming_the_node(
         await failed_on_the_node_and_serving_on(engine, recorder, eid, pids)
 
 
+async def test_the_log_of_a_dead_actors_execution_is_read_while_its_successor_starts(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """Its node lives, and its log: read at once, with no other worker on the node yet, it was IoError."""
+    recorder = Recorder()
+    async with ray_engine(tmp_path, ray_address, recorder, workers=1) as engine:
+        eid, pids = await started_tree(engine, recorder, "--close-stdio")
+        os.kill(actor_of(psutil.Process(pids[0]).ppid()), signal.SIGKILL)
+        result = await engine.wait(eid, timeout=60)
+        assert isinstance(result, ExecutionResult)
+        assert result.status is ExecutionStatus.FAILED
+        log = await engine.read_logs(eid)
+        assert f"pid {pids[0]}" in log
+
+
 async def test_successor_on_the_node_kills_trees_a_dead_worker_left(
     tmp_path: Path, ray_address: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +73,8 @@ _STOP_TIMEOUT = 10.0
 # accepts (the kernel answers for a stalled raylet), and one that does not
 # answer at all is left to the supervisor's heartbeat.
 _PROBE_INTERVAL = 0.5
+# How often a read of a log looks for the successor of a node's dead worker.
+_READER_POLL_S = 0.05
 _PROBE_TIMEOUT = 1.0
 _MAX_CONCURRENCY = 1000  # calls in flight per actor: sends, the stream, log reads
 
@@ -613,6 +616,23 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
                 "cleaning up after %s failed: %s%s", dead.describe(), _ray_cause(exc), suffix, extra=extra
             )
 
+    async def _reader_on(self, node_id: str) -> RayWorkerHandle | None:
+        """A ready worker on the node; while the node lives and the pool runs, one to come.
+
+        A worker's death makes its execution's result at once; its successor on
+        the same node is ready a moment later, and until then nothing there
+        could read the log, which is whole on a node that lives.
+        """
+        deadline = time.monotonic() + self.hello_timeout
+        while (reader := self._live_on(node_id)) is None:
+            if node_id in self._dead_nodes or self._closing or time.monotonic() > deadline:
+                return None
+            coming = any(handle.node_id == node_id and handle.alive for handle in self.workers)
+            if not coming and node_id not in await self._alive_nodes():
+                return None
+            await asyncio.sleep(_READER_POLL_S)
+        return reader
+
     def _live_on(self, node_id: str) -> RayWorkerHandle | None:
         for worker in self.workers:
             if worker.node_id == node_id and worker.ready:
@@ -624,7 +644,7 @@ class RayWorkerPool(WorkerPool[RayWorkerHandle]):
     ) -> str:
         if not isinstance(worker, RayWorkerHandle):
             return await super().read_log(worker, path, missing_ok, limit)
-        reader = worker if worker.ready else self._live_on(worker.node_id)
+        reader = worker if worker.ready else await self._reader_on(worker.node_id)
         if reader is None:
             raise IoError(f"cannot read log file {path}: no live worker on node {worker.node_address}")
         with map_errors(
