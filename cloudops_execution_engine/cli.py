@@ -160,10 +160,21 @@ def _say_what_the_engine_logs() -> None:
     The library only logs them, to the host's logging; a command line has no
     other host, and without this a run whose records were lost said nothing.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
+    handler = _Said(logging.WARNING)
     handler.setFormatter(_OneLine())
     logging.getLogger("cloudops_execution_engine").addHandler(handler)
+
+
+class _Said(logging.Handler):
+    """Each record a line on stderr, through the run's pump while one runs (`say_message`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from .cli_output import say_message
+
+        try:
+            say_message(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
 
 
 def _exit_now(status: object) -> NoReturn:

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import click
 
 from .cli_journal import history, journal_for, journal_options, logs, show, started_engine
-from .cli_output import closed_at_start, stdout_guarded
+from .cli_output import closed_at_start, route_messages, stdout_guarded
 from .cli_pump import AFTER_SIGNAL_S, Pump, Sink
 from .cli_text import (
     EXIT_FAILED,
@@ -150,17 +151,35 @@ class _Interrupts:
         self.signal: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.cannot_write: OSError | None = None
         self.pump = Pump()
+        # Asked now: once a terminal has hung up, even asking whether it is one fails.
+        self._terminal = _is_terminal(1)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Interrupts]:
         loop = asyncio.get_running_loop()
         for sig in _STOPPING:
             loop.add_signal_handler(sig, self._caught, sig)
+        route_messages(self._message_writer(loop))
         try:
             yield self
         finally:
+            route_messages(None)
             for sig in _STOPPING:
                 loop.remove_signal_handler(sig)
+
+    def _message_writer(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """The engine's messages onto stderr through the pump, from the loop's thread or another."""
+        stderr = self.output(2)
+        own = threading.get_ident()
+
+        def write(text: str) -> None:
+            if threading.get_ident() == own:
+                stderr.write(text)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: the run is over
+                    loop.call_soon_threadsafe(stderr.write, text)
+
+        return write
 
     def _caught(self, sig: int) -> None:
         # A reader that stopped reading must not keep the run, or its handlers, from ending:
@@ -181,7 +200,7 @@ class _Interrupts:
         """
         from .cli_output import say_cannot_write
 
-        if exc.errno == errno.EIO and _is_terminal(1):
+        if exc.errno == errno.EIO and self._terminal:
             self._caught(signal.SIGHUP)
             return
         if self.cannot_write is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class _Drawn:
     def __init__(self, out: Callable[[str], None]) -> None:
         self._out = out
         self._parts: list[str] = []
+        # The terminal's, which Rich asks to choose its box and bar characters.
+        self.encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
 
     def write(self, text: str) -> int:
         self._parts.append(text)

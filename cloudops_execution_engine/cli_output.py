@@ -14,10 +14,12 @@ to it still fail, as they would have.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import sys
+from collections.abc import Callable
 
 from .standard_fds import devnull_onto
 
@@ -27,9 +29,33 @@ __all__ = [
     "discard_stdout",
     "guard_stdout",
     "reader_left",
+    "route_messages",
     "say_cannot_write",
+    "say_message",
     "stdout_guarded",
 ]
+
+# Where the engine's own messages go while a run writes its output through a pump (`cli_pump`):
+# written straight to stderr on the loop, a message to a terminal that stopped reading held the
+# loop, and with it the signals that end the run.
+_route: Callable[[str], None] | None = None
+
+
+def route_messages(to: Callable[[str], None] | None) -> None:
+    """Send what `say_message` is given to `to` (a run's stderr, through its pump); None: to stderr."""
+    global _route
+    _route = to
+
+
+def say_message(text: str) -> None:
+    """One of the engine's messages (a line, with its newline), from any thread."""
+    route = _route
+    if route is not None:
+        route(text)
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 class CannotWrite(OSError):

@@ -91,12 +91,20 @@ class SyncExecutionEngine:
         self._lock = threading.RLock()
         self._closed = False
         self._closing = False
-        self._in_shutdown: set[int] = set()  # threads inside shutdown() now
+        # Threads inside shutdown(): a signal handler on one of them must not wait for the call it
+        # interrupted, which cannot go on until the handler returns.
+        self._in_shutdown: set[int] = set()
         self._stopped = threading.Event()  # set once the first shutdown() has stopped everything
+        # Set by the loop thread as it ends. Not `Thread.join`: interrupted (Ctrl-C), a join on
+        # Python 3.11 may mark the thread stopped while it still runs.
+        self._loop_ended = threading.Event()
         self._loop = asyncio.new_event_loop()
         run_as_our_own(self._loop)
         self._thread = threading.Thread(
-            target=_run_loop, args=(self._loop, self._engine), name="cloudops-execution-engine", daemon=True
+            target=_run_loop,
+            args=(self._loop, self._engine, self._loop_ended),
+            name="cloudops-execution-engine",
+            daemon=True,
         )
         self._thread.start()
         # Dropped without shutdown(), it would keep its loop thread, and once
@@ -462,9 +470,7 @@ class SyncExecutionEngine:
         with contextlib.suppress(RuntimeError):  # the thread ended meanwhile, closing it
             self._loop.call_soon_threadsafe(self._loop.stop)
         # The thread closes the loop once it has stopped.
-        joined = _wait_through_interrupts(
-            self._thread.join, lambda: not self._thread.is_alive(), _LOOP_JOIN_TIMEOUT
-        )
+        joined = _wait_through_interrupts(self._loop_ended.wait, self._loop_ended.is_set, _LOOP_JOIN_TIMEOUT)
         if self._engine._supervisor.loop_closed():
             # What the wind-down had not stopped by then is stopped without the loop.
             self._engine._supervisor.abandon()
@@ -506,17 +512,20 @@ def _wait_through_interrupts(
             interrupt = interrupt or exc
 
 
-def _run_loop(loop: asyncio.AbstractEventLoop, engine: ExecutionEngine) -> None:
+def _run_loop(loop: asyncio.AbstractEventLoop, engine: ExecutionEngine, ended: threading.Event) -> None:
     try:
-        loop.run_forever()
-    except BaseException:
-        # Nothing of the engine's raises out of its loop; should anything, its workers and
-        # commands must not outlive the thread that supervised them.
-        logger.exception("the loop thread of a SyncExecutionEngine failed; the engine is shut down")
-        with contextlib.suppress(BaseException):
-            loop.run_until_complete(asyncio.wait_for(engine.shutdown(), _LOOP_JOIN_TIMEOUT))
-    # Stopped for good: by shutdown(), or by `_let_go` where nobody is left to close it.
-    loop.close()
+        try:
+            loop.run_forever()
+        except BaseException:
+            # Nothing of the engine's raises out of its loop; should anything, its workers and
+            # commands must not outlive the thread that supervised them.
+            logger.exception("the loop thread of a SyncExecutionEngine failed; the engine is shut down")
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.wait_for(engine.shutdown(), _LOOP_JOIN_TIMEOUT))
+        # Stopped for good: by shutdown(), or by `_let_go` where nobody is left to close it.
+        loop.close()
+    finally:
+        ended.set()
 
 
 # Engines of this process, shut down at its exit if their host did not (`_shut_down_at_exit`).

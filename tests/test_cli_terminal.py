@@ -328,6 +328,7 @@ def test_ctrl_c_ends_a_plan_whose_terminal_stopped_reading(tmp_path: Path) -> No
         deadline = time.monotonic() + 30
         while not _blocked_writing(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert _blocked_writing(pid), "the terminal never stopped taking the plan's output"
         os.write(leader, b"\x03")
         code = _exit_code(pid, 10)
     finally:
@@ -354,3 +355,36 @@ def test_a_plan_whose_terminal_hangs_up_exits_129(tmp_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     assert code == 129
+
+
+def test_sigterm_ends_a_plan_whose_terminal_stopped_reading_while_the_engine_has_something_to_say(
+    tmp_path: Path,
+) -> None:
+    """A worker dies (its command killed it) while the terminal reads nothing: the engine's warning about
+    it waited for the terminal on the event loop, and SIGTERM with it."""
+    gate, parent = tmp_path / "gate", tmp_path / "worker-pid"
+    chatty = "for i in $(seq 1 20000); do echo line $i; sleep 0.005; done"
+    killer = f"echo $PPID > {parent}; until [ -e {gate} ]; do sleep 0.05; done; kill -9 $PPID"
+    plan = write_plan(tmp_path, [shell(chatty), shell(killer)])
+    pid, leader = _plan_on_its_own_terminal(plan, tmp_path)
+    try:
+        _read_until(leader, b"line 1", 30)
+        deadline = time.monotonic() + 30
+        while not _blocked_writing(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _blocked_writing(pid), "the terminal never stopped taking the plan's output"
+        worker = int(parent.read_text())
+        gate.touch()
+        wait_gone = time.monotonic() + 30
+        while psutil.pid_exists(worker) and psutil.Process(worker).status() != "zombie":
+            assert time.monotonic() < wait_gone, "the worker did not die"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+        code = _exit_code(pid, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(leader)
+    assert code == 143
