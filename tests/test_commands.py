@@ -269,6 +269,8 @@ async def test_a_program_is_looked_up_in_path_as_it_is_at_each_start(tmp_path: P
         assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-a\n"
         (first / "tool").chmod(0o644)
         assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-b\n"
+        (first / "tool").chmod(0o755)  # a mode changes no directory's time
+        assert (await finish(engine, request.model_copy(update={"id": uuid4()}))).stdout == "from-a\n"
 
 
 @pytest.mark.parametrize("entry", ["bin", ""])

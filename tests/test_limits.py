@@ -374,6 +374,8 @@ async def test_a_crash_or_a_loader_error_is_not_blamed_on_a_limit_that_did_not_c
     cases = [
         (shell("kill -SEGV $$"), "Command failed with exit code -11"),
         (shell("echo ran; kill -SEGV $$", limits=memory), "Command failed with exit code -11"),
+        # Silent and at once, but under a limit that any program loads in: its own.
+        (shell("kill -SEGV $$", limits=memory), "Command failed with exit code -11"),
         (
             shell(loader.format("libc.so.6: failed to map segment from shared object")),
             "Command failed with exit code 127",

@@ -169,6 +169,9 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _CPU_SLACK = 0.05
 # A process killed as it started, before it ran: its own CPU time is that of the fork and the exec.
 _AT_START_CPU = 0.1
+# An address-space limit under which a program may not even be mapped at exec (a few MiB are
+# enough for most): above it, a silent early SIGSEGV is the program's own (`kill -SEGV $$`).
+_TOO_SMALL_TO_LOAD = 64 * 1024 * 1024
 _LOADER_FAILED = 127
 _LOADER_LINE = b"error while loading shared libraries: "
 # What the dynamic loader says when it cannot map a library (ENOMEM) or open one (EMFILE).
@@ -213,7 +216,8 @@ def stopped_by(
     if exit_code == -signal.SIGKILL and cpu is not None and cpu_used is not None:
         return "CPU time limit exceeded" if cpu_used + _CPU_SLACK >= cpu else None
     at_start = cpu_used is not None and cpu_used < _AT_START_CPU and not wrote
-    if exit_code == -signal.SIGSEGV and "memory_bytes" in limits and at_start:
+    tight = limits.get("memory_bytes", _TOO_SMALL_TO_LOAD) < _TOO_SMALL_TO_LOAD
+    if exit_code == -signal.SIGSEGV and tight and at_start:
         return "Memory limit exceeded while loading the program"
     if exit_code == _LOADER_FAILED:
         return _loader_stopped(stderr, limits)

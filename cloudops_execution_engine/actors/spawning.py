@@ -180,9 +180,6 @@ class CommandEnv:
         return overlay.get("PATH", self._path)
 
 
-# Where a name was found along a PATH, and the times of the directories looked in up to there.
-_resolved: dict[tuple[str, str], tuple[str, list[tuple[str, int]]]] = {}
-
 # Programs a plan names that come from an extra, and how to get them.
 _INSTALL_HINTS = {"aws": "the AWS CLI is not installed: pip install 'cloudops-execution-engine[aws]'"}
 
@@ -198,47 +195,19 @@ def describe_start_failure(exc: BaseException) -> str:
 def _resolve_program(program: str, search: str, cwd: bytes) -> str:
     """Look `program` up in `search` (the command's own PATH) from `cwd`, as execvpe would there.
 
-    A relative entry (an empty one is ".") is the command's working directory's.
-    What was found is remembered, and taken again while no directory looked in
-    up to it has changed (a program put in one, or taken away, changes it) and
-    it is still runnable: as a lookup at each start would find, for a few stats.
+    At each start, as execvpe does: what is found may change between two (a
+    program put earlier in PATH, a mode changed, a link that now leads
+    somewhere), and nothing short of looking again tells. A relative entry
+    (an empty one is ".") is the command's working directory's.
     """
     if "/" in program:
         return program
     here = os.fsdecode(cwd)
     directories = os.pathsep.join(os.path.join(here, entry or ".") for entry in search.split(os.pathsep))
-    key = (program, directories)
-    known = _resolved.get(key)
-    if known is not None:
-        found, looked = known
-        if _unchanged(looked) and os.access(found, os.X_OK):
-            return found
-    hit = shutil.which(program, path=directories)
-    if hit is None:
-        _resolved.pop(key, None)
+    found = shutil.which(program, path=directories)
+    if found is None:
         raise FileNotFoundError(2, "No such file or directory", program)
-    _resolved[key] = (hit, _looked_in(directories, os.path.dirname(hit)))
-    return hit
-
-
-def _looked_in(directories: str, up_to: str) -> list[tuple[str, int]]:
-    looked: list[tuple[str, int]] = []
-    for directory in directories.split(os.pathsep):
-        looked.append((directory, _mtime(directory)))
-        if directory == up_to:
-            break
-    return looked
-
-
-def _unchanged(looked: list[tuple[str, int]]) -> bool:
-    return all(_mtime(directory) == when for directory, when in looked)
-
-
-def _mtime(directory: str) -> int:
-    try:
-        return os.stat(directory).st_mtime_ns
-    except OSError:
-        return -1
+    return found
 
 
 def spawn(

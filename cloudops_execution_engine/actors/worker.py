@@ -321,6 +321,7 @@ class Worker:
         self._paused = False
         self._executions: dict[bytes, _Execution] = {}
         self._by_pid: dict[int, _Execution] = {}
+        self._limited = 0  # of those, how many have limits of their own (`_reap` looks closer at their end)
         self._env = CommandEnv(dict(os.environb))
         self._pid = os.getpid()
         self._credit = OUTPUT_WINDOW
@@ -561,6 +562,8 @@ class Worker:
             ex.stdin = StdinFeed(self.loop, stdin_w, run.stdin)
         ex.pid = pid
         self._by_pid[pid] = ex
+        if ex.limits:
+            self._limited += 1
         budget = self._pipe_budget if ex.stream_output else None
         ex.streams = [
             _StreamState(out_fd, Stream.STDOUT, budget),
@@ -679,6 +682,8 @@ class Worker:
             if ex is None:
                 adopted = True  # an adopted orphan; reaping it is all it needed
                 continue
+            if ex.limits:
+                self._limited -= 1
             ex.rusage = [usage.ru_utime, usage.ru_stime, usage.ru_maxrss * _RSS_UNIT]
             life = ex.life
             if (life.phase is RUNNING or life.phase is TERMINATING) and life.open_pipes:
@@ -794,11 +799,6 @@ class Worker:
             self._sweep(ex)
         if self._closing:
             self._apply_backpressure()
-
-    @property
-    def _limited(self) -> bool:
-        """Whether a command running now has limits of its own (`_reap` looks closer at its end)."""
-        return any(ex.limits for ex in self._by_pid.values())
 
     def _limit_error(self, ex: _Execution, exit_code: int) -> str | None:
         """The error naming a limit that stopped the command, from its own CPU time and what it wrote."""
