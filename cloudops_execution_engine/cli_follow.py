@@ -141,7 +141,7 @@ class _EndWatch:
         self._journal = journal
         self._conn: sqlite3.Connection | None = None
         self._footer = False  # the last attempt written so far has its footer
-        self._retry_by: tuple[int, str, float] | None = None  # the engine a retry note names
+        self._retry_by: tuple[int, str, int] | None = None  # the engine a retry note names
         self._unheld = 0
         self._asked_at = 0.0
         self.why = ""  # why an abandoned execution will not end

@@ -354,7 +354,7 @@ def apply_batch(
                     submitted_us=us_of(record.submitted_at),
                     log_path=str(record.log_path),
                     request=written,
-                    masked=1 if written is not request else None,
+                    masked=1 if written is not request and written != request else None,
                 )
             )
         elif kind == ADD_PLAN:
@@ -395,7 +395,8 @@ def apply_batch(
                     log_path=None,
                     request=written,
                     resumed_from=plan_run.resumed_from.bytes if plan_run.resumed_from is not None else None,
-                    masked=1 if written is not document else None,
+                    # Compared whole only when the masker wrote the document anew: it may have found nothing.
+                    masked=1 if written is not document and written != document else None,
                 )
             )
         elif kind == CLOSED:

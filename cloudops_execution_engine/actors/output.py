@@ -248,25 +248,28 @@ def log_header(marker: str, display: str, cwd: str, started_at: float) -> str:
 # that a reader of the log alone (`logs --follow` without a journal) can tell a backoff
 # from an engine that died during one: a pid, and the process's start time against its reuse.
 RETRY_NOTE = "# retrying: "
-_RETRY_NOTE_ENGINE = re.compile(r"; engine pid=(\d+) host=(\S+) since=(\d+(?:\.\d+)?)$")
+_RETRY_NOTE_ENGINE = re.compile(r"; engine pid=(\d+) host=(\S+) since=(\d+)$")
 
 
-def log_retry_note(attempt: int, of: int, delay_s: float, pid: int, host: str, since: float) -> str:
-    """The line that says attempt `attempt` of `of` follows in `delay_s`, run by the engine `pid`."""
+def log_retry_note(attempt: int, of: int, delay_s: float, pid: int, host: str, since: int) -> str:
+    """The line that says attempt `attempt` of `of` follows in `delay_s`, run by the engine `pid`.
+
+    `since`: when that engine's process started (`process_tree.started_at`).
+    """
     return (
         f"{RETRY_NOTE}attempt {attempt} of {of} in {delay_s:.3f} s; engine pid={pid} host={host} "
-        f"since={since:.2f}\n"
+        f"since={since}\n"
     )
 
 
-def engine_of_retry_note(line: str) -> tuple[int, str, float] | None:
+def engine_of_retry_note(line: str) -> tuple[int, str, int] | None:
     """(pid, host, start time) of the engine a retry note names; None for a line that is not one."""
     if not line.startswith(RETRY_NOTE):
         return None
     found = _RETRY_NOTE_ENGINE.search(line.rstrip("\n"))
     if found is None:
         return None
-    return int(found[1]), found[2], float(found[3])
+    return int(found[1]), found[2], int(found[3])
 
 
 def log_footer(started_at: float, completed_at: float, status: str, exit_code: int, error: str | None) -> str:

@@ -140,25 +140,28 @@ def reap_orphaned(name: bytes) -> int:
     return reaped
 
 
-def started_at(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch, as psutil tells it); None if it is not running.
+def started_at(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot; None if it is not running.
 
     With its pid, what names one process for good: a pid alone may be reused.
+    Ticks since boot, not a wall-clock time, which a clock set meanwhile would move.
     """
     try:
-        return round(psutil.Process(pid).create_time(), 2)
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            line = stat.read()
+        # After the name, which may hold anything, ")" included: the start time is field 22.
+        return int(line[line.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def still_running(pid: int, host: str, since: float) -> bool | None:
+def still_running(pid: int, host: str, since: int) -> bool | None:
     """Whether the process `pid` that started at `since` (`started_at`) runs still; None: another host's."""
     import socket
 
     if host != socket.gethostname():
         return None
-    now = started_at(pid)
-    return now is not None and abs(now - since) < 0.02
+    return started_at(pid) == since
 
 
 def describe_exit(code: int | None) -> str:

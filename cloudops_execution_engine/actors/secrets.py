@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 MASK = "***"
-_MASK_BYTES = MASK.encode()
 MIN_SECRET = 4
 _MASK_BYTES = MASK.encode()
 

@@ -136,7 +136,7 @@ class Supervisor:
         # None unless OpenTelemetry is installed: then every hook below is skipped by one check.
         self._telemetry: Telemetry | None = None
         # (pid, hostname, start time) of this host, as a log's retry note names it.
-        self._identity: tuple[int, str, float] | None = None
+        self._identity: tuple[int, str, int] | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -678,7 +678,7 @@ class Supervisor:
         assert retry is not None
         if self._identity is None:
             pid = os.getpid()
-            self._identity = (pid, socket.gethostname(), process_tree.started_at(pid) or 0.0)
+            self._identity = (pid, socket.gethostname(), process_tree.started_at(pid) or 0)
         pid, host, since = self._identity
         return log_retry_note(record.attempt + 1, retry.policy.max_attempts, delay, pid, host, since)
 
