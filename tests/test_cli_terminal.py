@@ -18,6 +18,7 @@ import struct
 import subprocess
 import termios
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,30 @@ def _blocked_writing(pid: int) -> bool:
     return False
 
 
+_CHATTY = "for i in $(seq 1 20000); do echo line $i; sleep 0.005; done"
+
+
+@contextlib.contextmanager
+def _stalled_plan(tmp_path: Path, *commands: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """A plan of a chatty command and `commands` on a terminal that has stopped reading: the CLI's pid,
+    and the terminal's other side. Yielded once a write to the terminal blocks; killed, with its group, after.
+    """
+    pid, leader = _plan_on_its_own_terminal(write_plan(tmp_path, [shell(_CHATTY), *commands]), tmp_path)
+    try:
+        _read_until(leader, b"line 1", 30)
+        deadline = time.monotonic() + 30
+        while not _blocked_writing(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _blocked_writing(pid), "the terminal never stopped taking the plan's output"
+        yield pid, leader
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        os.close(leader)
+
+
 def test_ctrl_c_ends_a_plan_whose_terminal_stopped_reading(tmp_path: Path) -> None:
     """A frozen terminal (a stalled ssh link): Ctrl-C still cancels the plan and ends it, 130, in seconds.
 
@@ -319,24 +344,9 @@ def test_ctrl_c_ends_a_plan_whose_terminal_stopped_reading(tmp_path: Path) -> No
     then waited for: the signal was not handled until the terminal read again.
     """
     marker = f"stalled-{os.getpid()}"
-    chatty = "for i in $(seq 1 20000); do echo line $i; sleep 0.005; done"
-    plan = write_plan(tmp_path, [shell(chatty), shell(f"echo started; exec sleep 60 {marker}")])
-    pid, leader = _plan_on_its_own_terminal(plan, tmp_path)
-    try:
-        _read_until(leader, b"line 1", 30)
-        # The terminal stops reading: in a while the CLI's writes to it block.
-        deadline = time.monotonic() + 30
-        while not _blocked_writing(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _blocked_writing(pid), "the terminal never stopped taking the plan's output"
+    with _stalled_plan(tmp_path, shell(f"echo started; exec sleep 60 {marker}")) as (pid, leader):
         os.write(leader, b"\x03")
         code = _exit_code(pid, 10)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        os.close(leader)
     assert code == 130
     assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
@@ -363,16 +373,8 @@ def test_sigterm_ends_a_plan_whose_terminal_stopped_reading_while_the_engine_has
     """A worker dies (its command killed it) while the terminal reads nothing: the engine's warning about
     it waited for the terminal on the event loop, and SIGTERM with it."""
     gate, parent = tmp_path / "gate", tmp_path / "worker-pid"
-    chatty = "for i in $(seq 1 20000); do echo line $i; sleep 0.005; done"
     killer = f"echo $PPID > {parent}; until [ -e {gate} ]; do sleep 0.05; done; kill -9 $PPID"
-    plan = write_plan(tmp_path, [shell(chatty), shell(killer)])
-    pid, leader = _plan_on_its_own_terminal(plan, tmp_path)
-    try:
-        _read_until(leader, b"line 1", 30)
-        deadline = time.monotonic() + 30
-        while not _blocked_writing(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _blocked_writing(pid), "the terminal never stopped taking the plan's output"
+    with _stalled_plan(tmp_path, shell(killer)) as (pid, _leader):
         worker = int(parent.read_text())
         gate.touch()
         wait_gone = time.monotonic() + 30
@@ -381,10 +383,4 @@ def test_sigterm_ends_a_plan_whose_terminal_stopped_reading_while_the_engine_has
             time.sleep(0.05)
         os.kill(pid, signal.SIGTERM)
         code = _exit_code(pid, 10)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        os.close(leader)
     assert code == 143
